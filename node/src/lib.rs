@@ -1,1 +1,59 @@
-//! stub
+//! # weft-node — the Weft edge node
+//!
+//! One process that holds client sessions over WebSocket, SSE, NDJSON streaming and
+//! long-poll, and owns topics: it sequences every event (contiguous offsets per topic),
+//! keeps bounded history and fans events out to local sessions.
+//!
+//! ```text
+//! socket ─► server (accept, limits) ─► http (routes) ─┬─ ws      (session task)
+//!                                                     ├─ stream  (SSE / NDJSON body)
+//!                                                     └─ poll    (pages, long-poll)
+//!        commands / publishes ─► registry ─► topic (owner: offset, history, fan-out)
+//!                                               │ Arc<StoredEvent>, encoded once
+//!                                               ▼
+//!                                        outbox per session (byte budget, policy)
+//! ```
+//!
+//! # Layout
+//! - [`config`]: the typed configuration, its layers and validation.
+//! - [`server`]: accept loop, connection admission, HTTP/1.1 + upgrades, shutdown.
+//! - [`http`]: REST routes and the choice between the watch route's forms.
+//! - [`ws`]: the WebSocket session (`weft.v1.json`).
+//! - [`stream`]: SSE (one and many topics) and NDJSON watches.
+//! - [`poll`]: history pages and long-poll.
+//! - [`registry`]: topics by name, namespaces, the history memory budget, the sweeper.
+//! - [`topic`]: one topic's owner state; the ordering and no-loss invariants live here.
+//! - [`outbox`]: a session's byte-budgeted queue and the slow-consumer policies.
+//! - [`event`]: a stored event and its once-encoded frames.
+//! - [`node`]: the shared state, connection limits, shutdown signal.
+//! - [`stats`]: counters and the Prometheus exporter.
+//! - [`error`]: the API error and its stable codes.
+//! - [`rate`]: token buckets.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod node;
+pub mod outbox;
+pub mod poll;
+pub mod rate;
+pub mod registry;
+pub mod server;
+pub mod stats;
+pub mod stream;
+pub mod topic;
+pub mod ws;
+
+use std::future::Future;
+
+pub use config::Config;
+pub use node::Node;
+
+/// Runs a node on a bound listener until `shutdown` resolves, then drains within the
+/// configured grace period. Tests bind `127.0.0.1:0` and pass the listener in.
+pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    config.validate()?;
+    let node = Node::new(config);
+    server::serve(node, listener, shutdown).await
+}

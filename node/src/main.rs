@@ -1,1 +1,94 @@
-fn main() {}
+//! `weft-node`: parse the configuration, bind, run until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{info, warn};
+use weft_node::config::{Cli, Config, LogFormat, EXIT_USAGE};
+
+fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("weft-node: {msg}");
+    ExitCode::from(EXIT_USAGE as u8)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let first = e.to_string();
+            let line = first.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            return usage_exit(format!("invalid config: {line}"));
+        }
+    };
+    let config = match cli.load() {
+        Ok(c) => c,
+        Err(e) => return usage_exit(format!("invalid config: {e}")),
+    };
+    if cli.print_config {
+        print!("{}", config.to_masked_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
+    let http = listener.local_addr()?;
+    warn!("single-node mode with the embedded router; authentication is off: every client may subscribe and publish");
+    info!(%http, node_id = %config.node_id, "weft-node listening");
+    if let Some(path) = &config.ready_file {
+        let ready = serde_json::json!({
+            "http": http.to_string(),
+            "node_id": config.node_id,
+            "pid": std::process::id(),
+        });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string()).and_then(|()| std::fs::rename(&tmp, path))?;
+    }
+    weft_node::run(listener, config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,478 @@
+//! The one typed configuration of a node (DESIGN §8).
+//!
+//! Layers, lowest first: built-in defaults < TOML file (`--config`) < `WEFT_*`
+//! environment < command-line flags. Every flag `--a-b` is also `WEFT_A_B`. Settings
+//! that have no flag (namespaces, rarely tuned limits) live in the TOML file.
+//!
+//! The whole configuration is validated before anything is bound; an invalid one is
+//! reported in one line and the binary exits with code 64 (EX_USAGE).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use weft_proto::Pattern;
+
+/// Exit code for invalid configuration or usage (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// REST, WebSocket, SSE and metrics.
+    pub http_listen: SocketAddr,
+    /// Public gRPC and relay (cluster mode; not bound by this build).
+    pub grpc_listen: SocketAddr,
+    /// QUIC / WebTransport (not bound by this build).
+    pub quic_listen: SocketAddr,
+    /// Address peers use for gRPC; derived from `grpc_listen` when absent.
+    pub advertise: Option<String>,
+    /// Unique per node; also the `node` label of every metric.
+    pub node_id: String,
+    /// Router addresses; absent = embedded single-node router.
+    pub router: Option<String>,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// Where to write the bound addresses as JSON once listening.
+    pub ready_file: Option<PathBuf>,
+    pub limits: Limits,
+    pub history: HistoryConfig,
+    pub timing: Timing,
+    /// Origins allowed to open a WebSocket (CSWSH protection); empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Policies by topic pattern, first match wins; a topic that matches none gets the
+    /// built-in defaults of [`NamespaceConfig`].
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Limits, all enforced before the thing they limit is allocated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_subscriptions_per_session: usize,
+    /// Largest event data accepted (publish body, WS message).
+    pub max_message_bytes: usize,
+    /// Largest single WebSocket frame accepted.
+    pub max_frame_bytes: usize,
+    pub max_batch_events: usize,
+    pub max_batch_bytes: usize,
+    /// Largest `limit` of a history page.
+    pub max_history_request: usize,
+    /// Largest long-poll `wait`, seconds (the contract caps it at 60).
+    pub max_wait_s: u64,
+    pub max_topics: usize,
+    /// Topics in one multi-topic watch.
+    pub max_topics_per_watch: usize,
+    /// Sustained commands per second per session, and the burst above it.
+    pub commands_per_s: u32,
+    pub command_burst: u32,
+    /// Byte budget of one session's outbound queue; past it the namespace's
+    /// slow-consumer policy applies.
+    pub outbound_queue_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Global cap on retained history; idle topics are evicted first.
+    pub memory_budget_bytes: usize,
+    pub idempotency_ttl_s: u64,
+    pub idempotency_max_keys: usize,
+    /// A topic with no history and no subscribers is forgotten after this long idle.
+    pub topic_idle_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timing {
+    pub ping_interval_ms: u64,
+    pub handshake_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    pub sse_keepalive_ms: u64,
+    pub bookmark_interval_ms: u64,
+    /// Shutdown: every session is told and closed, and the process exits, within this.
+    pub shutdown_grace_ms: u64,
+    /// Upper bound of the `after_ms` a disconnected client is told to wait.
+    pub reconnect_jitter_ms: u64,
+    pub sweep_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Close 4008; the client resumes from its cursors (nothing lost while in history).
+    Disconnect,
+    /// Keep only the newest queued event per topic and tell the client what it skipped.
+    Conflate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub pattern: String,
+    /// Events kept per topic.
+    pub history_size: usize,
+    /// Age limit of kept events, seconds; 0 = none.
+    pub history_ttl_s: u64,
+    /// Whether WebSocket clients may publish (REST publish is always allowed).
+    pub client_publish: bool,
+    pub presence: bool,
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_listen: "0.0.0.0:8080".parse().expect("literal"),
+            grpc_listen: "0.0.0.0:9000".parse().expect("literal"),
+            quic_listen: "0.0.0.0:8443".parse().expect("literal"),
+            advertise: None,
+            node_id: default_node_id(),
+            router: None,
+            data_dir: PathBuf::from("./weft-data"),
+            log_format: LogFormat::Text,
+            ready_file: None,
+            limits: Limits::default(),
+            history: HistoryConfig::default(),
+            timing: Timing::default(),
+            allowed_origins: Vec::new(),
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1_000_000,
+            max_connections_per_ip: 50_000,
+            max_subscriptions_per_session: 128,
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 64 * 1024,
+            max_batch_events: 1000,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_history_request: 1000,
+            max_wait_s: 60,
+            max_topics: 1_000_000,
+            max_topics_per_watch: 64,
+            commands_per_s: 200,
+            command_burst: 1000,
+            outbound_queue_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            memory_budget_bytes: 256 * 1024 * 1024,
+            idempotency_ttl_s: 120,
+            idempotency_max_keys: 10_000,
+            topic_idle_ttl_s: 600,
+        }
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ping_interval_ms: 25_000,
+            handshake_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+            sse_keepalive_ms: 15_000,
+            bookmark_interval_ms: 30_000,
+            shutdown_grace_ms: 10_000,
+            reconnect_jitter_ms: 5_000,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            pattern: ">".into(),
+            history_size: 1000,
+            history_ttl_s: 3600,
+            client_publish: true,
+            presence: false,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "weft-node".into())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks every cross-field rule; the error is one line for the operator.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        let l = &self.limits;
+        if l.max_wait_s > 60 {
+            return bad(format!("limits.max_wait_s = {} exceeds the contract's 60", l.max_wait_s));
+        }
+        for (name, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            ("limits.max_subscriptions_per_session", l.max_subscriptions_per_session),
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_frame_bytes", l.max_frame_bytes),
+            ("limits.max_batch_events", l.max_batch_events),
+            ("limits.max_batch_bytes", l.max_batch_bytes),
+            ("limits.max_history_request", l.max_history_request),
+            ("limits.max_topics", l.max_topics),
+            ("limits.max_topics_per_watch", l.max_topics_per_watch),
+            ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
+            ("history.memory_budget_bytes", self.history.memory_budget_bytes),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if l.commands_per_s == 0 || l.command_burst == 0 {
+            return bad("limits.commands_per_s and limits.command_burst must be greater than 0".into());
+        }
+        if l.outbound_queue_bytes < l.max_message_bytes {
+            return bad(format!(
+                "limits.outbound_queue_bytes ({}) must be at least limits.max_message_bytes ({})",
+                l.outbound_queue_bytes, l.max_message_bytes
+            ));
+        }
+        let t = &self.timing;
+        for (name, v) in [
+            ("timing.ping_interval_ms", t.ping_interval_ms),
+            ("timing.handshake_timeout_ms", t.handshake_timeout_ms),
+            ("timing.write_timeout_ms", t.write_timeout_ms),
+            ("timing.sse_keepalive_ms", t.sse_keepalive_ms),
+            ("timing.bookmark_interval_ms", t.bookmark_interval_ms),
+            ("timing.shutdown_grace_ms", t.shutdown_grace_ms),
+            ("timing.sweep_interval_ms", t.sweep_interval_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.node_id.is_empty() || !self.node_id.bytes().all(weft_proto::topic::is_topic_byte) {
+            return bad(format!("node_id `{}` must be 1+ characters of [A-Za-z0-9_.:@-]", self.node_id));
+        }
+        for ns in &self.namespaces {
+            Pattern::parse(&ns.pattern).map_err(|e| ConfigError(format!("namespace: {e}")))?;
+            if ns.history_size == 0 {
+                return bad(format!("namespace `{}`: history_size must be greater than 0", ns.pattern));
+            }
+        }
+        if self.router.is_some() {
+            return bad("--router (cluster mode) is not available in this build; omit it to run the embedded single-node router".into());
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with every secret-looking value masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut value = toml::Value::try_from(self).expect("config serialises");
+        mask_secrets(&mut value);
+        toml::to_string_pretty(&value).expect("config serialises")
+    }
+}
+
+fn mask_secrets(v: &mut toml::Value) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if ["secret", "token", "password", "api_key"].iter().any(|s| k.contains(s)) {
+                    *v = toml::Value::String("***".into());
+                } else {
+                    mask_secrets(v);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
+/// Command-line flags. Every one is optional so that it overrides only what it names.
+#[derive(Debug, Parser)]
+#[command(name = "weft-node", version, about = "Weft edge node: real-time pub/sub over WebSocket, SSE, HTTP streaming and long-poll")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long, env = "WEFT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    #[arg(long, env = "WEFT_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    #[arg(long, env = "WEFT_QUIC_LISTEN")]
+    pub quic_listen: Option<SocketAddr>,
+    #[arg(long, env = "WEFT_ADVERTISE")]
+    pub advertise: Option<String>,
+    #[arg(long, env = "WEFT_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "WEFT_ROUTER")]
+    pub router: Option<String>,
+    #[arg(long, env = "WEFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, env = "WEFT_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    #[arg(long, env = "WEFT_MAX_SUBSCRIPTIONS_PER_SESSION")]
+    pub max_subscriptions_per_session: Option<usize>,
+    #[arg(long, env = "WEFT_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    #[arg(long, env = "WEFT_OUTBOUND_QUEUE_BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+    #[arg(long, env = "WEFT_HISTORY_MEMORY_BUDGET_BYTES")]
+    pub history_memory_budget_bytes: Option<usize>,
+    #[arg(long, env = "WEFT_PING_INTERVAL_MS")]
+    pub ping_interval_ms: Option<u64>,
+    #[arg(long, env = "WEFT_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    #[arg(long, env = "WEFT_BOOKMARK_INTERVAL_MS")]
+    pub bookmark_interval_ms: Option<u64>,
+    #[arg(long, env = "WEFT_SSE_KEEPALIVE_MS")]
+    pub sse_keepalive_ms: Option<u64>,
+    #[arg(long, env = "WEFT_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+    #[arg(long, env = "WEFT_RECONNECT_JITTER_MS")]
+    pub reconnect_jitter_ms: Option<u64>,
+}
+
+impl Cli {
+    /// Builds the effective configuration: defaults < file < env/flags.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str::<Config>(&text).map_err(|e| {
+                    let msg = e.message().to_owned();
+                    let at = e
+                        .span()
+                        .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
+                        .unwrap_or_default();
+                    ConfigError(format!("{}{at}: {msg}", path.display()))
+                })?
+            }
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident => $($path:ident).+;)*) => {$(
+                if let Some(v) = self.$field.clone() { c.$($path).+ = v; }
+            )*};
+        }
+        set! {
+            http_listen => http_listen;
+            grpc_listen => grpc_listen;
+            quic_listen => quic_listen;
+            node_id => node_id;
+            data_dir => data_dir;
+            log_format => log_format;
+            max_connections => limits.max_connections;
+            max_connections_per_ip => limits.max_connections_per_ip;
+            max_subscriptions_per_session => limits.max_subscriptions_per_session;
+            max_message_bytes => limits.max_message_bytes;
+            outbound_queue_bytes => limits.outbound_queue_bytes;
+            history_memory_budget_bytes => history.memory_budget_bytes;
+            ping_interval_ms => timing.ping_interval_ms;
+            handshake_timeout_ms => timing.handshake_timeout_ms;
+            bookmark_interval_ms => timing.bookmark_interval_ms;
+            sse_keepalive_ms => timing.sse_keepalive_ms;
+            shutdown_grace_ms => timing.shutdown_grace_ms;
+            reconnect_jitter_ms => timing.reconnect_jitter_ms;
+        }
+        if self.advertise.is_some() {
+            c.advertise = self.advertise.clone();
+        }
+        if self.router.is_some() {
+            c.router = self.router.clone();
+        }
+        if self.ready_file.is_some() {
+            c.ready_file = self.ready_file.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("weft-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"from-file\"\n[limits]\nmax_message_bytes = 1000\noutbound_queue_bytes = 5000\n[[namespaces]]\npattern = \"chat.>\"\nslow_consumer = \"conflate\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["weft-node", "--config", path.to_str().unwrap(), "--node-id", "from-flag"]).unwrap();
+        let c = cli.load().unwrap();
+        assert_eq!(c.node_id, "from-flag");
+        assert_eq!(c.limits.max_message_bytes, 1000);
+        assert_eq!(c.namespaces[0].slow_consumer, SlowConsumerPolicy::Conflate);
+        assert_eq!(c.namespaces[0].history_size, 1000, "unset namespace fields take defaults");
+    }
+
+    #[test]
+    fn rejects_bad_values_in_one_line() {
+        let mut c = Config::default();
+        c.limits.max_wait_s = 61;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_wait_s") && !e.contains('\n'), "{e}");
+        let mut c = Config::default();
+        c.namespaces.push(NamespaceConfig {
+            pattern: "a.>.b".into(),
+            ..Default::default()
+        });
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.node_id = "has space".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn masks_secrets() {
+        let mut v: toml::Value = toml::from_str("a = 1\n[auth]\nhmac_secret = \"x\"\n").unwrap();
+        mask_secrets(&mut v);
+        assert_eq!(v["auth"]["hmac_secret"].as_str(), Some("***"));
+        assert_eq!(v["a"].as_integer(), Some(1));
+    }
+}

@@ -1,0 +1,397 @@
+//! The REST routes of DESIGN §3.1 and the choice between the forms of the watch route.
+//!
+//! `GET /v1/topics/{topic}/events` answers, by request:
+//! - `Accept: application/x-ndjson` → NDJSON streaming ([`crate::stream`]);
+//! - `watch=true` or `Accept: text/event-stream` → SSE ([`crate::stream`]);
+//! - `wait=S` → long-poll ([`crate::poll`]);
+//! - otherwise a history page after `since` ([`crate::poll`]).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::value::RawValue;
+use weft_proto::{validate_topic, BatchPublish, Cursor, MultiCursor};
+
+use crate::error::ApiError;
+use crate::event::{put_u64, write_event_array};
+use crate::node::Node;
+use crate::stream::{self, Format};
+use crate::{poll, ws};
+
+pub fn app(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/topics/{topic}/events", post(publish).get(events))
+        .route("/v1/topics/{topic}", get(state))
+        .route("/v1/topics/{topic}/presence", get(presence))
+        .route("/v1/publish", post(batch_publish))
+        .route("/v1/events", get(multi_events))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/healthz", get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(node)
+}
+
+pub fn json_ok(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn topic_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(topic) = path.map_err(|e| ApiError::bad(format!("bad path: {e}")))?;
+    validate_topic(&topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+    Ok(topic)
+}
+
+/// The query string as decoded pairs (repeated keys kept, as `topic=a&topic=b`).
+pub fn query(uri: &Uri) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).collect()
+}
+
+fn param<'a>(q: &'a [(Cow<'_, str>, Cow<'_, str>)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
+}
+
+fn parse_bool(v: Option<&str>, key: &str) -> Result<bool, ApiError> {
+    match v {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::bad(format!("`{key}` must be true or false, not `{other}`"))),
+    }
+}
+
+fn parse_cursor(v: &str, what: &str) -> Result<Cursor, ApiError> {
+    v.parse().map_err(|e| ApiError::bad(format!("bad {what}: {e}")))
+}
+
+fn accepts(headers: &HeaderMap, mime: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|m| m.trim().starts_with(mime)))
+}
+
+fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    match headers.get("last-event-id") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::bad("Last-Event-ID is not ASCII")),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes: `413` past it, checked against
+/// `Content-Length` before anything is read.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge(format!("body exceeds {limit} bytes"));
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+        match len.parse::<u64>() {
+            Ok(n) if n > limit as u64 => return Err(too_large()),
+            Ok(_) => {}
+            Err(_) => return Err(ApiError::bad("invalid Content-Length")),
+        }
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err(ApiError::bad("could not read the request body")),
+    }
+}
+
+/// Validates event data as JSON and returns it compact (one line), sharing the input's
+/// bytes when it already is.
+pub fn event_data(bytes: &Bytes, max: usize) -> Result<Bytes, ApiError> {
+    if bytes.len() > max {
+        return Err(ApiError::TooLarge(format!("event data exceeds {max} bytes")));
+    }
+    let raw: &RawValue = serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("event data is not JSON: {e}")))?;
+    compact(raw, Some(bytes))
+}
+
+/// Event data from an already-parsed raw value (batch and WebSocket publish).
+pub fn raw_data(raw: &RawValue, max: usize) -> Result<Bytes, ApiError> {
+    if raw.get().len() > max {
+        return Err(ApiError::TooLarge(format!("event data exceeds {max} bytes")));
+    }
+    compact(raw, None)
+}
+
+fn compact(raw: &RawValue, source: Option<&Bytes>) -> Result<Bytes, ApiError> {
+    let text = raw.get();
+    if text.bytes().any(|b| b == b'\n' || b == b'\r') {
+        // Whitespace newlines only (JSON strings cannot hold raw ones): re-encode.
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ApiError::bad(e.to_string()))?;
+        return Ok(Bytes::from(serde_json::to_vec(&value).expect("value serialises")));
+    }
+    Ok(match source {
+        Some(b) => b.slice_ref(text.as_bytes()),
+        None => Bytes::copy_from_slice(text.as_bytes()),
+    })
+}
+
+/// An event type from `Weft-Event-Type` / `type`: the topic alphabet, at most 64 bytes,
+/// so it can sit in JSON and SSE `event:` lines unescaped.
+pub fn event_kind(kind: Option<&str>) -> Result<Option<Arc<str>>, ApiError> {
+    match kind {
+        None => Ok(None),
+        Some(k) if !k.is_empty() && k.len() <= 64 && k.bytes().all(weft_proto::topic::is_topic_byte) => Ok(Some(k.into())),
+        Some(_) => Err(ApiError::bad("event type must be 1-64 characters of [A-Za-z0-9_.:@-]")),
+    }
+}
+
+fn publish_result_json(topic: &str, epoch: &str, offset: u64) -> Bytes {
+    let mut out = BytesMut::with_capacity(64 + topic.len());
+    write_publish_result(&mut out, topic, epoch, offset);
+    out.freeze()
+}
+
+fn write_publish_result(out: &mut BytesMut, topic: &str, epoch: &str, offset: u64) {
+    out.extend_from_slice(b"{\"topic\":\"");
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(b"\",\"epoch\":\"");
+    out.extend_from_slice(epoch.as_bytes());
+    out.extend_from_slice(b"\",\"offset\":");
+    put_u64(out, offset);
+    out.extend_from_slice(b"}");
+}
+
+async fn publish(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let topic = topic_from(path)?;
+    let kind = event_kind(headers.get("weft-event-type").map(|v| v.to_str().unwrap_or("\n")))?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k),
+            _ => return Err(ApiError::bad("Idempotency-Key must be 1-255 visible ASCII characters")),
+        },
+    };
+    let max = node.config.limits.max_message_bytes;
+    let bytes = read_body(&headers, body, max).await?;
+    let data = event_data(&bytes, max)?;
+    let window = node.idempotency_window();
+    let published = node
+        .registry
+        .with_topic(&topic, |t| t.publish(data.clone(), kind.clone(), key, window, &node.stats))?;
+    let mut resp = json_ok(publish_result_json(&topic, &published.epoch, published.offset));
+    if published.duplicate {
+        resp.headers_mut().insert("idempotent-replayed", "true".parse().expect("static header"));
+    } else {
+        *resp.status_mut() = StatusCode::CREATED;
+    }
+    Ok(resp)
+}
+
+async fn batch_publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let limits = &node.config.limits;
+    let bytes = read_body(&headers, body, limits.max_batch_bytes).await?;
+    let batch: BatchPublish = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid batch: {e}")))?;
+    if batch.events.len() > limits.max_batch_events {
+        return Err(ApiError::TooLarge(format!(
+            "batch has {} events; the limit is {}",
+            batch.events.len(),
+            limits.max_batch_events
+        )));
+    }
+    // Everything is validated before anything is published: a batch is all or nothing
+    // as far as input errors go.
+    let mut prepared = Vec::with_capacity(batch.events.len());
+    for (i, item) in batch.events.iter().enumerate() {
+        validate_topic(&item.topic).map_err(|e| ApiError::bad(format!("events[{i}]: invalid topic: {e}")))?;
+        let kind = event_kind(item.kind.as_deref()).map_err(|e| ApiError::bad(format!("events[{i}]: {e}")))?;
+        let data = raw_data(&item.data, limits.max_message_bytes)?;
+        prepared.push((item.topic.as_str(), kind, data));
+    }
+    let mut out = BytesMut::with_capacity(16 + prepared.len() * 64);
+    out.extend_from_slice(b"{\"results\":[");
+    let window = node.idempotency_window();
+    for (i, (topic, kind, data)) in prepared.into_iter().enumerate() {
+        let p = node
+            .registry
+            .with_topic(topic, |t| t.publish(data.clone(), kind.clone(), None, window, &node.stats))?;
+        if i > 0 {
+            out.extend_from_slice(b",");
+        }
+        write_publish_result(&mut out, topic, &p.epoch, p.offset);
+    }
+    out.extend_from_slice(b"]}");
+    let mut resp = json_ok(out.freeze());
+    *resp.status_mut() = StatusCode::CREATED;
+    Ok(resp)
+}
+
+async fn state(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let topic = topic_from(path)?;
+    let (cursor, last) = node.registry.with_topic(&topic, |t| t.state())?;
+    let mut out = BytesMut::with_capacity(128);
+    out.extend_from_slice(b"{\"topic\":\"");
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(b"\",\"epoch\":\"");
+    out.extend_from_slice(cursor.epoch.as_bytes());
+    out.extend_from_slice(b"\",\"offset\":");
+    put_u64(&mut out, cursor.offset);
+    out.extend_from_slice(b",\"last\":");
+    match last {
+        Some(ev) => ev.write_json(&mut out),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b"}");
+    Ok(json_ok(out.freeze()))
+}
+
+async fn presence(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let topic = topic_from(path)?;
+    let ns = node.registry.namespaces.lookup(&topic);
+    if !ns.presence {
+        return Err(ApiError::Forbidden(format!("presence is off for the namespace of `{topic}`")));
+    }
+    let clients = node.registry.get(&topic).map(|t| t.presence(1000)).unwrap_or_default();
+    let body = weft_proto::PresenceResult { topic, clients };
+    Ok(json_ok(Bytes::from(serde_json::to_vec(&body).expect("serialises"))))
+}
+
+async fn events(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
+    let topic = topic_from(path)?;
+    let q = query(&uri);
+    let limits = &node.config.limits;
+    let limit = match param(&q, "limit") {
+        None => limits.max_history_request,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 && n <= limits.max_history_request => n,
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "`limit` must be an integer from 1 to {}",
+                    limits.max_history_request
+                )))
+            }
+        },
+    };
+    let watch = parse_bool(param(&q, "watch"), "watch")?;
+    let wait = match param(&q, "wait") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(s) if s <= limits.max_wait_s => Some(s),
+            _ => return Err(ApiError::bad(format!("`wait` must be an integer from 0 to {}", limits.max_wait_s))),
+        },
+    };
+    let ndjson = accepts(&headers, "application/x-ndjson");
+    let sse = !ndjson && (watch || accepts(&headers, "text/event-stream"));
+    // On an SSE reconnect the browser repeats the original URL and sends the newer
+    // position as Last-Event-ID, so the header wins over `since`.
+    let since_text = match (sse, last_event_id(&headers)?) {
+        (true, Some(id)) if !id.is_empty() => Some(id),
+        _ => param(&q, "since"),
+    };
+    let since = since_text.map(|s| parse_cursor(s, "cursor")).transpose()?;
+    if ndjson || sse {
+        let format = if sse { Format::Sse } else { Format::Ndjson };
+        let cursors = since.map(|c| MultiCursor { entries: vec![(topic.clone(), c)] }).unwrap_or_default();
+        return stream::open(node, format, vec![topic], cursors).await;
+    }
+    match wait {
+        Some(wait) => poll::long_poll(node, topic, since, limit, wait).await,
+        None => poll::page(&node, &topic, since.as_ref(), limit),
+    }
+}
+
+async fn multi_events(State(node): State<Arc<Node>>, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
+    let q = query(&uri);
+    let max = node.config.limits.max_topics_per_watch;
+    let mut topics: Vec<String> = Vec::new();
+    for (k, v) in &q {
+        if k == "topic" {
+            validate_topic(v).map_err(|e| ApiError::bad(format!("invalid topic `{v}`: {e}")))?;
+            if !topics.iter().any(|t| t == v) {
+                if topics.len() == max {
+                    return Err(ApiError::bad(format!("at most {max} topics per watch")));
+                }
+                topics.push(v.to_string());
+            }
+        }
+    }
+    if topics.is_empty() {
+        return Err(ApiError::bad("name at least one `topic`"));
+    }
+    let ndjson = accepts(&headers, "application/x-ndjson");
+    let watch = parse_bool(param(&q, "watch"), "watch")?;
+    if !ndjson && !watch && !accepts(&headers, "text/event-stream") {
+        return Err(ApiError::bad("multi-topic reads are watches: add watch=true or Accept: text/event-stream"));
+    }
+    let since_text = match last_event_id(&headers)? {
+        Some(id) if !id.is_empty() && !ndjson => Some(id),
+        _ => param(&q, "since"),
+    };
+    let cursors = match since_text {
+        Some(s) => MultiCursor::parse(s, max).map_err(|e| ApiError::bad(format!("bad cursor: {e}")))?,
+        None => MultiCursor::default(),
+    };
+    let format = if ndjson { Format::Ndjson } else { Format::MultiSse };
+    stream::open(node, format, topics, cursors).await
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.is_ready() {
+        json_ok(Bytes::from_static(b"{\"ready\":true}"))
+    } else {
+        ApiError::Unavailable {
+            message: "draining".into(),
+            retry_after_s: 1,
+        }
+        .into_response()
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let _ = &node;
+    let text = crate::stats::prometheus().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `{"events":[…],"next":"e:o"}`.
+pub fn page_json(epoch: &str, events: &[Arc<crate::event::StoredEvent>], next: u64) -> Bytes {
+    let mut out = BytesMut::with_capacity(64 + events.iter().map(|e| e.data.len() + 48).sum::<usize>());
+    out.extend_from_slice(b"{\"events\":");
+    write_event_array(&mut out, events);
+    out.extend_from_slice(b",\"next\":\"");
+    out.extend_from_slice(epoch.as_bytes());
+    out.extend_from_slice(b":");
+    put_u64(&mut out, next);
+    out.extend_from_slice(b"\"}");
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compacts_multiline_json_and_shares_compact_input() {
+        let pretty = Bytes::from_static(b"{\n  \"a\": 1\n}");
+        assert_eq!(&event_data(&pretty, 100).unwrap()[..], b"{\"a\":1}");
+        let compact = Bytes::from_static(b"  {\"a\":1} ");
+        let out = event_data(&compact, 100).unwrap();
+        assert_eq!(&out[..], b"{\"a\":1}");
+        assert_eq!(out.as_ptr(), compact[2..].as_ptr(), "no copy");
+        assert_eq!(event_data(&Bytes::from_static(b"{"), 100).unwrap_err().code(), 400);
+        assert_eq!(event_data(&Bytes::from_static(b"[1,2,3]"), 3).unwrap_err().code(), 413);
+    }
+
+    #[test]
+    fn event_kind_rules() {
+        assert!(event_kind(Some("tick")).unwrap().is_some());
+        assert!(event_kind(Some("a b")).is_err());
+        assert!(event_kind(Some("")).is_err());
+        assert!(event_kind(Some(&"x".repeat(65))).is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! The accept loop: admission, one task per connection, HTTP/1.1 with upgrades, and
+//! graceful shutdown bounded by the grace period.
+//!
+//! Each accepted socket is checked against the connection limits *before* any HTTP is
+//! read; a refused one gets a canned `503`/`429` from its own short task, so the loop
+//! never waits on a client. The HTTP handshake (headers) must complete within
+//! `handshake_timeout_ms`, so a connection that never finishes its request is closed.
+//!
+//! Shutdown: the loop stops accepting, readiness goes false, every session is told to
+//! close (each at a jittered moment in the first half of the grace), and `serve`
+//! returns once every connection task is done or the grace period is over.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+use tracing::{info, warn};
+
+use crate::error::ApiError;
+use crate::http::app;
+use crate::node::Node;
+use crate::ws::ConnInfo;
+
+/// Serves `node` on `listener` until `shutdown` resolves, then winds down within the
+/// configured grace period.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let app = app(node.clone());
+    let background = spawn_background(node.clone());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => match node.conns.admit(peer.ip()) {
+                    Ok(guard) => {
+                        let info = ConnInfo { peer, guard: Arc::new(guard) };
+                        node.tasks.spawn(connection(node.clone(), app.clone(), stream, info));
+                    }
+                    Err(refusal) => {
+                        node.stats.connections_refused.inc();
+                        tokio::spawn(refuse(stream, refusal));
+                    }
+                },
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let grace = Duration::from_millis(node.config.timing.shutdown_grace_ms);
+    info!(sessions = node.tasks.len(), grace_ms = grace.as_millis() as u64, "shutting down");
+    node.begin_shutdown();
+    node.tasks.close();
+    if tokio::time::timeout(grace, node.tasks.wait()).await.is_err() {
+        warn!(left = node.tasks.len(), "grace period over with connections still open");
+    }
+    background.abort();
+    Ok(())
+}
+
+async fn refuse(mut stream: TcpStream, why: ApiError) {
+    let body = why.body_json();
+    let status = match why.code() {
+        429 => "429 Too Many Requests",
+        _ => "503 Service Unavailable",
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(resp.as_bytes())).await;
+}
+
+async fn connection(node: Arc<Node>, app: Router, stream: TcpStream, info: ConnInfo) {
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(stream);
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        app.clone().oneshot(req.map(Body::new))
+    });
+    let timing = &node.config.timing;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(timing.handshake_timeout_ms))
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    let mut shutdown = node.shutdown_signal();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async { let _ = shutdown.wait_for(|down| *down).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let grace = Duration::from_millis(timing.shutdown_grace_ms);
+            let _ = tokio::time::timeout(grace, conn).await;
+        }
+    }
+}
+
+/// Upkeep tasks: history sweeping, the memory-budget evictor, metrics export.
+fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let exporter = crate::stats::Exporter::new(&node.config.node_id);
+        let idle_ttl = Duration::from_secs(node.config.history.topic_idle_ttl_s);
+        let mut sweep = tokio::time::interval(Duration::from_millis(node.config.timing.sweep_interval_ms));
+        let mut export = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => node.registry.sweep(idle_ttl),
+                _ = node.registry.budget.over.notified() => node.registry.enforce_budget(),
+                _ = export.tick() => {
+                    exporter.export(&node.stats, node.registry.topic_count(), node.registry.history_bytes());
+                    crate::stats::prometheus().run_upkeep();
+                }
+            }
+        }
+    })
+}
+

@@ -1,0 +1,613 @@
+//! One topic as its owner keeps it: offset counter, epoch, bounded history,
+//! idempotency window, and the local subscribers to fan out to.
+//!
+//! # Invariants
+//! - Offsets are contiguous from 1 within an epoch; the epoch changes only when the
+//!   topic's state is lost (here: the topic was forgotten after being idle and empty).
+//! - Sequencing, appending to history and fanning out happen under the topic's lock,
+//!   so every subscriber's queue receives a topic's events in offset order, and a
+//!   subscribe (which snapshots and registers under the same lock) sees each event
+//!   exactly once: either in its reply or as a push after it.
+//! - The lock is a `std::sync::Mutex`: every section is short, non-blocking (queue
+//!   pushes never wait) and never spans an `.await`.
+//! - History is bounded by the namespace's count and age, and by the node's global
+//!   memory budget ([`HistoryBudget`]), which evicts idle topics' history first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use weft_proto::{Cursor, PresenceEntry};
+
+use crate::config::NamespaceConfig;
+use crate::event::StoredEvent;
+use crate::outbox::{Outbox, Pushed};
+use crate::stats::Stats;
+
+/// The node-wide history memory budget.
+#[derive(Debug)]
+pub struct HistoryBudget {
+    pub used: AtomicUsize,
+    pub limit: usize,
+    /// Woken when `used` passes `limit`; the registry's evictor waits on it.
+    pub over: Notify,
+}
+
+impl HistoryBudget {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            limit,
+            over: Notify::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Subscriber {
+    pub outbox: Arc<Outbox>,
+    pub client: Arc<str>,
+    pub user: Option<Arc<str>>,
+    /// WebSocket sessions get join/leave pushes; streaming HTTP watchers do not.
+    pub wants_presence: bool,
+}
+
+/// The topic was forgotten between lookup and lock; look it up again.
+#[derive(Debug, Clone, Copy)]
+pub struct Dead;
+
+/// Why a cursor cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorProblem {
+    /// Another epoch, or offsets no longer in history: re-read state from `current`.
+    Gone { current: Cursor },
+    /// Same epoch but beyond the last offset: the cursor was not issued by this topic.
+    Ahead { current: Cursor },
+}
+
+#[derive(Debug)]
+pub struct Published {
+    pub epoch: Arc<str>,
+    pub offset: u64,
+    pub duplicate: bool,
+}
+
+/// What a subscriber gets at the moment it is registered.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub epoch: Arc<str>,
+    pub offset: u64,
+    /// `None` without `since`; `Some(false)` when the cursor was gone.
+    pub recovered: Option<bool>,
+    pub events: Vec<Arc<StoredEvent>>,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub epoch: Arc<str>,
+    pub events: Vec<Arc<StoredEvent>>,
+    /// Cursor to read from next: the last returned offset, or the cursor asked with.
+    pub next: u64,
+    pub last_offset: u64,
+}
+
+#[derive(Debug)]
+pub struct Topic {
+    pub name: Arc<str>,
+    pub ns: Arc<NamespaceConfig>,
+    state: Mutex<TopicState>,
+    /// Woken after every publish; long-polls wait on it.
+    pub changed: Notify,
+    budget: Arc<HistoryBudget>,
+}
+
+#[derive(Debug)]
+struct TopicState {
+    dead: bool,
+    epoch: Arc<str>,
+    last_offset: u64,
+    history: VecDeque<Arc<StoredEvent>>,
+    history_bytes: usize,
+    last_active: Instant,
+    subscribers: HashMap<u64, Subscriber>,
+    idempotency: Idempotency,
+}
+
+#[derive(Debug, Default)]
+struct Idempotency {
+    offsets: HashMap<Box<str>, u64>,
+    order: VecDeque<(Instant, Box<str>)>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Topic {
+    pub fn new(name: Arc<str>, ns: Arc<NamespaceConfig>, epoch: Arc<str>, budget: Arc<HistoryBudget>) -> Self {
+        Self {
+            name,
+            ns,
+            state: Mutex::new(TopicState {
+                dead: false,
+                epoch,
+                last_offset: 0,
+                history: VecDeque::new(),
+                history_bytes: 0,
+                last_active: Instant::now(),
+                subscribers: HashMap::new(),
+                idempotency: Idempotency::default(),
+            }),
+            changed: Notify::new(),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TopicState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self) -> Result<MutexGuard<'_, TopicState>, Dead> {
+        let st = self.lock();
+        if st.dead {
+            Err(Dead)
+        } else {
+            Ok(st)
+        }
+    }
+
+    pub fn cursor(&self) -> Result<Cursor, Dead> {
+        let st = self.live()?;
+        Ok(Cursor::new(&*st.epoch, st.last_offset))
+    }
+
+    /// Sequences one event, keeps it in history and fans it out to local subscribers.
+    pub fn publish(
+        &self,
+        data: Bytes,
+        kind: Option<Arc<str>>,
+        idempotency_key: Option<&str>,
+        idem: (Duration, usize),
+        stats: &Stats,
+    ) -> Result<Published, Dead> {
+        let mut st = self.live()?;
+        let now = Instant::now();
+        if let Some(key) = idempotency_key {
+            st.idempotency.expire(now, idem.0, idem.1);
+            if let Some(&offset) = st.idempotency.offsets.get(key) {
+                return Ok(Published {
+                    epoch: st.epoch.clone(),
+                    offset,
+                    duplicate: true,
+                });
+            }
+        }
+        st.last_offset += 1;
+        let offset = st.last_offset;
+        let ev = Arc::new(StoredEvent::new(
+            self.name.clone(),
+            st.epoch.clone(),
+            offset,
+            now_ms(),
+            kind,
+            data,
+        ));
+        if let Some(key) = idempotency_key {
+            st.idempotency.offsets.insert(key.into(), offset);
+            st.idempotency.order.push_back((now, key.into()));
+        }
+        st.last_active = now;
+        let cost = ev.cost();
+        st.history.push_back(ev.clone());
+        st.history_bytes += cost;
+        let used = self.budget.used.fetch_add(cost, Ordering::Relaxed) + cost;
+        self.trim(&mut st, now);
+        let policy = self.ns.slow_consumer;
+        for sub in st.subscribers.values() {
+            match sub.outbox.push_event(&ev, policy) {
+                Pushed::Queued | Pushed::Closed => {}
+                Pushed::Conflated => stats.conflated.inc(),
+                Pushed::Overflow => stats.slow_consumer_closes.inc(),
+            }
+        }
+        let epoch = st.epoch.clone();
+        drop(st);
+        stats.published.inc();
+        self.changed.notify_waiters();
+        if used > self.budget.limit {
+            self.budget.over.notify_one();
+        }
+        Ok(Published {
+            epoch,
+            offset,
+            duplicate: false,
+        })
+    }
+
+    /// Drops events beyond the namespace's count and age limits.
+    fn trim(&self, st: &mut TopicState, now: Instant) {
+        let max_age = (self.ns.history_ttl_s > 0).then(|| Duration::from_secs(self.ns.history_ttl_s));
+        let mut freed = 0;
+        while let Some(front) = st.history.front() {
+            let too_many = st.history.len() > self.ns.history_size;
+            let too_old = max_age.is_some_and(|age| now.duration_since(front.sequenced_at) > age);
+            if !(too_many || too_old) {
+                break;
+            }
+            freed += front.cost();
+            st.history.pop_front();
+        }
+        if freed > 0 {
+            st.history_bytes -= freed;
+            self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        }
+    }
+
+    /// The events after `cursor`, at most `limit`.
+    fn after(st: &TopicState, cursor: &Cursor, limit: usize) -> Result<Vec<Arc<StoredEvent>>, CursorProblem> {
+        let current = Cursor::new(&*st.epoch, st.last_offset);
+        if cursor.epoch != *st.epoch {
+            return Err(CursorProblem::Gone { current });
+        }
+        if cursor.offset > st.last_offset {
+            return Err(CursorProblem::Ahead { current });
+        }
+        if cursor.offset == st.last_offset {
+            return Ok(Vec::new());
+        }
+        let first = match st.history.front() {
+            Some(ev) => ev.offset,
+            None => return Err(CursorProblem::Gone { current }),
+        };
+        if cursor.offset + 1 < first {
+            return Err(CursorProblem::Gone { current });
+        }
+        let skip = (cursor.offset + 1 - first) as usize;
+        Ok(st.history.iter().skip(skip).take(limit).cloned().collect())
+    }
+
+    /// A history page after `since` (or from now without it).
+    pub fn read(&self, since: Option<&Cursor>, limit: usize) -> Result<Result<Page, CursorProblem>, Dead> {
+        let st = self.live()?;
+        let from = since.map_or(st.last_offset, |c| c.offset);
+        let events = match since {
+            Some(c) => match Self::after(&st, c, limit) {
+                Ok(evs) => evs,
+                Err(p) => return Ok(Err(p)),
+            },
+            None => Vec::new(),
+        };
+        let next = events.last().map_or(from, |e| e.offset);
+        Ok(Ok(Page {
+            epoch: st.epoch.clone(),
+            events,
+            next,
+            last_offset: st.last_offset,
+        }))
+    }
+
+    /// The newest `limit` events still in history.
+    pub fn tail(&self, limit: usize) -> Result<Result<Page, CursorProblem>, Dead> {
+        let st = self.live()?;
+        let skip = st.history.len().saturating_sub(limit);
+        let events: Vec<_> = st.history.iter().skip(skip).cloned().collect();
+        Ok(Ok(Page {
+            epoch: st.epoch.clone(),
+            next: st.last_offset,
+            last_offset: st.last_offset,
+            events,
+        }))
+    }
+
+    /// The last event, if still in history, and the current cursor.
+    pub fn state(&self) -> Result<(Cursor, Option<Arc<StoredEvent>>), Dead> {
+        let st = self.live()?;
+        let last = st.history.back().filter(|e| e.offset == st.last_offset).cloned();
+        Ok((Cursor::new(&*st.epoch, st.last_offset), last))
+    }
+
+    /// Registers a subscriber and returns what it must be sent first. `on_snapshot`
+    /// runs under the topic's lock, so whatever it queues precedes every later event.
+    ///
+    /// `max_recover_bytes` bounds a recovery: one that would not fit is reported as not
+    /// recovered (the client re-reads state) rather than overflowing the session.
+    pub fn subscribe(
+        &self,
+        id: u64,
+        sub: Subscriber,
+        since: Option<&Cursor>,
+        snapshot: bool,
+        max_recover_bytes: usize,
+        on_snapshot: impl FnOnce(&Snapshot),
+    ) -> Result<Result<(), CursorProblem>, Dead> {
+        let mut st = self.live()?;
+        let snap = match since {
+            None => Snapshot {
+                epoch: st.epoch.clone(),
+                offset: st.last_offset,
+                recovered: None,
+                events: if snapshot {
+                    st.history.back().filter(|e| e.offset == st.last_offset).cloned().into_iter().collect()
+                } else {
+                    Vec::new()
+                },
+            },
+            Some(c) => match Self::after(&st, c, usize::MAX) {
+                Ok(events) if events.iter().map(|e| e.cost()).sum::<usize>() <= max_recover_bytes => Snapshot {
+                    epoch: st.epoch.clone(),
+                    offset: st.last_offset,
+                    recovered: Some(true),
+                    events,
+                },
+                Ok(_) | Err(CursorProblem::Gone { .. }) => Snapshot {
+                    epoch: st.epoch.clone(),
+                    offset: st.last_offset,
+                    recovered: Some(false),
+                    events: Vec::new(),
+                },
+                Err(p @ CursorProblem::Ahead { .. }) => return Ok(Err(p)),
+            },
+        };
+        on_snapshot(&snap);
+        if self.ns.presence && sub.wants_presence {
+            let join = presence_push(&self.name, "join", &sub.client, sub.user.as_deref());
+            self.push_presence(&st, join);
+        }
+        st.subscribers.insert(id, sub);
+        st.last_active = Instant::now();
+        Ok(Ok(()))
+    }
+
+    pub fn unsubscribe(&self, id: u64) {
+        let mut st = self.lock();
+        if let Some(sub) = st.subscribers.remove(&id) {
+            st.last_active = Instant::now();
+            if self.ns.presence && sub.wants_presence && !st.dead {
+                let leave = presence_push(&self.name, "leave", &sub.client, sub.user.as_deref());
+                self.push_presence(&st, leave);
+            }
+            if st.subscribers.is_empty() {
+                st.subscribers = HashMap::new();
+            }
+        }
+    }
+
+    fn push_presence(&self, st: &TopicState, frame: Bytes) {
+        for sub in st.subscribers.values().filter(|s| s.wants_presence) {
+            sub.outbox.push_droppable(frame.clone(), self.ns.slow_consumer);
+        }
+    }
+
+    /// Who is subscribed, at most `max` entries.
+    pub fn presence(&self, max: usize) -> Vec<PresenceEntry> {
+        let st = self.lock();
+        st.subscribers
+            .values()
+            .take(max)
+            .map(|s| PresenceEntry {
+                client: s.client.to_string(),
+                user: s.user.as_deref().map(str::to_owned),
+            })
+            .collect()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    /// Periodic upkeep: drops aged history. Returns whether the topic is idle and
+    /// empty for `idle_ttl`, in which case it has been marked dead and must be removed.
+    pub fn sweep(&self, now: Instant, idle_ttl: Duration) -> bool {
+        let mut st = self.lock();
+        self.trim(&mut st, now);
+        let forget = st.subscribers.is_empty()
+            && st.history.is_empty()
+            && now.duration_since(st.last_active) >= idle_ttl;
+        if forget {
+            st.dead = true;
+        }
+        forget
+    }
+
+    /// When it last published or changed subscribers, and its history size.
+    pub fn activity(&self) -> (Instant, usize) {
+        let st = self.lock();
+        (st.last_active, st.history_bytes)
+    }
+
+    /// Drops the oldest events until at most `keep` remain; returns bytes freed.
+    pub fn evict_history(&self, keep: usize) -> usize {
+        let mut st = self.lock();
+        let mut freed = 0;
+        while st.history.len() > keep {
+            if let Some(ev) = st.history.pop_front() {
+                freed += ev.cost();
+            }
+        }
+        if st.history.is_empty() {
+            st.history = VecDeque::new();
+        }
+        st.history_bytes -= freed;
+        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        freed
+    }
+
+    pub fn history_len(&self) -> usize {
+        self.lock().history.len()
+    }
+}
+
+impl Idempotency {
+    fn expire(&mut self, now: Instant, ttl: Duration, max_keys: usize) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) <= ttl && self.order.len() < max_keys {
+                break;
+            }
+            if let Some((_, key)) = self.order.pop_front() {
+                self.offsets.remove(&key);
+            }
+        }
+    }
+}
+
+fn presence_push(topic: &str, what: &str, client: &str, user: Option<&str>) -> Bytes {
+    let entry = PresenceEntry {
+        client: client.to_owned(),
+        user: user.map(str::to_owned),
+    };
+    let body = serde_json::json!({ "push": { "topic": topic, what: entry } });
+    Bytes::from(serde_json::to_vec(&body).expect("presence push serialises"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::outbox::Frame;
+
+    fn topic(history_size: usize) -> Topic {
+        let ns = NamespaceConfig {
+            history_size,
+            ..Default::default()
+        };
+        Topic::new("t".into(), Arc::new(ns), "ep".into(), Arc::new(HistoryBudget::new(1 << 30)))
+    }
+
+    fn publish(t: &Topic, n: usize, stats: &Stats) {
+        for i in 0..n {
+            t.publish(Bytes::from(i.to_string()), None, None, (Duration::from_secs(60), 100), stats)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn offsets_contiguous_and_history_bounded() {
+        let stats = Stats::detached();
+        let t = topic(5);
+        publish(&t, 12, &stats);
+        assert_eq!(t.cursor().unwrap(), Cursor::new("ep", 12));
+        assert_eq!(t.history_len(), 5);
+        let page = t.read(Some(&Cursor::new("ep", 9)), 100).unwrap().unwrap();
+        assert_eq!(page.events.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![10, 11, 12]);
+        assert_eq!(page.next, 12);
+    }
+
+    #[test]
+    fn cursor_rules() {
+        let stats = Stats::detached();
+        let t = topic(5);
+        publish(&t, 12, &stats);
+        let current = Cursor::new("ep", 12);
+        // Offsets 8..=12 are kept: since=7 is still whole, since=6 is gone.
+        assert!(t.read(Some(&Cursor::new("ep", 7)), 100).unwrap().is_ok());
+        assert_eq!(
+            t.read(Some(&Cursor::new("ep", 6)), 100).unwrap().unwrap_err(),
+            CursorProblem::Gone { current: current.clone() }
+        );
+        assert_eq!(
+            t.read(Some(&Cursor::new("other", 12)), 100).unwrap().unwrap_err(),
+            CursorProblem::Gone { current: current.clone() }
+        );
+        assert_eq!(
+            t.read(Some(&Cursor::new("ep", 13)), 100).unwrap().unwrap_err(),
+            CursorProblem::Ahead { current: current.clone() }
+        );
+        let page = t.read(Some(&current), 100).unwrap().unwrap();
+        assert!(page.events.is_empty());
+        assert_eq!(page.next, 12);
+        let page = t.read(None, 100).unwrap().unwrap();
+        assert_eq!((page.events.len(), page.next), (0, 12));
+    }
+
+    #[test]
+    fn idempotency_key_dedupes() {
+        let stats = Stats::detached();
+        let t = topic(10);
+        let w = (Duration::from_secs(60), 100);
+        let a = t.publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats).unwrap();
+        let b = t.publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats).unwrap();
+        let c = t.publish(Bytes::from_static(b"1"), None, Some("k2"), w, &stats).unwrap();
+        assert_eq!((a.offset, a.duplicate), (1, false));
+        assert_eq!((b.offset, b.duplicate), (1, true));
+        assert_eq!(c.offset, 2);
+    }
+
+    #[test]
+    fn idempotency_window_is_bounded() {
+        let stats = Stats::detached();
+        let t = topic(10);
+        let w = (Duration::from_secs(60), 3);
+        for k in ["a", "b", "c", "d", "e"] {
+            t.publish(Bytes::from_static(b"1"), None, Some(k), w, &stats).unwrap();
+        }
+        // "a" fell out of the 3-key window, so it publishes anew.
+        let again = t.publish(Bytes::from_static(b"1"), None, Some("a"), w, &stats).unwrap();
+        assert!(!again.duplicate);
+    }
+
+    #[test]
+    fn subscribe_snapshot_then_pushes_exactly_once() {
+        let stats = Stats::detached();
+        let t = topic(100);
+        publish(&t, 3, &stats);
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let sub = Subscriber {
+            outbox: outbox.clone(),
+            client: "c".into(),
+            user: None,
+            wants_presence: false,
+        };
+        let mut seen = Vec::new();
+        t.subscribe(1, sub, Some(&Cursor::new("ep", 1)), false, usize::MAX, |snap| {
+            assert_eq!(snap.recovered, Some(true));
+            seen.extend(snap.events.iter().map(|e| e.offset));
+        })
+        .unwrap()
+        .unwrap();
+        publish(&t, 2, &stats);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut out = Vec::new();
+        rt.block_on(outbox.next_batch(&mut out, usize::MAX)).unwrap();
+        for e in out {
+            if let Frame::Event(ev) = e.frame {
+                seen.push(ev.offset);
+            }
+        }
+        assert_eq!(seen, vec![2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn slow_subscriber_is_cut_off_and_counted() {
+        let stats = Stats::detached();
+        let t = topic(100);
+        let outbox = Arc::new(Outbox::new(1000));
+        let sub = Subscriber {
+            outbox,
+            client: "c".into(),
+            user: None,
+            wants_presence: false,
+        };
+        t.subscribe(1, sub, None, false, usize::MAX, |_| {}).unwrap().unwrap();
+        publish(&t, 50, &stats);
+        assert_eq!(stats.slow_consumer_closes.get(), 1);
+        let _ = SlowConsumerPolicy::Disconnect;
+    }
+
+    #[test]
+    fn sweep_forgets_only_idle_empty_topics() {
+        let stats = Stats::detached();
+        let t = topic(2);
+        assert!(!t.sweep(Instant::now(), Duration::from_secs(60)), "fresh topic is not idle");
+        assert!(t.sweep(Instant::now() + Duration::from_secs(61), Duration::from_secs(60)));
+        assert!(t.cursor().is_err(), "a forgotten topic refuses work");
+        let t = topic(2);
+        publish(&t, 1, &stats);
+        assert!(!t.sweep(Instant::now() + Duration::from_secs(61), Duration::from_secs(60)));
+    }
+}

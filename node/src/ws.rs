@@ -1,0 +1,577 @@
+//! The WebSocket transport, subprotocol `weft.v1.json` (DESIGN §3.2).
+//!
+//! The upgrade is answered by the HTTP handler; the session then runs in its own task
+//! (tracked for shutdown) that both reads commands and writes the session's outbox:
+//!
+//! ```text
+//!   socket ─► read frame ─► split on '\n' ─► parse_command ─► dispatch ─► reply ─┐
+//!                                                                              ▼
+//!   topic fan-out ─────────────────────────────────────────────────────────► Outbox
+//!                                                                              │
+//!   socket ◄── one text frame per batch (lines joined by '\n') ◄───────────────┘
+//! ```
+//!
+//! Replies go through the same outbox as events, so a subscribe reply always precedes
+//! the events after it. A batch of one event is sent as the event's shared frame bytes.
+//!
+//! Close codes: 4400 protocol error (binary frame, broken framing), 4413 message too
+//! big, 4008 slow consumer, 4029 command flood, 4000 shutdown (after a `disconnect`
+//! push with a jittered `after_ms`). Server pings every `ping_interval`; a peer silent
+//! for two intervals is dropped. Per-line errors (malformed JSON, unknown command,
+//! missing fields, bad topic or cursor, limits) are answered with an error reply and
+//! the session goes on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use weft_proto::command::{HistoryCmd, PublishCmd, SubscribeCmd};
+use weft_proto::{close, parse_command, validate_topic, Command, Cursor};
+
+use crate::error::ApiError;
+use crate::event::{put_u64, write_event_array};
+use crate::http::{event_kind, raw_data};
+use crate::node::{ConnGuard, Node};
+use crate::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
+use crate::poll::problem_error;
+use crate::rate::TokenBucket;
+use crate::stats::Transport;
+use crate::topic::{Subscriber, Topic};
+
+/// What the accept loop attaches to each request.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub guard: Arc<ConnGuard>,
+}
+
+/// Largest text frame the server writes in one batch.
+const MAX_BATCH: usize = 64 * 1024;
+
+fn bad_upgrade(msg: &str) -> Response {
+    ApiError::bad(msg).into_response()
+}
+
+pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+    let h = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return bad_upgrade("this route needs a WebSocket upgrade");
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut r = bad_upgrade("Sec-WebSocket-Version must be 13");
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).filter(|k| k.len() <= 64) else {
+        return bad_upgrade("missing or oversized Sec-WebSocket-Key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let origins = &node.config.allowed_origins;
+    if !origins.is_empty() {
+        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        if !origin.is_some_and(|o| origins.iter().any(|a| a == o)) {
+            return ApiError::Forbidden("origin not allowed".into()).into_response();
+        }
+    }
+    let offered: Vec<&str> = h
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let protocol = if offered.is_empty() {
+        None
+    } else if offered.contains(&weft_proto::SUBPROTOCOL_JSON) {
+        Some(weft_proto::SUBPROTOCOL_JSON)
+    } else {
+        return bad_upgrade("supported subprotocols: weft.v1.json");
+    };
+    if !node.is_ready() {
+        return ApiError::Unavailable {
+            message: "node is shutting down".into(),
+            retry_after_s: 1,
+        }
+        .into_response();
+    }
+    let info = req.extensions().get::<ConnInfo>().cloned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let limits = &node.config.limits;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_BATCH * 4)
+        .max_message_size(Some(limits.max_message_bytes + 1024))
+        .max_frame_size(Some(limits.max_frame_bytes + 1024));
+    let task_node = node.clone();
+    node.tasks.spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        Session::new(task_node, info).run(ws).await;
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = resp.headers_mut();
+    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    hs.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    hs.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+    if let Some(p) = protocol {
+        hs.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    resp
+}
+
+struct Session {
+    node: Arc<Node>,
+    id: u64,
+    client: Arc<str>,
+    outbox: Arc<Outbox>,
+    subs: HashMap<Arc<str>, Arc<Topic>>,
+    commands: TokenBucket,
+    /// Consecutive commands refused for rate; past the burst the session is closed.
+    refused: u32,
+    _conn: Option<ConnInfo>,
+}
+
+/// Why the session loop ended: with a close code to send, or silently.
+enum End {
+    Close(u16, String),
+    Silent,
+}
+
+impl Session {
+    fn new(node: Arc<Node>, conn: Option<ConnInfo>) -> Self {
+        let id = node.next_session_id();
+        let limits = &node.config.limits;
+        Self {
+            client: node.client_id(id),
+            outbox: Arc::new(Outbox::new(limits.outbound_queue_bytes)),
+            subs: HashMap::new(),
+            commands: TokenBucket::new(limits.commands_per_s, limits.command_burst),
+            refused: 0,
+            _conn: conn,
+            id,
+            node,
+        }
+    }
+
+    async fn run<S>(mut self, ws: WebSocketStream<S>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let node = self.node.clone();
+        let stats_gauge = node.stats.connection(Transport::Ws);
+        stats_gauge.up();
+        let (mut sink, mut stream) = ws.split();
+        let timing = &node.config.timing;
+        let ping_every = Duration::from_millis(timing.ping_interval_ms);
+        let write_timeout = Duration::from_millis(timing.write_timeout_ms);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let mut last_seen = Instant::now();
+        let mut shutdown = self.node.shutdown_signal();
+        let mut close_at: Option<Instant> = (*shutdown.borrow()).then(|| self.node.close_deadline().into());
+        let mut batch: Vec<Entry> = Vec::new();
+        let end = loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    last_seen = Instant::now();
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(end) = self.on_text(&text) {
+                                break end;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            self.node.stats.bad_input.inc();
+                            break End::Close(close::PROTOCOL_ERROR, "binary frames are not part of weft.v1.json".into());
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => break End::Silent,
+                        Some(Err(WsError::Capacity(e))) => {
+                            self.node.stats.bad_input.inc();
+                            break End::Close(close::TOO_BIG, format!("message too big: {e}"));
+                        }
+                        Some(Err(WsError::Protocol(e))) => {
+                            self.node.stats.bad_input.inc();
+                            break End::Close(close::PROTOCOL_ERROR, format!("protocol error: {e}"));
+                        }
+                        Some(Err(WsError::Utf8(_))) => {
+                            self.node.stats.bad_input.inc();
+                            break End::Close(close::PROTOCOL_ERROR, "text frame is not UTF-8".into());
+                        }
+                        Some(Err(_)) => break End::Silent,
+                    }
+                }
+                r = self.outbox.next_batch(&mut batch, MAX_BATCH) => match r {
+                    Ok(()) => {
+                        let msg = self.encode_batch(&mut batch);
+                        match timeout(write_timeout, sink.send(msg)).await {
+                            Ok(Ok(())) => {}
+                            _ => break End::Silent,
+                        }
+                    }
+                    Err(CloseReason::SlowConsumer) => {
+                        let push = self.node.disconnect_push(close::SLOW_CONSUMER, "slow consumer", 0);
+                        let _ = timeout(write_timeout, sink.send(text_message(push))).await;
+                        break End::Close(close::SLOW_CONSUMER, "slow consumer: resume with your cursors".into());
+                    }
+                    Err(CloseReason::Gone) => break End::Silent,
+                },
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > 2 * ping_every {
+                        break End::Silent;
+                    }
+                    if timeout(write_timeout, sink.send(Message::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
+                        break End::Silent;
+                    }
+                }
+                r = shutdown.changed(), if close_at.is_none() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        close_at = Some(self.node.close_deadline().into());
+                    }
+                }
+                _ = sleep_opt(close_at) => {
+                    let push = self.node.disconnect_push(close::RECONNECT, "shutdown", self.node.reconnect_after_ms());
+                    let _ = timeout(write_timeout, sink.send(text_message(push))).await;
+                    break End::Close(close::RECONNECT, "shutdown".into());
+                }
+            }
+        };
+        if let End::Close(code, reason) = end {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: truncate(&reason, 120).into(),
+            };
+            let _ = timeout(write_timeout, sink.send(Message::Close(Some(frame)))).await;
+            // Give the peer a moment to answer the close before the socket is dropped.
+            let _ = timeout(Duration::from_millis(500), async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        for topic in self.subs.values() {
+            topic.unsubscribe(self.id);
+            self.node.stats.subscriptions.down();
+        }
+        self.outbox.close();
+        stats_gauge.down();
+    }
+
+    fn encode_batch(&self, batch: &mut Vec<Entry>) -> Message {
+        let stats = &self.node.stats;
+        if let Some(Frame::Event(ev)) = batch.first().map(|e| &e.frame) {
+            stats.delivery_latency.record(ev.sequenced_at.elapsed().as_secs_f64());
+        }
+        if batch.len() == 1 && batch[0].skipped_from == 0 {
+            let shared = match &batch[0].frame {
+                Frame::Event(ev) => {
+                    stats.delivered.inc();
+                    Some(ev.ws_frame().clone())
+                }
+                Frame::Control(b) => Some(b.clone()),
+                Frame::Reset { .. } => None,
+            };
+            if let Some(bytes) = shared {
+                batch.clear();
+                return text_message(bytes);
+            }
+        }
+        let mut out = BytesMut::with_capacity(MAX_BATCH.min(batch.len() * 256));
+        let mut events = 0;
+        for entry in batch.drain(..) {
+            if !out.is_empty() {
+                out.put_u8(b'\n');
+            }
+            match entry.frame {
+                Frame::Event(ev) => {
+                    events += 1;
+                    if entry.skipped_from > 0 {
+                        let skipped = serde_json::json!({"push": {"topic": &*ev.topic, "skipped": {"from": entry.skipped_from, "to": ev.offset - 1}}});
+                        out.put_slice(skipped.to_string().as_bytes());
+                        out.put_u8(b'\n');
+                    }
+                    out.put_slice(ev.ws_frame());
+                }
+                Frame::Control(b) => out.put_slice(&b),
+                Frame::Reset { topic, epoch, offset } => {
+                    let reset = serde_json::json!({"push": {"topic": &*topic, "reset": {"epoch": &*epoch, "offset": offset}}});
+                    out.put_slice(reset.to_string().as_bytes());
+                }
+            }
+        }
+        stats.delivered.add(events);
+        text_message(out.freeze())
+    }
+
+    /// Handles one text frame; returns how to end the session if it must end.
+    fn on_text(&mut self, text: &str) -> Option<End> {
+        for line in text.split('\n') {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (id, cmd) = match parse_command(line) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    self.node.stats.bad_input.inc();
+                    self.reply_error(e.id, &ApiError::BadRequest(e.message));
+                    continue;
+                }
+            };
+            if !self.commands.allow() {
+                self.node.stats.rate_limited.inc();
+                self.refused += 1;
+                if self.refused > self.node.config.limits.command_burst {
+                    return Some(End::Close(close::RATE_LIMITED, "command rate exceeded".into()));
+                }
+                self.reply_error(
+                    id,
+                    &ApiError::RateLimited {
+                        message: "too many commands; slow down".into(),
+                        retry_after_s: 1,
+                    },
+                );
+                continue;
+            }
+            self.refused = 0;
+            if let Err(e) = self.dispatch(id, cmd) {
+                if e.code() == 400 || e.code() == 413 {
+                    self.node.stats.bad_input.inc();
+                }
+                self.reply_error(id, &e);
+            }
+        }
+        None
+    }
+
+    fn reply(&self, id: Option<u64>, result: &[u8]) {
+        let mut out = BytesMut::with_capacity(result.len() + 24);
+        out.put_u8(b'{');
+        if let Some(id) = id {
+            out.put_slice(b"\"id\":");
+            put_u64(&mut out, id);
+            out.put_u8(b',');
+        }
+        out.put_slice(b"\"result\":");
+        out.put_slice(result);
+        out.put_u8(b'}');
+        if self.outbox.push_control(out.freeze()) == Pushed::Overflow {
+            self.node.stats.slow_consumer_closes.inc();
+        }
+    }
+
+    fn reply_error(&self, id: Option<u64>, e: &ApiError) {
+        let body = serde_json::json!({ "id": id, "error": e.detail() });
+        let mut v = body;
+        if id.is_none() {
+            v.as_object_mut().map(|o| o.remove("id"));
+        }
+        if self.outbox.push_control(Bytes::from(v.to_string())) == Pushed::Overflow {
+            self.node.stats.slow_consumer_closes.inc();
+        }
+    }
+
+    fn dispatch(&mut self, id: Option<u64>, cmd: Command) -> Result<(), ApiError> {
+        match cmd {
+            Command::Connect(_) | Command::Refresh(_) => {
+                let r = weft_proto::ConnectResult {
+                    client: self.client.to_string(),
+                    node: self.node.config.node_id.clone(),
+                };
+                self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
+                Ok(())
+            }
+            Command::Subscribe(s) => self.subscribe(id, s),
+            Command::Unsubscribe(u) => {
+                validate_topic(&u.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+                let topic = self
+                    .subs
+                    .remove(u.topic.as_str())
+                    .ok_or_else(|| ApiError::bad(format!("not subscribed to `{}`", u.topic)))?;
+                topic.unsubscribe(self.id);
+                self.node.stats.subscriptions.down();
+                self.reply(id, b"{}");
+                Ok(())
+            }
+            Command::Publish(p) => self.publish(id, p),
+            Command::History(h) => self.history(id, h),
+            Command::Presence(p) => {
+                validate_topic(&p.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+                if !self.node.registry.namespaces.lookup(&p.topic).presence {
+                    return Err(ApiError::Forbidden(format!("presence is off for the namespace of `{}`", p.topic)));
+                }
+                let clients = self.node.registry.get(&p.topic).map(|t| t.presence(1000)).unwrap_or_default();
+                let r = weft_proto::PresenceResult { topic: p.topic, clients };
+                self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
+                Ok(())
+            }
+        }
+    }
+
+    fn subscribe(&mut self, id: Option<u64>, s: SubscribeCmd) -> Result<(), ApiError> {
+        validate_topic(&s.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+        let since = s
+            .since
+            .as_deref()
+            .map(|c| c.parse::<Cursor>().map_err(|e| ApiError::bad(format!("bad cursor: {e}"))))
+            .transpose()?;
+        if self.subs.contains_key(s.topic.as_str()) {
+            return Err(ApiError::bad(format!("already subscribed to `{}`", s.topic)));
+        }
+        let max = self.node.config.limits.max_subscriptions_per_session;
+        if self.subs.len() >= max {
+            self.node.stats.rate_limited.inc();
+            return Err(ApiError::RateLimited {
+                message: format!("at most {max} subscriptions per session"),
+                retry_after_s: 1,
+            });
+        }
+        let budget = self.node.config.limits.outbound_queue_bytes / 2;
+        let outbox = &self.outbox;
+        let subscribed = self.node.registry.with_topic(&s.topic, |t| {
+            let sub = Subscriber {
+                outbox: outbox.clone(),
+                client: self.client.clone(),
+                user: None,
+                wants_presence: true,
+            };
+            let r = t.subscribe(self.id, sub, since.as_ref(), s.snapshot, budget, |snap| {
+                let mut out = BytesMut::with_capacity(96 + snap.events.iter().map(|e| e.data.len() + 48).sum::<usize>());
+                out.put_u8(b'{');
+                if let Some(id) = id {
+                    out.put_slice(b"\"id\":");
+                    put_u64(&mut out, id);
+                    out.put_u8(b',');
+                }
+                out.put_slice(b"\"result\":{\"epoch\":\"");
+                out.put_slice(snap.epoch.as_bytes());
+                out.put_slice(b"\",\"offset\":");
+                put_u64(&mut out, snap.offset);
+                if let Some(rec) = snap.recovered {
+                    out.put_slice(if rec { b",\"recovered\":true" } else { b",\"recovered\":false" });
+                }
+                out.put_slice(b",\"events\":");
+                write_event_array(&mut out, &snap.events);
+                out.put_slice(b"}}");
+                // Under the topic's lock: precedes every later event of the topic.
+                outbox.push_snapshot(Frame::Control(out.freeze()));
+            })?;
+            Ok(r.map(|()| t.clone()))
+        })?;
+        let topic = subscribed.map_err(problem_error)?;
+        self.subs.insert(topic.name.clone(), topic);
+        self.node.stats.subscriptions.up();
+        Ok(())
+    }
+
+    fn publish(&mut self, id: Option<u64>, p: PublishCmd) -> Result<(), ApiError> {
+        validate_topic(&p.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+        if !self.node.registry.namespaces.lookup(&p.topic).client_publish {
+            return Err(ApiError::Forbidden(format!(
+                "clients may not publish to the namespace of `{}`",
+                p.topic
+            )));
+        }
+        let kind = event_kind(p.kind.as_deref())?;
+        let data = raw_data(&p.data, self.node.config.limits.max_message_bytes)?;
+        let window = self.node.idempotency_window();
+        let node = &self.node;
+        let published = node
+            .registry
+            .with_topic(&p.topic, |t| t.publish(data.clone(), kind.clone(), None, window, &node.stats))?;
+        let r = weft_proto::PublishResult {
+            topic: p.topic,
+            epoch: published.epoch.to_string(),
+            offset: published.offset,
+        };
+        self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
+        Ok(())
+    }
+
+    fn history(&mut self, id: Option<u64>, h: HistoryCmd) -> Result<(), ApiError> {
+        validate_topic(&h.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+        let max = self.node.config.limits.max_history_request;
+        let limit = match h.limit {
+            None => max,
+            Some(n) if n >= 1 && n as usize <= max => n as usize,
+            Some(_) => return Err(ApiError::bad(format!("`limit` must be from 1 to {max}"))),
+        };
+        let since = h
+            .since
+            .as_deref()
+            .map(|c| c.parse::<Cursor>().map_err(|e| ApiError::bad(format!("bad cursor: {e}"))))
+            .transpose()?;
+        let page = self
+            .node
+            .registry
+            .with_topic(&h.topic, |t| match &since {
+                Some(c) => t.read(Some(c), limit),
+                None => t.tail(limit),
+            })?
+            .map_err(problem_error)?;
+        let mut out = BytesMut::with_capacity(96 + page.events.iter().map(|e| e.data.len() + 48).sum::<usize>());
+        out.put_slice(b"{\"epoch\":\"");
+        out.put_slice(page.epoch.as_bytes());
+        out.put_slice(b"\",\"offset\":");
+        put_u64(&mut out, page.last_offset);
+        out.put_slice(b",\"events\":");
+        write_event_array(&mut out, &page.events);
+        out.put_slice(b",\"next\":\"");
+        out.put_slice(page.epoch.as_bytes());
+        out.put_u8(b':');
+        put_u64(&mut out, page.next);
+        out.put_slice(b"\"}");
+        self.reply(id, &out);
+        Ok(())
+    }
+}
+
+fn text_message(b: Bytes) -> Message {
+    match Utf8Bytes::try_from(b) {
+        Ok(t) => Message::Text(t),
+        // Frames are built from validated UTF-8 only; never reached.
+        Err(e) => Message::Text(Utf8Bytes::from(format!("{{\"error\":{{\"code\":500,\"message\":\"{e}\"}}}}"))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
