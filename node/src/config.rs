@@ -215,7 +215,11 @@ fn default_node_id() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "weft-node".into())
 }
@@ -230,12 +234,18 @@ impl Config {
         let bad = |m: String| Err(ConfigError(m));
         let l = &self.limits;
         if l.max_wait_s > 60 {
-            return bad(format!("limits.max_wait_s = {} exceeds the contract's 60", l.max_wait_s));
+            return bad(format!(
+                "limits.max_wait_s = {} exceeds the contract's 60",
+                l.max_wait_s
+            ));
         }
         for (name, v) in [
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
-            ("limits.max_subscriptions_per_session", l.max_subscriptions_per_session),
+            (
+                "limits.max_subscriptions_per_session",
+                l.max_subscriptions_per_session,
+            ),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_frame_bytes", l.max_frame_bytes),
             ("limits.max_batch_events", l.max_batch_events),
@@ -244,14 +254,19 @@ impl Config {
             ("limits.max_topics", l.max_topics),
             ("limits.max_topics_per_watch", l.max_topics_per_watch),
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
-            ("history.memory_budget_bytes", self.history.memory_budget_bytes),
+            (
+                "history.memory_budget_bytes",
+                self.history.memory_budget_bytes,
+            ),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));
             }
         }
         if l.commands_per_s == 0 || l.command_burst == 0 {
-            return bad("limits.commands_per_s and limits.command_burst must be greater than 0".into());
+            return bad(
+                "limits.commands_per_s and limits.command_burst must be greater than 0".into(),
+            );
         }
         if l.outbound_queue_bytes < l.max_message_bytes {
             return bad(format!(
@@ -274,12 +289,18 @@ impl Config {
             }
         }
         if self.node_id.is_empty() || !self.node_id.bytes().all(weft_proto::topic::is_topic_byte) {
-            return bad(format!("node_id `{}` must be 1+ characters of [A-Za-z0-9_.:@-]", self.node_id));
+            return bad(format!(
+                "node_id `{}` must be 1+ characters of [A-Za-z0-9_.:@-]",
+                self.node_id
+            ));
         }
         for ns in &self.namespaces {
             Pattern::parse(&ns.pattern).map_err(|e| ConfigError(format!("namespace: {e}")))?;
             if ns.history_size == 0 {
-                return bad(format!("namespace `{}`: history_size must be greater than 0", ns.pattern));
+                return bad(format!(
+                    "namespace `{}`: history_size must be greater than 0",
+                    ns.pattern
+                ));
             }
         }
         if self.router.is_some() {
@@ -301,7 +322,10 @@ fn mask_secrets(v: &mut toml::Value) {
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
                 let k = k.to_ascii_lowercase();
-                if ["secret", "token", "password", "api_key"].iter().any(|s| k.contains(s)) {
+                if ["secret", "token", "password", "api_key"]
+                    .iter()
+                    .any(|s| k.contains(s))
+                {
                     *v = toml::Value::String("***".into());
                 } else {
                     mask_secrets(v);
@@ -315,7 +339,11 @@ fn mask_secrets(v: &mut toml::Value) {
 
 /// Command-line flags. Every one is optional so that it overrides only what it names.
 #[derive(Debug, Parser)]
-#[command(name = "weft-node", version, about = "Weft edge node: real-time pub/sub over WebSocket, SSE, HTTP streaming and long-poll")]
+#[command(
+    name = "weft-node",
+    version,
+    about = "Weft edge node: real-time pub/sub over WebSocket, SSE, HTTP streaming and long-poll"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "WEFT_CONFIG")]
@@ -443,12 +471,22 @@ mod tests {
             "node_id = \"from-file\"\n[limits]\nmax_message_bytes = 1000\noutbound_queue_bytes = 5000\n[[namespaces]]\npattern = \"chat.>\"\nslow_consumer = \"conflate\"\n",
         )
         .unwrap();
-        let cli = Cli::try_parse_from(["weft-node", "--config", path.to_str().unwrap(), "--node-id", "from-flag"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "weft-node",
+            "--config",
+            path.to_str().unwrap(),
+            "--node-id",
+            "from-flag",
+        ])
+        .unwrap();
         let c = cli.load().unwrap();
         assert_eq!(c.node_id, "from-flag");
         assert_eq!(c.limits.max_message_bytes, 1000);
         assert_eq!(c.namespaces[0].slow_consumer, SlowConsumerPolicy::Conflate);
-        assert_eq!(c.namespaces[0].history_size, 1000, "unset namespace fields take defaults");
+        assert_eq!(
+            c.namespaces[0].history_size, 1000,
+            "unset namespace fields take defaults"
+        );
     }
 
     #[test]

@@ -57,15 +57,25 @@ impl ApiError {
 
     /// The JSON body, for HTTP responses and WebSocket error replies alike.
     pub fn body_json(&self) -> String {
-        serde_json::to_string(&ErrorBody { error: self.detail() }).expect("error body serialises")
+        serde_json::to_string(&ErrorBody {
+            error: self.detail(),
+        })
+        .expect("error body serialises")
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], self.body_json()).into_response();
-        if let ApiError::RateLimited { retry_after_s, .. } | ApiError::Unavailable { retry_after_s, .. } = &self {
+        let mut resp = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            self.body_json(),
+        )
+            .into_response();
+        if let ApiError::RateLimited { retry_after_s, .. }
+        | ApiError::Unavailable { retry_after_s, .. } = &self
+        {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }

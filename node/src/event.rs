@@ -37,7 +37,14 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    pub fn new(topic: Arc<str>, epoch: Arc<str>, offset: u64, ts: u64, kind: Option<Arc<str>>, data: Bytes) -> Self {
+    pub fn new(
+        topic: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        ts: u64,
+        kind: Option<Arc<str>>,
+        data: Bytes,
+    ) -> Self {
         Self {
             topic,
             epoch,
@@ -203,7 +210,10 @@ mod tests {
             let push = m.push.unwrap();
             assert_eq!(push.topic.as_deref(), Some("a.b"));
             let got = push.event.unwrap();
-            assert_eq!((got.offset, got.ts, got.kind.as_deref()), (42, 1_700_000_000_000, kind));
+            assert_eq!(
+                (got.offset, got.ts, got.kind.as_deref()),
+                (42, 1_700_000_000_000, kind)
+            );
             assert_eq!(got.data.get(), r#"{"x":[1,"two"]}"#);
         }
     }
@@ -211,13 +221,24 @@ mod tests {
     #[test]
     fn sse_and_ndjson_frames() {
         let e = ev(None);
-        assert_eq!(&e.sse_frame()[..], &b"id: ep1:42\nevent: message\ndata: {\"x\":[1,\"two\"]}\n\n"[..]);
+        assert_eq!(
+            &e.sse_frame()[..],
+            &b"id: ep1:42\nevent: message\ndata: {\"x\":[1,\"two\"]}\n\n"[..]
+        );
         let line = e.ndjson_line();
         assert_eq!(line.last(), Some(&b'\n'));
         let env: Envelope = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
-        assert_eq!((env.topic.as_str(), env.epoch.as_str(), env.offset), ("a.b", "ep1", 42));
-        let multi = std::str::from_utf8(ev(Some("k")).multi_sse_frame()).unwrap().to_owned();
-        assert!(multi.starts_with("event: k\ndata: {\"topic\":\"a.b\""), "{multi}");
+        assert_eq!(
+            (env.topic.as_str(), env.epoch.as_str(), env.offset),
+            ("a.b", "ep1", 42)
+        );
+        let multi = std::str::from_utf8(ev(Some("k")).multi_sse_frame())
+            .unwrap()
+            .to_owned();
+        assert!(
+            multi.starts_with("event: k\ndata: {\"topic\":\"a.b\""),
+            "{multi}"
+        );
     }
 
     #[test]

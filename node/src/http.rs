@@ -35,7 +35,10 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/publish", post(batch_publish))
         .route("/v1/events", get(multi_events))
         .route("/v1/ws", get(ws::upgrade))
-        .route("/healthz", get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }))
+        .route(
+            "/healthz",
+            get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
@@ -66,12 +69,15 @@ fn parse_bool(v: Option<&str>, key: &str) -> Result<bool, ApiError> {
     match v {
         None | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") | Some("") => Ok(true),
-        Some(other) => Err(ApiError::bad(format!("`{key}` must be true or false, not `{other}`"))),
+        Some(other) => Err(ApiError::bad(format!(
+            "`{key}` must be true or false, not `{other}`"
+        ))),
     }
 }
 
 fn parse_cursor(v: &str, what: &str) -> Result<Cursor, ApiError> {
-    v.parse().map_err(|e| ApiError::bad(format!("bad {what}: {e}")))
+    v.parse()
+        .map_err(|e| ApiError::bad(format!("bad {what}: {e}")))
 }
 
 fn accepts(headers: &HeaderMap, mime: &str) -> bool {
@@ -96,7 +102,10 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 /// `Content-Length` before anything is read.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::TooLarge(format!("body exceeds {limit} bytes"));
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+    {
         match len.parse::<u64>() {
             Ok(n) if n > limit as u64 => return Err(too_large()),
             Ok(_) => {}
@@ -114,16 +123,21 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// bytes when it already is.
 pub fn event_data(bytes: &Bytes, max: usize) -> Result<Bytes, ApiError> {
     if bytes.len() > max {
-        return Err(ApiError::TooLarge(format!("event data exceeds {max} bytes")));
+        return Err(ApiError::TooLarge(format!(
+            "event data exceeds {max} bytes"
+        )));
     }
-    let raw: &RawValue = serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("event data is not JSON: {e}")))?;
+    let raw: &RawValue = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("event data is not JSON: {e}")))?;
     compact(raw, Some(bytes))
 }
 
 /// Event data from an already-parsed raw value (batch and WebSocket publish).
 pub fn raw_data(raw: &RawValue, max: usize) -> Result<Bytes, ApiError> {
     if raw.get().len() > max {
-        return Err(ApiError::TooLarge(format!("event data exceeds {max} bytes")));
+        return Err(ApiError::TooLarge(format!(
+            "event data exceeds {max} bytes"
+        )));
     }
     compact(raw, None)
 }
@@ -132,8 +146,11 @@ fn compact(raw: &RawValue, source: Option<&Bytes>) -> Result<Bytes, ApiError> {
     let text = raw.get();
     if text.bytes().any(|b| b == b'\n' || b == b'\r') {
         // Whitespace newlines only (JSON strings cannot hold raw ones): re-encode.
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ApiError::bad(e.to_string()))?;
-        return Ok(Bytes::from(serde_json::to_vec(&value).expect("value serialises")));
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ApiError::bad(e.to_string()))?;
+        return Ok(Bytes::from(
+            serde_json::to_vec(&value).expect("value serialises"),
+        ));
     }
     Ok(match source {
         Some(b) => b.slice_ref(text.as_bytes()),
@@ -146,8 +163,16 @@ fn compact(raw: &RawValue, source: Option<&Bytes>) -> Result<Bytes, ApiError> {
 pub fn event_kind(kind: Option<&str>) -> Result<Option<Arc<str>>, ApiError> {
     match kind {
         None => Ok(None),
-        Some(k) if !k.is_empty() && k.len() <= 64 && k.bytes().all(weft_proto::topic::is_topic_byte) => Ok(Some(k.into())),
-        Some(_) => Err(ApiError::bad("event type must be 1-64 characters of [A-Za-z0-9_.:@-]")),
+        Some(k)
+            if !k.is_empty()
+                && k.len() <= 64
+                && k.bytes().all(weft_proto::topic::is_topic_byte) =>
+        {
+            Ok(Some(k.into()))
+        }
+        Some(_) => Err(ApiError::bad(
+            "event type must be 1-64 characters of [A-Za-z0-9_.:@-]",
+        )),
     }
 }
 
@@ -167,36 +192,61 @@ fn write_publish_result(out: &mut BytesMut, topic: &str, epoch: &str, offset: u6
     out.extend_from_slice(b"}");
 }
 
-async fn publish(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn publish(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
-    let kind = event_kind(headers.get("weft-event-type").map(|v| v.to_str().unwrap_or("\n")))?;
+    let kind = event_kind(
+        headers
+            .get("weft-event-type")
+            .map(|v| v.to_str().unwrap_or("\n")),
+    )?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
             Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k),
-            _ => return Err(ApiError::bad("Idempotency-Key must be 1-255 visible ASCII characters")),
+            _ => {
+                return Err(ApiError::bad(
+                    "Idempotency-Key must be 1-255 visible ASCII characters",
+                ))
+            }
         },
     };
     let max = node.config.limits.max_message_bytes;
     let bytes = read_body(&headers, body, max).await?;
     let data = event_data(&bytes, max)?;
     let window = node.idempotency_window();
-    let published = node
-        .registry
-        .with_topic(&topic, |t| t.publish(data.clone(), kind.clone(), key, window, &node.stats))?;
-    let mut resp = json_ok(publish_result_json(&topic, &published.epoch, published.offset));
+    let published = node.registry.with_topic(&topic, |t| {
+        t.publish(data.clone(), kind.clone(), key, window, &node.stats)
+    })?;
+    let mut resp = json_ok(publish_result_json(
+        &topic,
+        &published.epoch,
+        published.offset,
+    ));
     if published.duplicate {
-        resp.headers_mut().insert("idempotent-replayed", "true".parse().expect("static header"));
+        resp.headers_mut().insert(
+            "idempotent-replayed",
+            "true".parse().expect("static header"),
+        );
     } else {
         *resp.status_mut() = StatusCode::CREATED;
     }
     Ok(resp)
 }
 
-async fn batch_publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn batch_publish(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let limits = &node.config.limits;
     let bytes = read_body(&headers, body, limits.max_batch_bytes).await?;
-    let batch: BatchPublish = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid batch: {e}")))?;
+    let batch: BatchPublish =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid batch: {e}")))?;
     if batch.events.len() > limits.max_batch_events {
         return Err(ApiError::TooLarge(format!(
             "batch has {} events; the limit is {}",
@@ -208,8 +258,10 @@ async fn batch_publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: 
     // as far as input errors go.
     let mut prepared = Vec::with_capacity(batch.events.len());
     for (i, item) in batch.events.iter().enumerate() {
-        validate_topic(&item.topic).map_err(|e| ApiError::bad(format!("events[{i}]: invalid topic: {e}")))?;
-        let kind = event_kind(item.kind.as_deref()).map_err(|e| ApiError::bad(format!("events[{i}]: {e}")))?;
+        validate_topic(&item.topic)
+            .map_err(|e| ApiError::bad(format!("events[{i}]: invalid topic: {e}")))?;
+        let kind = event_kind(item.kind.as_deref())
+            .map_err(|e| ApiError::bad(format!("events[{i}]: {e}")))?;
         let data = raw_data(&item.data, limits.max_message_bytes)?;
         prepared.push((item.topic.as_str(), kind, data));
     }
@@ -217,9 +269,9 @@ async fn batch_publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: 
     out.extend_from_slice(b"{\"results\":[");
     let window = node.idempotency_window();
     for (i, (topic, kind, data)) in prepared.into_iter().enumerate() {
-        let p = node
-            .registry
-            .with_topic(topic, |t| t.publish(data.clone(), kind.clone(), None, window, &node.stats))?;
+        let p = node.registry.with_topic(topic, |t| {
+            t.publish(data.clone(), kind.clone(), None, window, &node.stats)
+        })?;
         if i > 0 {
             out.extend_from_slice(b",");
         }
@@ -231,7 +283,10 @@ async fn batch_publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: 
     Ok(resp)
 }
 
-async fn state(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+async fn state(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
     let (cursor, last) = node.registry.with_topic(&topic, |t| t.state())?;
     let mut out = BytesMut::with_capacity(128);
@@ -250,18 +305,34 @@ async fn state(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRej
     Ok(json_ok(out.freeze()))
 }
 
-async fn presence(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+async fn presence(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
     let ns = node.registry.namespaces.lookup(&topic);
     if !ns.presence {
-        return Err(ApiError::Forbidden(format!("presence is off for the namespace of `{topic}`")));
+        return Err(ApiError::Forbidden(format!(
+            "presence is off for the namespace of `{topic}`"
+        )));
     }
-    let clients = node.registry.get(&topic).map(|t| t.presence(1000)).unwrap_or_default();
+    let clients = node
+        .registry
+        .get(&topic)
+        .map(|t| t.presence(1000))
+        .unwrap_or_default();
     let body = weft_proto::PresenceResult { topic, clients };
-    Ok(json_ok(Bytes::from(serde_json::to_vec(&body).expect("serialises"))))
+    Ok(json_ok(Bytes::from(
+        serde_json::to_vec(&body).expect("serialises"),
+    )))
 }
 
-async fn events(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
+async fn events(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
     let q = query(&uri);
     let limits = &node.config.limits;
@@ -282,7 +353,12 @@ async fn events(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRe
         None => None,
         Some(v) => match v.parse::<u64>() {
             Ok(s) if s <= limits.max_wait_s => Some(s),
-            _ => return Err(ApiError::bad(format!("`wait` must be an integer from 0 to {}", limits.max_wait_s))),
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "`wait` must be an integer from 0 to {}",
+                    limits.max_wait_s
+                )))
+            }
         },
     };
     let ndjson = accepts(&headers, "application/x-ndjson");
@@ -296,7 +372,11 @@ async fn events(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRe
     let since = since_text.map(|s| parse_cursor(s, "cursor")).transpose()?;
     if ndjson || sse {
         let format = if sse { Format::Sse } else { Format::Ndjson };
-        let cursors = since.map(|c| MultiCursor { entries: vec![(topic.clone(), c)] }).unwrap_or_default();
+        let cursors = since
+            .map(|c| MultiCursor {
+                entries: vec![(topic.clone(), c)],
+            })
+            .unwrap_or_default();
         return stream::open(node, format, vec![topic], cursors).await;
     }
     match wait {
@@ -305,7 +385,11 @@ async fn events(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRe
     }
 }
 
-async fn multi_events(State(node): State<Arc<Node>>, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
+async fn multi_events(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
     let q = query(&uri);
     let max = node.config.limits.max_topics_per_watch;
     let mut topics: Vec<String> = Vec::new();
@@ -326,17 +410,25 @@ async fn multi_events(State(node): State<Arc<Node>>, headers: HeaderMap, uri: Ur
     let ndjson = accepts(&headers, "application/x-ndjson");
     let watch = parse_bool(param(&q, "watch"), "watch")?;
     if !ndjson && !watch && !accepts(&headers, "text/event-stream") {
-        return Err(ApiError::bad("multi-topic reads are watches: add watch=true or Accept: text/event-stream"));
+        return Err(ApiError::bad(
+            "multi-topic reads are watches: add watch=true or Accept: text/event-stream",
+        ));
     }
     let since_text = match last_event_id(&headers)? {
         Some(id) if !id.is_empty() && !ndjson => Some(id),
         _ => param(&q, "since"),
     };
     let cursors = match since_text {
-        Some(s) => MultiCursor::parse(s, max).map_err(|e| ApiError::bad(format!("bad cursor: {e}")))?,
+        Some(s) => {
+            MultiCursor::parse(s, max).map_err(|e| ApiError::bad(format!("bad cursor: {e}")))?
+        }
         None => MultiCursor::default(),
     };
-    let format = if ndjson { Format::Ndjson } else { Format::MultiSse };
+    let format = if ndjson {
+        Format::Ndjson
+    } else {
+        Format::MultiSse
+    };
     stream::open(node, format, topics, cursors).await
 }
 
@@ -360,7 +452,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 
 /// `{"events":[…],"next":"e:o"}`.
 pub fn page_json(epoch: &str, events: &[Arc<crate::event::StoredEvent>], next: u64) -> Bytes {
-    let mut out = BytesMut::with_capacity(64 + events.iter().map(|e| e.data.len() + 48).sum::<usize>());
+    let mut out =
+        BytesMut::with_capacity(64 + events.iter().map(|e| e.data.len() + 48).sum::<usize>());
     out.extend_from_slice(b"{\"events\":");
     write_event_array(&mut out, events);
     out.extend_from_slice(b",\"next\":\"");
@@ -383,8 +476,18 @@ mod tests {
         let out = event_data(&compact, 100).unwrap();
         assert_eq!(&out[..], b"{\"a\":1}");
         assert_eq!(out.as_ptr(), compact[2..].as_ptr(), "no copy");
-        assert_eq!(event_data(&Bytes::from_static(b"{"), 100).unwrap_err().code(), 400);
-        assert_eq!(event_data(&Bytes::from_static(b"[1,2,3]"), 3).unwrap_err().code(), 413);
+        assert_eq!(
+            event_data(&Bytes::from_static(b"{"), 100)
+                .unwrap_err()
+                .code(),
+            400
+        );
+        assert_eq!(
+            event_data(&Bytes::from_static(b"[1,2,3]"), 3)
+                .unwrap_err()
+                .code(),
+            413
+        );
     }
 
     #[test]

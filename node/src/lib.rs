@@ -52,7 +52,11 @@ pub use node::Node;
 
 /// Runs a node on a bound listener until `shutdown` resolves, then drains within the
 /// configured grace period. Tests bind `127.0.0.1:0` and pass the listener in.
-pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     config.validate()?;
     let node = Node::new(config);
     server::serve(node, listener, shutdown).await

@@ -158,7 +158,11 @@ impl ConnLimiter {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut per_ip = self.limiter.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self
+            .limiter
+            .per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {

@@ -42,7 +42,11 @@ pub enum Frame {
     /// Pre-encoded for this session's transport: replies, presence pushes.
     Control(Bytes),
     /// A topic's history was lost: the subscriber continues from this cursor.
-    Reset { topic: Arc<str>, epoch: Arc<str>, offset: u64 },
+    Reset {
+        topic: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -75,6 +79,8 @@ pub struct Outbox {
 struct Inner {
     queue: VecDeque<Entry>,
     bytes: usize,
+    /// The most bytes ever queued at once (observability and tests).
+    peak: usize,
     closed: Option<CloseReason>,
 }
 
@@ -111,25 +117,30 @@ impl Outbox {
                 }
                 SlowConsumerPolicy::Conflate => {
                     let slot = inner.queue.iter_mut().rev().find(|e| match &e.frame {
-                        Frame::Event(queued) => Arc::ptr_eq(&queued.topic, &ev.topic) || queued.topic == ev.topic,
+                        Frame::Event(queued) => {
+                            Arc::ptr_eq(&queued.topic, &ev.topic) || queued.topic == ev.topic
+                        }
                         Frame::Control(_) | Frame::Reset { .. } => false,
                     });
                     if let Some(slot) = slot {
-                        let Frame::Event(old) = &slot.frame else { unreachable!("matched an event") };
+                        let Frame::Event(old) = &slot.frame else {
+                            unreachable!("matched an event")
+                        };
                         if slot.skipped_from == 0 {
                             slot.skipped_from = old.offset;
                         }
                         let old_cost = slot.cost;
                         slot.frame = Frame::Event(ev.clone());
                         slot.cost = cost;
-                        inner.bytes = inner.bytes - old_cost + cost;
+                        inner.bytes -= old_cost;
+                        inner.add(cost);
                         return Pushed::Conflated;
                     }
                     Pushed::Queued
                 }
             }
         };
-        inner.bytes += cost;
+        inner.add(cost);
         inner.queue.push_back(Entry {
             frame: Frame::Event(ev.clone()),
             skipped_from: 0,
@@ -158,7 +169,7 @@ impl Outbox {
             self.notify.notify_one();
             return Pushed::Overflow;
         }
-        inner.bytes += cost;
+        inner.add(cost);
         inner.queue.push_back(Entry {
             frame: Frame::Control(bytes),
             skipped_from: 0,
@@ -182,7 +193,7 @@ impl Outbox {
             self.notify.notify_one();
             return Pushed::Overflow;
         }
-        inner.bytes += cost;
+        inner.add(cost);
         inner.queue.push_back(Entry {
             frame: Frame::Control(bytes),
             skipped_from: 0,
@@ -205,7 +216,7 @@ impl Outbox {
         if inner.closed.is_some() {
             return;
         }
-        inner.bytes += cost;
+        inner.add(cost);
         inner.queue.push_back(Entry {
             frame,
             skipped_from: 0,
@@ -229,9 +240,18 @@ impl Outbox {
         self.lock().bytes
     }
 
+    /// The most bytes this queue has held at once.
+    pub fn peak_bytes(&self) -> usize {
+        self.lock().peak
+    }
+
     /// Moves queued entries into `out` (up to `max_bytes`, at least one), or returns
     /// the close reason once the queue is closed. Waits while the queue is empty.
-    pub async fn next_batch(&self, out: &mut Vec<Entry>, max_bytes: usize) -> Result<(), CloseReason> {
+    pub async fn next_batch(
+        &self,
+        out: &mut Vec<Entry>,
+        max_bytes: usize,
+    ) -> Result<(), CloseReason> {
         loop {
             let notified = self.notify.notified();
             {
@@ -263,6 +283,11 @@ impl Outbox {
 }
 
 impl Inner {
+    fn add(&mut self, cost: usize) {
+        self.bytes += cost;
+        self.peak = self.peak.max(self.bytes);
+    }
+
     fn overflow(&mut self) {
         self.closed = Some(CloseReason::SlowConsumer);
         self.queue = VecDeque::new();
@@ -296,7 +321,10 @@ mod tests {
         let t: Arc<str> = "t".into();
         let o = Outbox::new(10_000);
         for i in 1..=5 {
-            assert_eq!(o.push_event(&ev(&t, i, 100), SlowConsumerPolicy::Disconnect), Pushed::Queued);
+            assert_eq!(
+                o.push_event(&ev(&t, i, 100), SlowConsumerPolicy::Disconnect),
+                Pushed::Queued
+            );
         }
         let got = drain(&o).await;
         let offsets: Vec<u64> = got
@@ -323,9 +351,15 @@ mod tests {
             }
         }
         assert!(pushed >= 1 && o.queued_bytes() == 0);
-        assert_eq!(o.push_event(&ev(&t, 99, 1), SlowConsumerPolicy::Disconnect), Pushed::Closed);
+        assert_eq!(
+            o.push_event(&ev(&t, 99, 1), SlowConsumerPolicy::Disconnect),
+            Pushed::Closed
+        );
         let mut out = Vec::new();
-        assert_eq!(o.next_batch(&mut out, usize::MAX).await, Err(CloseReason::SlowConsumer));
+        assert_eq!(
+            o.next_batch(&mut out, usize::MAX).await,
+            Err(CloseReason::SlowConsumer)
+        );
     }
 
     #[tokio::test]
@@ -337,7 +371,11 @@ mod tests {
             o.push_event(&ev(&a, i, 100), SlowConsumerPolicy::Conflate);
             o.push_event(&ev(&b, i, 100), SlowConsumerPolicy::Conflate);
         }
-        assert!(o.queued_bytes() <= 1200 + 2 * 400, "bounded: {}", o.queued_bytes());
+        assert!(
+            o.queued_bytes() <= 1200 + 2 * 400,
+            "bounded: {}",
+            o.queued_bytes()
+        );
         let got = drain(&o).await;
         let last_a = got
             .iter()
@@ -354,7 +392,11 @@ mod tests {
         for e in &got {
             if let Frame::Event(ev) = &e.frame {
                 if &*ev.topic == "a" {
-                    let from = if e.skipped_from > 0 { e.skipped_from } else { ev.offset };
+                    let from = if e.skipped_from > 0 {
+                        e.skipped_from
+                    } else {
+                        ev.offset
+                    };
                     assert_eq!(from, next, "gap not marked");
                     next = ev.offset + 1;
                 }
@@ -371,6 +413,9 @@ mod tests {
             assert!(n < 1000);
         }
         let mut out = Vec::new();
-        assert_eq!(o.next_batch(&mut out, usize::MAX).await, Err(CloseReason::SlowConsumer));
+        assert_eq!(
+            o.next_batch(&mut out, usize::MAX).await,
+            Err(CloseReason::SlowConsumer)
+        );
     }
 }

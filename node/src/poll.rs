@@ -34,7 +34,12 @@ fn respond(node: &Node, page: Page) -> Response {
     json_ok(page_json(&page.epoch, &page.events, page.next))
 }
 
-pub fn page(node: &Node, topic: &str, since: Option<&Cursor>, limit: usize) -> Result<Response, ApiError> {
+pub fn page(
+    node: &Node,
+    topic: &str,
+    since: Option<&Cursor>,
+    limit: usize,
+) -> Result<Response, ApiError> {
     let page = node.registry.with_topic(topic, |t| t.read(since, limit))?;
     Ok(respond(node, page.map_err(problem_error)?))
 }
@@ -47,7 +52,13 @@ impl Drop for InFlight<'_> {
     }
 }
 
-pub async fn long_poll(node: Arc<Node>, topic: String, since: Option<Cursor>, limit: usize, wait_s: u64) -> Result<Response, ApiError> {
+pub async fn long_poll(
+    node: Arc<Node>,
+    topic: String,
+    since: Option<Cursor>,
+    limit: usize,
+    wait_s: u64,
+) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_s);
     let gauge = node.stats.connection(Transport::LongPoll);
     gauge.up();
@@ -59,7 +70,9 @@ pub async fn long_poll(node: Arc<Node>, topic: String, since: Option<Cursor>, li
         let notified = t.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Ok(result) = t.read(since.as_ref(), limit) else { continue };
+        let Ok(result) = t.read(since.as_ref(), limit) else {
+            continue;
+        };
         let page = result.map_err(problem_error)?;
         if !page.events.is_empty() || Instant::now() >= deadline.into_std() || *shutdown.borrow() {
             return Ok(respond(&node, page));

@@ -32,7 +32,11 @@ impl Namespaces {
         Self {
             rules: configs
                 .iter()
-                .filter_map(|c| Pattern::parse(&c.pattern).ok().map(|p| (p, Arc::new(c.clone()))))
+                .filter_map(|c| {
+                    Pattern::parse(&c.pattern)
+                        .ok()
+                        .map(|p| (p, Arc::new(c.clone())))
+                })
                 .collect(),
             fallback: Arc::new(NamespaceConfig::default()),
         }
@@ -81,7 +85,9 @@ impl Registry {
     /// across restarts (random base), so a cursor never names two histories.
     fn mint_epoch(&self) -> Arc<str> {
         let n = self.epoch_seq.fetch_add(1, Ordering::Relaxed);
-        let mut v = self.epoch_base.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut v = self
+            .epoch_base
+            .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut s = String::with_capacity(13);
         for _ in 0..12 {
             s.push(char::from_digit((v % 36) as u32, 36).expect("digit < 36"));
@@ -91,7 +97,11 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
-        self.shard(name).lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.shard(name)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The topic, created (with a new epoch) if this node has none by that name.
@@ -119,7 +129,11 @@ impl Registry {
     }
 
     /// Runs `f` on the live topic, retrying if it was forgotten meanwhile.
-    pub fn with_topic<T>(&self, name: &str, mut f: impl FnMut(&Arc<Topic>) -> Result<T, Dead>) -> Result<T, ApiError> {
+    pub fn with_topic<T>(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&Arc<Topic>) -> Result<T, Dead>,
+    ) -> Result<T, ApiError> {
         for _ in 0..8 {
             let topic = self.get_or_create(name)?;
             if let Ok(v) = f(&topic) {
@@ -206,7 +220,13 @@ mod tests {
     fn publish(r: &Registry, name: &str, n: usize, size: usize, stats: &Stats) {
         for _ in 0..n {
             r.with_topic(name, |t| {
-                t.publish(Bytes::from(vec![b'1'; size]), None, None, (Duration::from_secs(1), 10), stats)
+                t.publish(
+                    Bytes::from(vec![b'1'; size]),
+                    None,
+                    None,
+                    (Duration::from_secs(1), 10),
+                    stats,
+                )
             })
             .unwrap();
         }
@@ -252,8 +272,16 @@ mod tests {
         assert!(r.history_bytes() > 200_000);
         r.enforce_budget();
         assert!(r.history_bytes() <= 200_000, "{}", r.history_bytes());
-        assert_eq!(r.get("idle").unwrap().history_len(), 0, "idle topic evicted first");
-        assert_eq!(r.get("hot").unwrap().history_len(), 60, "hot topic kept whole");
+        assert_eq!(
+            r.get("idle").unwrap().history_len(),
+            0,
+            "idle topic evicted first"
+        );
+        assert_eq!(
+            r.get("hot").unwrap().history_len(),
+            60,
+            "hot topic kept whole"
+        );
     }
 
     #[test]
@@ -265,7 +293,10 @@ mod tests {
         publish(&r, "hot", 200, 1000, &stats);
         r.enforce_budget();
         assert!(r.history_bytes() <= 50_000);
-        assert!(r.get("hot").unwrap().history_len() > 0, "newest events kept");
+        assert!(
+            r.get("hot").unwrap().history_len() > 0,
+            "newest events kept"
+        );
     }
 
     #[test]

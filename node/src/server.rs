@@ -31,13 +31,31 @@ use crate::ws::ConnInfo;
 
 /// Serves `node` on `listener` until `shutdown` resolves, then winds down within the
 /// configured grace period.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let app = app(node.clone());
     let background = spawn_background(node.clone());
     tokio::pin!(shutdown);
+    let mut draining: Option<tokio::time::Instant> = None;
+    let grace = Duration::from_millis(node.config.timing.shutdown_grace_ms);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if draining.is_none() => {
+                info!(connections = node.tasks.len(), grace_ms = grace.as_millis() as u64, "shutting down");
+                node.begin_shutdown();
+                node.tasks.close();
+                draining = Some(tokio::time::Instant::now() + grace);
+            }
+            // While draining the node keeps accepting, so probes see `/readyz` answer
+            // 503; each new connection is served one request and closed.
+            _ = node.tasks.wait(), if draining.is_some() => break,
+            _ = sleep_opt(draining) => {
+                warn!(left = node.tasks.len(), "grace period over with connections still open");
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match node.conns.admit(peer.ip()) {
                     Ok(guard) => {
@@ -58,15 +76,15 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         }
     }
     drop(listener);
-    let grace = Duration::from_millis(node.config.timing.shutdown_grace_ms);
-    info!(sessions = node.tasks.len(), grace_ms = grace.as_millis() as u64, "shutting down");
-    node.begin_shutdown();
-    node.tasks.close();
-    if tokio::time::timeout(grace, node.tasks.wait()).await.is_err() {
-        warn!(left = node.tasks.len(), "grace period over with connections still open");
-    }
     background.abort();
     Ok(())
+}
+
+async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn refuse(mut stream: TcpStream, why: ApiError) {
@@ -114,7 +132,8 @@ fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let exporter = crate::stats::Exporter::new(&node.config.node_id);
         let idle_ttl = Duration::from_secs(node.config.history.topic_idle_ttl_s);
-        let mut sweep = tokio::time::interval(Duration::from_millis(node.config.timing.sweep_interval_ms));
+        let mut sweep =
+            tokio::time::interval(Duration::from_millis(node.config.timing.sweep_interval_ms));
         let mut export = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -128,4 +147,3 @@ fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
         }
     })
 }
-

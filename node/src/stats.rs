@@ -50,7 +50,12 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub const ALL: [Transport; 4] = [Transport::Ws, Transport::Sse, Transport::Ndjson, Transport::LongPoll];
+    pub const ALL: [Transport; 4] = [
+        Transport::Ws,
+        Transport::Sse,
+        Transport::Ndjson,
+        Transport::LongPoll,
+    ];
     pub fn label(self) -> &'static str {
         match self {
             Transport::Ws => "ws",
@@ -75,6 +80,8 @@ pub struct Stats {
     pub connections_refused: Count,
     pub connections: [Level; 4],
     pub subscriptions: Level,
+    /// The largest number of bytes any one session's queue has held.
+    pub max_session_queue_bytes: AtomicU64,
     /// Publish → socket write, sampled once per written batch.
     pub delivery_latency: Histogram,
 }
@@ -99,8 +106,15 @@ impl Stats {
             connections_refused: Count::default(),
             connections: Default::default(),
             subscriptions: Level::default(),
+            max_session_queue_bytes: AtomicU64::new(0),
             delivery_latency: Histogram::noop(),
         }
+    }
+
+    /// Folds a finished session's queue high-water mark into the node's.
+    pub fn session_queue_peak(&self, bytes: usize) {
+        self.max_session_queue_bytes
+            .fetch_max(bytes as u64, Ordering::Relaxed);
     }
 
     pub fn connection(&self, t: Transport) -> &Level {
@@ -116,7 +130,8 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Full("weft_delivery_latency_seconds".into()),
                 &[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
                 ],
             )
             .expect("static bucket list is non-empty");

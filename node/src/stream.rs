@@ -82,7 +82,12 @@ fn ticker(period_ms: u64) -> Interval {
 
 /// Subscribes a new watch to `topics` (resuming from `cursors`) and returns the
 /// streaming response.
-pub async fn open(node: Arc<Node>, format: Format, topics: Vec<String>, cursors: MultiCursor) -> Result<Response, ApiError> {
+pub async fn open(
+    node: Arc<Node>,
+    format: Format,
+    topics: Vec<String>,
+    cursors: MultiCursor,
+) -> Result<Response, ApiError> {
     if !node.is_ready() {
         return Err(ApiError::Unavailable {
             message: "node is shutting down".into(),
@@ -264,7 +269,10 @@ impl Watch {
         let mut batch = std::mem::take(&mut self.batch);
         let mut events = 0u64;
         if let Some(Frame::Event(ev)) = batch.first().map(|e| &e.frame) {
-            self.node.stats.delivery_latency.record(ev.sequenced_at.elapsed().as_secs_f64());
+            self.node
+                .stats
+                .delivery_latency
+                .record(ev.sequenced_at.elapsed().as_secs_f64());
         }
         // The common case — one event, nothing skipped, one topic — shares the bytes.
         if batch.len() == 1 && batch[0].skipped_from == 0 && self.format != Format::MultiSse {
@@ -288,7 +296,13 @@ impl Watch {
                 Frame::Event(ev) => {
                     events += 1;
                     if entry.skipped_from > 0 {
-                        self.write_skipped(&mut out, &ev.topic, &ev.epoch, entry.skipped_from, ev.offset - 1);
+                        self.write_skipped(
+                            &mut out,
+                            &ev.topic,
+                            &ev.epoch,
+                            entry.skipped_from,
+                            ev.offset - 1,
+                        );
                     }
                     if let Some(c) = self.cursor_mut(&ev.topic) {
                         c.1 = ev.epoch.clone();
@@ -304,7 +318,11 @@ impl Watch {
                     }
                 }
                 Frame::Control(bytes) => out.put_slice(&bytes),
-                Frame::Reset { topic, epoch, offset } => self.write_reset(&mut out, &topic, &epoch, offset),
+                Frame::Reset {
+                    topic,
+                    epoch,
+                    offset,
+                } => self.write_reset(&mut out, &topic, &epoch, offset),
             }
         }
         self.batch = batch;
@@ -325,7 +343,9 @@ impl Watch {
                 out.put_u8(b'\n');
             }
             Format::Sse => {
-                out.put_slice(format!("id: {epoch}:{offset}\nevent: reset\ndata: {data}\n\n").as_bytes());
+                out.put_slice(
+                    format!("id: {epoch}:{offset}\nevent: reset\ndata: {data}\n\n").as_bytes(),
+                );
             }
             Format::MultiSse => {
                 self.write_multi_id(out);
@@ -338,7 +358,8 @@ impl Watch {
         let data = serde_json::json!({ "topic": topic, "epoch": epoch, "from": from, "to": to });
         match self.format {
             Format::Ndjson => {
-                let line = serde_json::json!({ "topic": topic, "skipped": { "from": from, "to": to } });
+                let line =
+                    serde_json::json!({ "topic": topic, "skipped": { "from": from, "to": to } });
                 out.put_slice(line.to_string().as_bytes());
                 out.put_u8(b'\n');
             }
@@ -360,9 +381,17 @@ impl Watch {
                 }
             }
         }
-        let id_line = std::str::from_utf8(&out).unwrap_or("").trim_start_matches("id: ").trim_end().to_owned();
+        let id_line = std::str::from_utf8(&out)
+            .unwrap_or("")
+            .trim_start_matches("id: ")
+            .trim_end()
+            .to_owned();
         out.put_slice(b"event: bookmark\ndata: ");
-        out.put_slice(serde_json::json!({ "cursor": id_line }).to_string().as_bytes());
+        out.put_slice(
+            serde_json::json!({ "cursor": id_line })
+                .to_string()
+                .as_bytes(),
+        );
         out.put_slice(b"\n\n");
         out.freeze()
     }
@@ -377,7 +406,10 @@ impl Watch {
         let json = serde_json::to_string(&push).expect("serialises");
         Bytes::from(match self.format {
             Format::Ndjson => format!("{{\"disconnect\":{json}}}\n"),
-            _ => format!("retry: {}\nevent: disconnect\ndata: {json}\n\n", after_ms.max(1)),
+            _ => format!(
+                "retry: {}\nevent: disconnect\ndata: {json}\n\n",
+                after_ms.max(1)
+            ),
         })
     }
 }
@@ -387,6 +419,7 @@ impl Drop for Watch {
         for t in &self.topics {
             t.unsubscribe(self.id);
         }
+        self.node.stats.session_queue_peak(self.outbox.peak_bytes());
         self.outbox.close();
         self.node.stats.connection(transport(self.format)).down();
     }

@@ -130,7 +130,12 @@ pub fn now_ms() -> u64 {
 }
 
 impl Topic {
-    pub fn new(name: Arc<str>, ns: Arc<NamespaceConfig>, epoch: Arc<str>, budget: Arc<HistoryBudget>) -> Self {
+    pub fn new(
+        name: Arc<str>,
+        ns: Arc<NamespaceConfig>,
+        epoch: Arc<str>,
+        budget: Arc<HistoryBudget>,
+    ) -> Self {
         Self {
             name,
             ns,
@@ -232,7 +237,8 @@ impl Topic {
 
     /// Drops events beyond the namespace's count and age limits.
     fn trim(&self, st: &mut TopicState, now: Instant) {
-        let max_age = (self.ns.history_ttl_s > 0).then(|| Duration::from_secs(self.ns.history_ttl_s));
+        let max_age =
+            (self.ns.history_ttl_s > 0).then(|| Duration::from_secs(self.ns.history_ttl_s));
         let mut freed = 0;
         while let Some(front) = st.history.front() {
             let too_many = st.history.len() > self.ns.history_size;
@@ -250,7 +256,11 @@ impl Topic {
     }
 
     /// The events after `cursor`, at most `limit`.
-    fn after(st: &TopicState, cursor: &Cursor, limit: usize) -> Result<Vec<Arc<StoredEvent>>, CursorProblem> {
+    fn after(
+        st: &TopicState,
+        cursor: &Cursor,
+        limit: usize,
+    ) -> Result<Vec<Arc<StoredEvent>>, CursorProblem> {
         let current = Cursor::new(&*st.epoch, st.last_offset);
         if cursor.epoch != *st.epoch {
             return Err(CursorProblem::Gone { current });
@@ -273,7 +283,11 @@ impl Topic {
     }
 
     /// A history page after `since` (or from now without it).
-    pub fn read(&self, since: Option<&Cursor>, limit: usize) -> Result<Result<Page, CursorProblem>, Dead> {
+    pub fn read(
+        &self,
+        since: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Result<Page, CursorProblem>, Dead> {
         let st = self.live()?;
         let from = since.map_or(st.last_offset, |c| c.offset);
         let events = match since {
@@ -308,7 +322,11 @@ impl Topic {
     /// The last event, if still in history, and the current cursor.
     pub fn state(&self) -> Result<(Cursor, Option<Arc<StoredEvent>>), Dead> {
         let st = self.live()?;
-        let last = st.history.back().filter(|e| e.offset == st.last_offset).cloned();
+        let last = st
+            .history
+            .back()
+            .filter(|e| e.offset == st.last_offset)
+            .cloned();
         Ok((Cursor::new(&*st.epoch, st.last_offset), last))
     }
 
@@ -333,18 +351,27 @@ impl Topic {
                 offset: st.last_offset,
                 recovered: None,
                 events: if snapshot {
-                    st.history.back().filter(|e| e.offset == st.last_offset).cloned().into_iter().collect()
+                    st.history
+                        .back()
+                        .filter(|e| e.offset == st.last_offset)
+                        .cloned()
+                        .into_iter()
+                        .collect()
                 } else {
                     Vec::new()
                 },
             },
             Some(c) => match Self::after(&st, c, usize::MAX) {
-                Ok(events) if events.iter().map(|e| e.cost()).sum::<usize>() <= max_recover_bytes => Snapshot {
-                    epoch: st.epoch.clone(),
-                    offset: st.last_offset,
-                    recovered: Some(true),
-                    events,
-                },
+                Ok(events)
+                    if events.iter().map(|e| e.cost()).sum::<usize>() <= max_recover_bytes =>
+                {
+                    Snapshot {
+                        epoch: st.epoch.clone(),
+                        offset: st.last_offset,
+                        recovered: Some(true),
+                        events,
+                    }
+                }
                 Ok(_) | Err(CursorProblem::Gone { .. }) => Snapshot {
                     epoch: st.epoch.clone(),
                     offset: st.last_offset,
@@ -380,7 +407,8 @@ impl Topic {
 
     fn push_presence(&self, st: &TopicState, frame: Bytes) {
         for sub in st.subscribers.values().filter(|s| s.wants_presence) {
-            sub.outbox.push_droppable(frame.clone(), self.ns.slow_consumer);
+            sub.outbox
+                .push_droppable(frame.clone(), self.ns.slow_consumer);
         }
     }
 
@@ -476,13 +504,24 @@ mod tests {
             history_size,
             ..Default::default()
         };
-        Topic::new("t".into(), Arc::new(ns), "ep".into(), Arc::new(HistoryBudget::new(1 << 30)))
+        Topic::new(
+            "t".into(),
+            Arc::new(ns),
+            "ep".into(),
+            Arc::new(HistoryBudget::new(1 << 30)),
+        )
     }
 
     fn publish(t: &Topic, n: usize, stats: &Stats) {
         for i in 0..n {
-            t.publish(Bytes::from(i.to_string()), None, None, (Duration::from_secs(60), 100), stats)
-                .unwrap();
+            t.publish(
+                Bytes::from(i.to_string()),
+                None,
+                None,
+                (Duration::from_secs(60), 100),
+                stats,
+            )
+            .unwrap();
         }
     }
 
@@ -494,7 +533,10 @@ mod tests {
         assert_eq!(t.cursor().unwrap(), Cursor::new("ep", 12));
         assert_eq!(t.history_len(), 5);
         let page = t.read(Some(&Cursor::new("ep", 9)), 100).unwrap().unwrap();
-        assert_eq!(page.events.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![10, 11, 12]);
+        assert_eq!(
+            page.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            vec![10, 11, 12]
+        );
         assert_eq!(page.next, 12);
     }
 
@@ -507,16 +549,28 @@ mod tests {
         // Offsets 8..=12 are kept: since=7 is still whole, since=6 is gone.
         assert!(t.read(Some(&Cursor::new("ep", 7)), 100).unwrap().is_ok());
         assert_eq!(
-            t.read(Some(&Cursor::new("ep", 6)), 100).unwrap().unwrap_err(),
-            CursorProblem::Gone { current: current.clone() }
+            t.read(Some(&Cursor::new("ep", 6)), 100)
+                .unwrap()
+                .unwrap_err(),
+            CursorProblem::Gone {
+                current: current.clone()
+            }
         );
         assert_eq!(
-            t.read(Some(&Cursor::new("other", 12)), 100).unwrap().unwrap_err(),
-            CursorProblem::Gone { current: current.clone() }
+            t.read(Some(&Cursor::new("other", 12)), 100)
+                .unwrap()
+                .unwrap_err(),
+            CursorProblem::Gone {
+                current: current.clone()
+            }
         );
         assert_eq!(
-            t.read(Some(&Cursor::new("ep", 13)), 100).unwrap().unwrap_err(),
-            CursorProblem::Ahead { current: current.clone() }
+            t.read(Some(&Cursor::new("ep", 13)), 100)
+                .unwrap()
+                .unwrap_err(),
+            CursorProblem::Ahead {
+                current: current.clone()
+            }
         );
         let page = t.read(Some(&current), 100).unwrap().unwrap();
         assert!(page.events.is_empty());
@@ -530,9 +584,15 @@ mod tests {
         let stats = Stats::detached();
         let t = topic(10);
         let w = (Duration::from_secs(60), 100);
-        let a = t.publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats).unwrap();
-        let b = t.publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats).unwrap();
-        let c = t.publish(Bytes::from_static(b"1"), None, Some("k2"), w, &stats).unwrap();
+        let a = t
+            .publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats)
+            .unwrap();
+        let b = t
+            .publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats)
+            .unwrap();
+        let c = t
+            .publish(Bytes::from_static(b"1"), None, Some("k2"), w, &stats)
+            .unwrap();
         assert_eq!((a.offset, a.duplicate), (1, false));
         assert_eq!((b.offset, b.duplicate), (1, true));
         assert_eq!(c.offset, 2);
@@ -544,10 +604,13 @@ mod tests {
         let t = topic(10);
         let w = (Duration::from_secs(60), 3);
         for k in ["a", "b", "c", "d", "e"] {
-            t.publish(Bytes::from_static(b"1"), None, Some(k), w, &stats).unwrap();
+            t.publish(Bytes::from_static(b"1"), None, Some(k), w, &stats)
+                .unwrap();
         }
         // "a" fell out of the 3-key window, so it publishes anew.
-        let again = t.publish(Bytes::from_static(b"1"), None, Some("a"), w, &stats).unwrap();
+        let again = t
+            .publish(Bytes::from_static(b"1"), None, Some("a"), w, &stats)
+            .unwrap();
         assert!(!again.duplicate);
     }
 
@@ -564,16 +627,26 @@ mod tests {
             wants_presence: false,
         };
         let mut seen = Vec::new();
-        t.subscribe(1, sub, Some(&Cursor::new("ep", 1)), false, usize::MAX, |snap| {
-            assert_eq!(snap.recovered, Some(true));
-            seen.extend(snap.events.iter().map(|e| e.offset));
-        })
+        t.subscribe(
+            1,
+            sub,
+            Some(&Cursor::new("ep", 1)),
+            false,
+            usize::MAX,
+            |snap| {
+                assert_eq!(snap.recovered, Some(true));
+                seen.extend(snap.events.iter().map(|e| e.offset));
+            },
+        )
         .unwrap()
         .unwrap();
         publish(&t, 2, &stats);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let mut out = Vec::new();
-        rt.block_on(outbox.next_batch(&mut out, usize::MAX)).unwrap();
+        rt.block_on(outbox.next_batch(&mut out, usize::MAX))
+            .unwrap();
         for e in out {
             if let Frame::Event(ev) = e.frame {
                 seen.push(ev.offset);
@@ -593,7 +666,9 @@ mod tests {
             user: None,
             wants_presence: false,
         };
-        t.subscribe(1, sub, None, false, usize::MAX, |_| {}).unwrap().unwrap();
+        t.subscribe(1, sub, None, false, usize::MAX, |_| {})
+            .unwrap()
+            .unwrap();
         publish(&t, 50, &stats);
         assert_eq!(stats.slow_consumer_closes.get(), 1);
         let _ = SlowConsumerPolicy::Disconnect;
@@ -603,11 +678,20 @@ mod tests {
     fn sweep_forgets_only_idle_empty_topics() {
         let stats = Stats::detached();
         let t = topic(2);
-        assert!(!t.sweep(Instant::now(), Duration::from_secs(60)), "fresh topic is not idle");
-        assert!(t.sweep(Instant::now() + Duration::from_secs(61), Duration::from_secs(60)));
+        assert!(
+            !t.sweep(Instant::now(), Duration::from_secs(60)),
+            "fresh topic is not idle"
+        );
+        assert!(t.sweep(
+            Instant::now() + Duration::from_secs(61),
+            Duration::from_secs(60)
+        ));
         assert!(t.cursor().is_err(), "a forgotten topic refuses work");
         let t = topic(2);
         publish(&t, 1, &stats);
-        assert!(!t.sweep(Instant::now() + Duration::from_secs(61), Duration::from_secs(60)));
+        assert!(!t.sweep(
+            Instant::now() + Duration::from_secs(61),
+            Duration::from_secs(60)
+        ));
     }
 }

@@ -79,7 +79,10 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     }
     if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         let mut r = bad_upgrade("Sec-WebSocket-Version must be 13");
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).filter(|k| k.len() <= 64) else {
@@ -125,8 +128,12 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         .max_frame_size(Some(limits.max_frame_bytes + 1024));
     let task_node = node.clone();
     node.tasks.spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
         Session::new(task_node, info).run(ws).await;
     });
     let mut resp = Response::new(Body::empty());
@@ -134,7 +141,10 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     let hs = resp.headers_mut();
     hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     hs.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    hs.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+    hs.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
     if let Some(p) = protocol {
         hs.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
@@ -189,7 +199,8 @@ impl Session {
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut last_seen = Instant::now();
         let mut shutdown = self.node.shutdown_signal();
-        let mut close_at: Option<Instant> = (*shutdown.borrow()).then(|| self.node.close_deadline().into());
+        let mut close_at: Option<Instant> =
+            (*shutdown.borrow()).then(|| self.node.close_deadline().into());
         let mut batch: Vec<Entry> = Vec::new();
         let end = loop {
             tokio::select! {
@@ -277,6 +288,7 @@ impl Session {
             topic.unsubscribe(self.id);
             self.node.stats.subscriptions.down();
         }
+        self.node.stats.session_queue_peak(self.outbox.peak_bytes());
         self.outbox.close();
         stats_gauge.down();
     }
@@ -284,7 +296,9 @@ impl Session {
     fn encode_batch(&self, batch: &mut Vec<Entry>) -> Message {
         let stats = &self.node.stats;
         if let Some(Frame::Event(ev)) = batch.first().map(|e| &e.frame) {
-            stats.delivery_latency.record(ev.sequenced_at.elapsed().as_secs_f64());
+            stats
+                .delivery_latency
+                .record(ev.sequenced_at.elapsed().as_secs_f64());
         }
         if batch.len() == 1 && batch[0].skipped_from == 0 {
             let shared = match &batch[0].frame {
@@ -317,7 +331,11 @@ impl Session {
                     out.put_slice(ev.ws_frame());
                 }
                 Frame::Control(b) => out.put_slice(&b),
-                Frame::Reset { topic, epoch, offset } => {
+                Frame::Reset {
+                    topic,
+                    epoch,
+                    offset,
+                } => {
                     let reset = serde_json::json!({"push": {"topic": &*topic, "reset": {"epoch": &*epoch, "offset": offset}}});
                     out.put_slice(reset.to_string().as_bytes());
                 }
@@ -346,7 +364,10 @@ impl Session {
                 self.node.stats.rate_limited.inc();
                 self.refused += 1;
                 if self.refused > self.node.config.limits.command_burst {
-                    return Some(End::Close(close::RATE_LIMITED, "command rate exceeded".into()));
+                    return Some(End::Close(
+                        close::RATE_LIMITED,
+                        "command rate exceeded".into(),
+                    ));
                 }
                 self.reply_error(
                     id,
@@ -407,7 +428,8 @@ impl Session {
             }
             Command::Subscribe(s) => self.subscribe(id, s),
             Command::Unsubscribe(u) => {
-                validate_topic(&u.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+                validate_topic(&u.topic)
+                    .map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
                 let topic = self
                     .subs
                     .remove(u.topic.as_str())
@@ -420,12 +442,24 @@ impl Session {
             Command::Publish(p) => self.publish(id, p),
             Command::History(h) => self.history(id, h),
             Command::Presence(p) => {
-                validate_topic(&p.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+                validate_topic(&p.topic)
+                    .map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
                 if !self.node.registry.namespaces.lookup(&p.topic).presence {
-                    return Err(ApiError::Forbidden(format!("presence is off for the namespace of `{}`", p.topic)));
+                    return Err(ApiError::Forbidden(format!(
+                        "presence is off for the namespace of `{}`",
+                        p.topic
+                    )));
                 }
-                let clients = self.node.registry.get(&p.topic).map(|t| t.presence(1000)).unwrap_or_default();
-                let r = weft_proto::PresenceResult { topic: p.topic, clients };
+                let clients = self
+                    .node
+                    .registry
+                    .get(&p.topic)
+                    .map(|t| t.presence(1000))
+                    .unwrap_or_default();
+                let r = weft_proto::PresenceResult {
+                    topic: p.topic,
+                    clients,
+                };
                 self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
                 Ok(())
             }
@@ -437,10 +471,16 @@ impl Session {
         let since = s
             .since
             .as_deref()
-            .map(|c| c.parse::<Cursor>().map_err(|e| ApiError::bad(format!("bad cursor: {e}"))))
+            .map(|c| {
+                c.parse::<Cursor>()
+                    .map_err(|e| ApiError::bad(format!("bad cursor: {e}")))
+            })
             .transpose()?;
         if self.subs.contains_key(s.topic.as_str()) {
-            return Err(ApiError::bad(format!("already subscribed to `{}`", s.topic)));
+            return Err(ApiError::bad(format!(
+                "already subscribed to `{}`",
+                s.topic
+            )));
         }
         let max = self.node.config.limits.max_subscriptions_per_session;
         if self.subs.len() >= max {
@@ -460,7 +500,9 @@ impl Session {
                 wants_presence: true,
             };
             let r = t.subscribe(self.id, sub, since.as_ref(), s.snapshot, budget, |snap| {
-                let mut out = BytesMut::with_capacity(96 + snap.events.iter().map(|e| e.data.len() + 48).sum::<usize>());
+                let mut out = BytesMut::with_capacity(
+                    96 + snap.events.iter().map(|e| e.data.len() + 48).sum::<usize>(),
+                );
                 out.put_u8(b'{');
                 if let Some(id) = id {
                     out.put_slice(b"\"id\":");
@@ -472,7 +514,11 @@ impl Session {
                 out.put_slice(b"\",\"offset\":");
                 put_u64(&mut out, snap.offset);
                 if let Some(rec) = snap.recovered {
-                    out.put_slice(if rec { b",\"recovered\":true" } else { b",\"recovered\":false" });
+                    out.put_slice(if rec {
+                        b",\"recovered\":true"
+                    } else {
+                        b",\"recovered\":false"
+                    });
                 }
                 out.put_slice(b",\"events\":");
                 write_event_array(&mut out, &snap.events);
@@ -490,7 +536,13 @@ impl Session {
 
     fn publish(&mut self, id: Option<u64>, p: PublishCmd) -> Result<(), ApiError> {
         validate_topic(&p.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
-        if !self.node.registry.namespaces.lookup(&p.topic).client_publish {
+        if !self
+            .node
+            .registry
+            .namespaces
+            .lookup(&p.topic)
+            .client_publish
+        {
             return Err(ApiError::Forbidden(format!(
                 "clients may not publish to the namespace of `{}`",
                 p.topic
@@ -500,9 +552,9 @@ impl Session {
         let data = raw_data(&p.data, self.node.config.limits.max_message_bytes)?;
         let window = self.node.idempotency_window();
         let node = &self.node;
-        let published = node
-            .registry
-            .with_topic(&p.topic, |t| t.publish(data.clone(), kind.clone(), None, window, &node.stats))?;
+        let published = node.registry.with_topic(&p.topic, |t| {
+            t.publish(data.clone(), kind.clone(), None, window, &node.stats)
+        })?;
         let r = weft_proto::PublishResult {
             topic: p.topic,
             epoch: published.epoch.to_string(),
@@ -523,7 +575,10 @@ impl Session {
         let since = h
             .since
             .as_deref()
-            .map(|c| c.parse::<Cursor>().map_err(|e| ApiError::bad(format!("bad cursor: {e}"))))
+            .map(|c| {
+                c.parse::<Cursor>()
+                    .map_err(|e| ApiError::bad(format!("bad cursor: {e}")))
+            })
             .transpose()?;
         let page = self
             .node
@@ -533,7 +588,9 @@ impl Session {
                 None => t.tail(limit),
             })?
             .map_err(problem_error)?;
-        let mut out = BytesMut::with_capacity(96 + page.events.iter().map(|e| e.data.len() + 48).sum::<usize>());
+        let mut out = BytesMut::with_capacity(
+            96 + page.events.iter().map(|e| e.data.len() + 48).sum::<usize>(),
+        );
         out.put_slice(b"{\"epoch\":\"");
         out.put_slice(page.epoch.as_bytes());
         out.put_slice(b"\",\"offset\":");
@@ -554,7 +611,9 @@ fn text_message(b: Bytes) -> Message {
     match Utf8Bytes::try_from(b) {
         Ok(t) => Message::Text(t),
         // Frames are built from validated UTF-8 only; never reached.
-        Err(e) => Message::Text(Utf8Bytes::from(format!("{{\"error\":{{\"code\":500,\"message\":\"{e}\"}}}}"))),
+        Err(e) => Message::Text(Utf8Bytes::from(format!(
+            "{{\"error\":{{\"code\":500,\"message\":\"{e}\"}}}}"
+        ))),
     }
 }
 

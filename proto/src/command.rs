@@ -139,14 +139,18 @@ fn bad(id: Option<u64>, message: impl Into<String>) -> CommandError {
     }
 }
 
-fn body<T: DeserializeOwned>(id: Option<u64>, name: &str, raw: &RawValue) -> Result<T, CommandError> {
+fn body<T: DeserializeOwned>(
+    id: Option<u64>,
+    name: &str,
+    raw: &RawValue,
+) -> Result<T, CommandError> {
     serde_json::from_str(raw.get()).map_err(|e| bad(id, format!("invalid `{name}` command: {e}")))
 }
 
 /// Parses one line of `weft.v1.json`.
 pub fn parse_command(line: &str) -> Result<(Option<u64>, Command), CommandError> {
-    let map: BTreeMap<std::borrow::Cow<'_, str>, &RawValue> =
-        serde_json::from_str(line).map_err(|e| bad(None, format!("malformed JSON command: {e}")))?;
+    let map: BTreeMap<std::borrow::Cow<'_, str>, &RawValue> = serde_json::from_str(line)
+        .map_err(|e| bad(None, format!("malformed JSON command: {e}")))?;
     let id = match map.get("id") {
         None => None,
         Some(raw) if raw.get() == "null" => None,
@@ -184,7 +188,9 @@ mod tests {
 
     #[test]
     fn parses_each_command() {
-        let (id, c) = parse_command(r#"{"id":2,"subscribe":{"topic":"t","since":"e:4","snapshot":true}}"#).unwrap();
+        let (id, c) =
+            parse_command(r#"{"id":2,"subscribe":{"topic":"t","since":"e:4","snapshot":true}}"#)
+                .unwrap();
         assert_eq!(id, Some(2));
         match c {
             Command::Subscribe(s) => {
@@ -218,7 +224,10 @@ mod tests {
             snapshot: false,
         });
         let line = cmd.to_line(Some(9));
-        assert_eq!(line, r#"{"id":9,"subscribe":{"topic":"a.b","since":"e:1"}}"#);
+        assert_eq!(
+            line,
+            r#"{"id":9,"subscribe":{"topic":"a.b","since":"e:1"}}"#
+        );
         let (id, back) = parse_command(&line).unwrap();
         assert_eq!(id, Some(9));
         assert_eq!(back.name(), "subscribe");
@@ -238,7 +247,8 @@ mod tests {
         assert!(e.message.contains("unknown field"), "{}", e.message);
         let e = parse_command(r#"{"id":7}"#).unwrap_err();
         assert_eq!(e.id, Some(7));
-        let e = parse_command(r#"{"id":8,"subscribe":{"topic":"t"},"unsubscribe":{"topic":"t"}}"#).unwrap_err();
+        let e = parse_command(r#"{"id":8,"subscribe":{"topic":"t"},"unsubscribe":{"topic":"t"}}"#)
+            .unwrap_err();
         assert!(e.message.contains("exactly one"));
         let e = parse_command(r#"{"id":-1,"connect":{}}"#).unwrap_err();
         assert_eq!(e.id, None);

@@ -52,7 +52,9 @@ impl Cursor {
 }
 
 pub fn valid_epoch(epoch: &str) -> bool {
-    !epoch.is_empty() && epoch.len() <= MAX_EPOCH_LEN && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+    !epoch.is_empty()
+        && epoch.len() <= MAX_EPOCH_LEN
+        && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 impl FromStr for Cursor {
@@ -109,7 +111,10 @@ impl MultiCursor {
     }
 
     pub fn get(&self, topic: &str) -> Option<&Cursor> {
-        self.entries.iter().find(|(t, _)| t == topic).map(|(_, c)| c)
+        self.entries
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, c)| c)
     }
 }
 
@@ -146,8 +151,14 @@ mod tests {
         assert_eq!("e:".parse::<Cursor>(), Err(CursorError::Offset));
         assert_eq!("e:-1".parse::<Cursor>(), Err(CursorError::Offset));
         assert_eq!("e:+1".parse::<Cursor>(), Err(CursorError::Offset));
-        assert_eq!("e:99999999999999999999999".parse::<Cursor>(), Err(CursorError::Offset));
-        assert_eq!(format!("{}:1", "a".repeat(33)).parse::<Cursor>(), Err(CursorError::Epoch));
+        assert_eq!(
+            "e:99999999999999999999999".parse::<Cursor>(),
+            Err(CursorError::Offset)
+        );
+        assert_eq!(
+            format!("{}:1", "a".repeat(33)).parse::<Cursor>(),
+            Err(CursorError::Epoch)
+        );
     }
 
     #[test]
@@ -162,9 +173,18 @@ mod tests {
     #[test]
     fn multi_cursor_errors() {
         assert_eq!(MultiCursor::parse("a", 8), Err(CursorError::MultiShape));
-        assert_eq!(MultiCursor::parse("a/b=e:1", 8), Err(CursorError::MultiTopic));
-        assert_eq!(MultiCursor::parse("a=e:1,a=e:2", 8), Err(CursorError::MultiDuplicate("a".into())));
-        assert_eq!(MultiCursor::parse("a=e:1,b=e:2", 1), Err(CursorError::MultiTooMany(1)));
+        assert_eq!(
+            MultiCursor::parse("a/b=e:1", 8),
+            Err(CursorError::MultiTopic)
+        );
+        assert_eq!(
+            MultiCursor::parse("a=e:1,a=e:2", 8),
+            Err(CursorError::MultiDuplicate("a".into()))
+        );
+        assert_eq!(
+            MultiCursor::parse("a=e:1,b=e:2", 1),
+            Err(CursorError::MultiTooMany(1))
+        );
         assert_eq!(MultiCursor::parse("a=e:x", 8), Err(CursorError::Offset));
     }
 }

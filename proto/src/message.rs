@@ -213,13 +213,19 @@ mod tests {
             r#"{"push":{"disconnect":{"code":4000,"reason":"draining","reconnect":true,"after_ms":1375}}}"#,
         ] {
             let m: ServerMessage = serde_json::from_str(line).unwrap();
-            assert!(m.result.is_some() || m.error.is_some() || m.push.is_some(), "{line}");
+            assert!(
+                m.result.is_some() || m.error.is_some() || m.push.is_some(),
+                "{line}"
+            );
         }
         let m: ServerMessage = serde_json::from_str(
             r#"{"push":{"topic":"t","event":{"offset":46,"data":{"x":1},"ts":1,"type":"tick"}}}"#,
         )
         .unwrap();
         let ev = m.push.unwrap().event.unwrap();
-        assert_eq!((ev.offset, ev.kind.as_deref(), ev.data.get()), (46, Some("tick"), r#"{"x":1}"#));
+        assert_eq!(
+            (ev.offset, ev.kind.as_deref(), ev.data.get()),
+            (46, Some("tick"), r#"{"x":1}"#)
+        );
     }
 }

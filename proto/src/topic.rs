@@ -152,8 +152,17 @@ mod tests {
     #[test]
     fn pattern_errors() {
         assert_eq!(Pattern::parse(""), Err(PatternError::Empty));
-        assert!(matches!(Pattern::parse("a.>.b"), Err(PatternError::RestNotLast(_))));
-        assert!(matches!(Pattern::parse("a..b"), Err(PatternError::EmptySegment(_))));
-        assert!(matches!(Pattern::parse("a/b"), Err(PatternError::BadChar(_))));
+        assert!(matches!(
+            Pattern::parse("a.>.b"),
+            Err(PatternError::RestNotLast(_))
+        ));
+        assert!(matches!(
+            Pattern::parse("a..b"),
+            Err(PatternError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            Pattern::parse("a/b"),
+            Err(PatternError::BadChar(_))
+        ));
     }
 }
