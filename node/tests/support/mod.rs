@@ -41,6 +41,7 @@ impl TestNode {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
+        config.timing.shutdown_grace_ms = 1000;
         configure(&mut config);
         config.validate().expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
