@@ -501,8 +501,10 @@ mod tests {
             ..Default::default()
         });
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.node_id = "has space".into();
+        let c = Config {
+            node_id: "has space".into(),
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
     }
 

@@ -7,7 +7,7 @@
 //! no longer receives publishes.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,8 @@ use crate::error::ApiError;
 use crate::topic::{Dead, HistoryBudget, Topic};
 
 const SHARDS: usize = 64;
+
+type Shard = Mutex<HashMap<Arc<str>, Arc<Topic>>>;
 
 /// Namespace policies, first match wins, defaults last.
 #[derive(Debug)]
@@ -51,7 +53,7 @@ impl Namespaces {
 }
 
 pub struct Registry {
-    shards: Box<[Mutex<HashMap<Arc<str>, Arc<Topic>>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     pub namespaces: Namespaces,
     pub budget: Arc<HistoryBudget>,
@@ -75,10 +77,8 @@ impl Registry {
         }
     }
 
-    fn shard(&self, name: &str) -> &Mutex<HashMap<Arc<str>, Arc<Topic>>> {
-        let mut h = self.hasher.build_hasher();
-        name.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+    fn shard(&self, name: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(name) as usize) % SHARDS]
     }
 
     /// A fresh epoch: unique within this process and, with overwhelming probability,

@@ -144,9 +144,12 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// Reads one counter out of [`Stats`].
+type Reader = fn(&Stats) -> u64;
+
 /// Copies [`Stats`] into Prometheus series labelled with the node id.
 pub struct Exporter {
-    counters: Vec<(Counter, fn(&Stats) -> u64)>,
+    counters: Vec<(Counter, Reader)>,
     connections: Vec<Gauge>,
     subscriptions: Gauge,
     topics: Gauge,

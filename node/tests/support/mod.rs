@@ -35,12 +35,14 @@ impl TestNode {
 
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let mut config = Config::default();
-        config.node_id = format!(
-            "test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let mut config = Config {
+            node_id: format!(
+                "test-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ),
+            ..Default::default()
+        };
         config.timing.shutdown_grace_ms = 1000;
         configure(&mut config);
         config.validate().expect("test config is valid");
@@ -136,7 +138,7 @@ pub struct Delivered {
 /// What a WebSocket read produced.
 #[derive(Debug)]
 pub enum WsIn {
-    Msg(ServerMessage),
+    Msg(Box<ServerMessage>),
     Closed(Option<u16>),
 }
 
@@ -190,7 +192,7 @@ impl WsClient {
     /// The next message (pushes and replies, in arrival order), or the close.
     pub async fn next(&mut self) -> WsIn {
         if let Some(m) = self.pending.pop_front() {
-            return WsIn::Msg(m);
+            return WsIn::Msg(Box::new(m));
         }
         if let Some(code) = self.closed {
             return WsIn::Closed(code);
@@ -207,7 +209,7 @@ impl WsClient {
                         self.pending.push_back(m);
                     }
                     if let Some(m) = self.pending.pop_front() {
-                        return WsIn::Msg(m);
+                        return WsIn::Msg(Box::new(m));
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -226,7 +228,7 @@ impl WsClient {
 
     pub async fn next_msg(&mut self) -> ServerMessage {
         match self.next().await {
-            WsIn::Msg(m) => m,
+            WsIn::Msg(m) => *m,
             WsIn::Closed(code) => {
                 panic!("connection closed ({code:?}) while a message was expected")
             }
@@ -405,7 +407,7 @@ pub const ALL_KINDS: [Kind; 4] = [Kind::Ws, Kind::Sse, Kind::Ndjson, Kind::LongP
 
 /// One subscriber to one topic over any transport, read as a sequence of events.
 pub enum Sub {
-    Ws(WsClient),
+    Ws(Box<WsClient>),
     Stream(HttpStream, Kind),
     LongPoll {
         http: reqwest::Client,
@@ -431,7 +433,7 @@ impl Sub {
                 let reply = c.request(subscribe_cmd(topic, Some(since))).await;
                 assert!(reply.result.is_some(), "subscribe failed: {reply:?}");
                 c.pending.extend(Self::events_of_reply(topic, &reply));
-                Sub::Ws(c)
+                Sub::Ws(Box::new(c))
             }
             Kind::Sse => {
                 let url = node.url(&format!(
