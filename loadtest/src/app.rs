@@ -1,0 +1,317 @@
+//! From a parsed command line to an exit code: builds the plan and settings, runs the
+//! scenario as a single process, a worker, or the parent of workers, then prints the
+//! table and writes the JSON/HTML reports, the baseline comparison and the SLO verdicts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::baseline;
+use crate::cli::{Cli, Cmd, Common, Load, Outputs};
+use crate::coord::{Conductor, Role, WorkerLink, WorkerMsg};
+use crate::engine::{self, Settings};
+use crate::html;
+use crate::plan::{topic_names, Churn, Layout, Plan, Restart, ScenarioKind, Slot};
+use crate::progress::Progress;
+use crate::report::Report;
+use crate::slo;
+use crate::workers::{self, PhaseLimits};
+
+/// Exit code when an `--slo` objective was missed.
+pub const EXIT_SLO: u8 = 3;
+/// Exit code when the run is worse than `--baseline`.
+pub const EXIT_BASELINE: u8 = 4;
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Cmd::Merge(m) = &cli.command {
+        let mut merged = Report::default();
+        for path in &m.reports {
+            merged
+                .merge(&read_report(path)?)
+                .with_context(|| format!("merging {}", path.display()))?;
+        }
+        merged.finalize()?;
+        return finish(&merged, &m.out);
+    }
+    let (plan, common) = build(&cli.command)?;
+    let worker = common.worker_slot;
+    let run_id = common.run_id.clone().unwrap_or_default();
+    let root = common.shard.unwrap_or_default();
+    let slot = worker.unwrap_or(root);
+    let settings = settings(&plan, &common, &cli.command, slot, &run_id);
+    let settle = common.settle.unwrap_or(if common.shard.is_some() {
+        Duration::from_secs(2)
+    } else {
+        Duration::ZERO
+    });
+
+    if worker.is_some() {
+        let mut role = Role::Worker(WorkerLink::new());
+        let report = engine::run(&plan, &settings, &mut role).await?;
+        if let Role::Worker(link) = &role {
+            link.send(&WorkerMsg::Report(Box::new(report)));
+        }
+        return Ok(0);
+    }
+
+    let label = format!("{}/{}", plan.kind, common.transport);
+    let progress = Progress::new(label, common.out.quiet);
+    // A restart command runs once per run: in the only process, or in shard 0.
+    let restart = plan.restart.clone().filter(|_| root.index == 0);
+    let conductor = Conductor::new(common.target_pid, restart, progress, settle)?;
+    let report = if common.workers > 1 {
+        let ramp = settings.ramp_timeout.unwrap_or_else(|| {
+            Duration::from_secs_f64(
+                plan.subscribers as f64 / settings.connect_rate / root.count as f64,
+            ) + Duration::from_secs(15)
+        });
+        let restart_time = plan
+            .restart
+            .as_ref()
+            .map(|r| r.after + r.timeout)
+            .unwrap_or_default();
+        let limits = PhaseLimits {
+            ramp: ramp + Duration::from_secs(30),
+            load: plan.duration
+                + settings.publish_timeout
+                + restart_time
+                + settle
+                + Duration::from_secs(30),
+            drain: settings.drain_timeout + Duration::from_secs(30),
+        };
+        workers::run(common.workers, root, &run_id, conductor, limits).await?
+    } else {
+        let mut role = Role::Local(conductor);
+        let mut report = engine::run(&plan, &settings, &mut role).await?;
+        if let Role::Local(c) = role {
+            c.finish(&mut report).await;
+        }
+        report
+    };
+    finish(&report, &common.out)
+}
+
+/// The plan and the shared options of a scenario subcommand.
+pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
+    let (kind, mut common) = match cmd {
+        Cmd::Connect(a) => (ScenarioKind::Connect, a.common.clone()),
+        Cmd::Fanout(a) => (ScenarioKind::Fanout, a.common.clone()),
+        Cmd::Chat(a) => (ScenarioKind::Chat, a.common.clone()),
+        Cmd::Ticker(a) => (ScenarioKind::Ticker, a.common.clone()),
+        Cmd::Churn(a) => (ScenarioKind::Churn, a.common.clone()),
+        Cmd::Rolling(a) => (ScenarioKind::Rolling, a.common.clone()),
+        Cmd::Merge(_) => bail!("merge is not a scenario"),
+    };
+    if common.shard.is_some() && common.run_id.is_none() {
+        bail!(
+            "--shard needs --run-id (the same on every shard, so all shards use the same topics)"
+        );
+    }
+    if common.workers == 0 || common.workers > 256 {
+        bail!("--workers must be between 1 and 256");
+    }
+    if common.connect_rate <= 0.0 || common.max_inflight == 0 {
+        bail!("--connect-rate and --max-inflight must be positive");
+    }
+    let run_id = common
+        .run_id
+        .get_or_insert_with(|| format!("{:08x}", fastrand::u32(..)))
+        .clone();
+    if run_id.is_empty()
+        || !run_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!("--run-id must be letters, digits, `-` or `_`");
+    }
+    weft_proto::validate_topic(&common.topic_prefix)
+        .map_err(|e| anyhow::anyhow!("--topic-prefix: {e}"))?;
+    let names = |n: usize| topic_names(&common.topic_prefix, &run_id, kind, n);
+    let base = |load: &Load| -> anyhow::Result<Plan> {
+        check_load(load.subscribers, load.topics, load.rate)?;
+        Ok(Plan {
+            kind,
+            topics: names(load.topics),
+            subscribers: load.subscribers,
+            layout: Layout::RoundRobin,
+            rate: load.rate,
+            duration: common.duration,
+            payload_bytes: load.payload_bytes,
+            churn: None,
+            restart: None,
+        })
+    };
+    let plan = match cmd {
+        Cmd::Connect(a) => {
+            check_load(a.connections, a.topics, 0.0)?;
+            if a.rate <= 0.0 {
+                bail!("--rate (connects per second) must be positive");
+            }
+            Plan {
+                kind,
+                topics: names(a.topics),
+                subscribers: a.connections,
+                layout: Layout::RoundRobin,
+                rate: 0.0,
+                duration: common.duration,
+                payload_bytes: 0,
+                churn: None,
+                restart: None,
+            }
+        }
+        Cmd::Fanout(a) => base(&a.load)?,
+        Cmd::Chat(a) => {
+            check_load(a.rooms * a.members, a.rooms, a.rate)?;
+            Plan {
+                kind,
+                topics: names(a.rooms),
+                subscribers: a.rooms * a.members,
+                layout: Layout::Rooms { members: a.members },
+                rate: a.rate,
+                duration: common.duration,
+                payload_bytes: a.payload_bytes,
+                churn: None,
+                restart: None,
+            }
+        }
+        Cmd::Ticker(a) => {
+            check_load(a.subscribers, a.topics, a.rate)?;
+            if a.topics_per_subscriber == 0 {
+                bail!("--topics-per-subscriber must be at least 1");
+            }
+            Plan {
+                kind,
+                topics: names(a.topics),
+                subscribers: a.subscribers,
+                layout: Layout::Random {
+                    per_subscriber: a.topics_per_subscriber,
+                    seed: run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
+                    }),
+                },
+                rate: a.rate,
+                duration: common.duration,
+                payload_bytes: a.payload_bytes,
+                churn: None,
+                restart: None,
+            }
+        }
+        Cmd::Churn(a) => {
+            if a.lifetime < Duration::from_millis(10) {
+                bail!("--lifetime must be at least 10ms");
+            }
+            Plan {
+                churn: Some(Churn {
+                    lifetime: a.lifetime,
+                    gap: a.reconnect_gap,
+                }),
+                ..base(&a.load)?
+            }
+        }
+        Cmd::Rolling(a) => {
+            if a.restart_cmd.trim().is_empty() {
+                bail!("--restart-cmd is empty");
+            }
+            Plan {
+                restart: Some(Restart {
+                    command: a.restart_cmd.clone(),
+                    after: a.restart_after,
+                    timeout: a.restart_timeout,
+                }),
+                ..base(&a.load)?
+            }
+        }
+        Cmd::Merge(_) => unreachable!("handled above"),
+    };
+    Ok((plan, common))
+}
+
+fn check_load(subscribers: usize, topics: usize, rate: f64) -> anyhow::Result<()> {
+    if topics == 0 {
+        bail!("--topics (or --rooms) must be at least 1");
+    }
+    if subscribers == 0 {
+        bail!("there must be at least one subscriber");
+    }
+    if !(rate >= 0.0 && rate.is_finite()) {
+        bail!("--rate must be a non-negative number");
+    }
+    Ok(())
+}
+
+fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Settings {
+    let connect_rate = match cmd {
+        Cmd::Connect(a) => a.rate,
+        _ => c.connect_rate,
+    };
+    Settings {
+        target: c.target.clone(),
+        transport: c.transport,
+        slot,
+        run_id: run_id.to_owned(),
+        connect_rate,
+        ramp_timeout: c.ramp_timeout,
+        drain_timeout: c.drain_timeout,
+        max_inflight: c.max_inflight,
+        publish_timeout: c.publish_timeout,
+        longpoll_wait: c.longpoll_wait,
+        spread: !c.no_source_spread,
+        config: json!({
+            "subscribers": plan.subscribers,
+            "topics": plan.topics.len(),
+            "layout": format!("{:?}", plan.layout).split(" {").next().unwrap_or_default(),
+            "rate": plan.rate,
+            "duration_s": plan.duration.as_secs_f64(),
+            "payload_bytes": plan.payload_bytes,
+            "connect_rate": connect_rate,
+            "max_inflight": c.max_inflight,
+            "workers": c.workers,
+            "shards": c.shard.map(|s| s.count).unwrap_or(1),
+            "churn_lifetime_s": plan.churn.map(|x| x.lifetime.as_secs_f64()),
+            "restart_cmd": plan.restart.as_ref().map(|r| r.command.clone()),
+        }),
+    }
+}
+
+fn read_report(path: &Path) -> anyhow::Result<Report> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a weft-loadtest JSON report", path.display()))
+}
+
+/// Prints and writes the outputs; returns the exit code.
+pub fn finish(report: &Report, out: &Outputs) -> anyhow::Result<u8> {
+    print!("{}", report.table());
+    if let Some(path) = &out.json {
+        let text = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &out.html {
+        std::fs::write(path, html::render(report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut code = 0;
+    if let Some(path) = &out.baseline {
+        let base = read_report(path)?;
+        let cmp = baseline::compare(&base, report, out.baseline_threshold);
+        print!("{}", cmp.table());
+        if cmp.regressed() {
+            code = EXIT_BASELINE;
+        }
+    }
+    if let Some(spec) = &out.slo {
+        println!("SLO:");
+        let verdicts = slo::check(&spec.0, report);
+        for v in &verdicts {
+            println!("  {v}");
+        }
+        if verdicts.iter().any(|v| !v.ok) {
+            code = EXIT_SLO;
+        }
+    }
+    Ok(code)
+}

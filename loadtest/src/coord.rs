@@ -1,0 +1,370 @@
+//! Barriers between the phases of a run, and the conductor that owns what happens once
+//! per run rather than once per process.
+//!
+//! ```text
+//!  ramp (connect subscribers) ─► ready ─► go(start_us) ─► load (publish) ─► loaded
+//!      ─► drain (finals, catch up) ─► report
+//! ```
+//!
+//! A process runs as [`Role::Local`] (alone, or one shard of many pods) or as
+//! [`Role::Worker`] of a parent process (`--workers N`). Alone, its own [`Conductor`]
+//! decides the start time, samples the target, runs `--restart-cmd` and shows
+//! progress. As a worker it tells its parent when it is ready and loaded (one JSON line
+//! each on stdout, [`WorkerMsg`]) and waits for the parent's `go` and `drain`
+//! ([`ParentMsg`] on stdin); the parent's conductor does the rest for all workers.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::hist;
+use crate::plan::Restart;
+use crate::progress::Progress;
+use crate::report::{Report, RestartOutcome};
+use crate::stamp::now_us;
+use crate::stats::StatsSnapshot;
+use crate::target::Sampler;
+
+/// Lead time between the decision to start and the start, so every worker is waiting
+/// for it.
+const START_LEAD: Duration = Duration::from_millis(100);
+
+/// Worker → parent, one JSON object per stdout line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerMsg {
+    Ready {
+        subscribed: u64,
+    },
+    Progress {
+        stats: StatsSnapshot,
+        window: String,
+    },
+    Loaded,
+    Report(Box<Report>),
+}
+
+/// Parent → worker, one JSON object per stdin line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParentMsg {
+    Go { start_us: u64 },
+    Drain,
+}
+
+/// The tokio instant matching a wall-clock time (µs since the Unix epoch).
+pub fn instant_at(us: u64) -> Instant {
+    let now = now_us();
+    if us >= now {
+        Instant::now() + Duration::from_micros(us - now)
+    } else {
+        Instant::now()
+            .checked_sub(Duration::from_micros(now - us))
+            .unwrap_or_else(Instant::now)
+    }
+}
+
+/// Once-per-run duties: start time, target sampling, restart command, progress display.
+pub struct Conductor {
+    sampler: Option<Arc<Mutex<Sampler>>>,
+    restart: Option<Restart>,
+    restart_task: Option<JoinHandle<RestartOutcome>>,
+    progress: Arc<Mutex<Progress>>,
+    /// Pause after the load before the finals are read (shards on other machines may
+    /// still be publishing).
+    settle: Duration,
+}
+
+impl Conductor {
+    /// Takes the target's baseline sample now, before any connection is opened.
+    pub fn new(
+        target_pid: Option<u32>,
+        restart: Option<Restart>,
+        progress: Progress,
+        settle: Duration,
+    ) -> anyhow::Result<Self> {
+        let sampler = match target_pid {
+            Some(pid) => Some(Arc::new(Mutex::new(Sampler::new(pid)?))),
+            None => None,
+        };
+        Ok(Self {
+            sampler,
+            restart,
+            restart_task: None,
+            progress: Arc::new(Mutex::new(progress)),
+            settle,
+        })
+    }
+
+    /// Decides the start of the load: µs since the Unix epoch, a little ahead.
+    pub fn go(&mut self) -> u64 {
+        let start_us = now_us() + START_LEAD.as_micros() as u64;
+        if let Some(s) = &self.sampler {
+            s.lock().unwrap_or_else(|p| p.into_inner()).load_started();
+        }
+        if let Some(r) = self.restart.clone() {
+            self.restart_task = Some(tokio::spawn(run_restart(r, instant_at(start_us))));
+        }
+        start_us
+    }
+
+    /// The load is over (connections still open): waits for the restart command,
+    /// samples the target, lets stragglers settle.
+    pub async fn loaded(&mut self) {
+        if let Some(task) = &mut self.restart_task {
+            let _ = task.await;
+        }
+        if let Some(s) = &self.sampler {
+            s.lock().unwrap_or_else(|p| p.into_inner()).load_ended();
+        }
+        tokio::time::sleep(self.settle).await;
+    }
+
+    /// Shows a progress update (and samples the target's RSS for its timeline).
+    pub fn show(&self, phase: &str, stats: &StatsSnapshot, window: &Histogram<u64>) {
+        if let Some(s) = &self.sampler {
+            s.lock().unwrap_or_else(|p| p.into_inner()).tick();
+        }
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(phase, stats, window);
+    }
+
+    /// Adds the target figures and the restart outcome to the final report.
+    pub async fn finish(mut self, report: &mut Report) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish();
+        if let Some(s) = self.sampler.take() {
+            let sampler = Arc::try_unwrap(s)
+                .ok()
+                .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
+            if let Some(sampler) = sampler {
+                report.target = Some(sampler.finish(report.connections_open));
+            }
+        }
+        if let Some(task) = self.restart_task.take() {
+            if let Ok(outcome) = task.await {
+                report.restart = Some(outcome);
+            }
+        }
+    }
+}
+
+/// Runs `sh -c COMMAND` at `start + after`, its output going to stderr; killed after
+/// the timeout.
+pub async fn run_restart(r: Restart, start: Instant) -> RestartOutcome {
+    tokio::time::sleep_until(start + r.after).await;
+    let began = Instant::now();
+    let mut out = RestartOutcome {
+        command: r.command.clone(),
+        started_after_s: began.duration_since(start).as_secs_f64(),
+        ..Default::default()
+    };
+    let stdout = std::io::stderr().lock().flush().ok().and_then(|_| {
+        std::os::fd::AsFd::as_fd(&std::io::stderr())
+            .try_clone_to_owned()
+            .ok()
+    });
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(&r.command)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(fd) = stdout {
+        cmd.stdout(std::process::Stdio::from(fd));
+    }
+    match cmd.spawn() {
+        Ok(mut child) => match tokio::time::timeout(r.timeout, child.wait()).await {
+            Ok(Ok(status)) => out.exit_code = status.code(),
+            Ok(Err(e)) => eprintln!("weft-loadtest: waiting for --restart-cmd: {e}"),
+            Err(_) => {
+                out.timed_out = true;
+                let _ = child.kill().await;
+            }
+        },
+        Err(e) => eprintln!("weft-loadtest: cannot start --restart-cmd: {e}"),
+    }
+    out.duration_s = began.elapsed().as_secs_f64();
+    out
+}
+
+/// A worker's side of the line protocol.
+pub struct WorkerLink {
+    lines: Lines<BufReader<Stdin>>,
+    out: Arc<Mutex<std::io::Stdout>>,
+}
+
+impl Default for WorkerLink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WorkerLink {
+    pub fn new() -> Self {
+        Self {
+            lines: BufReader::new(tokio::io::stdin()).lines(),
+            out: Arc::new(Mutex::new(std::io::stdout())),
+        }
+    }
+
+    pub fn send(&self, msg: &WorkerMsg) {
+        send_line(&self.out, msg);
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<ParentMsg> {
+        let line = self
+            .lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the parent process went away"))?;
+        serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("bad message from the parent: {e}: {line}"))
+    }
+}
+
+fn send_line(out: &Mutex<std::io::Stdout>, msg: &WorkerMsg) {
+    let line = serde_json::to_string(msg).expect("worker messages serialise");
+    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+    // A closed stdout means the parent is gone; the next barrier notices.
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
+/// How one process takes part in a run.
+pub enum Role {
+    Local(Conductor),
+    Worker(WorkerLink),
+}
+
+/// Where a process's progress updates go.
+#[derive(Clone)]
+pub enum ProgressSink {
+    Local(Arc<Mutex<Progress>>, Option<Arc<Mutex<Sampler>>>),
+    Parent(Arc<Mutex<std::io::Stdout>>),
+}
+
+impl ProgressSink {
+    pub fn update(&self, phase: &str, stats: &StatsSnapshot, window: &Histogram<u64>) {
+        match self {
+            ProgressSink::Local(p, sampler) => {
+                if let Some(s) = sampler {
+                    s.lock().unwrap_or_else(|p| p.into_inner()).tick();
+                }
+                p.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .update(phase, stats, window);
+            }
+            ProgressSink::Parent(out) => send_line(
+                out,
+                &WorkerMsg::Progress {
+                    stats: *stats,
+                    window: hist::encode(window),
+                },
+            ),
+        }
+    }
+}
+
+impl Role {
+    pub fn sink(&self) -> ProgressSink {
+        match self {
+            Role::Local(c) => ProgressSink::Local(c.progress.clone(), c.sampler.clone()),
+            Role::Worker(w) => ProgressSink::Parent(w.out.clone()),
+        }
+    }
+
+    /// The ramp is done: returns the start of the load (µs since the Unix epoch).
+    pub async fn ready(&mut self, subscribed: u64) -> anyhow::Result<u64> {
+        match self {
+            Role::Local(c) => Ok(c.go()),
+            Role::Worker(w) => {
+                w.send(&WorkerMsg::Ready { subscribed });
+                match w.recv().await? {
+                    ParentMsg::Go { start_us } => Ok(start_us),
+                    other => anyhow::bail!("expected `go` from the parent, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// The load is over; returns when the drain may begin.
+    pub async fn loaded(&mut self) -> anyhow::Result<()> {
+        match self {
+            Role::Local(c) => {
+                c.loaded().await;
+                Ok(())
+            }
+            Role::Worker(w) => {
+                w.send(&WorkerMsg::Loaded);
+                match w.recv().await? {
+                    ParentMsg::Drain => Ok(()),
+                    other => anyhow::bail!("expected `drain` from the parent, got {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_one_line_each() {
+        let m = WorkerMsg::Report(Box::default());
+        let line = serde_json::to_string(&m).unwrap();
+        assert!(!line.contains('\n'));
+        assert!(matches!(
+            serde_json::from_str::<WorkerMsg>(&line).unwrap(),
+            WorkerMsg::Report(_)
+        ));
+        let go = serde_json::to_string(&ParentMsg::Go { start_us: 5 }).unwrap();
+        assert_eq!(go, r#"{"go":{"start_us":5}}"#);
+        assert_eq!(
+            serde_json::to_string(&ParentMsg::Drain).unwrap(),
+            r#""drain""#
+        );
+    }
+
+    #[tokio::test]
+    async fn restart_command_is_run_and_timed() {
+        let r = Restart {
+            command: "exit 7".into(),
+            after: Duration::from_millis(20),
+            timeout: Duration::from_secs(5),
+        };
+        let out = run_restart(r, Instant::now()).await;
+        assert_eq!(out.exit_code, Some(7));
+        assert!(out.started_after_s >= 0.019, "{out:?}");
+        let r = Restart {
+            command: "sleep 5".into(),
+            after: Duration::ZERO,
+            timeout: Duration::from_millis(100),
+        };
+        let out = run_restart(r, Instant::now()).await;
+        assert!(out.timed_out);
+        assert!(out.duration_s < 2.0);
+    }
+
+    #[test]
+    fn instants_follow_the_wall_clock() {
+        let now = now_us();
+        let later = instant_at(now + 200_000);
+        let d = later.duration_since(Instant::now());
+        assert!(
+            d > Duration::from_millis(150) && d <= Duration::from_millis(200),
+            "{d:?}"
+        );
+        let _ = instant_at(0); // far past: clamps without panicking
+    }
+}

@@ -1,0 +1,354 @@
+//! Runs one plan in one process (all of it, or its slot).
+//!
+//! 1. **Ramp**: spawn this slot's subscribers on an open-loop connect schedule
+//!    (`--connect-rate`), wait until all have subscribed (or the ramp timeout).
+//! 2. **Go**: the role decides the load's start time (the parent's, for workers).
+//! 3. **Load**: the publisher runs this slot's share of the schedule; `connect` just
+//!    holds its connections for `--duration`.
+//! 4. **Loaded**: barrier; the conductor samples the target with connections open.
+//! 5. **Drain**: read every watched topic's final cursor, hand it to the subscribers,
+//!    wait until all have caught up — at most `--drain-timeout`, then stop them.
+//! 6. **Report**: trackers' books closed against the finals, histograms, counters.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use futures_util::stream::{self, StreamExt};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use weft_proto::Cursor;
+
+use crate::coord::{instant_at, ProgressSink, Role};
+use crate::hist::{self, new_hist, SIGFIG};
+use crate::net::Net;
+use crate::plan::{Plan, Slot};
+use crate::publisher::Publisher;
+use crate::recorder::Recorder;
+use crate::report::{Raw, Report, TimelinePoint, REPORT_VERSION};
+use crate::stats::{ErrorLog, LiveStats};
+use crate::subscriber::{Finals, Shared, Subscriber, SubscriberOutcome};
+use crate::tracker::Counts;
+use crate::transport::{topic_state, Transport};
+
+/// File descriptors kept free for everything that is not a subscriber connection.
+const FD_RESERVE: u64 = 512;
+/// How long stopped subscribers get to hand in their books.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Concurrent state reads when collecting final cursors.
+const FINALS_CONCURRENCY: usize = 32;
+
+/// How a process runs its part of a plan.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub target: String,
+    pub transport: Transport,
+    /// The part of the run this process executes.
+    pub slot: Slot,
+    pub run_id: String,
+    /// Connects per second over the whole run (all slots together).
+    pub connect_rate: f64,
+    /// How long to wait for every subscriber before starting anyway (`None`: the connect
+    /// schedule's length plus 15 s).
+    pub ramp_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    /// In-flight publish requests, per process.
+    pub max_inflight: usize,
+    pub publish_timeout: Duration,
+    pub longpoll_wait: Duration,
+    /// Spread connections over 127.0.0.2–250 when the target is loopback.
+    pub spread: bool,
+    /// The options, echoed into the report.
+    pub config: Value,
+}
+
+/// Runs `plan` as `role` and returns this process's report (finalized; a worker's
+/// report still merges exactly, see [`Report::merge`]).
+pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<Report> {
+    let net = Arc::new(Net::new(&st.target, st.slot.index, st.spread).await?);
+    let topics = Arc::new(plan.topics.clone());
+    let recorder = Arc::new(Recorder::new());
+    let stats = Arc::new(LiveStats::default());
+    let errors = Arc::new(ErrorLog::default());
+    let shared = Arc::new(Shared {
+        net: net.clone(),
+        transport: st.transport,
+        topics: topics.clone(),
+        recorder: recorder.clone(),
+        stats: stats.clone(),
+        errors: errors.clone(),
+        churn: plan.churn,
+        longpoll_wait: st.longpoll_wait,
+    });
+
+    let local: Vec<usize> = (0..plan.subscribers)
+        .filter(|&j| st.slot.owns(j as u64))
+        .collect();
+    let mut watched = BTreeSet::new();
+    let mut subscriptions = 0u64;
+    let subs: Vec<(usize, Vec<usize>)> = local
+        .iter()
+        .map(|&j| {
+            let t = plan.subscriber_topics(j);
+            subscriptions += t.len() as u64;
+            watched.extend(t.iter().copied());
+            (j, t)
+        })
+        .collect();
+    let connections = match st.transport {
+        Transport::Longpoll => subscriptions,
+        _ => local.len() as u64,
+    };
+    ensure_fds(connections + st.max_inflight as u64)?;
+
+    let (finals_tx, finals_rx) = watch::channel::<Option<Arc<Finals>>>(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let local_rate = (st.connect_rate / st.slot.count as f64).max(1e-3);
+    let ramp_start = Instant::now();
+    let mut tasks: JoinSet<SubscriberOutcome> = JoinSet::new();
+    for (q, (j, t)) in subs.into_iter().enumerate() {
+        let at = ramp_start + Duration::from_secs_f64(q as f64 / local_rate);
+        let sub = Subscriber::new(j, t, finals_rx.clone(), stop_rx.clone());
+        tasks.spawn(sub.run(shared.clone(), at));
+    }
+
+    let phase = Arc::new(std::sync::Mutex::new("ramp"));
+    let progress = tokio::spawn(progress_loop(
+        role.sink(),
+        stats.clone(),
+        recorder.clone(),
+        phase.clone(),
+    ));
+
+    // 1. Ramp.
+    let ramp_len = Duration::from_secs_f64(local.len() as f64 / local_rate);
+    let ramp_deadline = ramp_start
+        + st.ramp_timeout
+            .unwrap_or(ramp_len + Duration::from_secs(15));
+    while stats.subscribed.load(Relaxed) < local.len() as u64 && Instant::now() < ramp_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let subscribed = stats.subscribed.load(Relaxed);
+    if subscribed < local.len() as u64 {
+        errors.add(format!(
+            "{} of {} subscribers had not subscribed when the load started",
+            local.len() as u64 - subscribed,
+            local.len()
+        ));
+    }
+
+    // 2–3. Go, load.
+    let start_us = role.ready(subscribed).await?;
+    let start = instant_at(start_us);
+    set_phase(&phase, "load");
+    let publisher = Arc::new(Publisher {
+        net: net.clone(),
+        topics: topics.clone(),
+        recorder: recorder.clone(),
+        stats: stats.clone(),
+        errors: errors.clone(),
+        run_id: st.run_id.clone(),
+        max_inflight: st.max_inflight,
+        timeout: st.publish_timeout,
+    });
+    let published = publisher.run(plan, st.slot, start, start_us).await;
+    tokio::time::sleep_until(start + plan.duration).await;
+
+    // 4. Loaded.
+    role.loaded().await?;
+    let open_at_end = stats.open.load(Relaxed);
+
+    // 5. Drain.
+    set_phase(&phase, "drain");
+    let drain_deadline = Instant::now() + st.drain_timeout;
+    let finals = read_finals(&net, &topics, &watched, drain_deadline, &errors).await;
+    finals_tx.send_replace(Some(Arc::new(finals)));
+    let mut outcomes = Vec::with_capacity(local.len());
+    loop {
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                Some(Ok(o)) => outcomes.push(o),
+                Some(Err(e)) => errors.add(format!("subscriber task failed: {e}")),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(drain_deadline) => break,
+        }
+    }
+    if !tasks.is_empty() {
+        errors.add(format!(
+            "{} subscribers had not caught up at the drain deadline ({:?})",
+            tasks.len(),
+            st.drain_timeout
+        ));
+        stop_tx.send_replace(true);
+        let grace = Instant::now() + STOP_GRACE;
+        loop {
+            tokio::select! {
+                r = tasks.join_next() => match r {
+                    Some(Ok(o)) => outcomes.push(o),
+                    Some(Err(e)) => errors.add(format!("subscriber task failed: {e}")),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(grace) => {
+                    errors.add(format!("{} subscribers did not stop; their counts are missing", tasks.len()));
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+    }
+    progress.abort();
+
+    // 6. Report.
+    let mut counts = Counts::default();
+    let mut sessions = 0;
+    for o in &outcomes {
+        counts.add(&o.counts);
+        sessions += o.sessions;
+    }
+    let rec = recorder.snapshot();
+    let timeline = rec
+        .seconds
+        .iter()
+        .map(|(&t, s)| TimelinePoint {
+            t,
+            delivered: s.latency.len(),
+            published: s.published,
+            hist: hist::encode(&s.latency),
+            ..Default::default()
+        })
+        .collect();
+    let snap = stats.snapshot();
+    let mut report = Report {
+        version: REPORT_VERSION,
+        scenario: plan.kind.name().into(),
+        transport: st.transport.to_string(),
+        target_url: net.base().into(),
+        run_id: st.run_id.clone(),
+        started_at_ms: start_us / 1000,
+        duration_s: plan.duration.as_secs_f64(),
+        processes: 1,
+        config: st.config.clone(),
+        subscribers: local.len() as u64,
+        subscriptions,
+        topics: plan.topics.len() as u64,
+        published: published.published,
+        publish_errors: published.failed,
+        publish_retries: published.retries,
+        foreign: stats.foreign.load(Relaxed),
+        connects: snap.connects,
+        connect_failures: snap.connect_failures,
+        reconnects: snap.reconnects,
+        sessions,
+        connections_open: open_at_end,
+        errors: errors.take(),
+        timeline,
+        raw: Raw {
+            start_us,
+            last_delivery_us: rec.last_delivery_us,
+            connect_first_us: stats.connect_first_us.load(Relaxed),
+            connect_last_us: stats.connect_last_us.load(Relaxed),
+            latency_hist: hist::encode(&rec.latency),
+            publish_hist: hist::encode(&rec.publish),
+            connect_hist: hist::encode(&rec.connect),
+        },
+        ..Default::default()
+    };
+    report.set_counts(&counts);
+    report.finalize()?;
+    Ok(report)
+}
+
+fn set_phase(phase: &std::sync::Mutex<&'static str>, p: &'static str) {
+    *phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
+}
+
+async fn progress_loop(
+    sink: ProgressSink,
+    stats: Arc<LiveStats>,
+    recorder: Arc<Recorder>,
+    phase: Arc<std::sync::Mutex<&'static str>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut window = new_hist(SIGFIG);
+    loop {
+        tick.tick().await;
+        window.reset();
+        window.add(recorder.take_window()).ok();
+        let p = *phase.lock().unwrap_or_else(|e| e.into_inner());
+        sink.update(p, &stats.snapshot(), &window);
+    }
+}
+
+/// Reads each watched topic's cursor once publishing is over, retrying (a node may be
+/// restarting) until the deadline. Topics that cannot be read get no final cursor.
+async fn read_finals(
+    net: &Net,
+    topics: &[String],
+    watched: &BTreeSet<usize>,
+    deadline: Instant,
+    errors: &ErrorLog,
+) -> Finals {
+    let results: Vec<(usize, Option<Cursor>)> = stream::iter(watched.iter().copied())
+        .map(|t| async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                match topic_state(net, t, &topics[t]).await {
+                    Ok(s) => return (t, Some(Cursor::new(s.epoch, s.offset))),
+                    Err(e) if Instant::now() + pause >= deadline => {
+                        errors.add(format!("final cursor of {}: {e:#}", topics[t]));
+                        return (t, None);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+        .buffer_unordered(FINALS_CONCURRENCY)
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .filter_map(|(t, c)| c.map(|c| (t, c)))
+        .collect()
+}
+
+/// Raises the open-files soft limit to the hard limit and checks that `needed`
+/// connections fit, with a clear hint when they do not.
+fn ensure_fds(needed: u64) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    let have = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Ok(());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    if needed + FD_RESERVE > have {
+        bail!(
+            "this process would need about {} open files but may have {have}; \
+             split the load with --workers N (each worker takes 1/N of the connections)",
+            needed + FD_RESERVE
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! `--html FILE`: a self-contained page with the summary and hand-written inline SVG
+//! plots (no scripts, no external assets): latency over time (p50/p99/max per second,
+//! log scale), throughput over time, the latency percentile distribution ("nines" on x,
+//! log latency on y), and the target's RSS over time when it was sampled.
+
+use std::fmt::Write as _;
+
+use crate::hist;
+use crate::report::{fmt_bytes, fmt_us, Report};
+
+const W: f64 = 760.0;
+const H: f64 = 260.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 30.0;
+const BOTTOM: f64 = 40.0;
+
+/// One line of a chart.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub color: &'a str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Axis scale of a chart's y axis.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Linear,
+    /// Base-10 logarithmic; values below 1 are drawn at 1.
+    Log,
+}
+
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub series: Vec<Series<'a>>,
+    pub y_scale: Scale,
+    pub y_fmt: fn(f64) -> String,
+    /// Custom x ticks (value, label); `None` = five evenly spaced numeric ticks.
+    pub x_ticks: Option<Vec<(f64, String)>>,
+}
+
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+impl Chart<'_> {
+    pub fn svg(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{LEFT}" y="18" font-size="13" font-weight="bold">{}</text>"#,
+            escape(self.title)
+        );
+        let pts: Vec<(f64, f64)> = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .collect();
+        if pts.is_empty() {
+            let _ = write!(
+                s,
+                r##"<text x="{}" y="{}" fill="#888">no data</text></svg>"##,
+                W / 2.0 - 20.0,
+                H / 2.0
+            );
+            return s;
+        }
+        let (mut x0, mut x1) = (f64::MAX, f64::MIN);
+        let (mut y0, mut y1) = (f64::MAX, f64::MIN);
+        for &(x, y) in &pts {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+        if x1 <= x0 {
+            x1 = x0 + 1.0;
+        }
+        let ty = |y: f64| match self.y_scale {
+            Scale::Linear => y,
+            Scale::Log => y.max(1.0).log10(),
+        };
+        let (ly0, ly1) = match self.y_scale {
+            Scale::Linear => (0.0, if y1 > 0.0 { y1 * 1.1 } else { 1.0 }),
+            Scale::Log => {
+                let lo = ty(y0).floor();
+                let hi = ty(y1).ceil().max(lo + 1.0);
+                (lo, hi)
+            }
+        };
+        let pw = W - LEFT - RIGHT;
+        let ph = H - TOP - BOTTOM;
+        let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
+        let sy = |y: f64| TOP + ph - (ty(y) - ly0) / (ly1 - ly0) * ph;
+        // Axes and grid.
+        let _ = write!(
+            s,
+            r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#ccc"/>"##
+        );
+        let y_ticks: Vec<f64> = match self.y_scale {
+            Scale::Linear => (0..=4).map(|i| ly1 * i as f64 / 4.0).collect(),
+            Scale::Log => (ly0 as i32..=ly1 as i32).map(|e| 10f64.powi(e)).collect(),
+        };
+        for v in y_ticks {
+            let y = sy(v);
+            let _ = write!(
+                s,
+                r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                W - RIGHT,
+                LEFT - 6.0,
+                y + 4.0,
+                escape(&(self.y_fmt)(v))
+            );
+        }
+        let x_ticks = self.x_ticks.clone().unwrap_or_else(|| {
+            (0..=4)
+                .map(|i| {
+                    let v = x0 + (x1 - x0) * i as f64 / 4.0;
+                    (v, format!("{v:.0}"))
+                })
+                .collect()
+        });
+        for (v, label) in x_ticks {
+            if v < x0 || v > x1 {
+                continue;
+            }
+            let x = sx(v);
+            let _ = write!(
+                s,
+                r##"<line x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+                TOP + ph,
+                TOP + ph + 14.0,
+                escape(&label)
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            LEFT + pw / 2.0,
+            H - 6.0,
+            escape(self.x_label)
+        );
+        // Series and legend.
+        for (i, series) in self.series.iter().enumerate() {
+            if series.points.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = series
+                .points
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            let _ = write!(
+                s,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"#,
+                series.color,
+                path.join(" ")
+            );
+            if series.points.len() == 1 {
+                let (x, y) = series.points[0];
+                let _ = write!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{}"/>"#,
+                    sx(x),
+                    sy(y),
+                    series.color
+                );
+            }
+            let lx = W - RIGHT - 110.0;
+            let ly = TOP + 14.0 + i as f64 * 14.0;
+            let _ = write!(
+                s,
+                r#"<rect x="{lx}" y="{}" width="10" height="3" fill="{}"/><text x="{}" y="{}">{}</text>"#,
+                ly - 4.0,
+                series.color,
+                lx + 14.0,
+                ly,
+                escape(series.name)
+            );
+        }
+        s.push_str("</svg>");
+        s
+    }
+}
+
+fn fmt_latency(v: f64) -> String {
+    fmt_us(v as u64)
+}
+
+fn fmt_rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn fmt_rss(v: f64) -> String {
+    fmt_bytes(v as u64)
+}
+
+/// The quantiles of the distribution plot, with their labels.
+const QUANTILES: [(f64, &str); 8] = [
+    (0.0, "0%"),
+    (0.5, "50%"),
+    (0.9, "90%"),
+    (0.99, "99%"),
+    (0.999, "99.9%"),
+    (0.9999, "99.99%"),
+    (0.99999, "99.999%"),
+    (1.0, "max"),
+];
+
+/// x position of quantile `q` on the "nines" axis: −log10(1 − q), max drawn one step
+/// past 99.999%.
+fn nines(q: f64) -> f64 {
+    if q >= 1.0 {
+        6.0
+    } else {
+        -(1.0 - q).log10()
+    }
+}
+
+/// Renders the whole page.
+pub fn render(r: &Report) -> String {
+    let t0 = r
+        .timeline
+        .first()
+        .map(|p| p.t)
+        .unwrap_or(r.raw.start_us / 1_000_000);
+    let start_s = (r.raw.start_us / 1_000_000) as f64;
+    let rel = |t: u64| t as f64 - if start_s > 0.0 { start_s } else { t0 as f64 };
+    let with_latency: Vec<_> = r.timeline.iter().filter(|p| p.delivered > 0).collect();
+    let latency = Chart {
+        title: "Delivery latency over time (per second)",
+        x_label: "seconds since the load started",
+        series: vec![
+            Series {
+                name: "p50",
+                color: "#2b8a3e",
+                points: with_latency
+                    .iter()
+                    .map(|p| (rel(p.t), p.p50_us as f64))
+                    .collect(),
+            },
+            Series {
+                name: "p99",
+                color: "#e67700",
+                points: with_latency
+                    .iter()
+                    .map(|p| (rel(p.t), p.p99_us as f64))
+                    .collect(),
+            },
+            Series {
+                name: "max",
+                color: "#c92a2a",
+                points: with_latency
+                    .iter()
+                    .map(|p| (rel(p.t), p.max_us as f64))
+                    .collect(),
+            },
+        ],
+        y_scale: Scale::Log,
+        y_fmt: fmt_latency,
+        x_ticks: None,
+    };
+    let throughput = Chart {
+        title: "Throughput over time",
+        x_label: "seconds since the load started",
+        series: vec![
+            Series {
+                name: "deliveries/s",
+                color: "#1971c2",
+                points: r
+                    .timeline
+                    .iter()
+                    .map(|p| (rel(p.t), p.delivered as f64))
+                    .collect(),
+            },
+            Series {
+                name: "published/s",
+                color: "#862e9c",
+                points: r
+                    .timeline
+                    .iter()
+                    .map(|p| (rel(p.t), p.published as f64))
+                    .collect(),
+            },
+        ],
+        y_scale: Scale::Linear,
+        y_fmt: fmt_rate,
+        x_ticks: None,
+    };
+    let dist_points = hist::decode(&r.raw.latency_hist)
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            QUANTILES
+                .iter()
+                .map(|&(q, _)| {
+                    (
+                        nines(q),
+                        if q >= 1.0 {
+                            h.max()
+                        } else {
+                            h.value_at_quantile(q)
+                        } as f64,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let distribution = Chart {
+        title: "Delivery latency by percentile",
+        x_label: "percentile",
+        series: vec![Series {
+            name: "latency",
+            color: "#e67700",
+            points: dist_points,
+        }],
+        y_scale: Scale::Log,
+        y_fmt: fmt_latency,
+        x_ticks: Some(
+            QUANTILES
+                .iter()
+                .map(|&(q, l)| (nines(q), l.to_string()))
+                .collect(),
+        ),
+    };
+
+    let mut page = String::new();
+    let _ = write!(
+        page,
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>weft-loadtest {sc} {tr}</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#222}}table{{border-collapse:collapse}}td,th{{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}}td.n{{text-align:right;font-variant-numeric:tabular-nums}}.bad{{color:#c92a2a;font-weight:bold}}svg{{display:block;margin:18px 0}}</style>
+</head><body><h1>weft-loadtest: {sc} over {tr}</h1><p>target {url} · run {run} · {procs} process(es) · {dur:.1}s load, {win:.1}s window</p>"#,
+        sc = escape(&r.scenario),
+        tr = escape(&r.transport),
+        url = escape(&r.target_url),
+        run = escape(&r.run_id),
+        procs = r.processes,
+        dur = r.duration_s,
+        win = r.window_s,
+    );
+    page.push_str("<table>");
+    let mut row = |k: &str, v: String, bad: bool| {
+        let _ = write!(
+            page,
+            r#"<tr><th>{}</th><td class="n{}">{}</td></tr>"#,
+            escape(k),
+            if bad { " bad" } else { "" },
+            escape(&v)
+        );
+    };
+    row(
+        "published",
+        format!(
+            "{} ({:.0}/s), {} failed",
+            r.published, r.publish_per_s, r.publish_errors
+        ),
+        r.publish_errors > 0,
+    );
+    row("expected", r.expected.to_string(), false);
+    row(
+        "delivered",
+        format!("{} ({:.0}/s)", r.delivered, r.deliveries_per_s),
+        false,
+    );
+    row(
+        "lost",
+        format!("{} ({:.4}%)", r.lost, r.loss_ratio * 100.0),
+        r.lost > 0,
+    );
+    row("duplicates", r.duplicates.to_string(), r.duplicates > 0);
+    row("reordered", r.reordered.to_string(), r.reordered > 0);
+    row("resets", r.resets.to_string(), r.resets > 0);
+    row("skipped", r.skipped.to_string(), false);
+    let p = &r.latency_us;
+    row(
+        "delivery latency",
+        format!(
+            "p50 {} · p90 {} · p99 {} · p99.9 {} · max {}",
+            fmt_us(p.p50),
+            fmt_us(p.p90),
+            fmt_us(p.p99),
+            fmt_us(p.p999),
+            fmt_us(p.max)
+        ),
+        false,
+    );
+    let c = &r.connect_latency_us;
+    row(
+        "connects",
+        format!(
+            "{} ok, {} failed, {:.0}/s; latency p50 {} · p99 {}",
+            r.connects,
+            r.connect_failures,
+            r.connect_per_s,
+            fmt_us(c.p50),
+            fmt_us(c.p99)
+        ),
+        r.connect_failures > 0,
+    );
+    if let Some(t) = &r.target {
+        row(
+            "target",
+            format!(
+                "{:.2} CPU s ({:.2} cores), RSS {} (peak {}){}",
+                t.cpu_s,
+                t.cpu_cores,
+                fmt_bytes(t.rss_bytes),
+                fmt_bytes(t.rss_peak_bytes),
+                t.rss_per_conn_bytes
+                    .map(|b| format!(", {} per connection", fmt_bytes(b)))
+                    .unwrap_or_default()
+            ),
+            false,
+        );
+    }
+    if let Some(rs) = &r.restart {
+        row(
+            "restart",
+            format!(
+                "`{}` at +{:.1}s, {:.1}s, exit {}",
+                rs.command,
+                rs.started_after_s,
+                rs.duration_s,
+                rs.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into())
+            ),
+            rs.exit_code != Some(0),
+        );
+    }
+    page.push_str("</table>");
+    page.push_str(&latency.svg());
+    page.push_str(&distribution.svg());
+    page.push_str(&throughput.svg());
+    if let Some(t) = r.target.as_ref().filter(|t| !t.rss_timeline.is_empty()) {
+        let rss = Chart {
+            title: "Target RSS",
+            x_label: "seconds since the load started",
+            series: vec![Series {
+                name: "RSS",
+                color: "#495057",
+                points: t
+                    .rss_timeline
+                    .iter()
+                    .map(|(&s, &b)| (rel(s), b as f64))
+                    .collect(),
+            }],
+            y_scale: Scale::Linear,
+            y_fmt: fmt_rss,
+            x_ticks: None,
+        };
+        page.push_str(&rss.svg());
+    }
+    if !r.errors.is_empty() {
+        page.push_str("<h2>Errors</h2><table>");
+        for (e, n) in &r.errors {
+            let _ = write!(
+                page,
+                r#"<tr><td class="n">{n}</td><td>{}</td></tr>"#,
+                escape(e)
+            );
+        }
+        page.push_str("</table>");
+    }
+    page.push_str("</body></html>\n");
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hist::{encode, new_hist, SIGFIG};
+    use crate::report::TimelinePoint;
+
+    #[test]
+    fn page_has_the_plots_and_escapes_text() {
+        let mut h = new_hist(SIGFIG);
+        for v in 1..=10_000u64 {
+            h.record(v * 10).unwrap();
+        }
+        let mut r = Report {
+            scenario: "fanout".into(),
+            transport: "ws".into(),
+            lost: 2,
+            errors: [("<script>alert(1)</script>".to_string(), 1)].into(),
+            timeline: (0..5)
+                .map(|i| TimelinePoint {
+                    t: 1000 + i,
+                    delivered: 100,
+                    published: 10,
+                    p50_us: 500,
+                    p99_us: 2000 + i * 100,
+                    max_us: 9000,
+                    hist: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        r.raw.start_us = 1_000_000_000;
+        r.raw.latency_hist = encode(&h);
+        let page = render(&r);
+        assert_eq!(page.matches("<svg").count(), 3);
+        assert!(page.contains("<polyline"));
+        assert!(page.contains("99.9%"));
+        assert!(!page.contains("<script>"));
+        assert!(page.contains("&lt;script&gt;"));
+        assert!(page.contains(r#"class="n bad""#), "lost > 0 is flagged");
+    }
+
+    #[test]
+    fn empty_chart_says_so() {
+        let c = Chart {
+            title: "t",
+            x_label: "x",
+            series: vec![],
+            y_scale: Scale::Log,
+            y_fmt: fmt_latency,
+            x_ticks: None,
+        };
+        assert!(c.svg().contains("no data"));
+    }
+}

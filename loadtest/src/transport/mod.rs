@@ -1,0 +1,81 @@
+//! Subscriber sessions, one module per transport. Each `session` opens one connection
+//! (or, for long-poll, one series of requests), (re)subscribes from the trackers'
+//! cursors, feeds every received event to the tracker and returns why it ended.
+//!
+//! - [`ws`]: `GET /v1/ws`, subprotocol `weft.v1.json`, one `subscribe` per topic.
+//! - [`sse`]: `GET /v1/topics/{t}/events?watch=true&since=…` for one topic, the
+//!   multi-topic `GET /v1/events?topic=…&watch=true` with `Last-Event-ID` for several.
+//! - [`longpoll`]: `GET /v1/topics/{t}/events?since=…&wait=…` in a loop, one per topic.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use weft_proto::{ErrorBody, TopicState};
+
+use crate::net::Net;
+
+pub mod longpoll;
+pub mod sse;
+pub mod ws;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Ws,
+    Sse,
+    Longpoll,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+            Transport::Longpoll => "longpoll",
+        })
+    }
+}
+
+/// `GET /v1/topics/{topic}`: the cursor a new HTTP subscription starts from.
+pub async fn topic_state(net: &Net, conn: usize, topic: &str) -> anyhow::Result<TopicState> {
+    let resp = net
+        .http(conn)
+        .get(net.url(&format!("/v1/topics/{topic}")))
+        .timeout(crate::net::CONNECT_TIMEOUT)
+        .send()
+        .await?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    if !status.is_success() {
+        anyhow::bail!("GET state of {topic}: {status} {}", error_message(&body));
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The message of a `{"error":{…}}` body, or the body itself (shortened).
+pub fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => e.error.message,
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+    }
+}
+
+/// The cursor in a `410 Gone` body.
+pub fn gone_cursor(body: &[u8]) -> Option<weft_proto::Cursor> {
+    serde_json::from_slice::<ErrorBody>(body)
+        .ok()?
+        .error
+        .cursor?
+        .parse()
+        .ok()
+}
+
+/// `Retry-After` in seconds (capped), for 429 and 503 answers.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> std::time::Duration {
+    let secs = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    std::time::Duration::from_secs(secs.min(10))
+}
