@@ -36,12 +36,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         merged.finalize()?;
         return finish(&merged, &m.out);
     }
-    let (plan, common) = build(&cli.command)?;
+    let out = match &cli.command {
+        Cmd::Connect(a) => &a.common.out,
+        Cmd::Fanout(a) => &a.common.out,
+        Cmd::Chat(a) => &a.common.out,
+        Cmd::Ticker(a) => &a.common.out,
+        Cmd::Churn(a) => &a.common.out,
+        Cmd::Rolling(a) => &a.common.out,
+        Cmd::Merge(m) => &m.out,
+    };
+    match execute(&cli.command).await? {
+        Some(report) => finish(&report, out),
+        None => Ok(0),
+    }
+}
+
+/// Runs a scenario subcommand and returns its report; `None` in a worker process,
+/// which hands its report to its parent instead.
+pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
+    let (plan, common) = build(cmd)?;
     let worker = common.worker_slot;
     let run_id = common.run_id.clone().unwrap_or_default();
     let root = common.shard.unwrap_or_default();
     let slot = worker.unwrap_or(root);
-    let settings = settings(&plan, &common, &cli.command, slot, &run_id);
+    let settings = settings(&plan, &common, cmd, slot, &run_id);
     let settle = common.settle.unwrap_or(if common.shard.is_some() {
         Duration::from_secs(2)
     } else {
@@ -54,7 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         if let Role::Worker(link) = &role {
             link.send(&WorkerMsg::Report(Box::new(report)));
         }
-        return Ok(0);
+        return Ok(None);
     }
 
     let label = format!("{}/{}", plan.kind, common.transport);
@@ -91,7 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         report
     };
-    finish(&report, &common.out)
+    Ok(Some(report))
 }
 
 /// The plan and the shared options of a scenario subcommand.

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::hist;
 use crate::plan::Restart;
 use crate::progress::Progress;
+use crate::publisher::EpochEnds;
 use crate::report::{Report, RestartOutcome};
 use crate::stamp::now_us;
 use crate::stats::StatsSnapshot;
@@ -46,7 +47,10 @@ pub enum WorkerMsg {
         stats: StatsSnapshot,
         window: String,
     },
-    Loaded,
+    /// Publishing is over; how far each (topic, epoch) got, as this worker saw it.
+    Loaded {
+        epoch_ends: Vec<EpochEnd>,
+    },
     Report(Box<Report>),
 }
 
@@ -54,8 +58,39 @@ pub enum WorkerMsg {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParentMsg {
-    Go { start_us: u64 },
-    Drain,
+    Go {
+        start_us: u64,
+    },
+    /// Start draining; the epoch ends merged over every worker.
+    Drain {
+        epoch_ends: Vec<EpochEnd>,
+    },
+}
+
+/// The last acknowledged offset of one (topic, epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochEnd {
+    pub topic: usize,
+    pub epoch: String,
+    pub offset: u64,
+}
+
+pub fn to_list(ends: &EpochEnds) -> Vec<EpochEnd> {
+    ends.iter()
+        .map(|((topic, epoch), &offset)| EpochEnd {
+            topic: *topic,
+            epoch: epoch.clone(),
+            offset,
+        })
+        .collect()
+}
+
+/// Adds `list` into `ends`, keeping the highest offset of each (topic, epoch).
+pub fn merge_into(ends: &mut EpochEnds, list: &[EpochEnd]) {
+    for e in list {
+        let v = ends.entry((e.topic, e.epoch.clone())).or_insert(0);
+        *v = (*v).max(e.offset);
+    }
 }
 
 /// The tokio instant matching a wall-clock time (µs since the Unix epoch).
@@ -75,6 +110,7 @@ pub struct Conductor {
     sampler: Option<Arc<Mutex<Sampler>>>,
     restart: Option<Restart>,
     restart_task: Option<JoinHandle<RestartOutcome>>,
+    restart_outcome: Option<RestartOutcome>,
     progress: Arc<Mutex<Progress>>,
     /// Pause after the load before the finals are read (shards on other machines may
     /// still be publishing).
@@ -97,6 +133,7 @@ impl Conductor {
             sampler,
             restart,
             restart_task: None,
+            restart_outcome: None,
             progress: Arc::new(Mutex::new(progress)),
             settle,
         })
@@ -117,8 +154,8 @@ impl Conductor {
     /// The load is over (connections still open): waits for the restart command,
     /// samples the target, lets stragglers settle.
     pub async fn loaded(&mut self) {
-        if let Some(task) = &mut self.restart_task {
-            let _ = task.await;
+        if let Some(task) = self.restart_task.take() {
+            self.restart_outcome = task.await.ok();
         }
         if let Some(s) = &self.sampler {
             s.lock().unwrap_or_else(|p| p.into_inner()).load_ended();
@@ -144,17 +181,14 @@ impl Conductor {
             .unwrap_or_else(|p| p.into_inner())
             .finish();
         if let Some(s) = self.sampler.take() {
-            let sampler = Arc::try_unwrap(s)
-                .ok()
-                .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
-            if let Some(sampler) = sampler {
-                report.target = Some(sampler.finish(report.connections_open));
-            }
+            let mut sampler = s.lock().unwrap_or_else(|p| p.into_inner());
+            report.target = Some(sampler.finish(report.connections_open));
         }
         if let Some(task) = self.restart_task.take() {
-            if let Ok(outcome) = task.await {
-                report.restart = Some(outcome);
-            }
+            self.restart_outcome = task.await.ok();
+        }
+        if let Some(outcome) = self.restart_outcome.take() {
+            report.restart = Some(outcome);
         }
     }
 }
@@ -297,17 +331,24 @@ impl Role {
         }
     }
 
-    /// The load is over; returns when the drain may begin.
-    pub async fn loaded(&mut self) -> anyhow::Result<()> {
+    /// The load is over; returns when the drain may begin, with the epoch ends of the
+    /// whole run (a worker's own merged with its siblings').
+    pub async fn loaded(&mut self, ends: EpochEnds) -> anyhow::Result<EpochEnds> {
         match self {
             Role::Local(c) => {
                 c.loaded().await;
-                Ok(())
+                Ok(ends)
             }
             Role::Worker(w) => {
-                w.send(&WorkerMsg::Loaded);
+                w.send(&WorkerMsg::Loaded {
+                    epoch_ends: to_list(&ends),
+                });
                 match w.recv().await? {
-                    ParentMsg::Drain => Ok(()),
+                    ParentMsg::Drain { epoch_ends } => {
+                        let mut all = ends;
+                        merge_into(&mut all, &epoch_ends);
+                        Ok(all)
+                    }
                     other => anyhow::bail!("expected `drain` from the parent, got {other:?}"),
                 }
             }
@@ -330,10 +371,28 @@ mod tests {
         ));
         let go = serde_json::to_string(&ParentMsg::Go { start_us: 5 }).unwrap();
         assert_eq!(go, r#"{"go":{"start_us":5}}"#);
-        assert_eq!(
-            serde_json::to_string(&ParentMsg::Drain).unwrap(),
-            r#""drain""#
-        );
+        let drain = ParentMsg::Drain {
+            epoch_ends: vec![EpochEnd {
+                topic: 1,
+                epoch: "e".into(),
+                offset: 9,
+            }],
+        };
+        let back: ParentMsg =
+            serde_json::from_str(&serde_json::to_string(&drain).unwrap()).unwrap();
+        let ParentMsg::Drain { epoch_ends } = back else {
+            panic!("not drain")
+        };
+        let mut ends = EpochEnds::new();
+        merge_into(&mut ends, &epoch_ends);
+        let older = EpochEnd {
+            topic: 1,
+            epoch: "e".into(),
+            offset: 4,
+        };
+        merge_into(&mut ends, &[older]);
+        assert_eq!(ends[&(1, "e".to_string())], 9);
+        assert_eq!(to_list(&ends), epoch_ends);
     }
 
     #[tokio::test]

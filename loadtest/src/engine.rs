@@ -10,7 +10,7 @@
 //!    wait until all have caught up — at most `--drain-timeout`, then stop them.
 //! 6. **Report**: trackers' books closed against the finals, histograms, counters.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,18 +154,28 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         run_id: st.run_id.clone(),
         max_inflight: st.max_inflight,
         timeout: st.publish_timeout,
+        epoch_ends: Default::default(),
     });
-    let published = publisher.run(plan, st.slot, start, start_us).await;
+    let published = publisher.clone().run(plan, st.slot, start, start_us).await;
     tokio::time::sleep_until(start + plan.duration).await;
 
     // 4. Loaded.
-    role.loaded().await?;
+    let ends = std::mem::take(
+        &mut *publisher
+            .epoch_ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    let epoch_ends = role.loaded(ends).await?;
     let open_at_end = stats.open.load(Relaxed);
 
     // 5. Drain.
     set_phase(&phase, "drain");
     let drain_deadline = Instant::now() + st.drain_timeout;
-    let finals = read_finals(&net, &topics, &watched, drain_deadline, &errors).await;
+    let finals = Finals {
+        cursors: read_finals(&net, &topics, &watched, drain_deadline, &errors).await,
+        epoch_ends,
+    };
     finals_tx.send_replace(Some(Arc::new(finals)));
     let mut outcomes = Vec::with_capacity(local.len());
     loop {
@@ -293,7 +303,7 @@ async fn read_finals(
     watched: &BTreeSet<usize>,
     deadline: Instant,
     errors: &ErrorLog,
-) -> Finals {
+) -> HashMap<usize, Cursor> {
     let results: Vec<(usize, Option<Cursor>)> = stream::iter(watched.iter().copied())
         .map(|t| async move {
             let mut pause = Duration::from_millis(50);

@@ -383,7 +383,14 @@ pub fn render(r: &Report) -> String {
     );
     row("duplicates", r.duplicates.to_string(), r.duplicates > 0);
     row("reordered", r.reordered.to_string(), r.reordered > 0);
-    row("resets", r.resets.to_string(), r.resets > 0);
+    row(
+        "resets",
+        format!(
+            "{} ({} events dropped with history)",
+            r.resets, r.reset_dropped
+        ),
+        r.resets > 0,
+    );
     row("skipped", r.skipped.to_string(), false);
     let p = &r.latency_us;
     row(

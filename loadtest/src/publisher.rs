@@ -11,7 +11,8 @@
 //! the owner's dedupe window holds. Each event is retried until `--publish-timeout`
 //! after its due time, then counted as a publish error.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,10 @@ use crate::recorder::Recorder;
 use crate::stamp::{now_us, Stamp};
 use crate::stats::{ErrorLog, LiveStats};
 use crate::transport::{error_message, retry_after};
+use weft_proto::PublishResult;
+
+/// Last acknowledged offset per (topic, epoch).
+pub type EpochEnds = HashMap<(usize, String), u64>;
 
 /// HTTP clients (connection pools) publishers spread over.
 const PUBLISH_CLIENTS: usize = 4;
@@ -42,6 +47,8 @@ pub struct Publisher {
     pub max_inflight: usize,
     /// How long after its due time an event may still be retried.
     pub timeout: Duration,
+    /// What the `201` answers said: how far each (topic, epoch) got.
+    pub epoch_ends: Mutex<EpochEnds>,
 }
 
 /// What a publisher did.
@@ -123,8 +130,14 @@ impl Publisher {
                 .await;
             let (why, pause) = match sent {
                 Ok(resp) if resp.status().is_success() => {
-                    self.recorder.publish(k as usize, now_us(), intended_us);
+                    let ack = now_us();
+                    self.recorder.publish(k as usize, ack, intended_us);
                     LiveStats::inc(&self.stats.published);
+                    if let Ok(body) = resp.bytes().await {
+                        if let Ok(r) = serde_json::from_slice::<PublishResult>(&body) {
+                            self.note(topic, r);
+                        }
+                    }
                     return (true, retries);
                 }
                 Ok(resp) => {
@@ -153,6 +166,15 @@ impl Publisher {
             retries += 1;
             tokio::time::sleep(pause).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn note(&self, topic: usize, r: PublishResult) {
+        let mut ends = self.epoch_ends.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a topic gets a new epoch only when its history is lost.
+        if ends.len() < 1_000_000 {
+            let e = ends.entry((topic, r.epoch)).or_insert(0);
+            *e = (*e).max(r.offset);
         }
     }
 

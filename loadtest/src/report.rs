@@ -64,6 +64,11 @@ pub struct Report {
     pub foreign: u64,
     /// Events received before their subscription had started (protocol anomaly).
     pub unstarted: u64,
+    /// Events acknowledged to the publishers in an epoch that a reset then ended before
+    /// the subscriber received them: history the server lost and said so (not in
+    /// `expected`, `lost` or `delivered`).
+    #[serde(default)]
+    pub reset_dropped: u64,
     /// `lost / expected`.
     pub loss_ratio: f64,
     pub deliveries_per_s: f64,
@@ -144,6 +149,7 @@ impl Report {
             skipped: self.skipped,
             stale: self.stale,
             unstarted: self.unstarted,
+            reset_dropped: self.reset_dropped,
         }
     }
 
@@ -157,6 +163,7 @@ impl Report {
         self.skipped = c.skipped;
         self.stale = c.stale;
         self.unstarted = c.unstarted;
+        self.reset_dropped = c.reset_dropped;
     }
 
     /// Adds another partial report of the same run.
@@ -333,12 +340,13 @@ impl Report {
             &mut s,
             "integrity",
             format!(
-                "lost {} ({:.4}%), duplicates {}, reordered {}, resets {}, skipped {}, stale {}",
+                "lost {} ({:.4}%), duplicates {}, reordered {}, resets {} (dropped {}), skipped {}, stale {}",
                 self.lost,
                 self.loss_ratio * 100.0,
                 self.duplicates,
                 self.reordered,
                 self.resets,
+                self.reset_dropped,
                 self.skipped,
                 self.stale
             ),

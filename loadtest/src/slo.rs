@@ -5,7 +5,7 @@
 //! | metric | value |
 //! |---|---|
 //! | `p50` `p90` `p99` `p999` `max` `mean` (delivery latency), `connect_p50` … `connect_max`, `publish_p50` … `publish_max` | a duration with its unit: `800us`, `10ms`, `1.5s` |
-//! | `loss` (= `lost`), `duplicates`, `reordered`, `resets`, `skipped`, `stale`, `publish_errors`, `connect_failures` | a count, or a percentage of `expected` (`loss<0.01%`) |
+//! | `loss` (= `lost`), `duplicates`, `reordered`, `resets`, `reset_dropped`, `skipped`, `stale`, `publish_errors`, `connect_failures` | a count, or a percentage of `expected` (`loss<0.01%`) |
 //! | `deliveries_per_s`, `publish_per_s`, `connect_per_s` | a number, optionally with `k` or `M` |
 //!
 //! `op` is one of `<` `<=` `>` `>=` `=` (also `==`). A missed objective makes the run exit
@@ -106,12 +106,13 @@ impl fmt::Display for Verdict {
 }
 
 const LATENCY: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
-const COUNTS: [&str; 9] = [
+const COUNTS: [&str; 10] = [
     "loss",
     "lost",
     "duplicates",
     "reordered",
     "resets",
+    "reset_dropped",
     "skipped",
     "stale",
     "publish_errors",
@@ -269,6 +270,7 @@ pub fn check(objectives: &[Objective], r: &Report) -> Vec<Verdict> {
                         "duplicates" => r.duplicates as f64,
                         "reordered" => r.reordered as f64,
                         "resets" => r.resets as f64,
+                        "reset_dropped" => r.reset_dropped as f64,
                         "skipped" => r.skipped as f64,
                         "stale" => r.stale as f64,
                         "publish_errors" => r.publish_errors as f64,

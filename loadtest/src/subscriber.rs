@@ -33,8 +33,23 @@ const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Final cursor of each topic (by topic number), known once publishing is over.
-pub type Finals = HashMap<usize, Cursor>;
+/// What is known once publishing is over.
+#[derive(Debug, Clone, Default)]
+pub struct Finals {
+    /// Final cursor of each topic, by topic number.
+    pub cursors: HashMap<usize, Cursor>,
+    /// Last offset the publishers saw acknowledged in each (topic, epoch).
+    pub epoch_ends: HashMap<(usize, String), u64>,
+}
+
+impl Finals {
+    pub fn new(cursors: HashMap<usize, Cursor>) -> Self {
+        Self {
+            cursors,
+            epoch_ends: HashMap::new(),
+        }
+    }
+}
 
 /// What every subscriber of a process shares.
 pub struct Shared {
@@ -160,8 +175,14 @@ impl Subscriber {
         let finals = self.finals.borrow().clone();
         let mut counts = Counts::default();
         for (i, t) in self.tracks.iter().enumerate() {
-            let last = finals.as_ref().and_then(|f| f.get(&self.topics[i]));
-            counts.add(&t.finish(last));
+            let topic = self.topics[i];
+            let last = finals.as_ref().and_then(|f| f.cursors.get(&topic));
+            let end = |epoch: &str| {
+                finals
+                    .as_ref()
+                    .and_then(|f| f.epoch_ends.get(&(topic, epoch.to_owned())).copied())
+            };
+            counts.add(&t.finish(last, end));
         }
         SubscriberOutcome {
             counts,
@@ -179,7 +200,7 @@ impl Subscriber {
         self.tracks
             .iter()
             .zip(&self.topics)
-            .all(|(t, topic)| f.get(topic).is_some_and(|c| t.caught_up(c)))
+            .all(|(t, topic)| f.cursors.get(topic).is_some_and(|c| t.caught_up(c)))
     }
 
     /// A subscribe reply or state read: the subscription's position.

@@ -136,7 +136,7 @@ impl Sampler {
     }
 
     /// The figures, given how many connections were open at the end of the load.
-    pub fn finish(mut self, open_connections: u64) -> TargetStats {
+    pub fn finish(&mut self, open_connections: u64) -> TargetStats {
         if self.at_end.is_none() {
             self.load_ended();
         }
@@ -158,7 +158,7 @@ impl Sampler {
             rss_peak_bytes: self.peak,
             rss_per_conn_bytes: (open_connections > 0)
                 .then(|| end.rss_bytes.saturating_sub(start.rss_bytes) / open_connections),
-            rss_timeline: self.timeline,
+            rss_timeline: std::mem::take(&mut self.timeline),
         }
     }
 }

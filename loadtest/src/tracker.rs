@@ -16,8 +16,16 @@
 //! `expected = delivered + lost`, where lost counts the gaps never filled plus the tail
 //! between the last offset seen and the final offset.
 //!
+//! A reset is a signal, not an excuse: what it made the subscriber skip is counted as
+//! `reset_dropped` — history the server lost and said so, as opposed to `lost`, which it
+//! lost silently. That is the old epoch's tail (the offsets published after the last one
+//! received, when the publishers know how far the epoch went: their `201` answers carry
+//! epoch and offset) plus the new cursor's lead (a new epoch's offsets up to the cursor
+//! the reset gave, or the offsets a retention reset jumped over).
+//!
 //! The tracker keeps at most [`MAX_MISSING_RANGES`] open gaps; older ones are written off
-//! as lost (a reorder that late is not worth remembering).
+//! as lost (a reorder that late is not worth remembering), and at most
+//! [`MAX_CLOSED_SEGMENTS`] closed segments.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +34,8 @@ use weft_proto::Cursor;
 
 /// Open gaps remembered per subscription before the oldest are written off as lost.
 pub const MAX_MISSING_RANGES: usize = 4096;
+/// Closed segments (one per reset) remembered for `reset_dropped`.
+pub const MAX_CLOSED_SEGMENTS: usize = 64;
 
 /// What one received offset was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +70,9 @@ pub struct Counts {
     pub stale: u64,
     /// Events received before the subscription had started.
     pub unstarted: u64,
+    /// Offsets published in an epoch that a reset ended before they were received.
+    #[serde(default)]
+    pub reset_dropped: u64,
 }
 
 impl Counts {
@@ -73,6 +86,7 @@ impl Counts {
         self.skipped += o.skipped;
         self.stale += o.stale;
         self.unstarted += o.unstarted;
+        self.reset_dropped += o.reset_dropped;
     }
 }
 
@@ -92,6 +106,8 @@ pub struct TopicTrack {
     closed_span: u64,
     /// Gaps written off (closed segments, or too many open ranges).
     written_off: u64,
+    /// Epoch and last in-order offset of each closed segment.
+    closed: Vec<(String, u64)>,
     counts: Counts,
 }
 
@@ -135,7 +151,15 @@ impl TopicTrack {
 
     /// The server said the cursor is gone: count a reset and continue from `epoch:offset`.
     pub fn reset(&mut self, epoch: &str, offset: u64) {
-        if self.epoch.is_some() {
+        if let Some(old) = self.epoch.clone() {
+            // What the reset makes the subscriber skip besides the old epoch's tail: a
+            // new epoch's events up to the cursor (it starts at 0), or, in the same
+            // epoch (retention), the offsets between the last seen and the cursor.
+            self.counts.reset_dropped += if old == epoch {
+                offset.saturating_sub(self.next - 1)
+            } else {
+                offset
+            };
             self.close_segment();
             self.counts.resets += 1;
         }
@@ -207,9 +231,15 @@ impl TopicTrack {
     }
 
     /// Closes the books against the topic's final cursor (`None` when it could not be
-    /// read: then the last offset seen is taken as the end).
-    pub fn finish(&self, last: Option<&Cursor>) -> Counts {
+    /// read: then the last offset seen is taken as the end). `epoch_end` tells the last
+    /// offset published in an epoch, when known, for the segments resets closed.
+    pub fn finish(&self, last: Option<&Cursor>, epoch_end: impl Fn(&str) -> Option<u64>) -> Counts {
         let mut c = self.counts;
+        for (epoch, seen) in &self.closed {
+            if let Some(end) = epoch_end(epoch) {
+                c.reset_dropped += end.saturating_sub(*seen);
+            }
+        }
         let Some(epoch) = &self.epoch else {
             return c;
         };
@@ -238,6 +268,11 @@ impl TopicTrack {
 
     fn close_segment(&mut self) {
         self.closed_span += (self.next - 1) - self.start;
+        if let Some(epoch) = &self.epoch {
+            if self.closed.len() < MAX_CLOSED_SEGMENTS {
+                self.closed.push((epoch.clone(), self.next - 1));
+            }
+        }
         self.written_off += self.missing_count;
         self.missing.clear();
         self.missing_count = 0;
@@ -288,7 +323,7 @@ mod tests {
     }
 
     fn fin(t: &TopicTrack, epoch: &str, offset: u64) -> Counts {
-        t.finish(Some(&Cursor::new(epoch, offset)))
+        t.finish(Some(&Cursor::new(epoch, offset)), |_| None)
     }
 
     #[test]
@@ -386,6 +421,29 @@ mod tests {
     }
 
     #[test]
+    fn events_an_epoch_took_with_it_are_reset_dropped() {
+        let mut t = started("e1", 0);
+        t.event(1);
+        t.event(2);
+        t.reset("e2", 0);
+        t.event(1);
+        // The publishers saw e1 reach offset 5: 3, 4 and 5 went down with the epoch.
+        let c = t.finish(Some(&Cursor::new("e2", 1)), |e| (e == "e1").then_some(5));
+        assert_eq!((c.lost, c.reset_dropped, c.resets), (0, 3, 1));
+        let c = t.finish(Some(&Cursor::new("e2", 1)), |_| None);
+        assert_eq!(c.reset_dropped, 0, "unknown epoch end: nothing claimed");
+        // A reset into an epoch that already has 4 events skips them.
+        t.reset("e3", 4);
+        t.event(5);
+        let c = t.finish(Some(&Cursor::new("e3", 5)), |_| None);
+        assert_eq!((c.resets, c.reset_dropped, c.lost), (2, 4, 0));
+        // A retention reset in the same epoch skips from the last seen to the cursor.
+        t.reset("e3", 9);
+        let c = t.finish(Some(&Cursor::new("e3", 9)), |_| None);
+        assert_eq!((c.resets, c.reset_dropped), (3, 4 + 4));
+    }
+
+    #[test]
     fn gaps_before_a_reset_stay_lost() {
         let mut t = started("e1", 0);
         t.event(1);
@@ -438,7 +496,7 @@ mod tests {
     fn events_before_start_are_flagged() {
         let mut t = TopicTrack::new();
         assert_eq!(t.event(3), Verdict::Unstarted);
-        assert_eq!(t.finish(None).unstarted, 1);
+        assert_eq!(t.finish(None, |_| None).unstarted, 1);
         assert_eq!(t.cursor(), None);
     }
 

@@ -17,9 +17,10 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::coord::{Conductor, ParentMsg, WorkerMsg};
+use crate::coord::{merge_into, to_list, Conductor, ParentMsg, WorkerMsg};
 use crate::hist::{self, new_hist, SIGFIG};
 use crate::plan::Slot;
+use crate::publisher::EpochEnds;
 use crate::report::Report;
 use crate::stats::StatsSnapshot;
 
@@ -46,6 +47,7 @@ struct Workers {
     stats: Vec<StatsSnapshot>,
     window: hdrhistogram::Histogram<u64>,
     reports: Vec<Option<Report>>,
+    epoch_ends: EpochEnds,
     last_show: Instant,
 }
 
@@ -113,6 +115,7 @@ pub async fn run(
         stats: vec![StatsSnapshot::default(); count],
         window: new_hist(SIGFIG),
         reports: vec![None; count],
+        epoch_ends: EpochEnds::new(),
         last_show: Instant::now(),
     };
 
@@ -123,11 +126,12 @@ pub async fn run(
     let start_us = conductor.go();
     ws.broadcast(&ParentMsg::Go { start_us }).await?;
     ws.wait(&conductor, "load", limits.load, |m| {
-        matches!(m, WorkerMsg::Loaded)
+        matches!(m, WorkerMsg::Loaded { .. })
     })
     .await?;
     conductor.loaded().await;
-    ws.broadcast(&ParentMsg::Drain).await?;
+    let epoch_ends = to_list(&ws.epoch_ends);
+    ws.broadcast(&ParentMsg::Drain { epoch_ends }).await?;
     ws.wait(&conductor, "drain", limits.drain, |m| {
         matches!(m, WorkerMsg::Report(_))
     })
@@ -179,6 +183,9 @@ impl Workers {
                             }
                         }
                         WorkerMsg::Report(r) => self.reports[w] = Some(*r),
+                        WorkerMsg::Loaded { epoch_ends } => {
+                            merge_into(&mut self.epoch_ends, &epoch_ends)
+                        }
                         _ => {}
                     }
                     if matched {

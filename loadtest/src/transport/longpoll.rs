@@ -214,6 +214,6 @@ fn caught_up(cx: &LoopCtx<'_, '_>, track: &TopicTrack) -> bool {
     cx.finals
         .borrow()
         .as_ref()
-        .and_then(|f| f.get(&cx.topic_no))
+        .and_then(|f| f.cursors.get(&cx.topic_no))
         .is_some_and(|c| track.caught_up(c))
 }

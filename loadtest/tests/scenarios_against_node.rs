@@ -1,0 +1,387 @@
+//! Every scenario, in a short mode, against an in-process node over real sockets: the
+//! harness must see zero loss and counts that add up (expected = published × the
+//! subscribers of each topic), on every transport.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use weft_loadtest::app;
+use weft_loadtest::cli::Cli;
+use weft_loadtest::report::Report;
+
+struct TestNode {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+fn config() -> weft_node::Config {
+    let mut c = weft_node::Config {
+        node_id: format!("loadtest-{}", std::process::id()),
+        ..Default::default()
+    };
+    c.timing.shutdown_grace_ms = 1000;
+    c.timing.reconnect_jitter_ms = 200;
+    c
+}
+
+impl TestNode {
+    async fn start() -> Self {
+        Self::on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    fn on(listener: tokio::net::TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(weft_node::run(listener, config(), async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    fn target(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("node stops within its grace")
+                .expect("node task")
+                .expect("node exits cleanly");
+        }
+    }
+}
+
+async fn run(node: &TestNode, args: &[&str]) -> Report {
+    let mut argv = vec!["weft-loadtest"];
+    argv.extend_from_slice(args);
+    let target = node.target();
+    argv.extend_from_slice(&["--target", &target, "--quiet", "--drain-timeout", "10s"]);
+    let cli = Cli::try_parse_from(&argv).expect("arguments parse");
+    let report = app::execute(&cli.command)
+        .await
+        .expect("scenario runs")
+        .expect("a local run returns its report");
+    eprintln!("{}", report.table());
+    report
+}
+
+/// No loss, no duplicates, no reordering, no resets; deliveries add up.
+fn assert_clean(r: &Report) {
+    assert!(r.published > 0, "nothing published");
+    assert_eq!(r.publish_errors, 0, "{:?}", r.errors);
+    assert_eq!(r.lost, 0, "lost events: {:?}", r.errors);
+    assert_eq!(r.duplicates, 0);
+    assert_eq!(r.reordered, 0);
+    assert_eq!(r.resets, 0);
+    assert_eq!(r.stale, 0);
+    assert_eq!(r.foreign, 0);
+    assert_eq!(r.unstarted, 0);
+    assert_eq!(r.delivered, r.expected);
+    assert_eq!(
+        r.latency_us.count, r.delivered,
+        "every delivery has a latency"
+    );
+    assert!(
+        r.latency_us.p50 > 0 && r.latency_us.p50 < 2_000_000,
+        "{:?}",
+        r.latency_us
+    );
+    assert!(r.deliveries_per_s > 0.0);
+    assert_eq!(r.connect_failures, 0, "{:?}", r.errors);
+    assert!(r.connects >= r.subscribers);
+}
+
+async fn fanout(transport: &str) {
+    let mut node = TestNode::start().await;
+    let r = run(
+        &node,
+        &[
+            "fanout",
+            "--transport",
+            transport,
+            "--subscribers",
+            "12",
+            "--topics",
+            "3",
+            "--rate",
+            "150",
+            "--payload-bytes",
+            "200",
+            "--duration",
+            "2s",
+        ],
+    )
+    .await;
+    node.stop().await;
+    assert_clean(&r);
+    assert_eq!(r.published, 300);
+    // 4 subscribers per topic, every event owed to each of them.
+    assert_eq!(r.expected, 300 * 4);
+    assert_eq!(
+        (r.scenario.as_str(), r.transport.as_str()),
+        ("fanout", transport)
+    );
+    assert_eq!(r.subscribers, 12);
+    assert!(!r.timeline.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_websocket() {
+    fanout("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_sse() {
+    fanout("sse").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_longpoll() {
+    fanout("longpoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_rooms_publish_and_receive() {
+    let mut node = TestNode::start().await;
+    let r = run(
+        &node,
+        &[
+            "chat",
+            "--rooms",
+            "3",
+            "--members",
+            "4",
+            "--rate",
+            "60",
+            "--duration",
+            "2s",
+        ],
+    )
+    .await;
+    node.stop().await;
+    assert_clean(&r);
+    assert_eq!(r.published, 120);
+    // Every message reaches the 4 members of its room, the sender included.
+    assert_eq!(r.expected, 120 * 4);
+    assert_eq!(r.subscribers, 12);
+}
+
+async fn ticker(transport: &str) {
+    let mut node = TestNode::start().await;
+    let args = [
+        "ticker",
+        "--transport",
+        transport,
+        "--topics",
+        "40",
+        "--subscribers",
+        "6",
+        "--topics-per-subscriber",
+        "8",
+        "--rate",
+        "300",
+        "--duration",
+        "2s",
+        "--run-id",
+        "tick",
+    ];
+    let r = run(&node, &args).await;
+    node.stop().await;
+    assert_clean(&r);
+    assert_eq!(r.published, 600);
+    assert_eq!(r.subscriptions, 6 * 8);
+    // Each subscription is owed exactly the events published to its topic.
+    let mut argv = vec!["weft-loadtest"];
+    argv.extend_from_slice(&args);
+    let (plan, _) = app::build(&Cli::try_parse_from(&argv).unwrap().command).unwrap();
+    let mut per_topic = vec![0u64; plan.topics.len()];
+    for k in 0..plan.total_events() {
+        per_topic[plan.event_topic(k)] += 1;
+    }
+    let owed: u64 = (0..plan.subscribers)
+        .flat_map(|j| plan.subscriber_topics(j))
+        .map(|t| per_topic[t])
+        .sum();
+    assert_eq!(r.expected, owed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticker_over_websocket() {
+    ticker("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticker_over_multi_topic_sse() {
+    ticker("sse").await;
+}
+
+async fn churn(transport: &str) {
+    let mut node = TestNode::start().await;
+    let r = run(
+        &node,
+        &[
+            "churn",
+            "--transport",
+            transport,
+            "--subscribers",
+            "8",
+            "--topics",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "3s",
+            "--lifetime",
+            "600ms",
+            "--reconnect-gap",
+            "50ms",
+        ],
+    )
+    .await;
+    node.stop().await;
+    assert_clean(&r);
+    assert!(
+        r.reconnects >= 8,
+        "sessions should have come and gone: {}",
+        r.reconnects
+    );
+    assert!(r.sessions > r.subscribers);
+    assert_eq!(r.expected, 300 * 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_resumes_without_loss_over_websocket() {
+    churn("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_resumes_without_loss_over_sse() {
+    churn("sse").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_resumes_without_loss_over_longpoll() {
+    churn("longpoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_measures_rate_latency_and_target_memory() {
+    let mut node = TestNode::start().await;
+    // The node runs in this process, so this process is the target.
+    let pid = std::process::id().to_string();
+    let r = run(
+        &node,
+        &[
+            "connect",
+            "--connections",
+            "60",
+            "--rate",
+            "300",
+            "--duration",
+            "1s",
+            "--target-pid",
+            &pid,
+        ],
+    )
+    .await;
+    node.stop().await;
+    assert_eq!(r.connects, 60, "{:?}", r.errors);
+    assert_eq!(r.connect_failures, 0);
+    assert_eq!(r.connections_open, 60);
+    assert_eq!(r.connect_latency_us.count, 60);
+    // 60 connects scheduled over 0.2 s.
+    assert!(
+        r.connect_per_s > 100.0 && r.connect_per_s < 1000.0,
+        "{}",
+        r.connect_per_s
+    );
+    let t = r.target.expect("target figures with --target-pid");
+    assert!(t.rss_bytes > 0 && t.rss_per_conn_bytes.is_some());
+    assert_eq!((r.published, r.expected, r.lost), (0, 0, 0));
+}
+
+/// `rolling`: the restart command makes the test stop the node and start a new one on
+/// the same port. Subscribers reconnect and resume; publishes retry; history (in
+/// memory) is gone, so every subscription sees a reset — signalled, never silent loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_is_survived() {
+    let mut node = TestNode::start().await;
+    let addr = node.addr;
+    let flag = std::env::temp_dir().join(format!("weft-loadtest-restart-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let cmd = format!("touch {} && sleep 1.5", flag.display());
+    let restarter = {
+        let flag = flag.clone();
+        tokio::spawn(async move {
+            while !flag.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            node.stop().await;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .expect("rebind the same port");
+            TestNode::on(listener)
+        })
+    };
+    let target = TestNode {
+        addr,
+        stop: None,
+        task: None,
+    };
+    let r = run(
+        &target,
+        &[
+            "rolling",
+            "--subscribers",
+            "6",
+            "--topics",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "4s",
+            "--restart-cmd",
+            &cmd,
+            "--restart-after",
+            "1s",
+        ],
+    )
+    .await;
+    let mut second = restarter.await.unwrap();
+    second.stop().await;
+    let _ = std::fs::remove_file(&flag);
+
+    let restart = r.restart.clone().expect("restart outcome");
+    assert_eq!(restart.exit_code, Some(0));
+    assert_eq!(
+        r.publish_errors, 0,
+        "publishes retry across the restart: {:?}",
+        r.errors
+    );
+    assert_eq!(r.published, 200);
+    assert_eq!(r.lost, 0, "{:?}", r.errors);
+    assert_eq!(r.duplicates, 0);
+    assert!(
+        r.resets >= 6,
+        "each subscription learns history was lost: {}",
+        r.resets
+    );
+    assert!(r.reconnects >= 6, "{}", r.reconnects);
+    assert_eq!(r.delivered, r.expected);
+    // What the old epoch took with it is accounted for: each of the 3 subscribers of a
+    // topic either received an event or saw it go down with the reset.
+    assert_eq!(r.delivered + r.reset_dropped, r.published * 3, "{r:?}");
+}
