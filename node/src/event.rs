@@ -103,10 +103,14 @@ impl StoredEvent {
         out.put_u8(b'}');
     }
 
-    /// `{"push":{"topic":"t","event":{…}}}` for `weft.v1.json`.
+    /// `{"push":{"topic":"t","event":{…}}}` for `weft.v1.json`, as a whole WebSocket
+    /// text frame: server frames are unmasked, so the header is the same for every
+    /// recipient and the frame is built once.
     pub fn ws_frame(&self) -> &Bytes {
         self.ws.get_or_init(|| {
-            let mut out = BytesMut::with_capacity(self.data.len() + self.topic.len() + 96);
+            let payload_len = self.ws_payload_len();
+            let mut out = BytesMut::with_capacity(payload_len + crate::wsframe::MAX_HEADER);
+            crate::wsframe::put_header(&mut out, crate::wsframe::OP_TEXT, payload_len);
             out.put_slice(b"{\"push\":{\"topic\":\"");
             out.put_slice(self.topic.as_bytes());
             out.put_slice(b"\",\"event\":");
@@ -114,6 +118,27 @@ impl StoredEvent {
             out.put_slice(b"}}");
             out.freeze()
         })
+    }
+
+    /// Length of the push JSON inside [`Self::ws_frame`], computed without building it.
+    fn ws_payload_len(&self) -> usize {
+        let digits = |v: u64| if v == 0 { 1 } else { v.ilog10() as usize + 1 };
+        let kind = self
+            .kind
+            .as_ref()
+            .map_or(0, |k| ",\"type\":\"\"".len() + k.len());
+        "{\"push\":{\"topic\":\"".len()
+            + self.topic.len()
+            + "\",\"event\":".len()
+            + "{\"offset\":".len()
+            + digits(self.offset)
+            + ",\"data\":".len()
+            + self.data.len()
+            + ",\"ts\":".len()
+            + digits(self.ts)
+            + kind
+            + "}".len()
+            + "}}".len()
     }
 
     /// `id: e:o\nevent: <type|message>\ndata: <data>\n\n` for a one-topic SSE watch.
@@ -206,7 +231,14 @@ mod tests {
     fn ws_frame_decodes_as_contract_push() {
         for kind in [None, Some("tick")] {
             let e = ev(kind);
-            let m: ServerMessage = serde_json::from_slice(e.ws_frame()).unwrap();
+            let frame = e.ws_frame();
+            assert_eq!(frame[0], 0x81, "final text frame");
+            let (len, hdr) = match frame[1] {
+                126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+                n => (n as usize, 2),
+            };
+            assert_eq!(frame.len(), hdr + len, "header length matches the payload");
+            let m: ServerMessage = serde_json::from_slice(&frame[hdr..]).unwrap();
             let push = m.push.unwrap();
             assert_eq!(push.topic.as_deref(), Some("a.b"));
             let got = push.event.unwrap();

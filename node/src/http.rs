@@ -43,7 +43,21 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::map_response_with_state(
+            node.clone(),
+            count_refusals,
+        ))
         .with_state(node)
+}
+
+/// Every refused request is counted in one place, whichever handler refused it.
+async fn count_refusals(State(node): State<Arc<Node>>, resp: Response) -> Response {
+    match resp.status().as_u16() {
+        400 | 404 | 405 | 413 => node.stats.bad_input.inc(),
+        429 => node.stats.rate_limited.inc(),
+        _ => {}
+    }
+    resp
 }
 
 pub fn json_ok(body: Bytes) -> Response {

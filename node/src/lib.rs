@@ -29,6 +29,7 @@
 //! - [`stats`]: counters and the Prometheus exporter.
 //! - [`error`]: the API error and its stable codes.
 //! - [`rate`]: token buckets.
+//! - [`wsframe`]: RFC 6455 framing: shared pre-built frames out, bufferless idle reads.
 
 pub mod config;
 pub mod error;
@@ -44,6 +45,7 @@ pub mod stats;
 pub mod stream;
 pub mod topic;
 pub mod ws;
+pub mod wsframe;
 
 use std::future::Future;
 

@@ -245,6 +245,14 @@ impl Outbox {
         self.lock().peak
     }
 
+    /// Like [`Self::next_batch`], into a fresh vector: an idle session keeps no batch
+    /// buffer between writes.
+    pub async fn next_batch_owned(&self, max_bytes: usize) -> Result<Vec<Entry>, CloseReason> {
+        let mut out = Vec::new();
+        self.next_batch(&mut out, max_bytes).await?;
+        Ok(out)
+    }
+
     /// Moves queued entries into `out` (up to `max_bytes`, at least one), or returns
     /// the close reason once the queue is closed. Waits while the queue is empty.
     pub async fn next_batch(

@@ -108,20 +108,32 @@ async fn connection(node: Arc<Node>, app: Router, stream: TcpStream, info: ConnI
         app.clone().oneshot(req.map(Body::new))
     });
     let timing = &node.config.timing;
+    let mut shutdown = node.shutdown_signal();
+    // A connection accepted while draining (a readiness probe, a late client) is
+    // served its request and then closed: no keep-alive, no early graceful close.
+    let draining = *shutdown.borrow();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(timing.handshake_timeout_ms))
         .max_buf_size(64 * 1024)
-        .keep_alive(true);
+        .keep_alive(!draining);
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
-    let mut shutdown = node.shutdown_signal();
+    let grace = Duration::from_millis(timing.shutdown_grace_ms);
+    if draining {
+        let _ = tokio::time::timeout(grace, conn).await;
+        return;
+    }
     tokio::select! {
-        _ = conn.as_mut() => {}
+        r = conn.as_mut() => {
+            if r.is_err_and(|e| e.is_timeout()) {
+                // A request that never finished within the handshake timeout.
+                node.stats.connections_refused.inc();
+            }
+        }
         _ = async { let _ = shutdown.wait_for(|down| *down).await; } => {
             conn.as_mut().graceful_shutdown();
-            let grace = Duration::from_millis(timing.shutdown_grace_ms);
             let _ = tokio::time::timeout(grace, conn).await;
         }
     }

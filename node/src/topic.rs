@@ -490,7 +490,8 @@ fn presence_push(topic: &str, what: &str, client: &str, user: Option<&str>) -> B
         user: user.map(str::to_owned),
     };
     let body = serde_json::json!({ "push": { "topic": topic, what: entry } });
-    Bytes::from(serde_json::to_vec(&body).expect("presence push serialises"))
+    // Only WebSocket sessions ask for presence pushes, so this is a WS frame.
+    crate::wsframe::text(&serde_json::to_vec(&body).expect("presence push serialises"))
 }
 
 #[cfg(test)]

@@ -31,14 +31,10 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 use weft_proto::command::{HistoryCmd, PublishCmd, SubscribeCmd};
 use weft_proto::{close, parse_command, validate_topic, Command, Cursor};
 
@@ -51,6 +47,7 @@ use crate::poll::problem_error;
 use crate::rate::TokenBucket;
 use crate::stats::Transport;
 use crate::topic::{Subscriber, Topic};
+use crate::wsframe::{self, FrameError, FrameReader, Incoming};
 
 /// What the accept loop attaches to each request.
 #[derive(Clone)]
@@ -119,22 +116,20 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     }
     let info = req.extensions().get::<ConnInfo>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let limits = &node.config.limits;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_BATCH * 4)
-        .max_message_size(Some(limits.max_message_bytes + 1024))
-        .max_frame_size(Some(limits.max_frame_bytes + 1024));
     let task_node = node.clone();
     node.tasks.spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        Session::new(task_node, info).run(ws).await;
+        // The accept loop serves `TokioIo<TcpStream>`; taking the socket back lets the
+        // session wait for readiness with no buffer and write with `writev`.
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        };
+        Session::new(task_node, info)
+            .run(parts.io.into_inner(), parts.read_buf)
+            .await;
     });
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -163,10 +158,78 @@ struct Session {
     _conn: Option<ConnInfo>,
 }
 
-/// Why the session loop ended: with a close code to send, or silently.
+/// Why the session loop ended.
 enum End {
+    /// Send a close frame with this code and wait briefly for the peer's.
     Close(u16, String),
+    /// The peer closed: answer with this close frame.
+    Answer(Bytes),
+    /// The peer is gone or unresponsive: just drop the socket.
     Silent,
+}
+
+thread_local! {
+    /// Scratch buffer every session on this thread reads into, so idle sessions hold
+    /// none (see [`crate::wsframe`]).
+    static READ_BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice());
+}
+
+/// Writes whole frames with vectored writes, resuming after partial writes.
+async fn write_frames(stream: &TcpStream, frames: &[Bytes]) -> std::io::Result<()> {
+    const MAX_IOV: usize = 64;
+    let (mut idx, mut off) = (0usize, 0usize);
+    while idx < frames.len() {
+        stream.writable().await?;
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for (i, f) in frames[idx..].iter().take(MAX_IOV).enumerate() {
+            slices[i] = std::io::IoSlice::new(if i == 0 { &f[off..] } else { &f[..] });
+            n += 1;
+        }
+        match stream.try_write_vectored(&slices[..n]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(mut written) => {
+                while written > 0 && idx < frames.len() {
+                    let left = frames[idx].len() - off;
+                    if written >= left {
+                        written -= left;
+                        idx += 1;
+                        off = 0;
+                    } else {
+                        off += written;
+                        written = 0;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads until the peer's close frame (or EOF), discarding everything else.
+async fn await_close(stream: &TcpStream, reader: &mut FrameReader) {
+    let mut buf = [0u8; 512];
+    let mut reader_done = false;
+    while !reader_done {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let r = reader.feed(&mut buf[..n], |m| {
+                    reader_done |= matches!(m, Incoming::Close(_))
+                });
+                if r.is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 impl Session {
@@ -185,164 +248,186 @@ impl Session {
         }
     }
 
-    async fn run<S>(mut self, ws: WebSocketStream<S>)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    async fn run(mut self, stream: TcpStream, early: Bytes) {
         let node = self.node.clone();
-        let stats_gauge = node.stats.connection(Transport::Ws);
-        stats_gauge.up();
-        let (mut sink, mut stream) = ws.split();
+        let gauge = node.stats.connection(Transport::Ws);
+        gauge.up();
+        let limits = &node.config.limits;
+        let mut reader = FrameReader::new(limits.max_frame_bytes, limits.max_message_bytes);
         let timing = &node.config.timing;
         let ping_every = Duration::from_millis(timing.ping_interval_ms);
         let write_timeout = Duration::from_millis(timing.write_timeout_ms);
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut last_seen = Instant::now();
-        let mut shutdown = self.node.shutdown_signal();
+        let mut shutdown = node.shutdown_signal();
         let mut close_at: Option<Instant> =
-            (*shutdown.borrow()).then(|| self.node.close_deadline().into());
-        let mut batch: Vec<Entry> = Vec::new();
-        let end = loop {
+            (*shutdown.borrow()).then(|| node.close_deadline().into());
+        // Bytes the client sent right behind its upgrade request. `early` may share
+        // hyper's whole connection read buffer, so it is copied out and dropped here
+        // rather than kept alive for the session's lifetime.
+        let mut end = if early.is_empty() {
+            None
+        } else {
+            self.on_bytes(&mut reader, &mut early.to_vec())
+        };
+        drop(early);
+        while end.is_none() {
             tokio::select! {
-                msg = stream.next() => {
-                    last_seen = Instant::now();
-                    match msg {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(end) = self.on_text(&text) {
-                                break end;
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            self.node.stats.bad_input.inc();
-                            break End::Close(close::PROTOCOL_ERROR, "binary frames are not part of weft.v1.json".into());
-                        }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => break End::Silent,
-                        Some(Err(WsError::Capacity(e))) => {
-                            self.node.stats.bad_input.inc();
-                            break End::Close(close::TOO_BIG, format!("message too big: {e}"));
-                        }
-                        Some(Err(WsError::Protocol(e))) => {
-                            self.node.stats.bad_input.inc();
-                            break End::Close(close::PROTOCOL_ERROR, format!("protocol error: {e}"));
-                        }
-                        Some(Err(WsError::Utf8(_))) => {
-                            self.node.stats.bad_input.inc();
-                            break End::Close(close::PROTOCOL_ERROR, "text frame is not UTF-8".into());
-                        }
-                        Some(Err(_)) => break End::Silent,
+                ready = stream.readable() => {
+                    if ready.is_err() {
+                        end = Some(End::Silent);
+                        continue;
                     }
+                    end = READ_BUF.with(|cell| {
+                        let mut buf = cell.borrow_mut();
+                        match stream.try_read(&mut buf[..]) {
+                            Ok(0) => Some(End::Silent),
+                            Ok(n) => {
+                                last_seen = Instant::now();
+                                self.on_bytes(&mut reader, &mut buf[..n])
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                            Err(_) => Some(End::Silent),
+                        }
+                    });
                 }
-                r = self.outbox.next_batch(&mut batch, MAX_BATCH) => match r {
-                    Ok(()) => {
-                        let msg = self.encode_batch(&mut batch);
-                        match timeout(write_timeout, sink.send(msg)).await {
-                            Ok(Ok(())) => {}
-                            _ => break End::Silent,
+                r = self.outbox.next_batch_owned(MAX_BATCH) => match r {
+                    Ok(batch) => {
+                        let frames = self.frames_of(batch);
+                        if timeout(write_timeout, write_frames(&stream, &frames)).await.map_or(true, |r| r.is_err()) {
+                            end = Some(End::Silent);
                         }
                     }
                     Err(CloseReason::SlowConsumer) => {
-                        let push = self.node.disconnect_push(close::SLOW_CONSUMER, "slow consumer", 0);
-                        let _ = timeout(write_timeout, sink.send(text_message(push))).await;
-                        break End::Close(close::SLOW_CONSUMER, "slow consumer: resume with your cursors".into());
+                        let push = wsframe::text(&node.disconnect_push(close::SLOW_CONSUMER, "slow consumer", 0));
+                        let _ = timeout(write_timeout, write_frames(&stream, &[push])).await;
+                        end = Some(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with your cursors".into()));
                     }
-                    Err(CloseReason::Gone) => break End::Silent,
+                    Err(CloseReason::Gone) => end = Some(End::Silent),
                 },
                 _ = ping.tick() => {
-                    if last_seen.elapsed() > 2 * ping_every {
-                        break End::Silent;
-                    }
-                    if timeout(write_timeout, sink.send(Message::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
-                        break End::Silent;
+                    // No traffic (pongs included) for two intervals: the peer is gone.
+                    let dead = last_seen.elapsed() > 2 * ping_every
+                        || timeout(write_timeout, write_frames(&stream, &[Bytes::from_static(&[0x89, 0x00])]))
+                            .await
+                            .map_or(true, |r| r.is_err());
+                    if dead {
+                        end = Some(End::Silent);
                     }
                 }
                 r = shutdown.changed(), if close_at.is_none() => {
                     if r.is_err() || *shutdown.borrow() {
-                        close_at = Some(self.node.close_deadline().into());
+                        close_at = Some(node.close_deadline().into());
                     }
                 }
                 _ = sleep_opt(close_at) => {
-                    let push = self.node.disconnect_push(close::RECONNECT, "shutdown", self.node.reconnect_after_ms());
-                    let _ = timeout(write_timeout, sink.send(text_message(push))).await;
-                    break End::Close(close::RECONNECT, "shutdown".into());
+                    let push = wsframe::text(&node.disconnect_push(close::RECONNECT, "shutdown", node.reconnect_after_ms()));
+                    let _ = timeout(write_timeout, write_frames(&stream, &[push])).await;
+                    end = Some(End::Close(close::RECONNECT, "shutdown".into()));
                 }
             }
-        };
-        if let End::Close(code, reason) = end {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: truncate(&reason, 120).into(),
-            };
-            let _ = timeout(write_timeout, sink.send(Message::Close(Some(frame)))).await;
-            // Give the peer a moment to answer the close before the socket is dropped.
-            let _ = timeout(Duration::from_millis(500), async {
-                while let Some(Ok(m)) = stream.next().await {
-                    if m.is_close() {
-                        break;
-                    }
-                }
-            })
-            .await;
+        }
+        match end {
+            Some(End::Close(code, reason)) => {
+                let _ = timeout(
+                    write_timeout,
+                    write_frames(&stream, &[wsframe::close(code, &reason)]),
+                )
+                .await;
+                // Let the peer answer the close before the socket is dropped.
+                let _ = timeout(
+                    Duration::from_millis(500),
+                    await_close(&stream, &mut reader),
+                )
+                .await;
+            }
+            Some(End::Answer(frame)) => {
+                let _ = timeout(write_timeout, write_frames(&stream, &[frame])).await;
+            }
+            _ => {}
         }
         for topic in self.subs.values() {
             topic.unsubscribe(self.id);
-            self.node.stats.subscriptions.down();
+            node.stats.subscriptions.down();
         }
-        self.node.stats.session_queue_peak(self.outbox.peak_bytes());
+        node.stats.session_queue_peak(self.outbox.peak_bytes());
         self.outbox.close();
-        stats_gauge.down();
+        gauge.down();
     }
 
-    fn encode_batch(&self, batch: &mut Vec<Entry>) -> Message {
+    /// Feeds freshly read bytes to the frame reader and handles each message.
+    fn on_bytes(&mut self, reader: &mut FrameReader, bytes: &mut [u8]) -> Option<End> {
+        let mut end = None;
+        let result = reader.feed(bytes, |msg| {
+            if end.is_some() {
+                return;
+            }
+            end = match msg {
+                Incoming::Text(text) => self.on_text(text),
+                Incoming::Binary => {
+                    self.node.stats.bad_input.inc();
+                    Some(End::Close(
+                        close::PROTOCOL_ERROR,
+                        "binary frames are not part of weft.v1.json".into(),
+                    ))
+                }
+                Incoming::Ping(payload) => {
+                    self.outbox
+                        .push_control(wsframe::frame(wsframe::OP_PONG, payload));
+                    None
+                }
+                Incoming::Pong => None,
+                Incoming::Close(code) => {
+                    Some(End::Answer(wsframe::close(code.unwrap_or(1000), "")))
+                }
+            };
+        });
+        match result {
+            Ok(()) => end,
+            Err(e) => {
+                self.node.stats.bad_input.inc();
+                let code = match e {
+                    FrameError::TooBig(..) => close::TOO_BIG,
+                    FrameError::Protocol(_) | FrameError::Utf8 => close::PROTOCOL_ERROR,
+                };
+                Some(End::Close(code, e.to_string()))
+            }
+        }
+    }
+
+    /// Turns a batch into wire frames: events share their pre-built frame.
+    fn frames_of(&self, batch: Vec<Entry>) -> Vec<Bytes> {
         let stats = &self.node.stats;
         if let Some(Frame::Event(ev)) = batch.first().map(|e| &e.frame) {
             stats
                 .delivery_latency
                 .record(ev.sequenced_at.elapsed().as_secs_f64());
         }
-        if batch.len() == 1 && batch[0].skipped_from == 0 {
-            let shared = match &batch[0].frame {
-                Frame::Event(ev) => {
-                    stats.delivered.inc();
-                    Some(ev.ws_frame().clone())
-                }
-                Frame::Control(b) => Some(b.clone()),
-                Frame::Reset { .. } => None,
-            };
-            if let Some(bytes) = shared {
-                batch.clear();
-                return text_message(bytes);
-            }
-        }
-        let mut out = BytesMut::with_capacity(MAX_BATCH.min(batch.len() * 256));
+        let mut frames = Vec::with_capacity(batch.len() + 1);
         let mut events = 0;
-        for entry in batch.drain(..) {
-            if !out.is_empty() {
-                out.put_u8(b'\n');
-            }
+        for entry in batch {
             match entry.frame {
                 Frame::Event(ev) => {
                     events += 1;
                     if entry.skipped_from > 0 {
                         let skipped = serde_json::json!({"push": {"topic": &*ev.topic, "skipped": {"from": entry.skipped_from, "to": ev.offset - 1}}});
-                        out.put_slice(skipped.to_string().as_bytes());
-                        out.put_u8(b'\n');
+                        frames.push(wsframe::text(skipped.to_string().as_bytes()));
                     }
-                    out.put_slice(ev.ws_frame());
+                    frames.push(ev.ws_frame().clone());
                 }
-                Frame::Control(b) => out.put_slice(&b),
+                Frame::Control(b) => frames.push(b),
                 Frame::Reset {
                     topic,
                     epoch,
                     offset,
                 } => {
                     let reset = serde_json::json!({"push": {"topic": &*topic, "reset": {"epoch": &*epoch, "offset": offset}}});
-                    out.put_slice(reset.to_string().as_bytes());
+                    frames.push(wsframe::text(reset.to_string().as_bytes()));
                 }
             }
         }
         stats.delivered.add(events);
-        text_message(out.freeze())
+        frames
     }
 
     /// Handles one text frame; returns how to end the session if it must end.
@@ -400,7 +485,7 @@ impl Session {
         out.put_slice(b"\"result\":");
         out.put_slice(result);
         out.put_u8(b'}');
-        if self.outbox.push_control(out.freeze()) == Pushed::Overflow {
+        if self.outbox.push_control(wsframe::text(&out)) == Pushed::Overflow {
             self.node.stats.slow_consumer_closes.inc();
         }
     }
@@ -411,7 +496,11 @@ impl Session {
         if id.is_none() {
             v.as_object_mut().map(|o| o.remove("id"));
         }
-        if self.outbox.push_control(Bytes::from(v.to_string())) == Pushed::Overflow {
+        if self
+            .outbox
+            .push_control(wsframe::text(v.to_string().as_bytes()))
+            == Pushed::Overflow
+        {
             self.node.stats.slow_consumer_closes.inc();
         }
     }
@@ -524,7 +613,7 @@ impl Session {
                 write_event_array(&mut out, &snap.events);
                 out.put_slice(b"}}");
                 // Under the topic's lock: precedes every later event of the topic.
-                outbox.push_snapshot(Frame::Control(out.freeze()));
+                outbox.push_snapshot(Frame::Control(wsframe::text(&out)));
             })?;
             Ok(r.map(|()| t.clone()))
         })?;
@@ -605,27 +694,6 @@ impl Session {
         self.reply(id, &out);
         Ok(())
     }
-}
-
-fn text_message(b: Bytes) -> Message {
-    match Utf8Bytes::try_from(b) {
-        Ok(t) => Message::Text(t),
-        // Frames are built from validated UTF-8 only; never reached.
-        Err(e) => Message::Text(Utf8Bytes::from(format!(
-            "{{\"error\":{{\"code\":500,\"message\":\"{e}\"}}}}"
-        ))),
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 async fn sleep_opt(at: Option<Instant>) {
