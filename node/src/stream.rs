@@ -136,6 +136,7 @@ pub async fn open(
             Ok(r.map(|()| t.clone()))
         })?;
         let topic = subscribed.map_err(problem_error)?;
+        node.stats.subscriptions.up();
         w.topics.push(topic.clone());
         let (epoch, offset, recovered) = snapshot.expect("subscribe ran its snapshot callback");
         let start = match (recovered, since) {
@@ -418,6 +419,7 @@ impl Drop for Watch {
     fn drop(&mut self) {
         for t in &self.topics {
             t.unsubscribe(self.id);
+            self.node.stats.subscriptions.down();
         }
         self.node.stats.session_queue_peak(self.outbox.peak_bytes());
         self.outbox.close();
