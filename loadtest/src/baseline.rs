@@ -45,7 +45,7 @@ impl Comparison {
         }
         for r in &self.rows {
             let show = |v: f64| {
-                if r.metric.contains("p99") {
+                if r.metric.contains("latency") || r.metric.contains("p99") {
                     fmt_us(v as u64)
                 } else {
                     format!("{v:.1}")

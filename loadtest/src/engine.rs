@@ -37,6 +37,9 @@ use crate::transport::{topic_state, Transport};
 
 /// File descriptors kept free for everything that is not a subscriber connection.
 const FD_RESERVE: u64 = 512;
+/// Connections one process holds at most, whatever its open-files limit: past this,
+/// use more workers (`--workers`), which also spreads the client's CPU.
+pub const MAX_CONNECTIONS_PER_PROCESS: u64 = 15_000;
 /// How long stopped subscribers get to hand in their books.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Concurrent state reads when collecting final cursors.
@@ -103,6 +106,13 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         Transport::Longpoll => subscriptions,
         _ => local.len() as u64,
     };
+    if connections > MAX_CONNECTIONS_PER_PROCESS {
+        bail!(
+            "this process would hold {connections} connections; one process holds at most \
+             {MAX_CONNECTIONS_PER_PROCESS}: use --workers {} (or more shards)",
+            connections.div_ceil(MAX_CONNECTIONS_PER_PROCESS) * st.slot.count as u64
+        );
+    }
     ensure_fds(connections + st.max_inflight as u64)?;
 
     let (finals_tx, finals_rx) = watch::channel::<Option<Arc<Finals>>>(None);

@@ -89,7 +89,10 @@ impl Chart<'_> {
             Scale::Log => y.max(1.0).log10(),
         };
         let (ly0, ly1) = match self.y_scale {
-            Scale::Linear => (0.0, if y1 > 0.0 { y1 * 1.1 } else { 1.0 }),
+            Scale::Linear => {
+                let step = nice_step(y1.max(1.0), 4);
+                (0.0, ((y1.max(1.0) / step).ceil() * step).max(step))
+            }
             Scale::Log => {
                 let lo = ty(y0).floor();
                 let hi = ty(y1).ceil().max(lo + 1.0);
@@ -106,7 +109,7 @@ impl Chart<'_> {
             r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#ccc"/>"##
         );
         let y_ticks: Vec<f64> = match self.y_scale {
-            Scale::Linear => (0..=4).map(|i| ly1 * i as f64 / 4.0).collect(),
+            Scale::Linear => nice_ticks(0.0, ly1, 4).0,
             Scale::Log => (ly0 as i32..=ly1 as i32).map(|e| 10f64.powi(e)).collect(),
         };
         for v in y_ticks {
@@ -121,10 +124,16 @@ impl Chart<'_> {
             );
         }
         let x_ticks = self.x_ticks.clone().unwrap_or_else(|| {
-            (0..=4)
-                .map(|i| {
-                    let v = x0 + (x1 - x0) * i as f64 / 4.0;
-                    (v, format!("{v:.0}"))
+            let (ticks, step) = nice_ticks(x0, x1, 5);
+            ticks
+                .into_iter()
+                .map(|v| {
+                    let label = if step >= 1.0 {
+                        format!("{v:.0}")
+                    } else {
+                        format!("{v:.1}")
+                    };
+                    (v, label)
                 })
                 .collect()
         });
@@ -189,6 +198,38 @@ impl Chart<'_> {
         s.push_str("</svg>");
         s
     }
+}
+
+/// A round step (1, 2 or 5 × 10^k) splitting `span` into about `n` parts.
+fn nice_step(span: f64, n: usize) -> f64 {
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let norm = raw / mag;
+    let m = if norm < 1.5 {
+        1.0
+    } else if norm < 3.0 {
+        2.0
+    } else if norm < 7.0 {
+        5.0
+    } else {
+        10.0
+    };
+    m * mag
+}
+
+/// Round tick values within `lo..=hi`, and their step.
+fn nice_ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, f64) {
+    if hi <= lo {
+        return (vec![lo], 1.0);
+    }
+    let step = nice_step(hi - lo, n);
+    let mut v = (lo / step).ceil() * step;
+    let mut out = Vec::new();
+    while v <= hi + step * 1e-9 && out.len() < 50 {
+        out.push(v);
+        v += step;
+    }
+    (out, step)
 }
 
 fn fmt_latency(v: f64) -> String {
@@ -526,6 +567,17 @@ mod tests {
         assert!(!page.contains("<script>"));
         assert!(page.contains("&lt;script&gt;"));
         assert!(page.contains(r#"class="n bad""#), "lost > 0 is flagged");
+    }
+
+    #[test]
+    fn ticks_are_round() {
+        assert_eq!(
+            nice_ticks(0.0, 2.0, 5),
+            (vec![0.0, 0.5, 1.0, 1.5, 2.0], 0.5)
+        );
+        assert_eq!(nice_ticks(0.0, 550.0, 4).1, 100.0);
+        assert_eq!(nice_ticks(0.3, 9.0, 4).0, vec![2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(nice_ticks(3.0, 3.0, 4).0, vec![3.0]);
     }
 
     #[test]

@@ -1,0 +1,248 @@
+//! The `weft-loadtest` binary as users run it, against an in-process node: worker
+//! processes and their merged report, shards merged with `merge`, the JSON and HTML
+//! outputs, and the exit codes of `--slo` and `--baseline`.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use weft_loadtest::report::Report;
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-loadtest");
+
+struct Node {
+    target: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn node() -> Node {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = weft_node::Config {
+        node_id: format!("loadtest-cli-{}", std::process::id()),
+        ..Default::default()
+    };
+    config.timing.shutdown_grace_ms = 1000;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(weft_node::run(listener, config, async move {
+        let _ = rx.await;
+    }));
+    Node {
+        target,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Node {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A fresh directory per test, removed when dropped.
+struct TmpDir(PathBuf);
+
+impl TmpDir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("weft-loadtest-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn exec(args: &[&str]) -> Output {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .env_remove("WEFT_LOADTEST_TARGET")
+            .env_remove("WEFT_LOADTEST_RUN_ID")
+            .env_remove("WEFT_LOADTEST_WORKER_SLOT")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the binary finishes by itself")
+    .unwrap();
+    eprintln!(
+        "$ weft-loadtest {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn report(path: &Path) -> Report {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_merge_into_one_report_and_exit_codes_follow_slo_and_baseline() {
+    let node = node().await;
+    let dir = TmpDir::new("workers");
+    let json = dir.file("workers.json");
+    let html = dir.file("workers.html");
+    let out = exec(&[
+        "fanout",
+        "--target",
+        &node.target,
+        "--workers",
+        "2",
+        "--subscribers",
+        "10",
+        "--topics",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "2s",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+        "--slo",
+        "loss=0,duplicates=0,p99<5s",
+    ])
+    .await;
+    node.stop().await;
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PASS loss=0"), "{stdout}");
+
+    let r = report(&json);
+    assert_eq!(r.processes, 2);
+    assert_eq!(r.subscribers, 10);
+    assert_eq!(r.published, 200);
+    assert_eq!(r.expected, 200 * 5);
+    assert_eq!(
+        (r.delivered, r.lost, r.duplicates, r.reordered),
+        (1000, 0, 0, 0)
+    );
+    assert_eq!(r.latency_us.count, 1000, "the workers' histograms merged");
+    for key in [
+        "scenario",
+        "transport",
+        "published",
+        "expected",
+        "delivered",
+        "lost",
+        "duplicates",
+        "reordered",
+        "resets",
+        "deliveries_per_s",
+        "latency_us",
+        "connect_per_s",
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert!(v.get(key).is_some(), "JSON report lacks `{key}`");
+    }
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("fanout over ws"));
+
+    // The same report against objectives it misses: exit 3.
+    let j = json.to_str().unwrap();
+    let out = exec(&["merge", j, "--slo", "p99<1us"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL p99<1us"));
+
+    // Against itself as the baseline: no regression. Against a baseline twice as fast: 4.
+    let out = exec(&["merge", j, "--baseline", j]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let mut better = r.clone();
+    better.deliveries_per_s *= 2.0;
+    let better_path = dir.file("better.json");
+    std::fs::write(&better_path, serde_json::to_string(&better).unwrap()).unwrap();
+    let out = exec(&["merge", j, "--baseline", better_path.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("REGRESSED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_run_apart_and_merge() {
+    let node = node().await;
+    let dir = TmpDir::new("shards");
+    let a = dir.file("shard0.json");
+    let b = dir.file("shard1.json");
+    let common = |shard: &'static str, path: &Path| {
+        vec![
+            "chat".to_string(),
+            "--target".into(),
+            node.target.clone(),
+            "--rooms".into(),
+            "2".into(),
+            "--members".into(),
+            "3".into(),
+            "--rate".into(),
+            "60".into(),
+            "--duration".into(),
+            "2s".into(),
+            "--shard".into(),
+            shard.into(),
+            "--run-id".into(),
+            "shardtest".into(),
+            "--settle".into(),
+            "300ms".into(),
+            "--quiet".into(),
+            "--json".into(),
+            path.to_str().unwrap().into(),
+        ]
+    };
+    let args0 = common("0/2", &a);
+    let args1 = common("1/2", &b);
+    let a0: Vec<&str> = args0.iter().map(String::as_str).collect();
+    let a1: Vec<&str> = args1.iter().map(String::as_str).collect();
+    let (o0, o1) = tokio::join!(exec(&a0), exec(&a1));
+    node.stop().await;
+    assert_eq!((o0.status.code(), o1.status.code()), (Some(0), Some(0)));
+    let (r0, r1) = (report(&a), report(&b));
+    assert_eq!((r0.subscribers, r1.subscribers), (3, 3));
+
+    let merged = dir.file("merged.json");
+    let out = exec(&[
+        "merge",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--json",
+        merged.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let m = report(&merged);
+    assert_eq!(m.processes, 2);
+    assert_eq!(m.published, 120);
+    // Every message reaches the 3 members of its room.
+    assert_eq!((m.expected, m.delivered, m.lost), (360, 360, 0));
+}
+
+#[tokio::test]
+async fn usage_errors_are_clear() {
+    let out = exec(&["fanout", "--slo", "p99<10"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a unit"));
+    let out = exec(&["fanout", "--shard", "0/2", "--target", "http://127.0.0.1:9"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--shard needs --run-id"));
+    let out = exec(&["fanout", "--target", "https://127.0.0.1:9"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
+    let out = exec(&["merge", "/nonexistent/report.json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+}
