@@ -542,6 +542,39 @@ mod tests {
     }
 
     #[test]
+    fn history_ages_out() {
+        let stats = Stats::detached();
+        let ns = NamespaceConfig {
+            history_ttl_s: 60,
+            ..Default::default()
+        };
+        let budget = Arc::new(HistoryBudget::new(1 << 30));
+        let t = Topic::new("t".into(), Arc::new(ns), "ep".into(), budget.clone());
+        publish(&t, 3, &stats);
+        assert!(budget.used.load(Ordering::Relaxed) > 0);
+        assert!(!t.sweep(
+            Instant::now() + Duration::from_secs(30),
+            Duration::from_secs(600)
+        ));
+        assert_eq!(t.history_len(), 3, "younger than the TTL: kept");
+        t.sweep(
+            Instant::now() + Duration::from_secs(61),
+            Duration::from_secs(600),
+        );
+        assert_eq!(t.history_len(), 0, "older than the TTL: dropped");
+        assert_eq!(
+            budget.used.load(Ordering::Relaxed),
+            0,
+            "the budget is given back"
+        );
+        assert_eq!(
+            t.cursor().unwrap().offset,
+            3,
+            "the offset survives its history"
+        );
+    }
+
+    #[test]
     fn cursor_rules() {
         let stats = Stats::detached();
         let t = topic(5);

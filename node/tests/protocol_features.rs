@@ -1,0 +1,261 @@
+//! The rest of the contract a client relies on: server pings and dead-peer detection,
+//! SSE keepalives and bookmarks, `Idempotency-Key`, batch publish, presence, and the
+//! WebSocket `history` command.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{subscribe_cmd, HttpStream, TestNode, WsClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_node::config::NamespaceConfig;
+use weft_proto::command::{HistoryCmd, PresenceCmd, UnsubscribeCmd};
+use weft_proto::{Command, HistoryResult, PresenceResult};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_pings_is_dropped_and_a_live_one_is_kept() {
+    let node = TestNode::start_with(|c| c.timing.ping_interval_ms = 200).await;
+    // A well-behaved client: tokio-tungstenite answers pings on its own while read.
+    let mut live = WsClient::connect(node.addr).await;
+    assert!(live
+        .request(subscribe_cmd("keep", None))
+        .await
+        .result
+        .is_some());
+    // Reading all along is what makes it answer pings.
+    let live_reader = tokio::spawn(async move { live.next_event().await.map(|e| e.offset) });
+    // A raw client that completes the handshake and then never reads or answers.
+    let mut dead = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    dead.write_all(
+        b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut pings = 0;
+    // Read what the server sends: the 101, pings (0x89 0x00), then EOF when it gives up.
+    let closed_after = loop {
+        match tokio::time::timeout(Duration::from_secs(5), dead.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(n)) => pings += buf[..n].windows(2).filter(|w| w == &[0x89, 0x00]).count(),
+            Err(_) => panic!("server never dropped the silent peer"),
+        }
+    };
+    assert!(pings >= 1, "the server pings");
+    assert!(
+        closed_after >= Duration::from_millis(400),
+        "dropped too early: {closed_after:?}"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "dropped too late: {closed_after:?}"
+    );
+    // The live client outlived it and still gets events.
+    node.publish("keep", "1").await;
+    assert_eq!(
+        live_reader.await.unwrap(),
+        Some(1),
+        "the answering client was kept"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sse_watchers_get_keepalives_and_bookmarks_with_their_cursor() {
+    let node = TestNode::start_with(|c| {
+        c.timing.sse_keepalive_ms = 100;
+        c.timing.bookmark_interval_ms = 150;
+    })
+    .await;
+    node.publish("quiet", "1").await;
+    node.publish("quiet", "2").await;
+    let epoch = node.state("quiet").await.epoch;
+    let mut s = HttpStream::open(
+        &node.http,
+        &node.url("/v1/topics/quiet/events?watch=true"),
+        &[],
+    )
+    .await;
+    let (mut pings, mut bookmark) = (0, None);
+    while bookmark.is_none() || pings == 0 {
+        let line = s.next_line().await.unwrap();
+        if line == ": ping" {
+            pings += 1;
+        }
+        if line == "event: bookmark" {
+            let data = s.next_line().await.unwrap();
+            bookmark = Some(data);
+        } else if let Some(id) = line.strip_prefix("id: ") {
+            assert_eq!(
+                id,
+                format!("{epoch}:2"),
+                "a bookmark carries the watcher's cursor"
+            );
+        }
+    }
+    let data: serde_json::Value =
+        serde_json::from_str(bookmark.unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!(data["cursor"], format!("{epoch}:2"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_publishes_once() {
+    let node = TestNode::start().await;
+    let post = |key: &'static str| {
+        node.http
+            .post(node.url("/v1/topics/pay/events"))
+            .header("Idempotency-Key", key)
+            .body(r#"{"amount":5}"#)
+            .send()
+    };
+    let first = post("k-1").await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: serde_json::Value = first.json_body().await;
+    let again = post("k-1").await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: serde_json::Value = again.json_body().await;
+    assert_eq!(first, again, "the replay names the original offset");
+    let other: serde_json::Value = post("k-2").await.unwrap().json_body().await;
+    assert_eq!(other["offset"], 2);
+    assert_eq!(
+        node.state("pay").await.offset,
+        2,
+        "the repeat was not published"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_publish_sequences_each_topic() {
+    let node = TestNode::start().await;
+    let body = r#"{"events":[{"topic":"a","data":1},{"topic":"b","data":{"x":2},"type":"t"},{"topic":"a","data":[3]}]}"#;
+    let resp = node
+        .http
+        .post(node.url("/v1/publish"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let r: weft_proto::BatchResult = resp.json_body().await;
+    let got: Vec<(String, u64)> = r
+        .results
+        .iter()
+        .map(|p| (p.topic.clone(), p.offset))
+        .collect();
+    assert_eq!(got, vec![("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]);
+    let b = node.state("b").await;
+    let last = b.last.unwrap();
+    assert_eq!(
+        (last.kind.as_deref(), last.data.get()),
+        (Some("t"), r#"{"x":2}"#)
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_lists_subscribers_and_pushes_join_and_leave() {
+    let node = TestNode::start_with(|c| {
+        c.namespaces.push(NamespaceConfig {
+            pattern: "room.>".into(),
+            presence: true,
+            ..Default::default()
+        })
+    })
+    .await;
+    let mut alice = WsClient::connect(node.addr).await;
+    assert!(alice
+        .request(subscribe_cmd("room.1", None))
+        .await
+        .result
+        .is_some());
+    let mut bob = WsClient::connect(node.addr).await;
+    assert!(bob
+        .request(subscribe_cmd("room.1", None))
+        .await
+        .result
+        .is_some());
+    let join = alice.next_msg().await.push.unwrap();
+    let bob_id = join.join.expect("alice sees bob join").client;
+    let reply = alice
+        .request(Command::Presence(PresenceCmd {
+            topic: "room.1".into(),
+        }))
+        .await;
+    let p: PresenceResult = serde_json::from_str(reply.result.unwrap().get()).unwrap();
+    assert_eq!(p.clients.len(), 2);
+    assert!(p.clients.iter().any(|c| c.client == bob_id));
+    let (status, body) = node.get_json("/v1/topics/room.1/presence").await;
+    assert_eq!(
+        (status, body["clients"].as_array().unwrap().len()),
+        (200, 2)
+    );
+    assert!(bob
+        .request(Command::Unsubscribe(UnsubscribeCmd {
+            topic: "room.1".into()
+        }))
+        .await
+        .result
+        .is_some());
+    let leave = alice.next_msg().await.push.unwrap();
+    assert_eq!(leave.leave.unwrap().client, bob_id);
+    // Presence is off elsewhere.
+    let (status, _) = node.get_json("/v1/topics/other/presence").await;
+    assert_eq!(status, 403);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_history_pages_and_tail() {
+    let node = TestNode::start().await;
+    for i in 1..=10 {
+        node.publish("h", &i.to_string()).await;
+    }
+    let epoch = node.state("h").await.epoch;
+    let mut c = WsClient::connect(node.addr).await;
+    let page = |since: Option<String>, limit| {
+        Command::History(HistoryCmd {
+            topic: "h".into(),
+            since,
+            limit: Some(limit),
+        })
+    };
+    let r: HistoryResult = serde_json::from_str(
+        c.request(page(Some(format!("{epoch}:2")), 3))
+            .await
+            .result
+            .unwrap()
+            .get(),
+    )
+    .unwrap();
+    assert_eq!(
+        r.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert_eq!((r.next, r.offset), (format!("{epoch}:5"), 10));
+    let r: HistoryResult =
+        serde_json::from_str(c.request(page(None, 2)).await.result.unwrap().get()).unwrap();
+    assert_eq!(
+        r.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![9, 10],
+        "tail without since"
+    );
+    let err = c.request(page(Some("zz:1".into()), 2)).await.error.unwrap();
+    assert_eq!((err.code, err.cursor), (410, Some(format!("{epoch}:10"))));
+    node.stop().await;
+}
+
+/// Decodes a reqwest response body as JSON (reqwest is built without its json feature).
+trait JsonBody {
+    async fn json_body<T: serde::de::DeserializeOwned>(self) -> T;
+}
+
+impl JsonBody for reqwest::Response {
+    async fn json_body<T: serde::de::DeserializeOwned>(self) -> T {
+        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
+    }
+}
