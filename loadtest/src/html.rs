@@ -183,8 +183,9 @@ impl Chart<'_> {
                     series.color
                 );
             }
-            let lx = W - RIGHT - 110.0;
-            let ly = TOP + 14.0 + i as f64 * 14.0;
+            // Legend in the title row, right-aligned, so it never hides a line.
+            let lx = W - RIGHT - (self.series.len() - i) as f64 * 100.0;
+            let ly = 18.0;
             let _ = write!(
                 s,
                 r#"<rect x="{lx}" y="{}" width="10" height="3" fill="{}"/><text x="{}" y="{}">{}</text>"#,

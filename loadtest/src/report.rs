@@ -370,10 +370,11 @@ impl Report {
                 &mut s,
                 "target",
                 format!(
-                    "pid {}: {:.2} CPU s ({:.2} cores), RSS {} (start {}, peak {}){}",
+                    "pid {}: {:.2} CPU s in the load ({:.2} cores), {:.2} with the ramp; RSS {} (start {}, peak {}){}",
                     t.pid,
                     t.cpu_s,
                     t.cpu_cores,
+                    t.cpu_run_s,
                     fmt_bytes(t.rss_bytes),
                     fmt_bytes(t.rss_start_bytes),
                     fmt_bytes(t.rss_peak_bytes),

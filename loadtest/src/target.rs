@@ -69,6 +69,10 @@ pub struct TargetStats {
     pub cpu_s: f64,
     /// Average cores busy during the load window.
     pub cpu_cores: f64,
+    /// CPU seconds from before the first connection to the end of the load (the ramp
+    /// included: for `connect`, the cost of accepting the connections).
+    #[serde(default)]
+    pub cpu_run_s: f64,
     /// RSS at the end of the load, with every connection still open.
     pub rss_bytes: u64,
     /// RSS before the harness opened any connection.
@@ -153,6 +157,7 @@ impl Sampler {
             } else {
                 0.0
             },
+            cpu_run_s: ((end.cpu_s - start.cpu_s).max(0.0) * 100.0).round() / 100.0,
             rss_bytes: end.rss_bytes,
             rss_start_bytes: start.rss_bytes,
             rss_peak_bytes: self.peak,
