@@ -206,12 +206,26 @@ fn write_publish_result(out: &mut BytesMut, topic: &str, epoch: &str, offset: u6
     out.extend_from_slice(b"}");
 }
 
+/// A draining single node must not acknowledge what its in-memory history is about to
+/// lose: publishers get 503 and retry against the node that replaces it.
+pub fn refuse_while_draining(node: &Node) -> Result<(), ApiError> {
+    if node.is_ready() {
+        Ok(())
+    } else {
+        Err(ApiError::Unavailable {
+            message: "node is draining; retry on another node".into(),
+            retry_after_s: 1,
+        })
+    }
+}
+
 async fn publish(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    refuse_while_draining(&node)?;
     let topic = topic_from(path)?;
     let kind = event_kind(
         headers
@@ -257,6 +271,7 @@ async fn batch_publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    refuse_while_draining(&node)?;
     let limits = &node.config.limits;
     let bytes = read_body(&headers, body, limits.max_batch_bytes).await?;
     let batch: BatchPublish =

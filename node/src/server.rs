@@ -103,40 +103,63 @@ async fn refuse(mut stream: TcpStream, why: ApiError) {
 async fn connection(node: Arc<Node>, app: Router, stream: TcpStream, info: ConnInfo) {
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(stream);
+    // Whether a request has arrived on this connection: one that has not yet sent its
+    // first request is not "idle" at drain time, its request is on the way.
+    let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = served.clone();
+    let draining_node = node.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
         req.extensions_mut().insert(info.clone());
-        app.clone().oneshot(req.map(Body::new))
+        let node = draining_node.clone();
+        let call = app.clone().oneshot(req.map(Body::new));
+        async move {
+            let mut resp = call.await?;
+            if !node.is_ready() {
+                // Draining: answer, then close, so clients reconnect elsewhere.
+                resp.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let timing = &node.config.timing;
-    let mut shutdown = node.shutdown_signal();
-    // A connection accepted while draining (a readiness probe, a late client) is
-    // served its request and then closed: no keep-alive, no early graceful close.
-    let draining = *shutdown.borrow();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(timing.handshake_timeout_ms))
         .max_buf_size(64 * 1024)
-        .keep_alive(!draining);
+        .keep_alive(true);
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let grace = Duration::from_millis(timing.shutdown_grace_ms);
-    if draining {
-        let _ = tokio::time::timeout(grace, conn).await;
-        return;
-    }
+    let mut shutdown = node.shutdown_signal();
     tokio::select! {
         r = conn.as_mut() => {
             if r.is_err_and(|e| e.is_timeout()) {
                 // A request that never finished within the handshake timeout.
                 node.stats.connections_refused.inc();
             }
+            return;
         }
-        _ = async { let _ = shutdown.wait_for(|down| *down).await; } => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(grace, conn).await;
-        }
+        _ = async { let _ = shutdown.wait_for(|down| *down).await; } => {}
     }
+    // Draining. Every response now carries `Connection: close`. A kept-alive
+    // connection lingers briefly so a request already on its way is answered rather
+    // than cut off (the keep-alive race), then closes if idle; one that has not yet
+    // sent its first request gets it answered, so a probe or a late client is never
+    // closed unanswered.
+    if served.load(std::sync::atomic::Ordering::Relaxed) {
+        let linger = Duration::from_millis((timing.shutdown_grace_ms / 4).min(1000));
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(linger) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+    }
+    let _ = tokio::time::timeout(grace, conn).await;
 }
 
 /// Upkeep tasks: history sweeping, the memory-budget evictor, metrics export.

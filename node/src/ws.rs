@@ -624,6 +624,7 @@ impl Session {
     }
 
     fn publish(&mut self, id: Option<u64>, p: PublishCmd) -> Result<(), ApiError> {
+        crate::http::refuse_while_draining(&self.node)?;
         validate_topic(&p.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
         if !self
             .node

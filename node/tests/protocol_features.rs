@@ -249,6 +249,43 @@ async fn websocket_history_pages_and_tail() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_refuses_publishes_and_closes_connections_after_answering() {
+    let node = TestNode::start_with(|c| c.timing.shutdown_grace_ms = 5000).await;
+    node.publish("d", "1").await;
+    let mut ws = WsClient::connect(node.addr).await;
+    node.node.begin_shutdown();
+    let resp = node
+        .http
+        .post(node.url("/v1/topics/d/events"))
+        .body("2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(resp.headers()["connection"], "close");
+    let resp = node.http.get(node.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let publish = Command::Publish(weft_proto::command::PublishCmd {
+        topic: "d".into(),
+        data: serde_json::value::RawValue::from_string("3".into()).unwrap(),
+        kind: None,
+    });
+    let err = ws
+        .request(publish)
+        .await
+        .error
+        .expect("publish refused while draining");
+    assert_eq!(err.code, 503);
+    assert_eq!(
+        node.state("d").await.offset,
+        1,
+        "nothing acknowledged during the drain"
+    );
+    node.stop().await;
+}
+
 /// Decodes a reqwest response body as JSON (reqwest is built without its json feature).
 trait JsonBody {
     async fn json_body<T: serde::de::DeserializeOwned>(self) -> T;
