@@ -62,8 +62,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
+    let listener = bind(config.http_listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
     let http = listener.local_addr()?;
     warn!("single-node mode with the embedded router; authentication is off: every client may subscribe and publish");
@@ -78,6 +77,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         std::fs::write(&tmp, ready.to_string()).and_then(|()| std::fs::rename(&tmp, path))?;
     }
     weft_node::run(listener, config, shutdown_signal()).await
+}
+
+/// Binds with a deep accept backlog: tokio's default of 1024 overflows under
+/// reconnect bursts, and every dropped SYN costs that client a 1 s retransmit. The
+/// kernel caps it at `net.core.somaxconn`.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
 }
 
 async fn shutdown_signal() {
