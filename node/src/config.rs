@@ -79,6 +79,11 @@ pub struct Limits {
     /// Byte budget of one session's outbound queue; past it the namespace's
     /// slow-consumer policy applies.
     pub outbound_queue_bytes: usize,
+    /// New sessions (WebSocket, SSE, NDJSON) admitted per second, node-wide, and the
+    /// burst above it. The excess gets 503 with a jittered Retry-After, so a node that
+    /// inherits a reconnect storm stays responsive to the sessions it already has.
+    pub new_sessions_per_s: u32,
+    pub new_sessions_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,6 +173,8 @@ impl Default for Limits {
             commands_per_s: 200,
             command_burst: 1000,
             outbound_queue_bytes: 1024 * 1024,
+            new_sessions_per_s: 20_000,
+            new_sessions_burst: 20_000,
         }
     }
 }
@@ -262,6 +269,12 @@ impl Config {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));
             }
+        }
+        if l.new_sessions_per_s == 0 || l.new_sessions_burst == 0 {
+            return bad(
+                "limits.new_sessions_per_s and limits.new_sessions_burst must be greater than 0"
+                    .into(),
+            );
         }
         if l.commands_per_s == 0 || l.command_burst == 0 {
             return bad(
@@ -379,6 +392,8 @@ pub struct Cli {
     pub max_message_bytes: Option<usize>,
     #[arg(long, env = "WEFT_OUTBOUND_QUEUE_BYTES")]
     pub outbound_queue_bytes: Option<usize>,
+    #[arg(long, env = "WEFT_NEW_SESSIONS_PER_S")]
+    pub new_sessions_per_s: Option<u32>,
     #[arg(long, env = "WEFT_HISTORY_MEMORY_BUDGET_BYTES")]
     pub history_memory_budget_bytes: Option<usize>,
     #[arg(long, env = "WEFT_PING_INTERVAL_MS")]
@@ -430,6 +445,7 @@ impl Cli {
             max_subscriptions_per_session => limits.max_subscriptions_per_session;
             max_message_bytes => limits.max_message_bytes;
             outbound_queue_bytes => limits.outbound_queue_bytes;
+            new_sessions_per_s => limits.new_sessions_per_s;
             history_memory_budget_bytes => history.memory_budget_bytes;
             ping_interval_ms => timing.ping_interval_ms;
             handshake_timeout_ms => timing.handshake_timeout_ms;

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::rate::TokenBucket;
 use crate::registry::Registry;
 use crate::stats::Stats;
 
@@ -27,6 +28,9 @@ pub struct Node {
     pub tasks: TaskTracker,
     pub conns: Arc<ConnLimiter>,
     next_session: AtomicU64,
+    /// Admission of new sessions (reconnect-storm protection). A `std` mutex: the
+    /// section is a few arithmetic operations and never awaits.
+    admission: Mutex<TokenBucket>,
 }
 
 impl Node {
@@ -44,6 +48,10 @@ impl Node {
                 config.limits.max_connections_per_ip,
             )),
             next_session: AtomicU64::new(1),
+            admission: Mutex::new(TokenBucket::new(
+                config.limits.new_sessions_per_s,
+                config.limits.new_sessions_burst,
+            )),
             config,
         })
     }
@@ -60,6 +68,30 @@ impl Node {
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    /// Admits one new session, or refuses it with 503 and a Retry-After spread over
+    /// 1-5 s so refused clients do not come back in one wave.
+    pub fn admit_session(&self) -> Result<(), ApiError> {
+        if !self.is_ready() {
+            return Err(ApiError::Unavailable {
+                message: "node is shutting down".into(),
+                retry_after_s: 1,
+            });
+        }
+        if self
+            .admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow()
+        {
+            return Ok(());
+        }
+        self.stats.rate_limited.inc();
+        Err(ApiError::Unavailable {
+            message: "too many new sessions right now; retry after the indicated delay".into(),
+            retry_after_s: fastrand::u64(1..=5),
+        })
     }
 
     pub fn next_session_id(&self) -> u64 {

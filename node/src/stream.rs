@@ -88,12 +88,7 @@ pub async fn open(
     topics: Vec<String>,
     cursors: MultiCursor,
 ) -> Result<Response, ApiError> {
-    if !node.is_ready() {
-        return Err(ApiError::Unavailable {
-            message: "node is shutting down".into(),
-            retry_after_s: 1,
-        });
-    }
+    node.admit_session()?;
     let timing = &node.config.timing;
     let id = node.next_session_id();
     let client = node.client_id(id);

@@ -107,12 +107,8 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     } else {
         return bad_upgrade("supported subprotocols: weft.v1.json");
     };
-    if !node.is_ready() {
-        return ApiError::Unavailable {
-            message: "node is shutting down".into(),
-            retry_after_s: 1,
-        }
-        .into_response();
+    if let Err(refused) = node.admit_session() {
+        return refused.into_response();
     }
     let info = req.extensions().get::<ConnInfo>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
