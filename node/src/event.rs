@@ -68,18 +68,8 @@ impl StoredEvent {
     /// `{"offset":N,"data":…,"ts":T,"type":"k"}` — the event object of the contract.
     pub fn write_json(&self, out: &mut BytesMut) {
         out.reserve(self.data.len() + 64);
-        out.put_slice(b"{\"offset\":");
-        put_u64(out, self.offset);
-        out.put_slice(b",\"data\":");
-        out.put_slice(&self.data);
-        out.put_slice(b",\"ts\":");
-        put_u64(out, self.ts);
-        if let Some(kind) = &self.kind {
-            out.put_slice(b",\"type\":\"");
-            out.put_slice(kind.as_bytes());
-            out.put_u8(b'"');
-        }
-        out.put_u8(b'}');
+        out.put_u8(b'{');
+        self.write_fields(out);
     }
 
     /// `{"topic":…,"epoch":…,"offset":…,"data":…,"ts":…,"type":…}` — the envelope.
@@ -89,7 +79,13 @@ impl StoredEvent {
         out.put_slice(self.topic.as_bytes());
         out.put_slice(b"\",\"epoch\":\"");
         out.put_slice(self.epoch.as_bytes());
-        out.put_slice(b"\",\"offset\":");
+        out.put_slice(b"\",");
+        self.write_fields(out);
+    }
+
+    /// `"offset":N,"data":…,"ts":T[,"type":"k"]}` — the tail both objects share.
+    fn write_fields(&self, out: &mut BytesMut) {
+        out.put_slice(b"\"offset\":");
         put_u64(out, self.offset);
         out.put_slice(b",\"data\":");
         out.put_slice(&self.data);

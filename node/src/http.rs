@@ -66,8 +66,18 @@ pub fn json_ok(body: Bytes) -> Response {
 
 fn topic_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(topic) = path.map_err(|e| ApiError::bad(format!("bad path: {e}")))?;
-    validate_topic(&topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+    check_topic(&topic)?;
     Ok(topic)
+}
+
+/// A topic name from any transport: `400` with the rule it breaks.
+pub fn check_topic(topic: &str) -> Result<(), ApiError> {
+    validate_topic(topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))
+}
+
+/// An optional `epoch:offset` cursor from any transport: `400` when malformed.
+pub fn parse_since(since: Option<&str>) -> Result<Option<Cursor>, ApiError> {
+    since.map(|c| parse_cursor(c, "cursor")).transpose()
 }
 
 /// The query string as decoded pairs (repeated keys kept, as `topic=a&topic=b`).
@@ -398,7 +408,7 @@ async fn events(
         (true, Some(id)) if !id.is_empty() => Some(id),
         _ => param(&q, "since"),
     };
-    let since = since_text.map(|s| parse_cursor(s, "cursor")).transpose()?;
+    let since = parse_since(since_text)?;
     if ndjson || sse {
         let format = if sse { Format::Sse } else { Format::Ndjson };
         let cursors = since
@@ -473,8 +483,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     }
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    let _ = &node;
+async fn metrics() -> Response {
     let text = crate::stats::prometheus().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

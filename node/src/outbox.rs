@@ -151,43 +151,28 @@ impl Outbox {
         result
     }
 
-    /// Queues a droppable push (presence join/leave): under `conflate` it is dropped
-    /// when over budget (returns `Closed`-free `Conflated`), under `disconnect` the
-    /// session overflows like with an event.
+    /// Queues a droppable push (presence join/leave): when over budget it is dropped
+    /// under `conflate` (reported as `Conflated`) and overflows the session under
+    /// `disconnect`, like an event.
     pub fn push_droppable(&self, bytes: Bytes, policy: SlowConsumerPolicy) -> Pushed {
-        let cost = bytes.len() + 64;
-        let mut inner = self.lock();
-        if inner.closed.is_some() {
-            return Pushed::Closed;
-        }
-        if inner.bytes + cost > self.budget {
-            if policy == SlowConsumerPolicy::Conflate {
-                return Pushed::Conflated;
-            }
-            inner.overflow();
-            drop(inner);
-            self.notify.notify_one();
-            return Pushed::Overflow;
-        }
-        inner.add(cost);
-        inner.queue.push_back(Entry {
-            frame: Frame::Control(bytes),
-            skipped_from: 0,
-            cost,
-        });
-        drop(inner);
-        self.notify.notify_one();
-        Pushed::Queued
+        self.push_bytes(bytes, self.budget, policy == SlowConsumerPolicy::Conflate)
     }
 
     /// Queues a reply or other control frame; closes the outbox at twice the budget.
     pub fn push_control(&self, bytes: Bytes) -> Pushed {
+        self.push_bytes(bytes, self.budget.saturating_mul(2), false)
+    }
+
+    fn push_bytes(&self, bytes: Bytes, limit: usize, drop_when_over: bool) -> Pushed {
         let cost = bytes.len() + 64;
         let mut inner = self.lock();
         if inner.closed.is_some() {
             return Pushed::Closed;
         }
-        if inner.bytes + cost > self.budget.saturating_mul(2) {
+        if inner.bytes + cost > limit {
+            if drop_when_over {
+                return Pushed::Conflated;
+            }
             inner.overflow();
             drop(inner);
             self.notify.notify_one();

@@ -36,11 +36,11 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use weft_proto::command::{HistoryCmd, PublishCmd, SubscribeCmd};
-use weft_proto::{close, parse_command, validate_topic, Command, Cursor};
+use weft_proto::{close, parse_command, Command};
 
 use crate::error::ApiError;
 use crate::event::{put_u64, write_event_array};
-use crate::http::{event_kind, raw_data};
+use crate::http::{check_topic, event_kind, parse_since, raw_data};
 use crate::node::{ConnGuard, Node};
 use crate::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
 use crate::poll::problem_error;
@@ -513,8 +513,7 @@ impl Session {
             }
             Command::Subscribe(s) => self.subscribe(id, s),
             Command::Unsubscribe(u) => {
-                validate_topic(&u.topic)
-                    .map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+                check_topic(&u.topic)?;
                 let topic = self
                     .subs
                     .remove(u.topic.as_str())
@@ -527,8 +526,7 @@ impl Session {
             Command::Publish(p) => self.publish(id, p),
             Command::History(h) => self.history(id, h),
             Command::Presence(p) => {
-                validate_topic(&p.topic)
-                    .map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+                check_topic(&p.topic)?;
                 if !self.node.registry.namespaces.lookup(&p.topic).presence {
                     return Err(ApiError::Forbidden(format!(
                         "presence is off for the namespace of `{}`",
@@ -552,15 +550,8 @@ impl Session {
     }
 
     fn subscribe(&mut self, id: Option<u64>, s: SubscribeCmd) -> Result<(), ApiError> {
-        validate_topic(&s.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
-        let since = s
-            .since
-            .as_deref()
-            .map(|c| {
-                c.parse::<Cursor>()
-                    .map_err(|e| ApiError::bad(format!("bad cursor: {e}")))
-            })
-            .transpose()?;
+        check_topic(&s.topic)?;
+        let since = parse_since(s.since.as_deref())?;
         if self.subs.contains_key(s.topic.as_str()) {
             return Err(ApiError::bad(format!(
                 "already subscribed to `{}`",
@@ -621,7 +612,7 @@ impl Session {
 
     fn publish(&mut self, id: Option<u64>, p: PublishCmd) -> Result<(), ApiError> {
         crate::http::refuse_while_draining(&self.node)?;
-        validate_topic(&p.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+        check_topic(&p.topic)?;
         if !self
             .node
             .registry
@@ -651,21 +642,14 @@ impl Session {
     }
 
     fn history(&mut self, id: Option<u64>, h: HistoryCmd) -> Result<(), ApiError> {
-        validate_topic(&h.topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))?;
+        check_topic(&h.topic)?;
         let max = self.node.config.limits.max_history_request;
         let limit = match h.limit {
             None => max,
             Some(n) if n >= 1 && n as usize <= max => n as usize,
             Some(_) => return Err(ApiError::bad(format!("`limit` must be from 1 to {max}"))),
         };
-        let since = h
-            .since
-            .as_deref()
-            .map(|c| {
-                c.parse::<Cursor>()
-                    .map_err(|e| ApiError::bad(format!("bad cursor: {e}")))
-            })
-            .transpose()?;
+        let since = parse_since(h.since.as_deref())?;
         let page = self
             .node
             .registry
