@@ -1,7 +1,8 @@
 //! # weft-proto — every type that crosses the wire
 //!
 //! The node, the router and the load-test harness depend on this crate and never
-//! redefine a message. It holds only pure logic and serde types; no I/O.
+//! redefine a message. Apart from the generated gRPC stubs it holds only pure logic and
+//! serde types; no I/O.
 //!
 //! # Layout
 //! - [`topic`]: topic-name rules (`[A-Za-z0-9_.:@-]{1,255}`) and `*`/`>` patterns.
@@ -10,11 +11,20 @@
 //!   one line into a command or a numbered protocol error.
 //! - [`message`]: server → client messages (replies, pushes) and the REST bodies
 //!   (publish results, topic state, history pages, error bodies).
+//! - [`grpc`]: code generated from `proto/weft/v1/*.proto` (the router's public API and
+//!   the router-peer Raft service), clients and servers.
 
 pub mod command;
 pub mod cursor;
 pub mod message;
 pub mod topic;
+
+/// gRPC messages, clients and servers of package `weft.v1`, generated at build time
+/// from `proto/weft/v1/*.proto` (see `build.rs`; no system `protoc` needed).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod grpc {
+    tonic::include_proto!("weft.v1");
+}
 
 pub use command::{parse_command, Command, CommandError};
 pub use cursor::{Cursor, CursorError, MultiCursor};
