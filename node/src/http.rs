@@ -27,6 +27,11 @@ use crate::node::Node;
 use crate::stream::{self, Format};
 use crate::{poll, ws};
 
+/// The REST contract (OpenAPI 3.1) and the WebSocket protocol (AsyncAPI 3.0), served
+/// as written; `tests/contract_documents.rs` holds them to the routes.
+pub const OPENAPI: &str = include_str!("../contract/openapi.json");
+pub const ASYNCAPI: &str = include_str!("../contract/asyncapi.json");
+
 pub fn app(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/topics/{topic}/events", post(publish).get(events))
@@ -35,6 +40,14 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/publish", post(batch_publish))
         .route("/v1/events", get(multi_events))
         .route("/v1/ws", get(ws::upgrade))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { json_ok(Bytes::from_static(OPENAPI.as_bytes())) }),
+        )
+        .route(
+            "/v1/asyncapi.json",
+            get(|| async { json_ok(Bytes::from_static(ASYNCAPI.as_bytes())) }),
+        )
         .route(
             "/healthz",
             get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
