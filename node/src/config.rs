@@ -84,6 +84,10 @@ pub struct Limits {
     /// inherits a reconnect storm stays responsive to the sessions it already has.
     pub new_sessions_per_s: u32,
     pub new_sessions_burst: u32,
+    /// TCP connects accepted per second from one address, and the burst above it;
+    /// the excess gets a canned 429 before any HTTP is read.
+    pub connects_per_ip_per_s: u32,
+    pub connects_per_ip_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +179,8 @@ impl Default for Limits {
             outbound_queue_bytes: 1024 * 1024,
             new_sessions_per_s: 20_000,
             new_sessions_burst: 20_000,
+            connects_per_ip_per_s: 2_000,
+            connects_per_ip_burst: 4_000,
         }
     }
 }
@@ -269,6 +275,9 @@ impl Config {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));
             }
+        }
+        if l.connects_per_ip_per_s == 0 || l.connects_per_ip_burst == 0 {
+            return bad("limits.connects_per_ip_per_s and limits.connects_per_ip_burst must be greater than 0".into());
         }
         if l.new_sessions_per_s == 0 || l.new_sessions_burst == 0 {
             return bad(

@@ -46,6 +46,8 @@ impl Node {
             conns: Arc::new(ConnLimiter::new(
                 config.limits.max_connections,
                 config.limits.max_connections_per_ip,
+                config.limits.connects_per_ip_per_s,
+                config.limits.connects_per_ip_burst,
             )),
             next_session: AtomicU64::new(1),
             admission: Mutex::new(TokenBucket::new(
@@ -134,13 +136,22 @@ impl Node {
     }
 }
 
-/// Connection admission: a node-wide cap and a per-IP cap, checked at accept.
+/// Connection admission, checked at accept before any byte is read: a node-wide cap,
+/// a per-IP cap on open connections, and a per-IP connect rate, so one address can
+/// neither hold nor churn through the node's capacity.
 #[derive(Debug)]
 pub struct ConnLimiter {
     total: AtomicUsize,
     max: usize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Mutex<HashMap<IpAddr, PerIp>>,
     max_per_ip: usize,
+    rate: (u32, u32),
+}
+
+#[derive(Debug)]
+struct PerIp {
+    open: usize,
+    connects: TokenBucket,
 }
 
 /// Holds one admitted connection's place; dropping it frees the place.
@@ -151,31 +162,46 @@ pub struct ConnGuard {
 }
 
 impl ConnLimiter {
-    pub fn new(max: usize, max_per_ip: usize) -> Self {
+    pub fn new(max: usize, max_per_ip: usize, connects_per_s: u32, connect_burst: u32) -> Self {
         Self {
             total: AtomicUsize::new(0),
             max,
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip,
+            rate: (connects_per_s, connect_burst),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PerIp>> {
+        self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, ApiError> {
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self.lock();
         if self.total.load(Ordering::Relaxed) >= self.max {
             return Err(ApiError::Unavailable {
                 message: "connection limit of this node reached".into(),
                 retry_after_s: 1,
             });
         }
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        let (rate, burst) = self.rate;
+        let entry = per_ip.entry(ip).or_insert_with(|| PerIp {
+            open: 0,
+            connects: TokenBucket::new(rate, burst),
+        });
+        if entry.open >= self.max_per_ip {
             return Err(ApiError::RateLimited {
                 message: "connection limit for this address reached".into(),
                 retry_after_s: 1,
             });
         }
-        *n += 1;
+        if !entry.connects.allow() {
+            return Err(ApiError::RateLimited {
+                message: "connecting too fast from this address".into(),
+                retry_after_s: 1,
+            });
+        }
+        entry.open += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(ConnGuard {
             limiter: self.clone(),
@@ -186,20 +212,25 @@ impl ConnLimiter {
     pub fn open(&self) -> usize {
         self.total.load(Ordering::Relaxed)
     }
+
+    /// Forgets addresses with no open connection whose connect budget has refilled:
+    /// keeping them would change nothing, so the map only holds addresses that matter.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.lock()
+            .retain(|_, e| e.open > 0 || !e.connects.is_full_at(now));
+    }
+
+    pub fn tracked_addresses(&self) -> usize {
+        self.lock().len()
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut per_ip = self
-            .limiter
-            .per_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
+        let mut per_ip = self.limiter.lock();
+        if let Some(e) = per_ip.get_mut(&self.ip) {
+            e.open -= 1;
         }
         self.limiter.total.fetch_sub(1, Ordering::Relaxed);
     }
@@ -211,7 +242,7 @@ mod tests {
 
     #[test]
     fn limiter_counts_and_frees() {
-        let l = Arc::new(ConnLimiter::new(3, 2));
+        let l = Arc::new(ConnLimiter::new(3, 2, 1000, 1000));
         let a: IpAddr = "127.0.0.2".parse().unwrap();
         let b: IpAddr = "127.0.0.3".parse().unwrap();
         let g1 = l.admit(a).unwrap();
@@ -222,6 +253,26 @@ mod tests {
         drop(g1);
         assert_eq!(l.open(), 2);
         l.admit(a).unwrap();
-        assert!(l.per_ip.lock().unwrap().len() <= 2);
+    }
+
+    #[test]
+    fn connect_rate_per_address_and_the_map_stays_bounded() {
+        let l = Arc::new(ConnLimiter::new(1000, 1000, 1, 3));
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            drop(l.admit(a).unwrap());
+        }
+        let refused = l.admit(a).unwrap_err();
+        assert!(refused.to_string().contains("too fast"), "{refused}");
+        // Another address has its own budget.
+        drop(l.admit("127.0.0.3".parse().unwrap()).unwrap());
+        // Addresses whose budget is spent are remembered; refilled ones are forgotten.
+        l.sweep();
+        assert_eq!(l.tracked_addresses(), 2);
+        let idle = Arc::new(ConnLimiter::new(1000, 1000, 1000, 1));
+        drop(idle.admit(a).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        idle.sweep();
+        assert_eq!(idle.tracked_addresses(), 0);
     }
 }

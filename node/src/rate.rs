@@ -32,6 +32,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now` (nothing spent recently).
+    pub fn is_full_at(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     pub fn allow(&mut self) -> bool {
         self.allow_at(Instant::now())
     }

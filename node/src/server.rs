@@ -172,7 +172,10 @@ fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
         let mut export = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = sweep.tick() => node.registry.sweep(idle_ttl),
+                _ = sweep.tick() => {
+                    node.registry.sweep(idle_ttl);
+                    node.conns.sweep();
+                }
                 _ = node.registry.budget.over.notified() => node.registry.enforce_budget(),
                 _ = export.tick() => {
                     exporter.export(&node.stats, node.registry.topic_count(), node.registry.history_bytes());

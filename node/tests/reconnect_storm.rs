@@ -115,3 +115,52 @@ async fn plain_requests_are_not_sessions() {
     }
     node.stop().await;
 }
+
+/// One raw HTTP/1.1 GET /healthz from `source`, returning the status line.
+async fn raw_get(source: &str, addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(support::WAIT, s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_connecting_too_fast_is_refused_and_others_are_not() {
+    let node = TestNode::start_with(|c| {
+        c.limits.connects_per_ip_per_s = 5;
+        c.limits.connects_per_ip_burst = 5;
+    })
+    .await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for _ in 0..12 {
+        let status = raw_get("127.0.0.1", node.addr).await;
+        if status.starts_with("HTTP/1.1 200") {
+            ok += 1;
+        } else {
+            assert!(status.starts_with("HTTP/1.1 429"), "{status}");
+            refused += 1;
+        }
+    }
+    assert!(
+        (5..=7).contains(&ok),
+        "{ok} admitted from one address at 5/s burst 5"
+    );
+    assert!(refused >= 5);
+    // A different address is not affected.
+    assert!(raw_get("127.0.0.2", node.addr)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(node.node.stats.connections_refused.get() >= refused);
+    node.stop().await;
+}
