@@ -8,6 +8,9 @@
 //!   with `hashring` over virtual nodes. Pure.
 //! - [`state`]: the state machine as a pure type, `apply(Command) → Response` plus the
 //!   changes watchers see. Pure.
+//! - [`raft`]: the openraft boundary: durable log/vote store, state-machine store with
+//!   snapshots and the change feed. Nothing outside it names an openraft type.
 
+pub mod raft;
 pub mod ring;
 pub mod state;
