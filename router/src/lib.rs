@@ -9,8 +9,22 @@
 //! - [`state`]: the state machine as a pure type, `apply(Command) → Response` plus the
 //!   changes watchers see. Pure.
 //! - [`raft`]: the openraft boundary: durable log/vote store, state-machine store with
-//!   snapshots and the change feed. Nothing outside it names an openraft type.
+//!   snapshots and the change feed, peer network, and [`raft::RaftNode`], the only
+//!   handle the rest of the crate uses.
+//! - [`service`]: the public `weft.v1.Router` gRPC service, group commit, the
+//!   heartbeat reaper.
+//! - [`client`]: [`client::RouterClient`], leader-following with bounded retries.
+//! - [`server`]: [`server::Router`] (everything on one bound listener, bootstrap) and
+//!   [`server::Embedded`], the single-voter router a node runs in-process.
+//! - [`config`]: layered configuration of the binary.
 
+pub mod client;
+pub mod config;
 pub mod raft;
+pub mod server;
+pub mod service;
+
+pub use client::RouterClient;
+pub use server::{Embedded, Router, RouterOptions};
 pub mod ring;
 pub mod state;

@@ -5,10 +5,16 @@
 //! - [`log_store`]: the durable log and vote.
 //! - [`sm_store`]: the state machine, snapshots, and the change feed for watchers.
 //! - [`disk`]: fsync/atomic-replace helpers.
+//! - [`network`]: the peer gRPC service and cached per-peer channels.
+//! - [`node`]: [`RaftNode`], the handle the rest of the crate uses.
 
 pub mod disk;
 pub mod log_store;
+pub mod network;
+pub mod node;
 pub mod sm_store;
+
+pub use node::{RaftNode, RaftTiming, StartError, WriteError};
 
 use std::io::Cursor;
 

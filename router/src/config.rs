@@ -1,0 +1,281 @@
+//! The typed configuration of `weft-router` (DESIGN §8).
+//!
+//! Layers, lowest first: built-in defaults < TOML file (`--config`) < `WEFT_*`
+//! environment < flags; every flag `--a-b` is also `WEFT_A_B`. The configuration is
+//! validated before anything is bound; an invalid one is reported in one line and the
+//! binary exits with 64 (EX_USAGE).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::raft::RaftTiming;
+use crate::server::RouterOptions;
+
+/// Exit code for invalid configuration or usage (sysexits EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This router's Raft id; required, unique in the group.
+    pub id: Option<u64>,
+    /// Public router API and the peer Raft service (one port).
+    pub listen: SocketAddr,
+    /// Every voter including this one, `id=host:port,...`; empty = single voter.
+    pub peers: String,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// Where to write the bound address as JSON once listening.
+    pub ready_file: Option<PathBuf>,
+    /// A member silent for this long is removed with its interest.
+    pub heartbeat_timeout_ms: u64,
+    pub raft: RaftConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    pub snapshot_every: u64,
+    pub keep_logs: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let t = RaftTiming::default();
+        Self {
+            heartbeat_ms: t.heartbeat_ms,
+            election_min_ms: t.election_min_ms,
+            election_max_ms: t.election_max_ms,
+            snapshot_every: t.snapshot_every,
+            keep_logs: t.keep_logs,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: None,
+            listen: "0.0.0.0:9400".parse().expect("literal"),
+            peers: String::new(),
+            data_dir: PathBuf::from("./weft-data"),
+            log_format: LogFormat::Text,
+            ready_file: None,
+            heartbeat_timeout_ms: 5000,
+            raft: RaftConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Parses `id=host:port,...`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| ConfigError(format!("peers: `{part}` is not id=host:port")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError(format!("peers: `{id}` is not a u64 id")))?;
+        let addr = addr.trim();
+        let port = addr.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+        if !matches!(port, Some((h, Ok(_))) if !h.is_empty()) {
+            return Err(ConfigError(format!("peers: `{addr}` is not host:port")));
+        }
+        if out.insert(id, addr.to_owned()).is_some() {
+            return Err(ConfigError(format!("peers: id {id} appears twice")));
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Checks every rule and builds the router's options; the error is one line.
+    pub fn options(&self) -> Result<RouterOptions, ConfigError> {
+        let id = self
+            .id
+            .ok_or_else(|| ConfigError("--id is required".into()))?;
+        let peers = parse_peers(&self.peers)?;
+        if !peers.is_empty() && !peers.contains_key(&id) {
+            return Err(ConfigError(format!(
+                "--peers must include this router's own id {id}"
+            )));
+        }
+        if self.heartbeat_timeout_ms == 0 {
+            return Err(ConfigError(
+                "heartbeat_timeout_ms must be greater than 0".into(),
+            ));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_min_ms <= r.heartbeat_ms {
+            return Err(ConfigError(
+                "raft.election_min_ms must exceed raft.heartbeat_ms (> 0)".into(),
+            ));
+        }
+        if r.election_max_ms <= r.election_min_ms {
+            return Err(ConfigError(
+                "raft.election_max_ms must exceed raft.election_min_ms".into(),
+            ));
+        }
+        if r.snapshot_every == 0 {
+            return Err(ConfigError(
+                "raft.snapshot_every must be greater than 0".into(),
+            ));
+        }
+        Ok(RouterOptions {
+            id,
+            peers,
+            data_dir: self.data_dir.clone(),
+            heartbeat_timeout: Duration::from_millis(self.heartbeat_timeout_ms),
+            raft: RaftTiming {
+                heartbeat_ms: r.heartbeat_ms,
+                election_min_ms: r.election_min_ms,
+                election_max_ms: r.election_max_ms,
+                snapshot_every: r.snapshot_every,
+                keep_logs: r.keep_logs,
+            },
+        })
+    }
+
+    /// The effective configuration as TOML (it holds no secrets).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+}
+
+/// Command-line flags; each overrides only what it names.
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-router",
+    version,
+    about = "Weft router: the Raft-backed metadata service"
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long, env = "WEFT_ID")]
+    pub id: Option<u64>,
+    #[arg(long, env = "WEFT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Every voter including this one: `id=host:port,...`.
+    #[arg(long, env = "WEFT_PEERS")]
+    pub peers: Option<String>,
+    #[arg(long, env = "WEFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, env = "WEFT_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+    #[arg(long, env = "WEFT_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+}
+
+impl Cli {
+    /// Builds the effective configuration: defaults < file < env/flags, validated.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str::<Config>(&text).map_err(|e| {
+                    ConfigError(format!("{}: {}", path.display(), e.message().trim()))
+                })?
+            }
+            None => Config::default(),
+        };
+        if self.id.is_some() {
+            c.id = self.id;
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &self.peers {
+            c.peers.clone_from(v);
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir.clone_from(v);
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        if self.ready_file.is_some() {
+            c.ready_file.clone_from(&self.ready_file);
+        }
+        if let Some(v) = self.heartbeat_timeout_ms {
+            c.heartbeat_timeout_ms = v;
+        }
+        c.options()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:9400, 2=r2:9400,3=[::1]:9400").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[&2], "r2:9400");
+        for bad in ["1", "x=a:1", "1=a", "1=a:1,1=b:2", "1=:80"] {
+            assert!(parse_peers(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn layers_and_validation() {
+        let dir = std::env::temp_dir().join(format!("weft-rcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.toml");
+        std::fs::write(
+            &path,
+            "id = 2\nheartbeat_timeout_ms = 900\n[raft]\nheartbeat_ms = 50\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "weft-router",
+            "--config",
+            path.to_str().unwrap(),
+            "--id",
+            "3",
+        ])
+        .unwrap();
+        let c = cli.load().unwrap();
+        assert_eq!(c.id, Some(3), "flag beats file");
+        assert_eq!(c.heartbeat_timeout_ms, 900, "file beats default");
+        assert_eq!(c.raft.heartbeat_ms, 50);
+        let mut bad = c.clone();
+        bad.peers = "1=a:1,2=b:2".into();
+        let e = bad.options().unwrap_err().to_string();
+        assert!(e.contains("own id") && !e.contains('\n'), "{e}");
+        let mut bad = c;
+        bad.id = None;
+        assert!(bad.options().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

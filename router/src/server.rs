@@ -1,0 +1,191 @@
+//! Assembles a running router on a bound listener: Raft, the peer and public gRPC
+//! services on one port, group commit, the heartbeat reaper and the bootstrap.
+//!
+//! Bootstrap (the same on a laptop and in a StatefulSet): on a fresh store the router
+//! with the lowest id initialises the cluster with every peer as a voter, once every
+//! peer answers and none knows a leader. A store that holds any membership is never
+//! initialised again, so restarts keep the cluster they belonged to.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use weft_proto::grpc::router_server::RouterServer;
+
+use crate::client::RouterClient;
+use crate::raft::{RaftNode, RaftTiming, StartError};
+use crate::service::{reap_dead, Committer, RouterService, MAX_REQUEST_BYTES};
+
+/// What [`Router::start`] needs (the binary builds it from [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    pub id: u64,
+    /// Every voter including this one (id → `host:port`); empty = a single voter
+    /// reachable at the bound address.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub heartbeat_timeout: Duration,
+    pub raft: RaftTiming,
+}
+
+/// A running router. Drop does not stop it: call [`Router::shutdown`].
+pub struct Router {
+    raft: RaftNode,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Router {
+    /// Starts serving on `listener` at once; bootstrap continues in the background.
+    pub async fn start(opts: RouterOptions, listener: TcpListener) -> Result<Self, StartError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Raft(format!("listener: {e}")))?;
+        let raft = RaftNode::start(opts.id, &opts.data_dir, &opts.raft).await?;
+        let committer = Committer::spawn(raft.clone());
+        let router = RouterServer::new(RouterService::new(raft.clone(), committer.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let stop = CancellationToken::new();
+        let serve = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(raft.peer_service())
+                .add_service(router)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        let mut tasks = vec![tokio::spawn(reap_dead(
+            raft.clone(),
+            committer,
+            opts.heartbeat_timeout,
+        ))];
+        let voters = if opts.peers.is_empty() {
+            BTreeMap::from([(opts.id, addr.to_string())])
+        } else {
+            opts.peers.clone()
+        };
+        tasks.push(tokio::spawn(bootstrap(raft.clone(), voters)));
+        tracing::info!(id = opts.id, %addr, "router serving");
+        Ok(Self {
+            raft,
+            addr,
+            stop,
+            serve,
+            tasks,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn raft(&self) -> &RaftNode {
+        &self.raft
+    }
+
+    /// Stops accepting, lets in-flight calls finish (bounded), then stops Raft.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.serve).await;
+        self.raft.shutdown().await;
+    }
+}
+
+async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>) {
+    if raft.is_initialized().await {
+        tracing::info!("existing raft state found; not initialising");
+        return;
+    }
+    let lowest = voters.keys().next().copied();
+    if lowest != Some(raft.id()) {
+        tracing::info!(
+            ?lowest,
+            "fresh store; waiting for the lowest id to initialise"
+        );
+        return;
+    }
+    let others: Vec<RouterClient> = voters
+        .iter()
+        .filter(|(id, _)| **id != raft.id())
+        .map(|(_, addr)| RouterClient::new(vec![addr.clone()]))
+        .collect();
+    loop {
+        if raft.is_initialized().await || raft.leader().is_some() {
+            return;
+        }
+        let mut ready = true;
+        for c in &others {
+            match tokio::time::timeout(Duration::from_secs(1), c.get_state()).await {
+                Ok(Ok(s)) if s.leader_id.is_none() => {}
+                Ok(Ok(_)) => {
+                    tracing::warn!("a peer already follows a leader; not initialising");
+                    return;
+                }
+                _ => ready = false,
+            }
+        }
+        if ready {
+            match raft.initialize(voters.clone()).await {
+                Ok(true) => tracing::info!(?voters, "initialised the router cluster"),
+                Ok(false) => tracing::info!("already initialised"),
+                Err(e) => tracing::error!(error = %e, "initialise failed"),
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A single-voter router inside another process (the node's default, DESIGN §8).
+pub struct Embedded {
+    router: Router,
+}
+
+impl Embedded {
+    /// Starts a single-voter router with its data under `data_dir`, serving on
+    /// `listener`, initialised on a fresh directory. Returns a client bound to it once
+    /// it leads (within `Duration::from_secs(10)`, or an error).
+    pub async fn start(
+        data_dir: impl Into<PathBuf>,
+        listener: TcpListener,
+    ) -> Result<(Self, RouterClient), StartError> {
+        let opts = RouterOptions {
+            id: 1,
+            peers: BTreeMap::new(),
+            data_dir: data_dir.into(),
+            heartbeat_timeout: Duration::from_secs(5),
+            raft: RaftTiming::default(),
+        };
+        let router = Router::start(opts, listener).await?;
+        if router
+            .raft()
+            .wait_for_leader(Duration::from_secs(10))
+            .await
+            .is_none()
+        {
+            router.shutdown().await;
+            return Err(StartError::Raft("embedded router elected no leader".into()));
+        }
+        let client = RouterClient::new(vec![router.local_addr().to_string()]);
+        Ok((Self { router }, client))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.router.local_addr()
+    }
+
+    pub async fn shutdown(self) {
+        self.router.shutdown().await;
+    }
+}
