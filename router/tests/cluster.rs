@@ -1,0 +1,371 @@
+//! Real `weft-router` processes on 127.0.0.x: election, follower redirects, leader
+//! failover, restart on the data dirs, heartbeat expiry, bad input. Each process's log
+//! goes to a file that is printed only when the test fails; every process is killed by
+//! its PID when the harness drops.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use weft_proto::grpc;
+use weft_router::RouterClient;
+
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    name: String,
+    root: PathBuf,
+    addrs: BTreeMap<u64, String>,
+    procs: BTreeMap<u64, Proc>,
+    heartbeat_timeout_ms: u64,
+}
+
+fn free_addr(ip: &str) -> String {
+    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
+    l.local_addr().unwrap().to_string()
+}
+
+impl Cluster {
+    fn start(name: &str, ip_base: u8, heartbeat_timeout_ms: u64) -> Self {
+        let root = std::env::temp_dir().join(format!("weft-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let addrs = (1..=3u64)
+            .map(|id| (id, free_addr(&format!("127.0.0.{}", ip_base + id as u8))))
+            .collect();
+        let mut c = Self {
+            name: name.into(),
+            root,
+            addrs,
+            procs: BTreeMap::new(),
+            heartbeat_timeout_ms,
+        };
+        for id in 1..=3 {
+            c.spawn(id);
+        }
+        c
+    }
+
+    fn peers(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let ready = self.root.join(format!("ready-{id}.json"));
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("router-{id}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_weft-router"))
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &self.addrs[&id]])
+            .args(["--peers", &self.peers()])
+            .arg("--data-dir")
+            .arg(self.root.join(format!("data-{id}")))
+            .arg("--ready-file")
+            .arg(&ready)
+            .args([
+                "--heartbeat-timeout-ms",
+                &self.heartbeat_timeout_ms.to_string(),
+            ])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn weft-router");
+        self.procs.insert(id, Proc { child });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "router {id} never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let bound: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
+        assert_eq!(bound["listen"], self.addrs[&id]);
+    }
+
+    fn sigkill(&mut self, id: u64) {
+        drop(self.procs.remove(&id));
+    }
+
+    /// SIGTERM and wait: the process must exit cleanly (status 0) within 10 s.
+    fn sigterm(&mut self, id: u64) {
+        let mut p = self.procs.remove(&id).expect("running");
+        let pid = p.child.id().to_string();
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                assert!(status.success(), "router {id} exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "router {id} ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn client(&self) -> RouterClient {
+        RouterClient::new(self.procs.keys().map(|id| self.addrs[id].clone()).collect())
+    }
+
+    fn client_for(&self, id: u64) -> RouterClient {
+        RouterClient::new(vec![self.addrs[&id].clone()])
+    }
+
+    /// Waits until every running router names the same leader; returns its id.
+    async fn leader(&self, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut seen = Vec::new();
+            for id in self.procs.keys() {
+                if let Ok(s) = self.client_for(*id).get_state().await {
+                    seen.push(s.leader_id);
+                }
+            }
+            if seen.len() == self.procs.len() {
+                if let Some(Some(l)) = seen.first() {
+                    if seen.iter().all(|s| *s == Some(*l)) && self.procs.contains_key(l) {
+                        return *l;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.procs.clear();
+        if std::thread::panicking() {
+            for id in self.addrs.keys() {
+                let log = self.root.join(format!("router-{id}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                eprintln!("===== {} router {id} log =====\n{text}", self.name);
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Retries `f` until it succeeds or `within` passes; returns how long it took.
+async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let start = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return (v, start.elapsed()),
+            Err(e) => assert!(start.elapsed() < within, "gave up: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_routers_elect_redirect_and_fail_over() {
+    let mut c = Cluster::start("failover", 20, 60_000);
+    let leader = c.leader(Duration::from_secs(15)).await;
+    let follower = *c.procs.keys().find(|id| **id != leader).unwrap();
+
+    // A follower refuses a write with UNAVAILABLE and names the leader...
+    let mut raw =
+        grpc::router_client::RouterClient::connect(format!("http://{}", c.addrs[&follower]))
+            .await
+            .unwrap();
+    let err = raw
+        .join(grpc::JoinRequest {
+            id: "n1".into(),
+            addr: "127.0.0.1:9000".into(),
+            zone: String::new(),
+            load: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(
+        err.metadata().get("weft-leader").unwrap().to_str().unwrap(),
+        c.addrs[&leader]
+    );
+    // ...and a client that only knows the follower is redirected and applied.
+    let via_follower = c.client_for(follower);
+    via_follower
+        .join("n1", "127.0.0.1:9000", "z", 0)
+        .await
+        .unwrap();
+    via_follower.heartbeat("n1", 0, 0).await.unwrap();
+
+    // Kill the leader: writes resume under a new leader within a few seconds.
+    c.sigkill(leader);
+    let client = c.client();
+    let (_, took) = eventually(Duration::from_secs(10), || {
+        client.update_interest("n1", vec!["after.failover".into()], vec![])
+    })
+    .await;
+    assert!(took < Duration::from_secs(8), "failover took {took:?}");
+    let new_leader = c.leader(Duration::from_secs(10)).await;
+    assert_ne!(new_leader, leader);
+    let s = client.get_state().await.unwrap();
+    assert_eq!(
+        s.members.len(),
+        1,
+        "the write made before the kill survived"
+    );
+    assert_eq!(s.interest[0].topic, "after.failover");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_every_router_keeps_membership_slots_and_registry() {
+    let mut c = Cluster::start("restart", 30, 60_000);
+    c.leader(Duration::from_secs(15)).await;
+    let client = c.client();
+    for n in ["n1", "n2"] {
+        client.join(n, &format!("{n}:9000"), "", 0).await.unwrap();
+        client.heartbeat(n, 1, 1).await.unwrap();
+    }
+    client
+        .update_interest("n1", vec!["a".into(), "b".into()], vec![])
+        .await
+        .unwrap();
+    client
+        .update_interest("n2", vec!["b".into()], vec![])
+        .await
+        .unwrap();
+    let before = client.get_state().await.unwrap();
+
+    for id in [1, 2, 3] {
+        c.sigterm(id);
+    }
+    for id in [1, 2, 3] {
+        c.spawn(id);
+    }
+    c.leader(Duration::from_secs(15)).await;
+    let client = c.client();
+    // Followers apply the log as the new leader commits: wait for the same version.
+    let (after, _) = eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        let want = before.version;
+        async move {
+            let s = client.get_state().await?;
+            if s.version >= want {
+                Ok(s)
+            } else {
+                Err(tonic::Status::unavailable("behind"))
+            }
+        }
+    })
+    .await;
+    let ids = |s: &grpc::ClusterState| s.members.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&after), ids(&before));
+    assert_eq!(after.slots, before.slots);
+    assert_eq!(after.interest, before.interest);
+    assert_eq!(after.version, before.version);
+    // And it still takes writes.
+    client.heartbeat("n1", 1, 1).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_member_is_removed_and_bad_input_gets_errors() {
+    let c = Cluster::start("expiry", 40, 1500);
+    c.leader(Duration::from_secs(15)).await;
+    let client = c.client();
+    for n in ["n1", "n2"] {
+        client.join(n, &format!("{n}:9000"), "", 0).await.unwrap();
+        client.heartbeat(n, 0, 0).await.unwrap();
+    }
+    client
+        .update_interest("n1", vec!["a".into()], vec![])
+        .await
+        .unwrap();
+    client
+        .update_interest("n2", vec!["a".into(), "b".into()], vec![])
+        .await
+        .unwrap();
+
+    // Bad input on leader and follower alike: an error status, state unchanged.
+    let before = client.get_state().await.unwrap();
+    for id in c.procs.keys() {
+        let r = c.client_for(*id);
+        let e = r.heartbeat("ghost", 0, 0).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let e = r
+            .update_interest("n1", vec!["no/slash".into()], vec![])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let many: Vec<String> = (0..5000).map(|i| format!("t.{i}")).collect();
+        let e = r.update_interest("n1", many, vec![]).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        // A 4 MB request past the server's decoding cap, from a client without one.
+        let mut raw = grpc::router_client::RouterClient::connect(format!("http://{}", c.addrs[id]))
+            .await
+            .unwrap()
+            .max_encoding_message_size(64 * 1024 * 1024);
+        let e = raw
+            .update_interest(grpc::UpdateInterestRequest {
+                node: "n1".into(),
+                add: vec!["x".repeat(1024); 4000],
+                remove: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange),
+            "{e:?}"
+        );
+    }
+    let mid = client.get_state().await.unwrap();
+    assert_eq!(mid.version, before.version);
+    assert_eq!(mid.interest, before.interest);
+
+    // n2 keeps heartbeating, n1 goes silent: n1 and its interest go in one entry.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let state = loop {
+        client.heartbeat("n2", 0, 0).await.unwrap();
+        let s = client.get_state().await.unwrap();
+        if s.members.len() == 1 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "n1 was never removed: {s:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(state.members[0].id, "n2");
+    assert!(state
+        .interest
+        .iter()
+        .all(|i| i.nodes == vec!["n2".to_string()]));
+    assert_eq!(state.interest.len(), 2);
+    assert!(state.slots.unwrap().owners.iter().all(|o| o == "n2"));
+    assert_eq!(
+        state.version,
+        mid.version + 1,
+        "removal of the member and its interest is one versioned change"
+    );
+    // Every router processes still running: nothing panicked.
+    for id in c.procs.keys() {
+        c.client_for(*id).get_state().await.unwrap();
+    }
+}
