@@ -48,6 +48,7 @@ pub fn app(node: Arc<Node>) -> Router {
             "/v1/asyncapi.json",
             get(|| async { json_ok(Bytes::from_static(ASYNCAPI.as_bytes())) }),
         )
+        .route("/v1/cluster", get(cluster))
         .route(
             "/healthz",
             get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
@@ -494,6 +495,14 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         }
         .into_response()
     }
+}
+
+async fn cluster(State(node): State<Arc<Node>>) -> Response {
+    let body = match node.cluster.get() {
+        Some(c) => c.describe(),
+        None => serde_json::json!({ "node": node.config.node_id, "mode": "standalone" }),
+    };
+    json_ok(Bytes::from(body.to_string()))
 }
 
 async fn metrics() -> Response {

@@ -15,6 +15,7 @@
 //! ```
 //!
 //! # Layout
+//! - [`cluster`]: membership: join, heartbeat, the router's metadata, `/v1/cluster`.
 //! - [`config`]: the typed configuration, its layers and validation.
 //! - [`server`]: accept loop, connection admission, HTTP/1.1 + upgrades, shutdown.
 //! - [`http`]: REST routes and the choice between the watch route's forms.
@@ -31,6 +32,7 @@
 //! - [`rate`]: token buckets.
 //! - [`wsframe`]: RFC 6455 framing: shared pre-built frames out, bufferless idle reads.
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -62,4 +64,42 @@ pub async fn run(
     config.validate()?;
     let node = Node::new(config);
     server::serve(node, listener, shutdown).await
+}
+
+/// Runs a node the way the binary does: the embedded single-voter router serves on
+/// `grpc` (data under `<data_dir>/router`), the node joins it, heartbeats and follows
+/// its metadata, and serves clients on `http` until `shutdown`; then it drains, leaves
+/// the cluster and stops the router.
+pub async fn run_with_router(
+    http: tokio::net::TcpListener,
+    grpc: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let grpc_addr = grpc.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
+        // Peers need a routable address; a wildcard bind only works on one host.
+        let ip = if grpc_addr.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            grpc_addr.ip()
+        };
+        std::net::SocketAddr::new(ip, grpc_addr.port()).to_string()
+    });
+    let (router, client) = weft_router::Embedded::start(config.data_dir.join("router"), grpc)
+        .await
+        .map_err(|e| anyhow::anyhow!("embedded router: {e}"))?;
+    let node = Node::new(config);
+    let cluster = cluster::Cluster::join(node.config.node_id.clone(), advertise, client, true)
+        .await
+        .map_err(|e| anyhow::anyhow!("joining the embedded router: {e}"))?;
+    let _ = node.cluster.set(cluster.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let membership = tokio::spawn(cluster.run(node.clone(), stopped));
+    let served = server::serve(node, http, shutdown).await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), membership).await;
+    router.shutdown().await;
+    served
 }

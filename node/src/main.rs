@@ -64,19 +64,23 @@ fn main() -> ExitCode {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = bind(config.http_listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
+    let grpc = bind(config.grpc_listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_listen))?;
     let http = listener.local_addr()?;
+    let grpc_addr = grpc.local_addr()?;
     warn!("single-node mode with the embedded router; authentication is off: every client may subscribe and publish");
-    info!(%http, node_id = %config.node_id, "weft-node listening");
+    info!(%http, grpc = %grpc_addr, node_id = %config.node_id, "weft-node listening");
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "http": http.to_string(),
+            "grpc": grpc_addr.to_string(),
             "node_id": config.node_id,
             "pid": std::process::id(),
         });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string()).and_then(|()| std::fs::rename(&tmp, path))?;
     }
-    weft_node::run(listener, config, shutdown_signal()).await
+    weft_node::run_with_router(listener, grpc, config, shutdown_signal()).await
 }
 
 /// Binds with a deep accept backlog: tokio's default of 1024 overflows under

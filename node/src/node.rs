@@ -28,6 +28,9 @@ pub struct Node {
     pub tasks: TaskTracker,
     pub conns: Arc<ConnLimiter>,
     next_session: AtomicU64,
+    /// Membership in the cluster, when this node runs with a router (the binary
+    /// always does; in-process test nodes need not).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Admission of new sessions (reconnect-storm protection). A `std` mutex: the
     /// section is a few arithmetic operations and never awaits.
     admission: Mutex<TokenBucket>,
@@ -50,6 +53,7 @@ impl Node {
                 config.limits.connects_per_ip_burst,
             )),
             next_session: AtomicU64::new(1),
+            cluster: std::sync::OnceLock::new(),
             admission: Mutex::new(TokenBucket::new(
                 config.limits.new_sessions_per_s,
                 config.limits.new_sessions_burst,

@@ -81,6 +81,8 @@ impl Proc {
         let mut args = vec![
             "--http-listen",
             "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
             "--ready-file",
             ready_file.to_str().unwrap(),
             "--data-dir",
@@ -573,4 +575,53 @@ fn printed_config_loads_back_to_the_same_output() {
     assert_eq!(c.limits.max_subscriptions_per_session, 9);
     assert_eq!(c.namespaces.len(), 1);
     assert_eq!(c.namespaces[0].history_size, 10);
+}
+
+/// The binary runs its embedded router: `/v1/cluster` shows this node active and owning
+/// every slot, and the router's committed state survives a restart on the data dir
+/// (the metadata version keeps growing; it is not initialised again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_router_membership_is_served_and_survives_restart() {
+    let dir = TempDir::new("cluster");
+    let http = reqwest::Client::new();
+    let mut versions = Vec::new();
+    for round in 0..2 {
+        // The previous round's ready file names a port that is gone.
+        let _ = std::fs::remove_file(dir.path("ready.json"));
+        let mut node = Proc::spawn(&dir, &["--node-id", "cl-1", "--shutdown-grace-ms", "500"]);
+        let ready = node.ready().await;
+        assert!(
+            ready["grpc"]
+                .as_str()
+                .is_some_and(|g| g.starts_with("127.0.0.1:")),
+            "{ready}"
+        );
+        let url = format!("http://{}/v1/cluster", ready["http"].as_str().unwrap());
+        // Joined at start; active from the first acknowledged heartbeat.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let view = loop {
+            let view: Value = serde_json::from_slice(
+                &http.get(&url).send().await.unwrap().bytes().await.unwrap(),
+            )
+            .unwrap();
+            if view["this_node"]["state"] == "active" || Instant::now() > deadline {
+                break view;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(view["mode"], "embedded", "round {round}: {view}");
+        assert_eq!(view["this_node"]["state"], "active", "{view}");
+        assert_eq!(view["this_node"]["slots"], 4096);
+        assert_eq!(view["ring"]["slots_per_node"]["cl-1"], 4096);
+        assert_eq!(view["router"]["leader_id"], 1);
+        assert_eq!(view["members"].as_array().unwrap().len(), 1);
+        versions.push(view["version"].as_u64().unwrap());
+        node.sigterm();
+        let status = node.exit_by(Instant::now() + Duration::from_secs(5)).await;
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "round {round}");
+    }
+    assert!(
+        versions[1] > versions[0],
+        "router state restarted from scratch: {versions:?}"
+    );
 }

@@ -1,0 +1,247 @@
+//! This node's membership in the cluster: it joins the router with its advertised
+//! address, heartbeats with its load, and follows the router's metadata (members and
+//! the versioned slot table) through a resumable Watch, so it can name the owner of
+//! any topic and describe the cluster at `GET /v1/cluster`.
+//!
+//! The router is either embedded (the default: a single-voter router in this process,
+//! DESIGN §8) or external (`--router`, a 3/5-voter group). Either way the node talks to
+//! it through the same [`RouterClient`], which follows the leader with bounded retries.
+//!
+//! The view is a copy of committed metadata, replaced or patched only by Watch events
+//! in version order, so every node with the same slot-table version names the same
+//! owner for every topic. It is held under a `std` mutex: sections are short copies,
+//! never across an `.await`.
+//!
+//! Not yet here (issue 3): ownership decisions in the data path and the relay between
+//! nodes; today every topic is served by the node that receives the request.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+use weft_proto::grpc::{self, watch_event::Change};
+use weft_router::ring::SlotTable;
+use weft_router::RouterClient;
+
+use crate::node::Node;
+
+/// How often the node reports its load; the router expires it after its own timeout.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Cluster {
+    pub node_id: String,
+    pub advertise: String,
+    /// Whether the router runs inside this process.
+    pub embedded: bool,
+    client: RouterClient,
+    view: Mutex<View>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct View {
+    version: u64,
+    members: BTreeMap<String, grpc::Member>,
+    slots: SlotTable,
+    router_id: u64,
+    leader_id: Option<u64>,
+    leader_addr: String,
+    /// When the last heartbeat was acknowledged.
+    last_ack: Option<Instant>,
+}
+
+impl Cluster {
+    /// Joins the router and loads the current metadata.
+    pub async fn join(
+        node_id: String,
+        advertise: String,
+        client: RouterClient,
+        embedded: bool,
+    ) -> Result<Arc<Self>, tonic::Status> {
+        client.join(&node_id, &advertise, "", 0).await?;
+        let state = client.get_state().await?;
+        let cluster = Arc::new(Self {
+            node_id,
+            advertise,
+            embedded,
+            client,
+            view: Mutex::new(View::default()),
+        });
+        cluster.lock().replace(state);
+        info!(node = %cluster.node_id, addr = %cluster.advertise, "joined the cluster");
+        Ok(cluster)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node that owns `topic` under the committed slot table this node knows.
+    pub fn owner_of(&self, topic: &str) -> Option<String> {
+        self.lock().slots.owner(topic).map(str::to_owned)
+    }
+
+    pub fn ring_version(&self) -> u64 {
+        self.lock().slots.version
+    }
+
+    /// Heartbeats and follows metadata until `stop` turns true, then leaves.
+    pub async fn run(self: Arc<Self>, node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        let watcher = tokio::spawn(self.clone().follow(stop.clone()));
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => self.heartbeat(&node).await,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            }
+        }
+        watcher.abort();
+        if let Err(e) = self.client.leave(&self.node_id).await {
+            warn!(error = %e, "could not leave the cluster cleanly");
+        }
+    }
+
+    async fn heartbeat(&self, node: &Node) {
+        let sessions: i64 = node.stats.connections.iter().map(|l| l.get()).sum();
+        let owned = node.registry.topic_count() as u64;
+        match self
+            .client
+            .heartbeat(&self.node_id, sessions.max(0) as u64, owned)
+            .await
+        {
+            Ok(_) => self.lock().last_ack = Some(Instant::now()),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                // The router expired this node (a long pause): join again.
+                warn!("the router no longer knows this node; joining again");
+                let _ = self
+                    .client
+                    .join(&self.node_id, &self.advertise, "", 0)
+                    .await;
+            }
+            Err(status) => warn!(error = %status, "heartbeat failed"),
+        }
+    }
+
+    /// Applies the router's change stream, resuming from the last version after any
+    /// interruption (the router sends a snapshot when that version is too old).
+    async fn follow(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        while !*stop.borrow() {
+            let from = self.lock().version;
+            match self.client.watch(from).await {
+                Ok(mut stream) => {
+                    backoff = Duration::from_millis(100);
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(ev)) => self.apply(ev),
+                            Ok(None) => break,
+                            Err(e) => {
+                                warn!(error = %e, "metadata watch interrupted");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot watch the router"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn apply(&self, ev: grpc::WatchEvent) {
+        let mut view = self.lock();
+        match ev.change {
+            Some(Change::Snapshot(state)) => view.replace(state),
+            Some(Change::Member(m)) => {
+                view.members.insert(m.id.clone(), m);
+            }
+            Some(Change::MemberRemoved(id)) => {
+                view.members.remove(&id);
+            }
+            Some(Change::Slots(t)) => {
+                view.slots = SlotTable {
+                    version: t.version,
+                    owners: t.owners,
+                }
+            }
+            Some(Change::Interest(_)) | Some(Change::Namespaces(_)) | None => {}
+        }
+        view.version = view.version.max(ev.version);
+    }
+
+    /// `GET /v1/cluster`: members and their states, ring version, slots per node, the
+    /// router leader, and this node's view.
+    pub fn describe(&self) -> serde_json::Value {
+        let view = self.lock().clone();
+        let per_node = view.slots.slots_per_node();
+        let state_name = |s: i32| match grpc::MemberState::try_from(s) {
+            Ok(grpc::MemberState::Joining) => "joining",
+            Ok(grpc::MemberState::Active) => "active",
+            Ok(grpc::MemberState::Draining) => "draining",
+            _ => "unknown",
+        };
+        let members: Vec<_> = view
+            .members
+            .values()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id,
+                    "addr": m.addr,
+                    "zone": m.zone,
+                    "state": state_name(m.state),
+                    "last_heartbeat_ms": m.last_heartbeat_ms,
+                    "sessions": m.sessions,
+                    "owned_topics": m.owned_topics,
+                    "slots": per_node.get(m.id.as_str()).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node": self.node_id,
+            "mode": if self.embedded { "embedded" } else { "external" },
+            "router": {
+                "answered_by": view.router_id,
+                "leader_id": view.leader_id,
+                "leader_addr": view.leader_addr,
+            },
+            "version": view.version,
+            "ring": {
+                "version": view.slots.version,
+                "slots": view.slots.owners.len(),
+                "slots_per_node": per_node,
+            },
+            "members": members,
+            "this_node": {
+                "id": self.node_id,
+                "advertise": self.advertise,
+                "state": view.members.get(&self.node_id).map(|m| state_name(m.state)).unwrap_or("unknown"),
+                "slots": per_node.get(self.node_id.as_str()).copied().unwrap_or(0),
+                "view_version": view.version,
+                "last_heartbeat_ack_ms_ago": view.last_ack.map(|t| t.elapsed().as_millis() as u64),
+            },
+        })
+    }
+}
+
+impl View {
+    fn replace(&mut self, state: grpc::ClusterState) {
+        self.version = state.version;
+        self.members = state
+            .members
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect();
+        self.slots = state
+            .slots
+            .map(|t| SlotTable {
+                version: t.version,
+                owners: t.owners,
+            })
+            .unwrap_or_default();
+        self.router_id = state.router_id;
+        self.leader_id = state.leader_id;
+        self.leader_addr = state.leader_addr;
+    }
+}
