@@ -12,6 +12,11 @@
 //! owner for every topic. It is held under a `std` mutex: sections are short copies,
 //! never across an `.await`.
 //!
+//! Interest: first-subscriber / last-unsubscriber transitions reach the router's
+//! subscription registry in batches ([`crate::interest`]); after a rejoin the node
+//! announces its whole interest again. The view follows the registry from the Watch
+//! stream, which is what an owner will fan out by.
+//!
 //! Not yet here (issue 3): ownership decisions in the data path and the relay between
 //! nodes; today every topic is served by the node that receives the request.
 
@@ -29,6 +34,10 @@ use crate::node::Node;
 
 /// How often the node reports its load; the router expires it after its own timeout.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long interest transitions gather before they go to the router as one write.
+const INTEREST_WINDOW: Duration = Duration::from_millis(20);
+/// Topics per `UpdateInterest` (the router's cap is 4,096).
+const INTEREST_BATCH: usize = 2048;
 
 pub struct Cluster {
     pub node_id: String,
@@ -44,6 +53,8 @@ struct View {
     version: u64,
     members: BTreeMap<String, grpc::Member>,
     slots: SlotTable,
+    /// The router's subscription registry: topic → nodes with local subscribers.
+    interest: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
     router_id: u64,
     leader_id: Option<u64>,
     leader_addr: String,
@@ -90,6 +101,9 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let watcher = tokio::spawn(self.clone().follow(stop.clone()));
+        node.registry.interest.enable();
+        self.announce_all(&node);
+        let reporter = tokio::spawn(self.clone().report_interest(node.clone()));
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => self.heartbeat(&node).await,
@@ -97,6 +111,7 @@ impl Cluster {
             }
         }
         watcher.abort();
+        reporter.abort();
         if let Err(e) = self.client.leave(&self.node_id).await {
             warn!(error = %e, "could not leave the cluster cleanly");
         }
@@ -120,6 +135,44 @@ impl Cluster {
                     .await;
             }
             Err(status) => warn!(error = %status, "heartbeat failed"),
+        }
+    }
+
+    /// Queues every topic with local subscribers as an interest gain.
+    fn announce_all(&self, node: &Node) {
+        for topic in node.registry.interested_topics() {
+            node.registry.interest.changed(&topic, true);
+        }
+    }
+
+    /// Sends interest transitions to the router in batches; a failed batch is put back
+    /// (unless a newer state replaced it) and retried after a backoff.
+    async fn report_interest(self: Arc<Self>, node: Arc<Node>) {
+        let feed = node.registry.interest.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            feed.wait().await;
+            tokio::time::sleep(INTEREST_WINDOW).await;
+            loop {
+                let batch = feed.take(INTEREST_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                let (add, remove) = (batch.add.clone(), batch.remove.clone());
+                match self
+                    .client
+                    .update_interest(&self.node_id, add, remove)
+                    .await
+                {
+                    Ok(_) => backoff = Duration::from_millis(100),
+                    Err(e) => {
+                        warn!(error = %e, "interest update failed; will retry");
+                        feed.requeue(batch);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
         }
     }
 
@@ -166,7 +219,23 @@ impl Cluster {
                     owners: t.owners,
                 }
             }
-            Some(Change::Interest(_)) | Some(Change::Namespaces(_)) | None => {}
+            Some(Change::Interest(delta)) => {
+                for topic in delta.add {
+                    view.interest
+                        .entry(topic)
+                        .or_default()
+                        .insert(delta.node.clone());
+                }
+                for topic in delta.remove {
+                    if let Some(nodes) = view.interest.get_mut(&topic) {
+                        nodes.remove(&delta.node);
+                        if nodes.is_empty() {
+                            view.interest.remove(&topic);
+                        }
+                    }
+                }
+            }
+            Some(Change::Namespaces(_)) | None => {}
         }
         view.version = view.version.max(ev.version);
     }
@@ -176,6 +245,12 @@ impl Cluster {
     pub fn describe(&self) -> serde_json::Value {
         let view = self.lock().clone();
         let per_node = view.slots.slots_per_node();
+        let mut interest_per_node: BTreeMap<&str, usize> = BTreeMap::new();
+        for nodes in view.interest.values() {
+            for n in nodes {
+                *interest_per_node.entry(n.as_str()).or_insert(0) += 1;
+            }
+        }
         let state_name = |s: i32| match grpc::MemberState::try_from(s) {
             Ok(grpc::MemberState::Joining) => "joining",
             Ok(grpc::MemberState::Active) => "active",
@@ -213,11 +288,16 @@ impl Cluster {
                 "slots_per_node": per_node,
             },
             "members": members,
+            "interest": {
+                "topics": view.interest.len(),
+                "topics_per_node": interest_per_node,
+            },
             "this_node": {
                 "id": self.node_id,
                 "advertise": self.advertise,
                 "state": view.members.get(&self.node_id).map(|m| state_name(m.state)).unwrap_or("unknown"),
                 "slots": per_node.get(self.node_id.as_str()).copied().unwrap_or(0),
+                "interest_topics": interest_per_node.get(self.node_id.as_str()).copied().unwrap_or(0),
                 "view_version": view.version,
                 "last_heartbeat_ack_ms_ago": view.last_ack.map(|t| t.elapsed().as_millis() as u64),
             },
@@ -232,6 +312,11 @@ impl View {
             .members
             .into_iter()
             .map(|m| (m.id.clone(), m))
+            .collect();
+        self.interest = state
+            .interest
+            .into_iter()
+            .map(|i| (i.topic, i.nodes.into_iter().collect()))
             .collect();
         self.slots = state
             .slots

@@ -22,6 +22,7 @@
 //! - [`ws`]: the WebSocket session (`weft.v1.json`).
 //! - [`stream`]: SSE (one and many topics) and NDJSON watches.
 //! - [`poll`]: history pages and long-poll.
+//! - [`interest`]: first/last-subscriber transitions batched for the router's registry.
 //! - [`registry`]: topics by name, namespaces, the history memory budget, the sweeper.
 //! - [`topic`]: one topic's owner state; the ordering and no-loss invariants live here.
 //! - [`outbox`]: a session's byte-budgeted queue and the slow-consumer policies.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod interest;
 pub mod node;
 pub mod outbox;
 pub mod poll;

@@ -16,6 +16,7 @@ use weft_proto::Pattern;
 
 use crate::config::{Config, NamespaceConfig};
 use crate::error::ApiError;
+use crate::interest::InterestFeed;
 use crate::topic::{Dead, HistoryBudget, Topic};
 
 const SHARDS: usize = 64;
@@ -57,6 +58,8 @@ pub struct Registry {
     hasher: RandomState,
     pub namespaces: Namespaces,
     pub budget: Arc<HistoryBudget>,
+    /// Interest transitions for the router (enabled when the node joins a cluster).
+    pub interest: Arc<InterestFeed>,
     count: AtomicUsize,
     max_topics: usize,
     epoch_seq: AtomicU64,
@@ -70,6 +73,7 @@ impl Registry {
             hasher: RandomState::new(),
             namespaces: Namespaces::new(&config.namespaces),
             budget: Arc::new(HistoryBudget::new(config.history.memory_budget_bytes)),
+            interest: Arc::default(),
             count: AtomicUsize::new(0),
             max_topics: config.limits.max_topics,
             epoch_seq: AtomicU64::new(0),
@@ -122,6 +126,7 @@ impl Registry {
             self.namespaces.lookup(&name),
             self.mint_epoch(),
             self.budget.clone(),
+            self.interest.clone(),
         ));
         shard.insert(name, topic.clone());
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -144,6 +149,20 @@ impl Registry {
             message: "topic is being recycled; retry".into(),
             retry_after_s: 1,
         })
+    }
+
+    /// Topics with at least one local subscriber (to re-announce after a rejoin).
+    pub fn interested_topics(&self) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                map.values()
+                    .filter(|t| t.subscriber_count() > 0)
+                    .map(|t| t.name.clone()),
+            );
+        }
+        out
     }
 
     pub fn topic_count(&self) -> usize {

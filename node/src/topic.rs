@@ -24,6 +24,7 @@ use weft_proto::{Cursor, PresenceEntry};
 
 use crate::config::NamespaceConfig;
 use crate::event::StoredEvent;
+use crate::interest::InterestFeed;
 use crate::outbox::{Outbox, Pushed};
 use crate::stats::Stats;
 
@@ -102,6 +103,8 @@ pub struct Topic {
     /// Woken after every publish; long-polls wait on it.
     pub changed: Notify,
     budget: Arc<HistoryBudget>,
+    /// Where first-subscriber / last-unsubscriber transitions are reported.
+    interest: Arc<InterestFeed>,
 }
 
 #[derive(Debug)]
@@ -135,6 +138,7 @@ impl Topic {
         ns: Arc<NamespaceConfig>,
         epoch: Arc<str>,
         budget: Arc<HistoryBudget>,
+        interest: Arc<InterestFeed>,
     ) -> Self {
         Self {
             name,
@@ -151,6 +155,7 @@ impl Topic {
             }),
             changed: Notify::new(),
             budget,
+            interest,
         }
     }
 
@@ -387,6 +392,9 @@ impl Topic {
             self.push_presence(&st, join);
         }
         st.subscribers.insert(id, sub);
+        if st.subscribers.len() == 1 {
+            self.interest.changed(&self.name, true);
+        }
         st.last_active = Instant::now();
         Ok(Ok(()))
     }
@@ -400,6 +408,7 @@ impl Topic {
                 self.push_presence(&st, leave);
             }
             if st.subscribers.is_empty() {
+                self.interest.changed(&self.name, false);
                 st.subscribers = HashMap::new();
             }
         }
@@ -549,7 +558,13 @@ mod tests {
             ..Default::default()
         };
         let budget = Arc::new(HistoryBudget::new(1 << 30));
-        let t = Topic::new("t".into(), Arc::new(ns), "ep".into(), budget.clone());
+        let t = Topic::new(
+            "t".into(),
+            Arc::new(ns),
+            "ep".into(),
+            budget.clone(),
+            Arc::default(),
+        );
         publish(&t, 3, &stats);
         assert!(budget.used.load(Ordering::Relaxed) > 0);
         assert!(!t.sweep(
