@@ -519,6 +519,7 @@ mod tests {
             Arc::new(ns),
             "ep".into(),
             Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
         )
     }
 
