@@ -170,8 +170,31 @@ thread_local! {
     static READ_BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice());
 }
 
+/// A queued entry's bytes on the wire (after [`Session::prepare`]).
+impl Wire for Entry {
+    fn wire(&self) -> &[u8] {
+        match &self.frame {
+            Frame::Event(ev) => ev.ws_frame(),
+            Frame::Control(b) => b,
+            // `prepare` turned every reset into a control frame.
+            Frame::Reset { .. } => &[],
+        }
+    }
+}
+
+impl Wire for Bytes {
+    fn wire(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Something that is whole WebSocket frames on the wire.
+trait Wire {
+    fn wire(&self) -> &[u8];
+}
+
 /// Writes whole frames with vectored writes, resuming after partial writes.
-async fn write_frames(stream: &TcpStream, frames: &[Bytes]) -> std::io::Result<()> {
+async fn write_frames<F: Wire>(stream: &TcpStream, frames: &[F]) -> std::io::Result<()> {
     const MAX_IOV: usize = 64;
     let (mut idx, mut off) = (0usize, 0usize);
     while idx < frames.len() {
@@ -179,14 +202,14 @@ async fn write_frames(stream: &TcpStream, frames: &[Bytes]) -> std::io::Result<(
         let mut slices = [std::io::IoSlice::new(&[]); MAX_IOV];
         let mut n = 0;
         for (i, f) in frames[idx..].iter().take(MAX_IOV).enumerate() {
-            slices[i] = std::io::IoSlice::new(if i == 0 { &f[off..] } else { &f[..] });
+            slices[i] = std::io::IoSlice::new(if i == 0 { &f.wire()[off..] } else { f.wire() });
             n += 1;
         }
         match stream.try_write_vectored(&slices[..n]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(mut written) => {
                 while written > 0 && idx < frames.len() {
-                    let left = frames[idx].len() - off;
+                    let left = frames[idx].wire().len() - off;
                     if written >= left {
                         written -= left;
                         idx += 1;
@@ -288,9 +311,9 @@ impl Session {
                     });
                 }
                 r = self.outbox.next_batch_owned(MAX_BATCH) => match r {
-                    Ok(batch) => {
-                        let frames = self.frames_of(batch);
-                        if timeout(write_timeout, write_frames(&stream, &frames)).await.map_or(true, |r| r.is_err()) {
+                    Ok(mut batch) => {
+                        self.prepare(&mut batch);
+                        if timeout(write_timeout, write_frames(&stream, &batch)).await.map_or(true, |r| r.is_err()) {
                             end = Some(End::Silent);
                         }
                     }
@@ -392,38 +415,43 @@ impl Session {
     }
 
     /// Turns a batch into wire frames: events share their pre-built frame.
-    fn frames_of(&self, batch: Vec<Entry>) -> Vec<Bytes> {
+    /// Readies a batch to be written as it is: counts it, samples its latency, and
+    /// turns the rare per-session pushes (a conflation skip, a reset) into their frames
+    /// in place. Events keep their shared frame: nothing is copied per recipient.
+    fn prepare(&self, batch: &mut [Entry]) {
         let stats = &self.node.stats;
         if let Some(Frame::Event(ev)) = batch.first().map(|e| &e.frame) {
             stats
                 .delivery_latency
                 .record(ev.sequenced_at.elapsed().as_secs_f64());
         }
-        let mut frames = Vec::with_capacity(batch.len() + 1);
         let mut events = 0;
-        for entry in batch {
-            match entry.frame {
+        for entry in batch.iter_mut() {
+            match &entry.frame {
                 Frame::Event(ev) => {
                     events += 1;
                     if entry.skipped_from > 0 {
+                        // Two frames back to back: the skip notice, then the event.
                         let skipped = serde_json::json!({"push": {"topic": &*ev.topic, "skipped": {"from": entry.skipped_from, "to": ev.offset - 1}}});
-                        frames.push(wsframe::text(skipped.to_string().as_bytes()));
+                        let mut both =
+                            BytesMut::from(&wsframe::text(skipped.to_string().as_bytes())[..]);
+                        both.put_slice(ev.ws_frame());
+                        entry.frame = Frame::Control(both.freeze());
+                        entry.skipped_from = 0;
                     }
-                    frames.push(ev.ws_frame().clone());
                 }
-                Frame::Control(b) => frames.push(b),
+                Frame::Control(_) => {}
                 Frame::Reset {
                     topic,
                     epoch,
                     offset,
                 } => {
-                    let reset = serde_json::json!({"push": {"topic": &*topic, "reset": {"epoch": &*epoch, "offset": offset}}});
-                    frames.push(wsframe::text(reset.to_string().as_bytes()));
+                    let reset = serde_json::json!({"push": {"topic": &**topic, "reset": {"epoch": &**epoch, "offset": offset}}});
+                    entry.frame = Frame::Control(wsframe::text(reset.to_string().as_bytes()));
                 }
             }
         }
         stats.delivered.add(events);
-        frames
     }
 
     /// Handles one text frame; returns how to end the session if it must end.
@@ -471,17 +499,8 @@ impl Session {
     }
 
     fn reply(&self, id: Option<u64>, result: &[u8]) {
-        let mut out = BytesMut::with_capacity(result.len() + 24);
-        out.put_u8(b'{');
-        if let Some(id) = id {
-            out.put_slice(b"\"id\":");
-            put_u64(&mut out, id);
-            out.put_u8(b',');
-        }
-        out.put_slice(b"\"result\":");
-        out.put_slice(result);
-        out.put_u8(b'}');
-        if self.outbox.push_control(wsframe::text(&out)) == Pushed::Overflow {
+        let out = reply_frame(id, result);
+        if self.outbox.push_control(out) == Pushed::Overflow {
             self.node.stats.slow_consumer_closes.inc();
         }
     }
@@ -579,13 +598,7 @@ impl Session {
                 let mut out = BytesMut::with_capacity(
                     96 + snap.events.iter().map(|e| e.data.len() + 48).sum::<usize>(),
                 );
-                out.put_u8(b'{');
-                if let Some(id) = id {
-                    out.put_slice(b"\"id\":");
-                    put_u64(&mut out, id);
-                    out.put_u8(b',');
-                }
-                out.put_slice(b"\"result\":{\"epoch\":\"");
+                out.put_slice(b"{\"epoch\":\"");
                 out.put_slice(snap.epoch.as_bytes());
                 out.put_slice(b"\",\"offset\":");
                 put_u64(&mut out, snap.offset);
@@ -598,9 +611,9 @@ impl Session {
                 }
                 out.put_slice(b",\"events\":");
                 write_event_array(&mut out, &snap.events);
-                out.put_slice(b"}}");
+                out.put_u8(b'}');
                 // Under the topic's lock: precedes every later event of the topic.
-                outbox.push_snapshot(Frame::Control(wsframe::text(&out)));
+                outbox.push_snapshot(Frame::Control(reply_frame(id, &out)));
             })?;
             Ok(r.map(|()| t.clone()))
         })?;
@@ -675,6 +688,21 @@ impl Session {
         self.reply(id, &out);
         Ok(())
     }
+}
+
+/// `{"id":N,"result":…}` as a WebSocket text frame (no `id` when the command had none).
+fn reply_frame(id: Option<u64>, result: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(result.len() + 24);
+    out.put_u8(b'{');
+    if let Some(id) = id {
+        out.put_slice(b"\"id\":");
+        put_u64(&mut out, id);
+        out.put_u8(b',');
+    }
+    out.put_slice(b"\"result\":");
+    out.put_slice(result);
+    out.put_u8(b'}');
+    wsframe::text(&out)
 }
 
 async fn sleep_opt(at: Option<Instant>) {

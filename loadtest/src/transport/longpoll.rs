@@ -22,7 +22,7 @@ use crate::subscriber::{
     Shared, Subscriber,
 };
 use crate::tracker::TopicTrack;
-use crate::transport::{error_message, gone_cursor, retry_after, topic_state};
+use crate::transport::{error_message, gone_cursor, retry_after, start_from_state};
 
 /// Events asked for per poll.
 const LIMIT: u32 = 1000;
@@ -36,22 +36,8 @@ pub async fn session(
     lifetime: Option<Instant>,
 ) -> SessionEnd {
     sh.stats.connect_attempt(now_us());
-    for i in 0..sub.topics.len() {
-        if sub.tracks[i].is_started() {
-            continue;
-        }
-        let topic = &sh.topics[sub.topics[i]];
-        let state = tokio::select! {
-            s = topic_state(&sh.net, sub.id, topic) => s,
-            _ = stopped(&mut sub.stop) => return SessionEnd::Stopped,
-        };
-        match state {
-            Ok(s) => sub.on_start(sh, i, &s.epoch, s.offset),
-            Err(e) => {
-                LiveStats::inc(&sh.stats.connect_failures);
-                return SessionEnd::Failed(e);
-            }
-        }
+    if let Err(end) = start_from_state(sub, sh).await {
+        return end;
     }
     if sub.caught_up() {
         return SessionEnd::CaughtUp;

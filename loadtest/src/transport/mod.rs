@@ -79,3 +79,31 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> std::time::Duration 
         .unwrap_or(1);
     std::time::Duration::from_secs(secs.min(10))
 }
+
+/// Starts every subscription of `sub` not yet started at its topic's current cursor
+/// (GET state, then watch since it: nothing missed, nothing repeated). On failure or a
+/// stop, returns how the session ends.
+pub(crate) async fn start_from_state(
+    sub: &mut crate::subscriber::Subscriber,
+    sh: &crate::subscriber::Shared,
+) -> Result<(), crate::subscriber::SessionEnd> {
+    use crate::subscriber::{stopped, SessionEnd};
+    for i in 0..sub.topics.len() {
+        if sub.tracks[i].is_started() {
+            continue;
+        }
+        let topic = &sh.topics[sub.topics[i]];
+        let state = tokio::select! {
+            s = topic_state(&sh.net, sub.id, topic) => s,
+            _ = stopped(&mut sub.stop) => return Err(SessionEnd::Stopped),
+        };
+        match state {
+            Ok(s) => sub.on_start(sh, i, &s.epoch, s.offset),
+            Err(e) => {
+                crate::stats::LiveStats::inc(&sh.stats.connect_failures);
+                return Err(SessionEnd::Failed(e));
+            }
+        }
+    }
+    Ok(())
+}

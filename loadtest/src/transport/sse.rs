@@ -22,7 +22,7 @@ use crate::stats::LiveStats;
 use crate::subscriber::{
     connected, finals_changed, lifetime_over, stopped, SessionEnd, Shared, Subscriber,
 };
-use crate::transport::{error_message, gone_cursor, retry_after, topic_state};
+use crate::transport::{error_message, gone_cursor, retry_after, start_from_state};
 
 /// Longest SSE line accepted.
 const MAX_LINE: usize = 16 << 20;
@@ -41,22 +41,8 @@ pub async fn session(
     lifetime: Option<Instant>,
 ) -> SessionEnd {
     sh.stats.connect_attempt(now_us());
-    for i in 0..sub.topics.len() {
-        if sub.tracks[i].is_started() {
-            continue;
-        }
-        let topic = &sh.topics[sub.topics[i]];
-        let state = tokio::select! {
-            s = topic_state(&sh.net, sub.id, topic) => s,
-            _ = stopped(&mut sub.stop) => return SessionEnd::Stopped,
-        };
-        match state {
-            Ok(s) => sub.on_start(sh, i, &s.epoch, s.offset),
-            Err(e) => {
-                LiveStats::inc(&sh.stats.connect_failures);
-                return SessionEnd::Failed(e);
-            }
-        }
+    if let Err(end) = start_from_state(sub, sh).await {
+        return end;
     }
 
     let multi = sub.topics.len() > 1;
