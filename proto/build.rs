@@ -4,7 +4,11 @@
 //! `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/weft/v1/router.proto", "proto/weft/v1/raft.proto"];
+    let files = [
+        "proto/weft/v1/router.proto",
+        "proto/weft/v1/raft.proto",
+        "proto/weft/v1/relay.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -12,6 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Relay payloads stay `Bytes`: frames and event data are shared, not copied.
+        .bytes(".weft.v1.RelayBatch")
+        .bytes(".weft.v1.RelayEvent")
+        .bytes(".weft.v1.RelayPublish")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -17,8 +17,9 @@
 //! announces its whole interest again. The view follows the registry from the Watch
 //! stream, which is what an owner will fan out by.
 //!
-//! Not yet here (issue 3): ownership decisions in the data path and the relay between
-//! nodes; today every topic is served by the node that receives the request.
+//! Every applied change bumps [`Cluster::changes`], which the relay
+//! ([`crate::relay`]) follows to keep links to members and topic placements in line
+//! with the ring.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -46,13 +47,15 @@ pub struct Cluster {
     pub embedded: bool,
     client: RouterClient,
     view: Mutex<View>,
+    /// The metadata version, bumped after every applied change.
+    changed: watch::Sender<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct View {
     version: u64,
     members: BTreeMap<String, grpc::Member>,
-    slots: SlotTable,
+    slots: Arc<SlotTable>,
     /// The router's subscription registry: topic → nodes with local subscribers.
     interest: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
     router_id: u64,
@@ -78,8 +81,10 @@ impl Cluster {
             embedded,
             client,
             view: Mutex::new(View::default()),
+            changed: watch::channel(0).0,
         });
         cluster.lock().replace(state);
+        cluster.changed.send_modify(|v| *v += 1);
         info!(node = %cluster.node_id, addr = %cluster.advertise, "joined the cluster");
         Ok(cluster)
     }
@@ -95,6 +100,59 @@ impl Cluster {
 
     pub fn ring_version(&self) -> u64 {
         self.lock().slots.version
+    }
+
+    /// For the registry: the owner of a topic when it is another node.
+    pub fn remote_owner_fn(self: &Arc<Self>) -> crate::registry::RemoteOwner {
+        let cluster = self.clone();
+        Arc::new(move |topic: &str| {
+            let view = cluster.lock();
+            match view.slots.owner(topic) {
+                Some(owner) if owner != cluster.node_id => Some(owner.into()),
+                _ => None,
+            }
+        })
+    }
+
+    /// The committed slot table this node knows.
+    pub fn slots(&self) -> Arc<SlotTable> {
+        self.lock().slots.clone()
+    }
+
+    /// Members (id, gRPC address).
+    pub fn members(&self) -> Vec<(String, String)> {
+        self.lock()
+            .members
+            .values()
+            .map(|m| (m.id.clone(), m.addr.clone()))
+            .collect()
+    }
+
+    /// The registry: topic → nodes with local subscribers.
+    pub fn interest(&self) -> Vec<(String, Vec<String>)> {
+        self.lock()
+            .interest
+            .iter()
+            .map(|(t, n)| (t.clone(), n.iter().cloned().collect()))
+            .collect()
+    }
+
+    /// Bumped after every applied metadata change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Waits (bounded) until the ring version is at least `version`.
+    pub async fn wait_ring(&self, version: u64, timeout: Duration) {
+        let mut changes = self.changes();
+        let _ = tokio::time::timeout(timeout, async {
+            while self.ring_version() < version {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Heartbeats and follows metadata until `stop` turns true, then leaves.
@@ -214,10 +272,10 @@ impl Cluster {
                 view.members.remove(&id);
             }
             Some(Change::Slots(t)) => {
-                view.slots = SlotTable {
+                view.slots = Arc::new(SlotTable {
                     version: t.version,
                     owners: t.owners,
-                }
+                })
             }
             Some(Change::Interest(delta)) => {
                 for topic in delta.add {
@@ -238,6 +296,19 @@ impl Cluster {
             Some(Change::Namespaces(_)) | None => {}
         }
         view.version = view.version.max(ev.version);
+        drop(view);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// `GET /v1/cluster/owner/{topic}`: who sequences `topic` under this node's ring.
+    pub fn describe_owner(&self, topic: &str) -> serde_json::Value {
+        let view = self.lock();
+        serde_json::json!({
+            "topic": topic,
+            "slot": weft_router::ring::slot_of(topic),
+            "owner": view.slots.owner(topic),
+            "ring_version": view.slots.version,
+        })
     }
 
     /// `GET /v1/cluster`: members and their states, ring version, slots per node, the
@@ -318,13 +389,15 @@ impl View {
             .into_iter()
             .map(|i| (i.topic, i.nodes.into_iter().collect()))
             .collect();
-        self.slots = state
-            .slots
-            .map(|t| SlotTable {
-                version: t.version,
-                owners: t.owners,
-            })
-            .unwrap_or_default();
+        self.slots = Arc::new(
+            state
+                .slots
+                .map(|t| SlotTable {
+                    version: t.version,
+                    owners: t.owners,
+                })
+                .unwrap_or_default(),
+        );
         self.router_id = state.router_id;
         self.leader_id = state.leader_id;
         self.leader_addr = state.leader_addr;

@@ -325,10 +325,31 @@ impl Config {
                 ));
             }
         }
-        if self.router.is_some() {
-            return bad("--router (cluster mode) is not available in this build; omit it to run the embedded single-node router".into());
+        if let Some(r) = &self.router {
+            let addrs = self.router_addrs();
+            if addrs.is_empty()
+                || addrs.len() != r.split(',').count()
+                || addrs
+                    .iter()
+                    .any(|a| a.parse::<std::net::SocketAddr>().is_err() && !a.contains(':'))
+            {
+                return bad(format!(
+                    "--router must be comma-separated host:port router addresses, got {r:?}"
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// The external router group's addresses (`--router`), empty without one.
+    pub fn router_addrs(&self) -> Vec<String> {
+        self.router
+            .iter()
+            .flat_map(|r| r.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The effective configuration as TOML, with every secret-looking value masked.

@@ -34,6 +34,7 @@ pub struct StoredEvent {
     sse: OnceLock<Bytes>,
     ndjson: OnceLock<Bytes>,
     multi_sse: OnceLock<Bytes>,
+    relay: OnceLock<Bytes>,
 }
 
 impl StoredEvent {
@@ -57,6 +58,33 @@ impl StoredEvent {
             sse: OnceLock::new(),
             ndjson: OnceLock::new(),
             multi_sse: OnceLock::new(),
+            relay: OnceLock::new(),
+        }
+    }
+
+    /// The event as an encoded relay frame (`weft.v1.RelayFrame`), built once by the
+    /// owner and shared by every peer link it goes out on.
+    pub fn relay_frame(&self) -> Bytes {
+        self.relay
+            .get_or_init(|| {
+                use prost::Message;
+                let frame = weft_proto::grpc::RelayFrame {
+                    kind: Some(weft_proto::grpc::relay_frame::Kind::Event(self.to_relay())),
+                };
+                Bytes::from(frame.encode_to_vec())
+            })
+            .clone()
+    }
+
+    /// The relay message for this event.
+    pub fn to_relay(&self) -> weft_proto::grpc::RelayEvent {
+        weft_proto::grpc::RelayEvent {
+            topic: self.topic.to_string(),
+            epoch: self.epoch.to_string(),
+            offset: self.offset,
+            ts: self.ts,
+            r#type: self.kind.as_deref().map(str::to_owned),
+            data: self.data.clone(),
         }
     }
 

@@ -49,6 +49,7 @@ pub fn app(node: Arc<Node>) -> Router {
             get(|| async { json_ok(Bytes::from_static(ASYNCAPI.as_bytes())) }),
         )
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/owner/{topic}", get(cluster_owner))
         .route(
             "/healthz",
             get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
@@ -270,10 +271,7 @@ async fn publish(
     let max = node.config.limits.max_message_bytes;
     let bytes = read_body(&headers, body, max).await?;
     let data = event_data(&bytes, max)?;
-    let window = node.idempotency_window();
-    let published = node.registry.with_topic(&topic, |t| {
-        t.publish(data.clone(), kind.clone(), key, window, &node.stats)
-    })?;
+    let published = node.publish(&topic, data, kind, key).await?;
     let mut resp = json_ok(publish_result_json(
         &topic,
         &published.epoch,
@@ -320,11 +318,14 @@ async fn batch_publish(
     }
     let mut out = BytesMut::with_capacity(16 + prepared.len() * 64);
     out.extend_from_slice(b"{\"results\":[");
-    let window = node.idempotency_window();
-    for (i, (topic, kind, data)) in prepared.into_iter().enumerate() {
-        let p = node.registry.with_topic(topic, |t| {
-            t.publish(data.clone(), kind.clone(), None, window, &node.stats)
-        })?;
+    // Every event is started before any is awaited: forwarded ones go out on their
+    // owners' links back to back, in batch order.
+    let tickets: Vec<_> = prepared
+        .into_iter()
+        .map(|(topic, kind, data)| (topic, node.start_publish(topic, data, kind, None)))
+        .collect();
+    for (i, (topic, ticket)) in tickets.into_iter().enumerate() {
+        let p = node.finish_publish(ticket).await?;
         if i > 0 {
             out.extend_from_slice(b",");
         }
@@ -341,6 +342,7 @@ async fn state(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
+    node.ready_topic(&topic).await?;
     let (cursor, last) = node.registry.with_topic(&topic, |t| t.state())?;
     let mut out = BytesMut::with_capacity(128);
     out.extend_from_slice(b"{\"topic\":\"");
@@ -434,7 +436,10 @@ async fn events(
     }
     match wait {
         Some(wait) => poll::long_poll(node, topic, since, limit, wait).await,
-        None => poll::page(&node, &topic, since.as_ref(), limit),
+        None => {
+            node.ready_topic(&topic).await?;
+            poll::page(&node, &topic, since.as_ref(), limit)
+        }
     }
 }
 
@@ -499,10 +504,33 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 
 async fn cluster(State(node): State<Arc<Node>>) -> Response {
     let body = match node.cluster.get() {
-        Some(c) => c.describe(),
+        Some(c) => {
+            let mut body = c.describe();
+            if let Some(relay) = node.relay.get() {
+                body["this_node"]["relay_links"] = serde_json::json!(relay.linked_peers());
+            }
+            body
+        }
         None => serde_json::json!({ "node": node.config.node_id, "mode": "standalone" }),
     };
     json_ok(Bytes::from(body.to_string()))
+}
+
+/// `GET /v1/cluster/owner/{topic}`: the topic's owner under this node's ring.
+async fn cluster_owner(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let topic = topic_from(path)?;
+    let body = match node.cluster.get() {
+        Some(c) => c.describe_owner(&topic),
+        None => serde_json::json!({
+            "topic": topic,
+            "owner": node.config.node_id,
+            "ring_version": 0,
+        }),
+    };
+    Ok(json_ok(Bytes::from(body.to_string())))
 }
 
 async fn metrics() -> Response {

@@ -23,6 +23,7 @@
 //! - [`stream`]: SSE (one and many topics) and NDJSON watches.
 //! - [`poll`]: history pages and long-poll.
 //! - [`interest`]: first/last-subscriber transitions batched for the router's registry.
+//! - [`relay`]: links between nodes: publishes to owners, events to mirrors.
 //! - [`registry`]: topics by name, namespaces, the history memory budget, the sweeper.
 //! - [`topic`]: one topic's owner state; the ordering and no-loss invariants live here.
 //! - [`outbox`]: a session's byte-budgeted queue and the slow-consumer policies.
@@ -44,6 +45,7 @@ pub mod outbox;
 pub mod poll;
 pub mod rate;
 pub mod registry;
+pub mod relay;
 pub mod server;
 pub mod stats;
 pub mod stream;
@@ -52,6 +54,7 @@ pub mod ws;
 pub mod wsframe;
 
 use std::future::Future;
+use std::sync::Arc;
 
 pub use config::Config;
 pub use node::Node;
@@ -68,10 +71,12 @@ pub async fn run(
     server::serve(node, listener, shutdown).await
 }
 
-/// Runs a node the way the binary does: the embedded single-voter router serves on
-/// `grpc` (data under `<data_dir>/router`), the node joins it, heartbeats and follows
-/// its metadata, and serves clients on `http` until `shutdown`; then it drains, leaves
-/// the cluster and stops the router.
+/// Runs a node the way the binary does, in a cluster. Without `--router` the
+/// embedded single-voter router serves on `grpc` (data under `<data_dir>/router`);
+/// with it the node joins that external router group. Either way `grpc` also serves
+/// the relay to other nodes; the node joins, heartbeats, follows the metadata, and
+/// serves clients on `http` until `shutdown`; then it drains, leaves the cluster and
+/// stops what it started.
 pub async fn run_with_router(
     http: tokio::net::TcpListener,
     grpc: tokio::net::TcpListener,
@@ -89,19 +94,85 @@ pub async fn run_with_router(
         };
         std::net::SocketAddr::new(ip, grpc_addr.port()).to_string()
     });
-    let (router, client) = weft_router::Embedded::start(config.data_dir.join("router"), grpc)
-        .await
-        .map_err(|e| anyhow::anyhow!("embedded router: {e}"))?;
     let node = Node::new(config);
-    let cluster = cluster::Cluster::join(node.config.node_id.clone(), advertise, client, true)
-        .await
-        .map_err(|e| anyhow::anyhow!("joining the embedded router: {e}"))?;
+    // The relay service needs the node and its cluster membership, which needs the
+    // router; the service is registered first and looks both up per link.
+    let relay_slot = relay::RelaySlot::default();
+    let routes = tonic::service::Routes::new(relay::relay_service(relay_slot.clone()));
+    let external = node.config.router_addrs();
+    let (embedded, client, grpc_server) = if external.is_empty() {
+        let (router, client) =
+            weft_router::Embedded::start_with(node.config.data_dir.join("router"), grpc, routes)
+                .await
+                .map_err(|e| anyhow::anyhow!("embedded router: {e}"))?;
+        (Some(router), client, None)
+    } else {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ),
+        );
+        (
+            None,
+            weft_router::RouterClient::new(external),
+            Some((stop_tx, server)),
+        )
+    };
+    let cluster = join_with_retry(&node, advertise, client, embedded.is_some()).await?;
     let _ = node.cluster.set(cluster.clone());
+    let relay = relay::Relay::new(cluster.clone());
+    let _ = node.relay.set(relay.clone());
+    let _ = relay_slot.set((relay.clone(), node.clone()));
+    node.registry
+        .remote_owner
+        .set(cluster.remote_owner_fn())
+        .ok();
+    let relay_task = tokio::spawn(relay.run(node.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let membership = tokio::spawn(cluster.run(node.clone(), stopped));
     let served = server::serve(node, http, shutdown).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), membership).await;
-    router.shutdown().await;
+    relay_task.abort();
+    if let Some(router) = embedded {
+        router.shutdown().await;
+    }
+    if let Some((stop, server)) = grpc_server {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server).await;
+    }
     served
+}
+
+/// Joins the router, retrying for a while: an external group may still be electing.
+async fn join_with_retry(
+    node: &Node,
+    advertise: String,
+    client: weft_router::RouterClient,
+    embedded: bool,
+) -> anyhow::Result<Arc<cluster::Cluster>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match cluster::Cluster::join(
+            node.config.node_id.clone(),
+            advertise.clone(),
+            client.clone(),
+            embedded,
+        )
+        .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "cannot join the router yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("joining the router: {e}")),
+        }
+    }
 }

@@ -68,7 +68,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_listen))?;
     let http = listener.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
-    warn!("single-node mode with the embedded router; authentication is off: every client may subscribe and publish");
+    if config.router.is_some() {
+        info!(router = ?config.router_addrs(), "cluster mode: joining the external router group");
+    } else {
+        info!("single-node mode with the embedded router");
+    }
+    warn!("authentication is off: every client may subscribe and publish");
     info!(%http, grpc = %grpc_addr, node_id = %config.node_id, "weft-node listening");
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({

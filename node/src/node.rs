@@ -15,7 +15,9 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::rate::TokenBucket;
 use crate::registry::Registry;
+use crate::relay::Ticket;
 use crate::stats::Stats;
+use crate::topic::Published;
 
 pub struct Node {
     pub config: Config,
@@ -31,6 +33,8 @@ pub struct Node {
     /// Membership in the cluster, when this node runs with a router (the binary
     /// always does; in-process test nodes need not).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The relay to other nodes (cluster mode): publishes and mirrors go through it.
+    pub relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
     /// Admission of new sessions (reconnect-storm protection). A `std` mutex: the
     /// section is a few arithmetic operations and never awaits.
     admission: Mutex<TokenBucket>,
@@ -54,6 +58,7 @@ impl Node {
             )),
             next_session: AtomicU64::new(1),
             cluster: std::sync::OnceLock::new(),
+            relay: std::sync::OnceLock::new(),
             admission: Mutex::new(TokenBucket::new(
                 config.limits.new_sessions_per_s,
                 config.limits.new_sessions_burst,
@@ -98,6 +103,63 @@ impl Node {
             message: "too many new sessions right now; retry after the indicated delay".into(),
             retry_after_s: fastrand::u64(1..=5),
         })
+    }
+
+    /// Starts a publish: sequenced here when this node owns the topic (or runs
+    /// alone), else pushed to its owner at once, keeping the caller's order.
+    pub fn start_publish(
+        &self,
+        topic: &str,
+        data: Bytes,
+        kind: Option<Arc<str>>,
+        key: Option<&str>,
+    ) -> Ticket {
+        if let Some(relay) = self.relay.get() {
+            return relay.start_publish(self, topic, data, kind, key);
+        }
+        let window = self.idempotency_window();
+        Ticket::done(
+            self.registry
+                .with_topic(topic, |t| {
+                    t.publish(data.clone(), kind.clone(), key, window, &self.stats)
+                })
+                .and_then(|r| {
+                    r.map_err(|owner| ApiError::Unavailable {
+                        message: format!("{owner} owns this topic"),
+                        retry_after_s: 1,
+                    })
+                }),
+        )
+    }
+
+    pub async fn finish_publish(&self, ticket: Ticket) -> Result<Published, ApiError> {
+        match self.relay.get() {
+            Some(relay) => relay.finish(self, ticket).await,
+            None => ticket.into_done(),
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        topic: &str,
+        data: Bytes,
+        kind: Option<Arc<str>>,
+        key: Option<&str>,
+    ) -> Result<Published, ApiError> {
+        let ticket = self.start_publish(topic, data, kind, key);
+        self.finish_publish(ticket).await
+    }
+
+    /// Makes `topic` ready to serve here: on a mirror, waits (bounded) for the
+    /// owner's snapshot. Owned topics and standalone nodes are ready at once.
+    pub async fn ready_topic(&self, topic: &str) -> Result<(), ApiError> {
+        match self.relay.get() {
+            Some(relay) => {
+                let t = self.registry.get_or_create(topic)?;
+                relay.ensure_synced(&t).await
+            }
+            None => Ok(()),
+        }
     }
 
     pub fn next_session_id(&self) -> u64 {

@@ -17,7 +17,10 @@ use weft_proto::Pattern;
 use crate::config::{Config, NamespaceConfig};
 use crate::error::ApiError;
 use crate::interest::InterestFeed;
-use crate::topic::{Dead, HistoryBudget, Topic};
+use crate::topic::{Dead, HistoryBudget, Placement, Topic};
+
+/// Names the node that owns a topic when it is not this one (cluster mode).
+pub type RemoteOwner = Arc<dyn Fn(&str) -> Option<Arc<str>> + Send + Sync>;
 
 const SHARDS: usize = 64;
 
@@ -64,6 +67,9 @@ pub struct Registry {
     max_topics: usize,
     epoch_seq: AtomicU64,
     epoch_base: u64,
+    /// Set when the node joins a cluster: a topic another node owns is created as a
+    /// mirror of it. Without it every topic is owned here.
+    pub remote_owner: std::sync::OnceLock<RemoteOwner>,
 }
 
 impl Registry {
@@ -78,6 +84,7 @@ impl Registry {
             max_topics: config.limits.max_topics,
             epoch_seq: AtomicU64::new(0),
             epoch_base: fastrand::u64(..),
+            remote_owner: std::sync::OnceLock::new(),
         }
     }
 
@@ -87,7 +94,7 @@ impl Registry {
 
     /// A fresh epoch: unique within this process and, with overwhelming probability,
     /// across restarts (random base), so a cursor never names two histories.
-    fn mint_epoch(&self) -> Arc<str> {
+    pub fn mint_epoch(&self) -> Arc<str> {
         let n = self.epoch_seq.fetch_add(1, Ordering::Relaxed);
         let mut v = self
             .epoch_base
@@ -121,13 +128,24 @@ impl Registry {
             });
         }
         let name: Arc<str> = name.into();
-        let topic = Arc::new(Topic::new(
-            name.clone(),
-            self.namespaces.lookup(&name),
-            self.mint_epoch(),
-            self.budget.clone(),
-            self.interest.clone(),
-        ));
+        let remote = self.remote_owner.get().and_then(|f| f(&name));
+        let ns = self.namespaces.lookup(&name);
+        let topic = Arc::new(match remote {
+            Some(owner) => Topic::new_mirror(
+                name.clone(),
+                ns,
+                owner,
+                self.budget.clone(),
+                self.interest.clone(),
+            ),
+            None => Topic::new(
+                name.clone(),
+                ns,
+                self.mint_epoch(),
+                self.budget.clone(),
+                self.interest.clone(),
+            ),
+        });
         shard.insert(name, topic.clone());
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(topic)
@@ -165,6 +183,21 @@ impl Registry {
         out
     }
 
+    /// Every topic held here (for the relay's ownership and repair scans).
+    pub fn all_topics(&self) -> Vec<Arc<Topic>> {
+        let mut out = Vec::with_capacity(self.topic_count());
+        for shard in self.shards.iter() {
+            out.extend(
+                shard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned(),
+            );
+        }
+        out
+    }
+
     pub fn topic_count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
@@ -173,13 +206,23 @@ impl Registry {
         self.budget.used.load(Ordering::Relaxed)
     }
 
-    /// Drops aged history everywhere and forgets idle, empty topics.
-    pub fn sweep(&self, idle_ttl: Duration) {
+    /// Drops aged history everywhere and forgets idle, empty topics. Returns the
+    /// mirrors it forgot with their owners, which should stop relaying to this node.
+    pub fn sweep(&self, idle_ttl: Duration) -> Vec<(Arc<str>, Arc<str>)> {
         let now = Instant::now();
+        let mut unfollow = Vec::new();
         for shard in self.shards.iter() {
             let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
             let before = map.len();
-            map.retain(|_, t| !t.sweep(now, idle_ttl));
+            map.retain(|name, t| {
+                if !t.sweep(now, idle_ttl) {
+                    return true;
+                }
+                if let Placement::Mirror { owner, .. } = t.placement() {
+                    unfollow.push((name.clone(), owner));
+                }
+                false
+            });
             let removed = before - map.len();
             if removed > 0 {
                 self.count.fetch_sub(removed, Ordering::Relaxed);
@@ -188,6 +231,7 @@ impl Registry {
                 }
             }
         }
+        unfollow
     }
 
     /// Brings history under the memory budget: whole histories of the least recently
@@ -247,6 +291,7 @@ mod tests {
                     stats,
                 )
             })
+            .unwrap()
             .unwrap();
         }
     }

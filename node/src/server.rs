@@ -173,7 +173,10 @@ fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
         loop {
             tokio::select! {
                 _ = sweep.tick() => {
-                    node.registry.sweep(idle_ttl);
+                    let forgotten = node.registry.sweep(idle_ttl);
+                    if let Some(relay) = node.relay.get() {
+                        relay.unfollow_all(forgotten);
+                    }
                     node.conns.sweep();
                 }
                 _ = node.registry.budget.over.notified() => node.registry.enforce_budget(),

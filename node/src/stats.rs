@@ -84,6 +84,27 @@ pub struct Stats {
     pub max_session_queue_bytes: AtomicU64,
     /// Publish → socket write, sampled once per written batch.
     pub delivery_latency: Histogram,
+    pub relay: RelayStats,
+}
+
+/// The relay between nodes (one set per node).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Events this node, as owner, queued to peers: one per event per interested node.
+    pub events_sent: Count,
+    /// Events applied from owners to this node's mirrors.
+    pub events_received: Count,
+    /// Publishes this node sent to the topic's owner.
+    pub publishes_forwarded: Count,
+    /// Follows a peer was dropped from because its link fell behind.
+    pub lagged: Count,
+    /// Mirrors whose history could not be continued: their sessions got `reset`.
+    pub resets: Count,
+    /// Mirrors that caught up from a snapshot after a gap, with nothing lost.
+    pub catch_ups: Count,
+    /// Malformed or invalid frames from peers (the link is closed or the frame refused).
+    pub bad_frames: Count,
+    pub links: Level,
 }
 
 impl Stats {
@@ -108,6 +129,7 @@ impl Stats {
             subscriptions: Level::default(),
             max_session_queue_bytes: AtomicU64::new(0),
             delivery_latency: Histogram::noop(),
+            relay: RelayStats::default(),
         }
     }
 
@@ -152,6 +174,7 @@ pub struct Exporter {
     counters: Vec<(Counter, Reader)>,
     connections: Vec<Gauge>,
     subscriptions: Gauge,
+    relay_links: Gauge,
     topics: Gauge,
     history_bytes: Gauge,
 }
@@ -169,12 +192,20 @@ impl Exporter {
                 (c("weft_rate_limit_hits_total"), |s| s.rate_limited.get()),
                 (c("weft_bad_input_total"), |s| s.bad_input.get()),
                 (c("weft_connections_refused_total"), |s| s.connections_refused.get()),
+                (c("weft_relay_events_sent_total"), |s| s.relay.events_sent.get()),
+                (c("weft_relay_events_received_total"), |s| s.relay.events_received.get()),
+                (c("weft_relay_publishes_forwarded_total"), |s| s.relay.publishes_forwarded.get()),
+                (c("weft_relay_lagged_total"), |s| s.relay.lagged.get()),
+                (c("weft_relay_resets_total"), |s| s.relay.resets.get()),
+                (c("weft_relay_catch_ups_total"), |s| s.relay.catch_ups.get()),
+                (c("weft_relay_bad_frames_total"), |s| s.relay.bad_frames.get()),
             ],
             connections: Transport::ALL
                 .iter()
                 .map(|t| metrics::gauge!("weft_connections", "node" => n(), "transport" => t.label()))
                 .collect(),
             subscriptions: metrics::gauge!("weft_subscriptions", "node" => n()),
+            relay_links: metrics::gauge!("weft_relay_links", "node" => n()),
             topics: metrics::gauge!("weft_topics", "node" => n()),
             history_bytes: metrics::gauge!("weft_history_bytes", "node" => n()),
         }
@@ -188,6 +219,7 @@ impl Exporter {
             gauge.set(level.get() as f64);
         }
         self.subscriptions.set(stats.subscriptions.get() as f64);
+        self.relay_links.set(stats.relay.links.get() as f64);
         self.topics.set(topics as f64);
         self.history_bytes.set(history_bytes as f64);
     }

@@ -12,6 +12,17 @@
 //!   pushes never wait) and never spans an `.await`.
 //! - History is bounded by the namespace's count and age, and by the node's global
 //!   memory budget ([`HistoryBudget`]), which evicts idle topics' history first.
+//!
+//! # Owner and mirror (cluster)
+//! In a cluster a node holds a topic in one of two roles ([`Placement`]):
+//! - **owner**: sequences it as above and also relays every event, once, to each peer
+//!   node that follows it (its [`LinkQueue`]), under the same lock as local fan-out;
+//! - **mirror**: another node owns it. The mirror keeps the owner's epoch, offsets and
+//!   a bounded copy of its history, built from a `Followed` snapshot and the events
+//!   that follow it on the same link, so local subscribes, resumes and reads work on
+//!   the mirror with the same rules. An event that does not continue the mirror's
+//!   offsets is never delivered: the mirror detaches and re-follows, and the new
+//!   snapshot either fills the gap from history or tells every session `reset`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +36,8 @@ use weft_proto::{Cursor, PresenceEntry};
 use crate::config::NamespaceConfig;
 use crate::event::StoredEvent;
 use crate::interest::InterestFeed;
-use crate::outbox::{Outbox, Pushed};
+use crate::outbox::{Frame, Outbox, Pushed};
+use crate::relay::{LinkPush, LinkQueue};
 use crate::stats::Stats;
 
 /// The node-wide history memory budget.
@@ -95,6 +107,76 @@ pub struct Page {
     pub last_offset: u64,
 }
 
+/// How this node holds a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Owner,
+    Mirror {
+        owner: Arc<str>,
+        sync: MirrorSync,
+        /// Never synced yet: no epoch, nothing to serve.
+        fresh: bool,
+    },
+}
+
+/// Where a mirror stands with its owner's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorSync {
+    /// Not receiving the owner's events (never asked, link lost, gap, lagged).
+    Detached,
+    /// A `Follow` went out at this instant; the snapshot has not arrived.
+    Requested(Instant),
+    /// Snapshot applied; every event of the topic arrives on the link in order.
+    Following,
+}
+
+#[derive(Debug)]
+enum Role {
+    Owner { followers: Vec<Follower> },
+    Mirror { owner: Arc<str>, sync: MirrorSync },
+}
+
+#[derive(Debug)]
+struct Follower {
+    peer: Arc<str>,
+    link: Arc<LinkQueue>,
+}
+
+/// A relayed event, validated, as a mirror applies it.
+#[derive(Debug)]
+pub struct Relayed {
+    pub epoch: String,
+    pub offset: u64,
+    pub ts: u64,
+    pub kind: Option<Arc<str>>,
+    pub data: Bytes,
+}
+
+/// What a mirror did with a relayed event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Delivered,
+    /// Already had it (offset at or below the mirror's).
+    Stale,
+    /// It does not continue the mirror's offsets: detached, must re-follow.
+    Gap,
+    /// The topic is not a following mirror of that peer.
+    NotFollowing,
+}
+
+/// What a mirror did with a `Followed` snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowOutcome {
+    /// First snapshot of a fresh mirror, or nothing new.
+    Adopted,
+    /// Continued the same epoch; this many missed events were delivered from history.
+    CaughtUp(usize),
+    /// History could not be continued: every local session was sent `reset`.
+    Reset,
+    /// This topic is not a mirror of that peer (owned here, or another owner).
+    NotMine,
+}
+
 #[derive(Debug)]
 pub struct Topic {
     pub name: Arc<str>,
@@ -105,11 +187,14 @@ pub struct Topic {
     budget: Arc<HistoryBudget>,
     /// Where first-subscriber / last-unsubscriber transitions are reported.
     interest: Arc<InterestFeed>,
+    /// Woken when a mirror's sync state changes (subscribes wait for a snapshot).
+    pub synced: Notify,
 }
 
 #[derive(Debug)]
 struct TopicState {
     dead: bool,
+    role: Role,
     epoch: Arc<str>,
     last_offset: u64,
     history: VecDeque<Arc<StoredEvent>>,
@@ -140,11 +225,47 @@ impl Topic {
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
     ) -> Self {
+        Self::with_role(
+            name,
+            ns,
+            epoch,
+            Role::Owner {
+                followers: Vec::new(),
+            },
+            budget,
+            interest,
+        )
+    }
+
+    /// A mirror of a topic `owner` sequences; fresh until its first snapshot.
+    pub fn new_mirror(
+        name: Arc<str>,
+        ns: Arc<NamespaceConfig>,
+        owner: Arc<str>,
+        budget: Arc<HistoryBudget>,
+        interest: Arc<InterestFeed>,
+    ) -> Self {
+        let role = Role::Mirror {
+            owner,
+            sync: MirrorSync::Detached,
+        };
+        Self::with_role(name, ns, "".into(), role, budget, interest)
+    }
+
+    fn with_role(
+        name: Arc<str>,
+        ns: Arc<NamespaceConfig>,
+        epoch: Arc<str>,
+        role: Role,
+        budget: Arc<HistoryBudget>,
+        interest: Arc<InterestFeed>,
+    ) -> Self {
         Self {
             name,
             ns,
             state: Mutex::new(TopicState {
                 dead: false,
+                role,
                 epoch,
                 last_offset: 0,
                 history: VecDeque::new(),
@@ -156,6 +277,7 @@ impl Topic {
             changed: Notify::new(),
             budget,
             interest,
+            synced: Notify::new(),
         }
     }
 
@@ -172,12 +294,56 @@ impl Topic {
         }
     }
 
-    pub fn cursor(&self) -> Result<Cursor, Dead> {
+    /// A live topic with state to serve: a mirror that never had a snapshot has none
+    /// (callers wait for [`crate::relay::Relay::ensure_synced`] first; this guards
+    /// the race where the topic was recycled meanwhile, so it is retried).
+    fn served(&self) -> Result<MutexGuard<'_, TopicState>, Dead> {
         let st = self.live()?;
+        if st.epoch.is_empty() {
+            Err(Dead)
+        } else {
+            Ok(st)
+        }
+    }
+
+    pub fn placement(&self) -> Placement {
+        let st = self.lock();
+        match &st.role {
+            Role::Owner { .. } => Placement::Owner,
+            Role::Mirror { owner, sync } => Placement::Mirror {
+                owner: owner.clone(),
+                sync: *sync,
+                fresh: st.epoch.is_empty(),
+            },
+        }
+    }
+
+    /// Whether this node can serve the topic now: it owns it, or mirrors it with the
+    /// owner's stream arriving.
+    pub fn is_ready(&self) -> bool {
+        let st = self.lock();
+        !st.epoch.is_empty()
+            && matches!(
+                st.role,
+                Role::Owner { .. }
+                    | Role::Mirror {
+                        sync: MirrorSync::Following,
+                        ..
+                    }
+            )
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
+    pub fn cursor(&self) -> Result<Cursor, Dead> {
+        let st = self.served()?;
         Ok(Cursor::new(&*st.epoch, st.last_offset))
     }
 
-    /// Sequences one event, keeps it in history and fans it out to local subscribers.
+    /// Sequences one event, keeps it in history, fans it out to local subscribers and
+    /// relays it once to every following peer. On a mirror: `Err(owner)`, publish there.
     pub fn publish(
         &self,
         data: Bytes,
@@ -185,17 +351,20 @@ impl Topic {
         idempotency_key: Option<&str>,
         idem: (Duration, usize),
         stats: &Stats,
-    ) -> Result<Published, Dead> {
+    ) -> Result<Result<Published, Arc<str>>, Dead> {
         let mut st = self.live()?;
+        if let Role::Mirror { owner, .. } = &st.role {
+            return Ok(Err(owner.clone()));
+        }
         let now = Instant::now();
         if let Some(key) = idempotency_key {
             st.idempotency.expire(now, idem.0, idem.1);
             if let Some(&offset) = st.idempotency.offsets.get(key) {
-                return Ok(Published {
+                return Ok(Ok(Published {
                     epoch: st.epoch.clone(),
                     offset,
                     duplicate: true,
-                });
+                }));
             }
         }
         st.last_offset += 1;
@@ -213,31 +382,323 @@ impl Topic {
             st.idempotency.order.push_back((now, key.into()));
         }
         st.last_active = now;
-        let cost = ev.cost();
-        st.history.push_back(ev.clone());
-        st.history_bytes += cost;
-        let used = self.budget.used.fetch_add(cost, Ordering::Relaxed) + cost;
-        self.trim(&mut st, now);
-        let policy = self.ns.slow_consumer;
-        for sub in st.subscribers.values() {
-            match sub.outbox.push_event(&ev, policy) {
-                Pushed::Queued | Pushed::Closed => {}
-                Pushed::Conflated => stats.conflated.inc(),
-                Pushed::Overflow => stats.slow_consumer_closes.inc(),
+        let used = self.deliver(&mut st, &ev, now, stats);
+        if let Role::Owner { followers } = &mut st.role {
+            if !followers.is_empty() {
+                let frame = ev.relay_frame();
+                followers.retain(|f| match f.link.push_event(frame.clone()) {
+                    LinkPush::Queued => {
+                        stats.relay.events_sent.inc();
+                        true
+                    }
+                    LinkPush::Full => {
+                        // The peer's link is behind: stop relaying this topic to it
+                        // and say so; it re-follows and catches up from history.
+                        stats.relay.lagged.inc();
+                        f.link.push_lagged(&self.name);
+                        false
+                    }
+                    LinkPush::Closed => false,
+                });
             }
         }
         let epoch = st.epoch.clone();
         drop(st);
         stats.published.inc();
+        self.after_deliver(used);
+        Ok(Ok(Published {
+            epoch,
+            offset,
+            duplicate: false,
+        }))
+    }
+
+    /// Appends to history and queues to every local subscriber (under the lock).
+    /// Returns the budget's use after the append.
+    fn deliver(
+        &self,
+        st: &mut TopicState,
+        ev: &Arc<StoredEvent>,
+        now: Instant,
+        stats: &Stats,
+    ) -> usize {
+        let cost = ev.cost();
+        st.history.push_back(ev.clone());
+        st.history_bytes += cost;
+        let used = self.budget.used.fetch_add(cost, Ordering::Relaxed) + cost;
+        self.trim(st, now);
+        let policy = self.ns.slow_consumer;
+        for sub in st.subscribers.values() {
+            match sub.outbox.push_event(ev, policy) {
+                Pushed::Queued | Pushed::Closed => {}
+                Pushed::Conflated => stats.conflated.inc(),
+                Pushed::Overflow => stats.slow_consumer_closes.inc(),
+            }
+        }
+        used
+    }
+
+    /// Wakes long-polls and, past the budget, the evictor (after the lock is dropped).
+    fn after_deliver(&self, used: usize) {
         self.changed.notify_waiters();
         if used > self.budget.limit {
             self.budget.over.notify_one();
         }
-        Ok(Published {
-            epoch,
-            offset,
-            duplicate: false,
-        })
+    }
+
+    /// Owner: registers `peer`'s link as a follower and queues the `Followed` snapshot
+    /// on it under the lock, so every later event follows the snapshot on that link.
+    /// The snapshot carries the newest history up to `max_bytes`. On a mirror:
+    /// `Err(owner)`.
+    pub fn follow(
+        &self,
+        peer: &Arc<str>,
+        link: &Arc<LinkQueue>,
+        max_bytes: usize,
+    ) -> Result<Result<(), Arc<str>>, Dead> {
+        let mut st = self.live()?;
+        let st = &mut *st;
+        let followers = match &mut st.role {
+            Role::Mirror { owner, .. } => return Ok(Err(owner.clone())),
+            Role::Owner { followers } => followers,
+        };
+        followers.retain(|f| f.peer != *peer);
+        let mut taken = 0;
+        let mut bytes = 0;
+        for ev in st.history.iter().rev() {
+            bytes += ev.data.len() + ev.topic.len() + 64;
+            if bytes > max_bytes {
+                break;
+            }
+            taken += 1;
+        }
+        let skip = st.history.len() - taken;
+        let history = st.history.iter().skip(skip).map(|e| e.to_relay()).collect();
+        let frame = crate::relay::followed_frame(weft_proto::grpc::Followed {
+            topic: self.name.to_string(),
+            epoch: st.epoch.to_string(),
+            last_offset: st.last_offset,
+            history,
+        });
+        if link.push_control(frame) {
+            followers.push(Follower {
+                peer: peer.clone(),
+                link: link.clone(),
+            });
+        }
+        Ok(Ok(()))
+    }
+
+    /// Owner: stops relaying to `peer`.
+    pub fn unfollow(&self, peer: &str) {
+        if let Role::Owner { followers } = &mut self.lock().role {
+            followers.retain(|f| &*f.peer != peer);
+        }
+    }
+
+    /// The peers this owner relays to.
+    pub fn followers(&self) -> Vec<Arc<str>> {
+        match &self.lock().role {
+            Role::Owner { followers } => followers.iter().map(|f| f.peer.clone()).collect(),
+            Role::Mirror { .. } => Vec::new(),
+        }
+    }
+
+    /// Mirror: notes that a `Follow` went out (or, with `None`, that the link is gone).
+    pub fn set_mirror_sync(&self, sync: MirrorSync) {
+        let mut st = self.lock();
+        if let Role::Mirror { sync: s, .. } = &mut st.role {
+            *s = sync;
+        }
+    }
+
+    /// Mirror: applies one relayed event from `from` if it continues the offsets.
+    pub fn apply_relayed(&self, from: &str, ev: Relayed, stats: &Stats) -> Applied {
+        let mut st = self.lock();
+        if st.dead {
+            return Applied::NotFollowing;
+        }
+        match &st.role {
+            Role::Mirror {
+                owner,
+                sync: MirrorSync::Following,
+            } if &**owner == from => {}
+            _ => return Applied::NotFollowing,
+        }
+        if *st.epoch == *ev.epoch && ev.offset <= st.last_offset {
+            return Applied::Stale;
+        }
+        if *st.epoch != *ev.epoch || ev.offset != st.last_offset + 1 {
+            if let Role::Mirror { sync, .. } = &mut st.role {
+                *sync = MirrorSync::Detached;
+            }
+            return Applied::Gap;
+        }
+        let used = self.append_relayed(&mut st, ev, stats);
+        drop(st);
+        stats.relay.events_received.inc();
+        self.after_deliver(used);
+        Applied::Delivered
+    }
+
+    fn append_relayed(&self, st: &mut TopicState, ev: Relayed, stats: &Stats) -> usize {
+        st.last_offset = ev.offset;
+        let stored = Arc::new(StoredEvent::new(
+            self.name.clone(),
+            st.epoch.clone(),
+            ev.offset,
+            ev.ts,
+            ev.kind,
+            ev.data,
+        ));
+        self.deliver(st, &stored, Instant::now(), stats)
+    }
+
+    /// Mirror: applies the owner's `Followed` snapshot. A fresh mirror adopts it; one
+    /// in the same epoch delivers what it missed if the snapshot's history reaches
+    /// back to it; otherwise every local session is told `reset` to the new cursor.
+    /// `switch` lets a mirror of another owner accept it (the ring moved the topic).
+    pub fn apply_followed(
+        &self,
+        from: &Arc<str>,
+        switch: bool,
+        epoch: &str,
+        last_offset: u64,
+        history: Vec<Relayed>,
+        stats: &Stats,
+    ) -> FollowOutcome {
+        let mut st = self.lock();
+        if st.dead {
+            return FollowOutcome::NotMine;
+        }
+        match &mut st.role {
+            Role::Mirror { owner, sync } if owner == from || switch => {
+                *owner = from.clone();
+                *sync = MirrorSync::Following;
+            }
+            _ => return FollowOutcome::NotMine,
+        }
+        let fresh = st.epoch.is_empty();
+        let outcome = if !fresh && *st.epoch == *epoch && last_offset <= st.last_offset {
+            FollowOutcome::Adopted
+        } else if !fresh
+            && *st.epoch == *epoch
+            && history.last().map(|e| e.offset) == Some(last_offset)
+            && history
+                .first()
+                .is_some_and(|e| e.offset <= st.last_offset + 1)
+        {
+            let mut used = 0;
+            let mut n = 0;
+            for ev in history {
+                if ev.offset > st.last_offset {
+                    used = self.append_relayed(&mut st, ev, stats);
+                    n += 1;
+                }
+            }
+            drop(st);
+            stats.relay.catch_ups.inc();
+            self.after_deliver(used);
+            self.synced.notify_waiters();
+            return FollowOutcome::CaughtUp(n);
+        } else {
+            // Replace the copy wholesale with the owner's.
+            let freed = st.history_bytes;
+            st.history.clear();
+            st.history_bytes = 0;
+            self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+            st.epoch = epoch.into();
+            st.last_offset = 0;
+            let now = Instant::now();
+            for ev in history {
+                let stored = Arc::new(StoredEvent::new(
+                    self.name.clone(),
+                    st.epoch.clone(),
+                    ev.offset,
+                    ev.ts,
+                    ev.kind,
+                    ev.data,
+                ));
+                let cost = stored.cost();
+                st.history.push_back(stored);
+                st.history_bytes += cost;
+                self.budget.used.fetch_add(cost, Ordering::Relaxed);
+            }
+            self.trim(&mut st, now);
+            st.last_offset = last_offset;
+            if fresh {
+                FollowOutcome::Adopted
+            } else {
+                self.reset_subscribers(&st);
+                stats.relay.resets.inc();
+                FollowOutcome::Reset
+            }
+        };
+        drop(st);
+        self.changed.notify_waiters();
+        self.synced.notify_waiters();
+        outcome
+    }
+
+    fn reset_subscribers(&self, st: &TopicState) {
+        for sub in st.subscribers.values() {
+            sub.outbox.push_snapshot(Frame::Reset {
+                topic: self.name.clone(),
+                epoch: st.epoch.clone(),
+                offset: st.last_offset,
+            });
+        }
+    }
+
+    /// The ring made this node the owner. Without the old owner's state (a crash, or
+    /// no handoff) the topic starts a new epoch and local sessions get `reset`.
+    /// Returns the peers that were following, if it was already the owner (none).
+    pub fn become_owner(&self, epoch: Arc<str>, stats: &Stats) {
+        let mut st = self.lock();
+        if st.dead || matches!(st.role, Role::Owner { .. }) {
+            return;
+        }
+        st.role = Role::Owner {
+            followers: Vec::new(),
+        };
+        let had_state = !st.epoch.is_empty();
+        let freed = st.history_bytes;
+        st.history.clear();
+        st.history_bytes = 0;
+        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        st.epoch = epoch;
+        st.last_offset = 0;
+        st.idempotency = Idempotency::default();
+        if had_state && !st.subscribers.is_empty() {
+            self.reset_subscribers(&st);
+            stats.relay.resets.inc();
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        self.synced.notify_waiters();
+    }
+
+    /// The ring gave the topic to `owner`: this node becomes (or re-points) a mirror,
+    /// detached until it follows the new owner. Returns the links of peers that were
+    /// following it here, so they can be told to look again.
+    pub fn become_mirror(&self, owner: Arc<str>) -> Vec<Arc<LinkQueue>> {
+        let mut st = self.lock();
+        if st.dead {
+            return Vec::new();
+        }
+        let old = std::mem::replace(
+            &mut st.role,
+            Role::Mirror {
+                owner,
+                sync: MirrorSync::Detached,
+            },
+        );
+        drop(st);
+        self.synced.notify_waiters();
+        match old {
+            Role::Owner { followers } => followers.into_iter().map(|f| f.link).collect(),
+            Role::Mirror { .. } => Vec::new(),
+        }
     }
 
     /// Drops events beyond the namespace's count and age limits.
@@ -293,7 +754,7 @@ impl Topic {
         since: Option<&Cursor>,
         limit: usize,
     ) -> Result<Result<Page, CursorProblem>, Dead> {
-        let st = self.live()?;
+        let st = self.served()?;
         let from = since.map_or(st.last_offset, |c| c.offset);
         let events = match since {
             Some(c) => match Self::after(&st, c, limit) {
@@ -313,7 +774,7 @@ impl Topic {
 
     /// The newest `limit` events still in history.
     pub fn tail(&self, limit: usize) -> Result<Result<Page, CursorProblem>, Dead> {
-        let st = self.live()?;
+        let st = self.served()?;
         let skip = st.history.len().saturating_sub(limit);
         let events: Vec<_> = st.history.iter().skip(skip).cloned().collect();
         Ok(Ok(Page {
@@ -326,7 +787,7 @@ impl Topic {
 
     /// The last event, if still in history, and the current cursor.
     pub fn state(&self) -> Result<(Cursor, Option<Arc<StoredEvent>>), Dead> {
-        let st = self.live()?;
+        let st = self.served()?;
         let last = st
             .history
             .back()
@@ -349,7 +810,7 @@ impl Topic {
         max_recover_bytes: usize,
         on_snapshot: impl FnOnce(&Snapshot),
     ) -> Result<Result<(), CursorProblem>, Dead> {
-        let mut st = self.live()?;
+        let mut st = self.served()?;
         let snap = match since {
             None => Snapshot {
                 epoch: st.epoch.clone(),
@@ -439,17 +900,30 @@ impl Topic {
     }
 
     /// Periodic upkeep: drops aged history. Returns whether the topic is idle and
-    /// empty for `idle_ttl`, in which case it has been marked dead and must be removed.
+    /// empty for `idle_ttl` (a mirror: without subscribers, whatever its copy of history
+    /// holds), in which case it has been marked dead and must be removed.
     pub fn sweep(&self, now: Instant, idle_ttl: Duration) -> bool {
         let mut st = self.lock();
         self.trim(&mut st, now);
+        let mirror = matches!(st.role, Role::Mirror { .. });
         let forget = st.subscribers.is_empty()
-            && st.history.is_empty()
+            && (mirror || st.history.is_empty())
             && now.duration_since(st.last_active) >= idle_ttl;
         if forget {
             st.dead = true;
+            if mirror {
+                // A mirror's history is a copy: give its budget back.
+                let freed = std::mem::take(&mut st.history_bytes);
+                st.history = VecDeque::new();
+                self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+            }
         }
         forget
+    }
+
+    /// Marks the topic in use (a read on a mirror keeps it followed for the idle TTL).
+    pub fn touch(&self) {
+        self.lock().last_active = Instant::now();
     }
 
     /// When it last published or changed subscribers, and its history size.
@@ -532,6 +1006,7 @@ mod tests {
                 (Duration::from_secs(60), 100),
                 stats,
             )
+            .unwrap()
             .unwrap();
         }
     }
@@ -636,12 +1111,15 @@ mod tests {
         let w = (Duration::from_secs(60), 100);
         let a = t
             .publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats)
+            .unwrap()
             .unwrap();
         let b = t
             .publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats)
+            .unwrap()
             .unwrap();
         let c = t
             .publish(Bytes::from_static(b"1"), None, Some("k2"), w, &stats)
+            .unwrap()
             .unwrap();
         assert_eq!((a.offset, a.duplicate), (1, false));
         assert_eq!((b.offset, b.duplicate), (1, true));
@@ -655,11 +1133,13 @@ mod tests {
         let w = (Duration::from_secs(60), 3);
         for k in ["a", "b", "c", "d", "e"] {
             t.publish(Bytes::from_static(b"1"), None, Some(k), w, &stats)
+                .unwrap()
                 .unwrap();
         }
         // "a" fell out of the 3-key window, so it publishes anew.
         let again = t
             .publish(Bytes::from_static(b"1"), None, Some("a"), w, &stats)
+            .unwrap()
             .unwrap();
         assert!(!again.duplicate);
     }

@@ -33,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use weft_proto::command::{HistoryCmd, PublishCmd, SubscribeCmd};
@@ -45,8 +46,8 @@ use crate::node::{ConnGuard, Node};
 use crate::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
 use crate::poll::problem_error;
 use crate::rate::TokenBucket;
-use crate::stats::Transport;
-use crate::topic::{Subscriber, Topic};
+use crate::stats::{Stats, Transport};
+use crate::topic::{Published, Subscriber, Topic};
 use crate::wsframe::{self, FrameError, FrameReader, Incoming};
 
 /// What the accept loop attaches to each request.
@@ -151,7 +152,28 @@ struct Session {
     commands: TokenBucket,
     /// Consecutive commands refused for rate; past the burst the session is closed.
     refused: u32,
+    /// Commands waiting for a mirror's snapshot come back here (made on first use,
+    /// so idle sessions hold no channel).
+    deferred: Option<Deferred>,
+    deferred_in_flight: usize,
     _conn: Option<ConnInfo>,
+}
+
+type Deferred = (
+    mpsc::Sender<(Option<u64>, Result<Command, ApiError>)>,
+    mpsc::Receiver<(Option<u64>, Result<Command, ApiError>)>,
+);
+
+/// Subscribes (and history reads) one session may have waiting for other nodes.
+const MAX_DEFERRED: usize = 64;
+
+async fn next_deferred(
+    deferred: &mut Option<Deferred>,
+) -> Option<(Option<u64>, Result<Command, ApiError>)> {
+    match deferred {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why the session loop ended.
@@ -261,6 +283,8 @@ impl Session {
             subs: HashMap::new(),
             commands: TokenBucket::new(limits.commands_per_s, limits.command_burst),
             refused: 0,
+            deferred: None,
+            deferred_in_flight: 0,
             _conn: conn,
             id,
             node,
@@ -310,6 +334,7 @@ impl Session {
                         }
                     });
                 }
+                Some((id, cmd)) = next_deferred(&mut self.deferred) => self.on_deferred(id, cmd),
                 r = self.outbox.next_batch_owned(MAX_BATCH) => match r {
                     Ok(mut batch) => {
                         self.prepare(&mut batch);
@@ -499,28 +524,69 @@ impl Session {
     }
 
     fn reply(&self, id: Option<u64>, result: &[u8]) {
-        let out = reply_frame(id, result);
-        if self.outbox.push_control(out) == Pushed::Overflow {
-            self.node.stats.slow_consumer_closes.inc();
-        }
+        push_reply(&self.outbox, &self.node.stats, id, result);
     }
 
     fn reply_error(&self, id: Option<u64>, e: &ApiError) {
-        let body = serde_json::json!({ "id": id, "error": e.detail() });
-        let mut v = body;
-        if id.is_none() {
-            v.as_object_mut().map(|o| o.remove("id"));
-        }
-        if self
-            .outbox
-            .push_control(wsframe::text(v.to_string().as_bytes()))
-            == Pushed::Overflow
-        {
-            self.node.stats.slow_consumer_closes.inc();
+        push_error(&self.outbox, &self.node.stats, id, e);
+    }
+
+    /// A command that came back after waiting for a mirror's snapshot.
+    fn on_deferred(&mut self, id: Option<u64>, cmd: Result<Command, ApiError>) {
+        self.deferred_in_flight -= 1;
+        let result = cmd.and_then(|cmd| self.dispatch_now(id, cmd));
+        if let Err(e) = result {
+            self.reply_error(id, &e);
         }
     }
 
+    /// Runs `cmd` now if `topic` is ready here; on a mirror still waiting for its
+    /// owner's snapshot it runs once that arrives (bounded wait), without blocking
+    /// the session meanwhile.
+    fn when_ready(&mut self, id: Option<u64>, topic: &str, cmd: Command) -> Result<(), ApiError> {
+        check_topic(topic)?;
+        let Some(relay) = self.node.relay.get().cloned() else {
+            return self.dispatch_now(id, cmd);
+        };
+        let t = self.node.registry.get_or_create(topic)?;
+        if t.is_ready() {
+            return self.dispatch_now(id, cmd);
+        }
+        if self.deferred_in_flight >= MAX_DEFERRED {
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "at most {MAX_DEFERRED} subscribes may wait for other nodes at once"
+                ),
+                retry_after_s: 1,
+            });
+        }
+        let (tx, _) = self
+            .deferred
+            .get_or_insert_with(|| mpsc::channel(MAX_DEFERRED));
+        let tx = tx.clone();
+        self.deferred_in_flight += 1;
+        tokio::spawn(async move {
+            let r = relay.ensure_synced(&t).await.map(|()| cmd);
+            let _ = tx.send((id, r)).await;
+        });
+        Ok(())
+    }
+
     fn dispatch(&mut self, id: Option<u64>, cmd: Command) -> Result<(), ApiError> {
+        match cmd {
+            Command::Subscribe(s) => {
+                let topic = s.topic.clone();
+                self.when_ready(id, &topic, Command::Subscribe(s))
+            }
+            Command::History(h) => {
+                let topic = h.topic.clone();
+                self.when_ready(id, &topic, Command::History(h))
+            }
+            cmd => self.dispatch_now(id, cmd),
+        }
+    }
+
+    fn dispatch_now(&mut self, id: Option<u64>, cmd: Command) -> Result<(), ApiError> {
         match cmd {
             Command::Connect(_) | Command::Refresh(_) => {
                 let r = weft_proto::ConnectResult {
@@ -640,17 +706,26 @@ impl Session {
         }
         let kind = event_kind(p.kind.as_deref())?;
         let data = raw_data(&p.data, self.node.config.limits.max_message_bytes)?;
-        let window = self.node.idempotency_window();
-        let node = &self.node;
-        let published = node.registry.with_topic(&p.topic, |t| {
-            t.publish(data.clone(), kind.clone(), None, window, &node.stats)
-        })?;
-        let r = weft_proto::PublishResult {
-            topic: p.topic,
-            epoch: published.epoch.to_string(),
-            offset: published.offset,
-        };
-        self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
+        let ticket = self.node.start_publish(&p.topic, data, kind, None);
+        if ticket.is_done() {
+            let published = ticket.into_done()?;
+            self.reply(id, &publish_result(p.topic, &published));
+            return Ok(());
+        }
+        // Forwarded to the owner (already on its link, so this session's publishes
+        // keep their order); the reply follows when the owner answers.
+        let (node, outbox) = (self.node.clone(), self.outbox.clone());
+        tokio::spawn(async move {
+            match node.finish_publish(ticket).await {
+                Ok(published) => push_reply(
+                    &outbox,
+                    &node.stats,
+                    id,
+                    &publish_result(p.topic, &published),
+                ),
+                Err(e) => push_error(&outbox, &node.stats, id, &e),
+            }
+        });
         Ok(())
     }
 
@@ -687,6 +762,31 @@ impl Session {
         out.put_slice(b"\"}");
         self.reply(id, &out);
         Ok(())
+    }
+}
+
+fn publish_result(topic: String, published: &Published) -> Vec<u8> {
+    let r = weft_proto::PublishResult {
+        topic,
+        epoch: published.epoch.to_string(),
+        offset: published.offset,
+    };
+    serde_json::to_vec(&r).expect("serialises")
+}
+
+fn push_reply(outbox: &Outbox, stats: &Stats, id: Option<u64>, result: &[u8]) {
+    if outbox.push_control(reply_frame(id, result)) == Pushed::Overflow {
+        stats.slow_consumer_closes.inc();
+    }
+}
+
+fn push_error(outbox: &Outbox, stats: &Stats, id: Option<u64>, e: &ApiError) {
+    let mut v = serde_json::json!({ "id": id, "error": e.detail() });
+    if id.is_none() {
+        v.as_object_mut().map(|o| o.remove("id"));
+    }
+    if outbox.push_control(wsframe::text(v.to_string().as_bytes())) == Pushed::Overflow {
+        stats.slow_consumer_closes.inc();
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use weft_proto::grpc::router_server::RouterServer;
 
 use crate::client::RouterClient;
@@ -45,6 +46,16 @@ pub struct Router {
 impl Router {
     /// Starts serving on `listener` at once; bootstrap continues in the background.
     pub async fn start(opts: RouterOptions, listener: TcpListener) -> Result<Self, StartError> {
+        Self::start_with(opts, listener, Routes::default()).await
+    }
+
+    /// Like [`Router::start`], also serving `extra` gRPC services on the same listener
+    /// (an embedding node's relay service).
+    pub async fn start_with(
+        opts: RouterOptions,
+        listener: TcpListener,
+        extra: Routes,
+    ) -> Result<Self, StartError> {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Raft(format!("listener: {e}")))?;
@@ -55,6 +66,7 @@ impl Router {
         let stop = CancellationToken::new();
         let serve = tokio::spawn(
             tonic::transport::Server::builder()
+                .add_routes(extra)
                 .add_service(raft.peer_service())
                 .add_service(router)
                 .serve_with_incoming_shutdown(
@@ -160,6 +172,15 @@ impl Embedded {
         data_dir: impl Into<PathBuf>,
         listener: TcpListener,
     ) -> Result<(Self, RouterClient), StartError> {
+        Self::start_with(data_dir, listener, Routes::default()).await
+    }
+
+    /// Like [`Embedded::start`], also serving `extra` gRPC services on the listener.
+    pub async fn start_with(
+        data_dir: impl Into<PathBuf>,
+        listener: TcpListener,
+        extra: Routes,
+    ) -> Result<(Self, RouterClient), StartError> {
         let opts = RouterOptions {
             id: 1,
             peers: BTreeMap::new(),
@@ -167,7 +188,7 @@ impl Embedded {
             heartbeat_timeout: Duration::from_secs(5),
             raft: RaftTiming::default(),
         };
-        let router = Router::start(opts, listener).await?;
+        let router = Router::start_with(opts, listener, extra).await?;
         if router
             .raft()
             .wait_for_leader(Duration::from_secs(10))
