@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: a real node on `127.0.0.1:0` and real
 //! clients for every transport. Each test binary uses the parts it needs.
 #![allow(dead_code)]
+pub mod cluster;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
