@@ -504,7 +504,18 @@ impl Relay {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    debug!(peer = %peer.id, error = %e, "relay link ended");
+                    if matches!(
+                        e.code(),
+                        tonic::Code::ResourceExhausted
+                            | tonic::Code::OutOfRange
+                            | tonic::Code::Internal
+                    ) {
+                        // Oversized or undecodable at the gRPC layer.
+                        node.stats.relay.bad_frames.inc();
+                        warn!(peer = %peer.id, error = %e, "bad relay message; link closed");
+                    } else {
+                        debug!(peer = %peer.id, error = %e, "relay link ended");
+                    }
                     break;
                 }
             }

@@ -1,0 +1,397 @@
+//! Bad input on the relay (`weft.v1.Relay/Link`) gets an error — never a panic, never
+//! corrupted state — and the node keeps serving everyone else. The test plays a peer
+//! node with a raw tonic client: it joins the node's embedded router as a member, then
+//! dials the node's relay the way another node would.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use weft_proto::grpc::relay_client::RelayClient;
+use weft_proto::grpc::relay_frame::Kind;
+use weft_proto::grpc::{self, RelayBatch, RelayFrame};
+use weft_router::RouterClient;
+
+const NODE_ID: &str = "relay-node";
+/// A member at an address where nothing listens: the node's own dials to it fail,
+/// so the only link between them is the one the test opens.
+const FAKE: &str = "zz-fake-peer";
+
+struct Clustered {
+    http: std::net::SocketAddr,
+    grpc: std::net::SocketAddr,
+    client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    dir: std::path::PathBuf,
+}
+
+impl Clustered {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("weft-relay-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (http, grpc) = (http_l.local_addr().unwrap(), grpc_l.local_addr().unwrap());
+        let mut config = weft_node::Config {
+            node_id: NODE_ID.into(),
+            data_dir: dir.clone(),
+            ..Default::default()
+        };
+        config.timing.shutdown_grace_ms = 500;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(weft_node::run_with_router(http_l, grpc_l, config, async {
+            let _ = rx.await;
+        }));
+        let node = Self {
+            http,
+            grpc,
+            client: reqwest::Client::new(),
+            stop: Some(tx),
+            task,
+            dir,
+        };
+        node.wait_for(|v| v["this_node"]["state"] == "active").await;
+        node
+    }
+
+    async fn get(&self, path: &str) -> serde_json::Value {
+        let resp = self
+            .client
+            .get(format!("http://{}{path}", self.http))
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
+    }
+
+    async fn wait_for(&self, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.get("/v1/cluster").await;
+            if cond(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "cluster view never matched: {v}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .client
+            .get(format!("http://{}/metrics", self.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("node=\"{NODE_ID}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// Waits for a counter exported once a second to reach at least `min`.
+    async fn metric_at_least(&self, name: &str, min: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(name).await;
+            if v >= min || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn publish_http(&self, topic: &str) -> u16 {
+        self.client
+            .post(format!("http://{}/v1/topics/{topic}/events", self.http))
+            .body(r#"{"still":"serving"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), &mut self.task).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn frame(kind: Kind) -> Bytes {
+    Bytes::from(RelayFrame { kind: Some(kind) }.encode_to_vec())
+}
+
+fn hello(node: &str) -> RelayBatch {
+    RelayBatch {
+        frames: vec![frame(Kind::Hello(grpc::Hello {
+            node: node.into(),
+            ring_version: 0,
+        }))],
+    }
+}
+
+/// One side of a link, as a peer node would hold it.
+struct Link {
+    tx: mpsc::Sender<RelayBatch>,
+    rx: Streaming<RelayBatch>,
+    /// Frames received but not looked at yet (the node batches its replies).
+    queued: std::collections::VecDeque<Bytes>,
+}
+
+impl Link {
+    async fn open(grpc: std::net::SocketAddr, first: RelayBatch) -> Result<Self, tonic::Status> {
+        let mut client = RelayClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap()
+            .max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(first).await.unwrap();
+        let mut rx = client.link(ReceiverStream::new(rx)).await?.into_inner();
+        let reply = tokio::time::timeout(Duration::from_secs(5), rx.message())
+            .await
+            .expect("the node answers a link within 5 s")?
+            .expect("a hello back");
+        match decode(&reply.frames[0]) {
+            Kind::Hello(h) => assert_eq!(h.node, NODE_ID),
+            other => panic!("expected the node's hello, got {other:?}"),
+        }
+        Ok(Self {
+            tx,
+            rx,
+            queued: Default::default(),
+        })
+    }
+
+    async fn send(&self, frames: Vec<Bytes>) {
+        let _ = self.tx.send(RelayBatch { frames }).await;
+    }
+
+    /// The next frame from the node.
+    async fn next(&mut self) -> Result<Option<Kind>, tonic::Status> {
+        while self.queued.is_empty() {
+            let batch = tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+                .await
+                .expect("the node answers within 5 s")?;
+            match batch {
+                Some(b) => self.queued.extend(b.frames),
+                None => return Ok(None),
+            }
+        }
+        Ok(self.queued.pop_front().map(|f| decode(&f)))
+    }
+
+    /// Waits for the node to end the link (an error status or end of stream).
+    async fn ended(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(500), self.rx.message()).await {
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) | Ok(Err(_)) => return true,
+                Err(_) => continue,
+            }
+        }
+        false
+    }
+}
+
+fn decode(raw: &Bytes) -> Kind {
+    RelayFrame::decode(raw.clone())
+        .expect("the node sends decodable frames")
+        .kind
+        .expect("non-empty frame")
+}
+
+fn publish(req_id: u64, topic: &str, data: &[u8], ring_version: u64) -> Bytes {
+    frame(Kind::Publish(grpc::RelayPublish {
+        req_id,
+        topic: topic.into(),
+        data: Bytes::copy_from_slice(data),
+        r#type: None,
+        idempotency_key: None,
+        ring_version,
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
+    let node = Clustered::start().await;
+
+    // A stranger is refused before anything else.
+    let err = Link::open(node.grpc, hello("stranger")).await.err();
+    assert_eq!(
+        err.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied),
+        "a node that is not a member is refused"
+    );
+    // A first frame that is not a hello is refused.
+    let not_hello = RelayBatch {
+        frames: vec![frame(Kind::Follow(grpc::Follow {
+            topic: "t".into(),
+            ring_version: 0,
+        }))],
+    };
+    let err = Link::open(node.grpc, not_hello).await.err();
+    assert_eq!(err.map(|s| s.code()), Some(tonic::Code::InvalidArgument));
+
+    // Become a member (joined and heartbeating, so it gets slots).
+    let router = RouterClient::new(vec![node.grpc.to_string()]);
+    router.join(FAKE, "127.0.0.1:9", "", 0).await.unwrap();
+    let beat = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = router.heartbeat(FAKE, 0, 0).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let view = node
+        .wait_for(|v| v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0)
+        .await;
+    let ring_version = view["ring"]["version"].as_u64().unwrap();
+
+    // Topics the node owns and topics the fake peer owns under this ring.
+    let (mut mine, mut theirs) = (None, None);
+    for i in 0..200 {
+        let t = format!("relay-{i}");
+        let owner = node.get(&format!("/v1/cluster/owner/{t}")).await["owner"].clone();
+        if owner == NODE_ID && mine.is_none() {
+            mine = Some(t);
+        } else if owner == FAKE && theirs.is_none() {
+            theirs = Some(t);
+        }
+    }
+    let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
+
+    let mut link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
+    // Bad topic, bad data, stale ring: each answered with its status, by request id.
+    link.send(vec![
+        publish(1, "bad topic", b"1", ring_version),
+        publish(2, &mine, b"{not json", ring_version),
+        publish(3, &theirs, b"1", ring_version - 1),
+        publish(4, &mine, br#"{"ok":true}"#, ring_version),
+    ])
+    .await;
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        match link.next().await.unwrap().expect("link open") {
+            Kind::Error(e) => answers.push((e.req_id, e.status, e.ring_version)),
+            Kind::PublishAck(a) => answers.push((a.req_id, 200, a.offset)),
+            _ => {}
+        }
+    }
+    answers.sort();
+    assert_eq!(
+        (answers[0].0, answers[0].1),
+        (1, 400),
+        "bad topic: {answers:?}"
+    );
+    assert_eq!(
+        (answers[1].0, answers[1].1),
+        (2, 400),
+        "bad data: {answers:?}"
+    );
+    assert_eq!(
+        (answers[2].0, answers[2].1, answers[2].2),
+        (3, 421, ring_version),
+        "not the owner: 421 with the node's ring version: {answers:?}"
+    );
+    assert_eq!((answers[3].0, answers[3].1, answers[3].2), (4, 200, 1));
+
+    // Following a topic the node owns gives its snapshot, with the event in history.
+    link.send(vec![frame(Kind::Follow(grpc::Follow {
+        topic: mine.clone(),
+        ring_version,
+    }))])
+    .await;
+    loop {
+        if let Kind::Followed(f) = link.next().await.unwrap().expect("link open") {
+            assert_eq!(f.topic, mine);
+            assert_eq!(f.last_offset, 1);
+            assert_eq!(f.history.len(), 1);
+            assert_eq!(&f.history[0].data[..], br#"{"ok":true}"#);
+            break;
+        }
+    }
+    let bad_before = node.metric("weft_relay_bad_frames_total").await;
+
+    // Malformed frames end the link — one link at a time, each counted.
+    let malformed: Vec<(&str, Vec<Bytes>)> = vec![
+        (
+            "undecodable bytes",
+            vec![Bytes::from_static(&[0xff, 0xff, 0xff, 0x07])],
+        ),
+        (
+            "an event whose data is not JSON",
+            vec![frame(Kind::Event(grpc::RelayEvent {
+                topic: theirs.clone(),
+                epoch: "abc".into(),
+                offset: 1,
+                ts: 0,
+                r#type: None,
+                data: Bytes::from_static(b"{\"a\":1}\n\nevent: forged"),
+            }))],
+        ),
+        (
+            "a snapshot whose history has a hole",
+            vec![frame(Kind::Followed(grpc::Followed {
+                topic: theirs.clone(),
+                epoch: "abc".into(),
+                last_offset: 5,
+                history: [1u64, 3]
+                    .iter()
+                    .map(|&o| grpc::RelayEvent {
+                        topic: theirs.clone(),
+                        epoch: "abc".into(),
+                        offset: o,
+                        ts: 0,
+                        r#type: None,
+                        data: Bytes::from_static(b"1"),
+                    })
+                    .collect(),
+            }))],
+        ),
+        (
+            "a message over the size limit",
+            vec![Bytes::from(vec![0u8; 9 << 20])],
+        ),
+    ];
+    for (i, (what, frames)) in malformed.into_iter().enumerate() {
+        if i > 0 {
+            link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
+        }
+        link.send(frames).await;
+        assert!(link.ended().await, "{what}: the node ends the link");
+        assert_eq!(
+            node.publish_http(&mine).await,
+            201,
+            "{what}: node still serves"
+        );
+    }
+    let bad_after = node
+        .metric_at_least("weft_relay_bad_frames_total", bad_before + 3)
+        .await;
+    assert!(
+        bad_after >= bad_before + 4,
+        "malformed frames are counted: {bad_before} → {bad_after}"
+    );
+
+    // The state is intact: the owned topic has its one relayed event and the
+    // bystander publishes after it, nothing else.
+    let state = node.get(&format!("/v1/topics/{mine}")).await;
+    assert_eq!(state["offset"], 5, "{state}");
+    beat.abort();
+    node.stop().await;
+}
