@@ -6,17 +6,21 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::baseline;
 use crate::cli::{Cli, Cmd, Common, Load, Outputs};
 use crate::coord::{Conductor, Role, WorkerLink, WorkerMsg};
 use crate::engine::{self, Settings};
 use crate::html;
-use crate::plan::{topic_names, Churn, Layout, Plan, Restart, ScenarioKind, Slot};
+use crate::placement;
+use crate::plan::{
+    topic_names, Churn, Layout, Plan, Restart, ScenarioKind, Slot, SubscribeSchedule,
+};
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::slo;
+use crate::transport::Transport;
 use crate::workers::{self, PhaseLimits};
 
 /// Exit code when an `--slo` objective was missed.
@@ -43,6 +47,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Ticker(a) => &a.common.out,
         Cmd::Churn(a) => &a.common.out,
         Cmd::Rolling(a) => &a.common.out,
+        Cmd::Subscribe(a) => &a.common.out,
         Cmd::Merge(m) => &m.out,
     };
     match execute(&cli.command).await? {
@@ -54,7 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
 /// Runs a scenario subcommand and returns its report; `None` in a worker process,
 /// which hands its report to its parent instead.
 pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
-    let (plan, common) = build(cmd)?;
+    let (mut plan, common) = build(cmd)?;
     let worker = common.worker_slot;
     let run_id = common.run_id.clone().unwrap_or_default();
     let root = common.shard.unwrap_or_default();
@@ -65,6 +70,21 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
     } else {
         Duration::ZERO
     });
+
+    // The process that runs the plan picks its topics (workers and shards each draw
+    // the same names: the choice is a pure function of the run id and the ring).
+    let runs_plan = worker.is_some() || common.workers <= 1;
+    if let (Some(owner), true) = (&common.topic_owner, runs_plan) {
+        plan.topics = placement::topics_owned_by(
+            &common.target,
+            owner,
+            &common.topic_prefix,
+            &run_id,
+            plan.kind,
+            plan.topics.len(),
+        )
+        .await?;
+    }
 
     if worker.is_some() {
         let mut role = Role::Worker(WorkerLink::new());
@@ -121,6 +141,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
         Cmd::Ticker(a) => (ScenarioKind::Ticker, a.common.clone()),
         Cmd::Churn(a) => (ScenarioKind::Churn, a.common.clone()),
         Cmd::Rolling(a) => (ScenarioKind::Rolling, a.common.clone()),
+        Cmd::Subscribe(a) => (ScenarioKind::Subscribe, a.common.clone()),
         Cmd::Merge(_) => bail!("merge is not a scenario"),
     };
     if common.shard.is_some() && common.run_id.is_none() {
@@ -160,6 +181,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
             payload_bytes: load.payload_bytes,
             churn: None,
             restart: None,
+            subscribe: None,
         })
     };
     let plan = match cmd {
@@ -178,6 +200,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
                 payload_bytes: 0,
                 churn: None,
                 restart: None,
+                subscribe: None,
             }
         }
         Cmd::Fanout(a) => base(&a.load)?,
@@ -193,6 +216,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
                 payload_bytes: a.payload_bytes,
                 churn: None,
                 restart: None,
+                subscribe: None,
             }
         }
         Cmd::Ticker(a) => {
@@ -215,6 +239,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
                 payload_bytes: a.payload_bytes,
                 churn: None,
                 restart: None,
+                subscribe: None,
             }
         }
         Cmd::Churn(a) => {
@@ -242,6 +267,37 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
                 ..base(&a.load)?
             }
         }
+        Cmd::Subscribe(a) => {
+            if common.transport != Transport::Ws {
+                bail!("subscribe measures WebSocket subscribe replies: use --transport ws");
+            }
+            if a.per_connection == 0 {
+                bail!("--per-connection must be at least 1");
+            }
+            if !(a.rate > 0.0 && a.rate.is_finite()) {
+                bail!("--rate (subscribes per second) must be positive");
+            }
+            check_load(a.topics, a.topics, a.rate)?;
+            let schedule = SubscribeSchedule { rate: a.rate };
+            // Subscribes for topics/rate, then one event per topic at the same rate.
+            let secs = 2.0 * a.topics as f64 / a.rate;
+            if secs > 86_400.0 {
+                bail!("--topics / --rate must stay under 12 hours of subscribes");
+            }
+            let duration = Duration::from_secs_f64(secs);
+            Plan {
+                kind,
+                topics: names(a.topics),
+                subscribers: a.topics.div_ceil(a.per_connection),
+                layout: Layout::Dealt,
+                rate: a.rate,
+                duration,
+                payload_bytes: a.payload_bytes,
+                churn: None,
+                restart: None,
+                subscribe: Some(schedule),
+            }
+        }
         Cmd::Merge(_) => unreachable!("handled above"),
     };
     Ok((plan, common))
@@ -265,8 +321,9 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
         Cmd::Connect(a) => a.rate,
         _ => c.connect_rate,
     };
-    Settings {
+    let mut settings = Settings {
         target: c.target.clone(),
+        publish_target: c.publish_target.clone().unwrap_or_else(|| c.target.clone()),
         transport: c.transport,
         slot,
         run_id: run_id.to_owned(),
@@ -291,7 +348,25 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
             "churn_lifetime_s": plan.churn.map(|x| x.lifetime.as_secs_f64()),
             "restart_cmd": plan.restart.as_ref().map(|r| r.command.clone()),
         }),
+    };
+    // Options older reports lack are echoed only when used, so a baseline taken before
+    // them still compares without an options warning.
+    let extra = [
+        ("publish_target", c.publish_target.clone().map(Value::from)),
+        ("topic_owner", c.topic_owner.clone().map(Value::from)),
+        (
+            "subscribe_rate",
+            plan.subscribe.map(|s| Value::from(s.rate)),
+        ),
+    ];
+    if let Value::Object(map) = &mut settings.config {
+        for (k, v) in extra {
+            if let Some(v) = v {
+                map.insert(k.into(), v);
+            }
+        }
     }
+    settings
 }
 
 fn read_report(path: &Path) -> anyhow::Result<Report> {

@@ -1,7 +1,7 @@
 //! `--baseline FILE`: compare a run with an earlier JSON report.
 //!
 //! Two figures decide: the p99 latency (delivery latency; connect latency for the
-//! `connect` scenario) and the throughput (deliveries per second; connects per second
+//! `connect` scenario, subscribe latency for `subscribe`) and the throughput (deliveries per second; connects per second
 //! for `connect`). The run regresses when p99 grew, or throughput shrank, by more than
 //! `--baseline-threshold` percent (default 10). Other figures are shown for context.
 
@@ -94,14 +94,18 @@ pub fn compare(base: &Report, cur: &Report, threshold_pct: f64) -> Comparison {
         warnings.push("baseline ran with different options (see `config` in both reports)".into());
     }
     let connect = cur.scenario == "connect";
-    let (p99_name, bp99, cp99) = if connect {
-        (
+    let (p99_name, bp99, cp99) = match cur.scenario.as_str() {
+        "connect" => (
             "connect p99",
             base.connect_latency_us.p99,
             cur.connect_latency_us.p99,
-        )
-    } else {
-        ("latency p99", base.latency_us.p99, cur.latency_us.p99)
+        ),
+        "subscribe" => (
+            "subscribe p99",
+            base.subscribe_latency_us.p99,
+            cur.subscribe_latency_us.p99,
+        ),
+        _ => ("latency p99", base.latency_us.p99, cur.latency_us.p99),
     };
     let (tp_name, btp, ctp) = if connect {
         ("connect_per_s", base.connect_per_s, cur.connect_per_s)

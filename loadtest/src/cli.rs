@@ -39,6 +39,9 @@ pub enum Cmd {
     Churn(ChurnArgs),
     /// Fanout load kept running while --restart-cmd restarts the node(s).
     Rolling(RollingArgs),
+    /// Subscribe to N fresh topics at a given rate: subscribe-reply latency and
+    /// failures, then one event per topic to check every subscription delivers.
+    Subscribe(SubscribeArgs),
     /// Merge JSON reports of shards run on several machines into one.
     Merge(MergeArgs),
 }
@@ -53,6 +56,15 @@ pub struct Common {
         default_value = "http://127.0.0.1:8080"
     )]
     pub target: String,
+    /// Where publishers send (`POST /v1/topics/{t}/events`); default: --target. In a
+    /// cluster, another node than the subscribers' measures the relay between them.
+    #[arg(long, env = "WEFT_LOADTEST_PUBLISH_TARGET")]
+    pub publish_target: Option<String>,
+    /// Use only topic names that this node id owns, as --target's ring says
+    /// (`GET /v1/cluster/owner/{topic}`): names are drawn in order and the others
+    /// skipped.
+    #[arg(long)]
+    pub topic_owner: Option<String>,
     /// How subscribers connect.
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub transport: Transport,
@@ -234,6 +246,24 @@ pub struct RollingArgs {
     /// Kill the command after this long.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub restart_timeout: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubscribeArgs {
+    /// Fresh topics, each subscribed once (subscriber j of S watches topics j, j+S, …).
+    #[arg(long, default_value_t = 1000)]
+    pub topics: usize,
+    /// Subscribe commands per second, in total; the load lasts topics/rate for the
+    /// subscribes plus as long again for one event per topic (--duration is not used).
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Subscriptions per WebSocket connection (the node's default limit is 128).
+    #[arg(long, default_value_t = 100)]
+    pub per_connection: usize,
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
     #[command(flatten)]
     pub common: Common,
 }

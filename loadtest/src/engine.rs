@@ -1,12 +1,15 @@
 //! Runs one plan in one process (all of it, or its slot).
 //!
 //! 1. **Ramp**: spawn this slot's subscribers on an open-loop connect schedule
-//!    (`--connect-rate`), wait until all have subscribed (or the ramp timeout).
+//!    (`--connect-rate`), wait until all have subscribed (or the ramp timeout); on a
+//!    subscribe schedule (`subscribe`), until all have connected: their subscribes
+//!    are the load.
 //! 2. **Go**: the role decides the load's start time (the parent's, for workers).
 //! 3. **Load**: the publisher runs this slot's share of the schedule; `connect` just
 //!    holds its connections for `--duration`.
 //! 4. **Loaded**: barrier; the conductor samples the target with connections open.
-//! 5. **Drain**: read every watched topic's final cursor, hand it to the subscribers,
+//! 5. **Drain**: read every watched topic's final cursor (from the subscribers' node,
+//!    raised to what the publishers saw acknowledged), hand it to the subscribers,
 //!    wait until all have caught up — at most `--drain-timeout`, then stop them.
 //! 6. **Report**: trackers' books closed against the finals, histograms, counters.
 
@@ -27,11 +30,11 @@ use crate::coord::{instant_at, ProgressSink, Role};
 use crate::hist::{self, new_hist, SIGFIG};
 use crate::net::Net;
 use crate::plan::{Plan, Slot};
-use crate::publisher::Publisher;
+use crate::publisher::{EpochEnds, Publisher};
 use crate::recorder::Recorder;
 use crate::report::{Raw, Report, TimelinePoint, REPORT_VERSION};
 use crate::stats::{ErrorLog, LiveStats};
-use crate::subscriber::{Finals, Shared, Subscriber, SubscriberOutcome};
+use crate::subscriber::{Finals, Shared, SubscribeTimes, Subscriber, SubscriberOutcome};
 use crate::tracker::Counts;
 use crate::transport::{topic_state, Transport};
 
@@ -49,6 +52,8 @@ const FINALS_CONCURRENCY: usize = 32;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub target: String,
+    /// Where publishers send (`--publish-target`; the target by default).
+    pub publish_target: String,
     pub transport: Transport,
     /// The part of the run this process executes.
     pub slot: Slot,
@@ -73,6 +78,12 @@ pub struct Settings {
 /// report still merges exactly, see [`Report::merge`]).
 pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<Report> {
     let net = Arc::new(Net::new(&st.target, st.slot.index, st.spread).await?);
+    let publish_net = if st.publish_target == st.target {
+        net.clone()
+    } else {
+        Arc::new(Net::new(&st.publish_target, st.slot.index, st.spread).await?)
+    };
+    let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
     let topics = Arc::new(plan.topics.clone());
     let recorder = Arc::new(Recorder::new());
     let stats = Arc::new(LiveStats::default());
@@ -86,6 +97,10 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         errors: errors.clone(),
         churn: plan.churn,
         longpoll_wait: st.longpoll_wait,
+        schedule: plan.subscribe.map(|schedule| SubscribeTimes {
+            schedule,
+            start: start_rx,
+        }),
     });
 
     let local: Vec<usize> = (0..plan.subscribers)
@@ -139,13 +154,18 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     let ramp_deadline = ramp_start
         + st.ramp_timeout
             .unwrap_or(ramp_len + Duration::from_secs(15));
-    while stats.subscribed.load(Relaxed) < local.len() as u64 && Instant::now() < ramp_deadline {
+    // On a subscribe schedule the subscriptions are the load: connected is ready.
+    let (ready, what) = match plan.subscribe {
+        Some(_) => (&stats.connects, "connected"),
+        None => (&stats.subscribed, "subscribed"),
+    };
+    while ready.load(Relaxed) < local.len() as u64 && Instant::now() < ramp_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let subscribed = stats.subscribed.load(Relaxed);
+    let subscribed = ready.load(Relaxed).min(local.len() as u64);
     if subscribed < local.len() as u64 {
         errors.add(format!(
-            "{} of {} subscribers had not subscribed when the load started",
+            "{} of {} subscribers had not {what} when the load started",
             local.len() as u64 - subscribed,
             local.len()
         ));
@@ -154,9 +174,10 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     // 2–3. Go, load.
     let start_us = role.ready(subscribed).await?;
     let start = instant_at(start_us);
+    start_tx.send_replace(Some(start));
     set_phase(&phase, "load");
     let publisher = Arc::new(Publisher {
-        net: net.clone(),
+        net: publish_net.clone(),
         topics: topics.clone(),
         recorder: recorder.clone(),
         stats: stats.clone(),
@@ -182,8 +203,10 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     // 5. Drain.
     set_phase(&phase, "drain");
     let drain_deadline = Instant::now() + st.drain_timeout;
+    let mut cursors = read_finals(&net, &topics, &watched, drain_deadline, &errors).await;
+    raise_to_acks(&mut cursors, &epoch_ends);
     let finals = Finals {
-        cursors: read_finals(&net, &topics, &watched, drain_deadline, &errors).await,
+        cursors,
         epoch_ends,
     };
     finals_tx.send_replace(Some(Arc::new(finals)));
@@ -226,9 +249,16 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     // 6. Report.
     let mut counts = Counts::default();
     let mut sessions = 0;
+    let mut unanswered = 0;
     for o in &outcomes {
         counts.add(&o.counts);
         sessions += o.sessions;
+        unanswered += o.unstarted;
+    }
+    // WebSocket subscriptions without a reply; subscribers that never handed in their
+    // books are in `errors` already.
+    if st.transport != Transport::Ws {
+        unanswered = 0;
     }
     let rec = recorder.snapshot();
     let timeline = rec
@@ -248,6 +278,11 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         scenario: plan.kind.name().into(),
         transport: st.transport.to_string(),
         target_url: net.base().into(),
+        publish_url: if Arc::ptr_eq(&net, &publish_net) {
+            String::new()
+        } else {
+            publish_net.base().into()
+        },
         run_id: st.run_id.clone(),
         started_at_ms: start_us / 1000,
         duration_s: plan.duration.as_secs_f64(),
@@ -262,6 +297,7 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         foreign: stats.foreign.load(Relaxed),
         connects: snap.connects,
         connect_failures: snap.connect_failures,
+        subscribe_failures: snap.subscribe_failures + unanswered,
         reconnects: snap.reconnects,
         sessions,
         connections_open: open_at_end,
@@ -275,6 +311,7 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
             latency_hist: hist::encode(&rec.latency),
             publish_hist: hist::encode(&rec.publish),
             connect_hist: hist::encode(&rec.connect),
+            subscribe_hist: hist::encode(&rec.subscribe),
         },
         ..Default::default()
     };
@@ -340,6 +377,21 @@ async fn read_finals(
         .collect()
 }
 
+/// Raises each final cursor to the last offset the publishers saw acknowledged in the
+/// same epoch. In a cluster the subscribers' node may mirror a topic and answer a state
+/// read before the owner's last events have reached it; what the owner acknowledged is
+/// owed all the same, so a mirror that never delivers the tail shows as loss instead of
+/// shortening the books.
+pub fn raise_to_acks(cursors: &mut HashMap<usize, Cursor>, acked: &EpochEnds) {
+    for ((topic, epoch), &offset) in acked {
+        if let Some(c) = cursors.get_mut(topic) {
+            if c.epoch == *epoch && c.offset < offset {
+                c.offset = offset;
+            }
+        }
+    }
+}
+
 /// Raises the open-files soft limit to the hard limit and checks that `needed`
 /// connections fit, with a clear hint when they do not.
 fn ensure_fds(needed: u64) -> anyhow::Result<()> {
@@ -371,4 +423,33 @@ fn ensure_fds(needed: u64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finals_rise_to_what_the_owner_acknowledged_in_the_same_epoch() {
+        let mut cursors = HashMap::from([
+            (0, Cursor::new("e1".to_string(), 90)),
+            (1, Cursor::new("e1".to_string(), 50)),
+            (2, Cursor::new("e2".to_string(), 7)),
+        ]);
+        let acked = EpochEnds::from([
+            // A mirror answered before the owner's last 10 events reached it.
+            ((0, "e1".to_string()), 100),
+            // The state read is ahead of the acks (publishes by others): kept.
+            ((1, "e1".to_string()), 40),
+            // Another epoch (the topic was reset): not comparable, kept.
+            ((2, "e1".to_string()), 500),
+            // A topic nobody watches here.
+            ((3, "e1".to_string()), 9),
+        ]);
+        raise_to_acks(&mut cursors, &acked);
+        assert_eq!(cursors[&0].offset, 100);
+        assert_eq!(cursors[&1].offset, 50);
+        assert_eq!(cursors[&2], Cursor::new("e2".to_string(), 7));
+        assert!(!cursors.contains_key(&3));
+    }
 }

@@ -18,6 +18,7 @@
 //! - [`cli`]: the command line (one subcommand per scenario, shared options).
 //! - [`plan`]: what a scenario means: topic names, who subscribes to what, which topic
 //!   each scheduled event goes to; and the `i/n` slot a process runs.
+//! - [`placement`]: `--topic-owner`: topic names one node of a cluster owns.
 //! - [`stamp`]: the data each published event carries (publisher, sequence, intended
 //!   send time, padding) and the wall clock.
 //! - [`tracker`]: per-subscription delivery accounting: gaps, duplicates, reordering,
@@ -48,6 +49,7 @@ pub mod engine;
 pub mod hist;
 pub mod html;
 pub mod net;
+pub mod placement;
 pub mod plan;
 pub mod progress;
 pub mod publisher;

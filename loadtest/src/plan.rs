@@ -23,6 +23,7 @@ pub enum ScenarioKind {
     Ticker,
     Churn,
     Rolling,
+    Subscribe,
 }
 
 impl ScenarioKind {
@@ -34,6 +35,7 @@ impl ScenarioKind {
             ScenarioKind::Ticker => "ticker",
             ScenarioKind::Churn => "churn",
             ScenarioKind::Rolling => "rolling",
+            ScenarioKind::Subscribe => "subscribe",
         }
     }
 }
@@ -55,6 +57,9 @@ pub enum Layout {
     /// Ticker: subscriber `j` watches `per_subscriber` distinct pseudo-random topics;
     /// event `k` updates a pseudo-random topic.
     Random { per_subscriber: usize, seed: u64 },
+    /// Subscribe: topics dealt out like cards — subscriber `j` of `S` watches topics
+    /// `j, j + S, j + 2S, …`; event `k` goes to topic `k % T`.
+    Dealt,
 }
 
 /// Sessions that end on purpose and resume with their cursors.
@@ -64,6 +69,23 @@ pub struct Churn {
     pub lifetime: Duration,
     /// Pause between a session's end and the reconnect.
     pub gap: Duration,
+}
+
+/// `subscribe`: subscriptions are the load. Topic `i` is subscribed at
+/// `start + i/rate` (on the connection that watches it, opened during the ramp); once
+/// every topic's subscribe is due, one event per topic is published at the same rate,
+/// so each subscription is also checked to receive what follows its reply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubscribeSchedule {
+    /// Subscribe commands per second over the whole run.
+    pub rate: f64,
+}
+
+impl SubscribeSchedule {
+    /// Offset of topic `i`'s subscribe from the load's start, µs.
+    pub fn offset_us(&self, i: usize) -> u64 {
+        (i as f64 * 1_000_000.0 / self.rate).round() as u64
+    }
 }
 
 /// `rolling`: a shell command run while the load runs.
@@ -90,28 +112,50 @@ pub struct Plan {
     pub payload_bytes: usize,
     pub churn: Option<Churn>,
     pub restart: Option<Restart>,
+    /// Subscriptions made on a schedule during the load (`subscribe`); otherwise each
+    /// subscriber subscribes to everything as soon as it connects, during the ramp.
+    pub subscribe: Option<SubscribeSchedule>,
 }
 
 /// Topic names are `<prefix>.<run id>.<scenario>.<n>`: unique per run, so concurrent or
 /// earlier runs against the same node never mix their events.
 pub fn topic_names(prefix: &str, run_id: &str, kind: ScenarioKind, count: usize) -> Vec<String> {
     (0..count)
-        .map(|i| format!("{prefix}.{run_id}.{}.{i}", kind.name()))
+        .map(|i| topic_name(prefix, run_id, kind, i))
         .collect()
 }
 
+/// The `i`-th name of [`topic_names`].
+pub fn topic_name(prefix: &str, run_id: &str, kind: ScenarioKind, i: usize) -> String {
+    format!("{prefix}.{run_id}.{}.{i}", kind.name())
+}
+
 impl Plan {
-    /// Events in the whole schedule.
+    /// Events in the whole schedule (`subscribe`: one per topic).
     pub fn total_events(&self) -> u64 {
         if self.rate <= 0.0 {
             return 0;
         }
+        if self.subscribe.is_some() {
+            return self.topics.len() as u64;
+        }
         (self.rate * self.duration.as_secs_f64()).floor() as u64
     }
 
-    /// Offset of event `k` from the schedule's start, µs.
+    /// Offset of event `k` from the load's start, µs (`subscribe`: publishing starts
+    /// when the last subscribe is due).
     pub fn event_offset_us(&self, k: u64) -> u64 {
-        (k as f64 * 1_000_000.0 / self.rate).round() as u64
+        let after = match self.subscribe {
+            Some(_) => self.subscribe_offset_us(self.topics.len()),
+            None => 0,
+        };
+        after + (k as f64 * 1_000_000.0 / self.rate).round() as u64
+    }
+
+    /// Offset of topic `i`'s subscribe from the load's start, µs (`subscribe` only;
+    /// 0 otherwise).
+    pub fn subscribe_offset_us(&self, i: usize) -> u64 {
+        self.subscribe.map_or(0, |s| s.offset_us(i))
     }
 
     /// Topics subscriber `j` watches (distinct, ascending).
@@ -119,6 +163,7 @@ impl Plan {
         let t = self.topics.len();
         match &self.layout {
             Layout::RoundRobin => vec![j % t],
+            Layout::Dealt => (j..t).step_by(self.subscribers.max(1)).collect(),
             Layout::Rooms { members } => vec![(j / members) % t],
             Layout::Random {
                 per_subscriber,
@@ -154,7 +199,7 @@ impl Plan {
     pub fn event_topic(&self, k: u64) -> usize {
         let t = self.topics.len() as u64;
         match &self.layout {
-            Layout::RoundRobin => (k % t) as usize,
+            Layout::RoundRobin | Layout::Dealt => (k % t) as usize,
             Layout::Rooms { .. } => {
                 let member = (k % self.subscribers.max(1) as u64) as usize;
                 self.subscriber_topics(member)[0]
@@ -266,6 +311,7 @@ mod tests {
             payload_bytes: 64,
             churn: None,
             restart: None,
+            subscribe: None,
         }
     }
 
@@ -302,6 +348,27 @@ mod tests {
         assert_eq!(p.subscriber_topics(7), vec![1]);
         assert_eq!(p.event_topic(5), 2);
         assert_eq!(p.topics[2], "lt.r1.fanout.2");
+    }
+
+    #[test]
+    fn subscribe_schedule_deals_topics_then_publishes_one_event_each() {
+        let mut p = plan(Layout::Dealt, 10, 4);
+        p.rate = 100.0;
+        p.subscribe = Some(SubscribeSchedule { rate: 100.0 });
+        assert_eq!(p.subscriber_topics(0), vec![0, 4, 8]);
+        assert_eq!(p.subscriber_topics(3), vec![3, 7]);
+        let all: usize = (0..4).map(|j| p.subscriber_topics(j).len()).sum();
+        assert_eq!(all, 10, "every topic is watched exactly once");
+        assert_eq!(p.total_events(), 10, "one event per topic");
+        assert_eq!(p.event_topic(7), 7);
+        assert_eq!(p.subscribe_offset_us(3), 30_000);
+        // Topic 9's subscribe is due at 90 ms; the first event at 100 ms.
+        assert_eq!(p.event_offset_us(0), 100_000);
+        assert_eq!(p.event_offset_us(9), 190_000);
+        // Without a subscribe schedule nothing moves.
+        p.subscribe = None;
+        assert_eq!(p.subscribe_offset_us(3), 0);
+        assert_eq!(p.event_offset_us(1), 10_000);
     }
 
     #[test]

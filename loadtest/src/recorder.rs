@@ -1,5 +1,5 @@
-//! Where measurements go: HDR histograms of delivery latency, connect latency and
-//! publish latency, per-second delivery histograms (the latency-over-time plot), and a
+//! Where measurements go: HDR histograms of delivery latency, connect latency,
+//! subscribe latency and publish latency, per-second delivery histograms (the latency-over-time plot), and a
 //! window histogram that the progress line drains every tick.
 //!
 //! Many tasks record at once, so the recorder is split into shards, each behind a
@@ -38,6 +38,7 @@ struct Shard {
     latency: Histogram<u64>,
     window: Histogram<u64>,
     connect: Histogram<u64>,
+    subscribe: Histogram<u64>,
     publish: Histogram<u64>,
     seconds: BTreeMap<u64, Second>,
     last_delivery_us: u64,
@@ -49,6 +50,7 @@ impl Default for Shard {
             latency: new_hist(SIGFIG),
             window: new_hist(SIGFIG),
             connect: new_hist(SIGFIG),
+            subscribe: new_hist(SIGFIG),
             publish: new_hist(SIGFIG),
             seconds: BTreeMap::new(),
             last_delivery_us: 0,
@@ -70,6 +72,7 @@ impl Shard {
 pub struct Recorded {
     pub latency: Histogram<u64>,
     pub connect: Histogram<u64>,
+    pub subscribe: Histogram<u64>,
     pub publish: Histogram<u64>,
     /// Unix second → that second's deliveries and publishes.
     pub seconds: BTreeMap<u64, Second>,
@@ -117,6 +120,12 @@ impl Recorder {
         self.shard(hint).connect.record(latency_us).ok();
     }
 
+    /// A subscription's first subscribe answered `latency_us` after it was sent (or,
+    /// on a subscribe schedule, after it was due).
+    pub fn subscribe(&self, hint: usize, latency_us: u64) {
+        self.shard(hint).subscribe.record(latency_us).ok();
+    }
+
     /// A publish acknowledged at `ack_us`, scheduled for `intended_us`.
     pub fn publish(&self, hint: usize, ack_us: u64, intended_us: u64) {
         let mut s = self.shard(hint);
@@ -142,6 +151,7 @@ impl Recorder {
         let mut r = Recorded {
             latency: new_hist(SIGFIG),
             connect: new_hist(SIGFIG),
+            subscribe: new_hist(SIGFIG),
             publish: new_hist(SIGFIG),
             seconds: BTreeMap::new(),
             last_delivery_us: 0,
@@ -150,6 +160,7 @@ impl Recorder {
             let s = self.shard(i);
             r.latency.add(&s.latency).ok();
             r.connect.add(&s.connect).ok();
+            r.subscribe.add(&s.subscribe).ok();
             r.publish.add(&s.publish).ok();
             r.last_delivery_us = r.last_delivery_us.max(s.last_delivery_us);
             for (t, sec) in &s.seconds {

@@ -24,6 +24,9 @@ pub struct Report {
     pub scenario: String,
     pub transport: String,
     pub target_url: String,
+    /// Where publishers sent, when not `target_url` (`--publish-target`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub publish_url: String,
     pub run_id: String,
     /// Wall-clock start of the load (publishing), ms since the Unix epoch.
     pub started_at_ms: u64,
@@ -88,6 +91,14 @@ pub struct Report {
     pub connect_per_s: f64,
     /// Connect latency: session usable − scheduled connect time.
     pub connect_latency_us: Percentiles,
+    /// WebSocket subscribe latency: reply − the subscription's first subscribe (its
+    /// scheduled time in `subscribe`, else when it was sent).
+    #[serde(default)]
+    pub subscribe_latency_us: Percentiles,
+    /// Subscribe commands answered with an error, plus subscriptions never answered
+    /// by the end of the run.
+    #[serde(default)]
+    pub subscribe_failures: u64,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetStats>,
@@ -111,6 +122,8 @@ pub struct Raw {
     pub latency_hist: String,
     pub publish_hist: String,
     pub connect_hist: String,
+    #[serde(default)]
+    pub subscribe_hist: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -172,6 +185,7 @@ impl Report {
             self.scenario = o.scenario.clone();
             self.transport = o.transport.clone();
             self.target_url = o.target_url.clone();
+            self.publish_url = o.publish_url.clone();
             self.run_id = o.run_id.clone();
             self.config = o.config.clone();
             self.version = o.version;
@@ -198,6 +212,7 @@ impl Report {
         self.foreign += o.foreign;
         self.connects += o.connects;
         self.connect_failures += o.connect_failures;
+        self.subscribe_failures += o.subscribe_failures;
         self.reconnects += o.reconnects;
         self.sessions += o.sessions;
         self.connections_open += o.connections_open;
@@ -221,6 +236,7 @@ impl Report {
         r.latency_hist = hist::merge_encoded(&r.latency_hist, &o.raw.latency_hist)?;
         r.publish_hist = hist::merge_encoded(&r.publish_hist, &o.raw.publish_hist)?;
         r.connect_hist = hist::merge_encoded(&r.connect_hist, &o.raw.connect_hist)?;
+        r.subscribe_hist = hist::merge_encoded(&r.subscribe_hist, &o.raw.subscribe_hist)?;
         let mut points: BTreeMap<u64, TimelinePoint> = std::mem::take(&mut self.timeline)
             .into_iter()
             .map(|p| (p.t, p))
@@ -268,6 +284,7 @@ impl Report {
         self.latency_us = Percentiles::of(&hist::decode(&r.latency_hist)?);
         self.publish_latency_us = Percentiles::of(&hist::decode(&r.publish_hist)?);
         self.connect_latency_us = Percentiles::of(&hist::decode(&r.connect_hist)?);
+        self.subscribe_latency_us = Percentiles::of(&hist::decode(&r.subscribe_hist)?);
         for p in &mut self.timeline {
             let h = hist::decode(&p.hist)?;
             p.delivered = p.delivered.max(h.len());
@@ -282,9 +299,14 @@ impl Report {
     /// The human-readable summary printed at the end of a run.
     pub fn table(&self) -> String {
         let mut s = String::new();
+        let publish = if self.publish_url.is_empty() {
+            String::new()
+        } else {
+            format!(", publishing → {}", self.publish_url)
+        };
         let _ = writeln!(
             s,
-            "weft-loadtest {} over {} → {}  (run {}, {} process{}, {:.1}s load, {:.1}s window)",
+            "weft-loadtest {} over {} → {}{publish}  (run {}, {} process{}, {:.1}s load, {:.1}s window)",
             self.scenario,
             self.transport,
             self.target_url,
@@ -318,6 +340,17 @@ impl Report {
             ),
         );
         row(&mut s, "connect latency", fmt_pct(&self.connect_latency_us));
+        if self.subscribe_latency_us.count > 0 || self.subscribe_failures > 0 {
+            row(
+                &mut s,
+                "subscribe latency",
+                format!(
+                    "{}; {} failed",
+                    fmt_pct(&self.subscribe_latency_us),
+                    self.subscribe_failures
+                ),
+            );
+        }
         row(
             &mut s,
             "published",

@@ -4,8 +4,8 @@
 //!
 //! | metric | value |
 //! |---|---|
-//! | `p50` `p90` `p99` `p999` `max` `mean` (delivery latency), `connect_p50` … `connect_max`, `publish_p50` … `publish_max` | a duration with its unit: `800us`, `10ms`, `1.5s` |
-//! | `loss` (= `lost`), `duplicates`, `reordered`, `resets`, `reset_dropped`, `skipped`, `stale`, `publish_errors`, `connect_failures` | a count, or a percentage of `expected` (`loss<0.01%`) |
+//! | `p50` `p90` `p99` `p999` `max` `mean` (delivery latency), `connect_p50` … `connect_max`, `subscribe_p50` … `subscribe_max`, `publish_p50` … `publish_max` | a duration with its unit: `800us`, `10ms`, `1.5s` |
+//! | `loss` (= `lost`), `duplicates`, `reordered`, `resets`, `reset_dropped`, `skipped`, `stale`, `publish_errors`, `connect_failures`, `subscribe_failures` | a count, or a percentage of `expected` (`loss<0.01%`) |
 //! | `deliveries_per_s`, `publish_per_s`, `connect_per_s` | a number, optionally with `k` or `M` |
 //!
 //! `op` is one of `<` `<=` `>` `>=` `=` (also `==`). A missed objective makes the run exit
@@ -106,7 +106,7 @@ impl fmt::Display for Verdict {
 }
 
 const LATENCY: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
-const COUNTS: [&str; 10] = [
+const COUNTS: [&str; 11] = [
     "loss",
     "lost",
     "duplicates",
@@ -117,12 +117,14 @@ const COUNTS: [&str; 10] = [
     "stale",
     "publish_errors",
     "connect_failures",
+    "subscribe_failures",
 ];
 const RATES: [&str; 3] = ["deliveries_per_s", "publish_per_s", "connect_per_s"];
 
 fn kind_of(metric: &str) -> Option<Kind> {
     let lat = metric
         .strip_prefix("connect_")
+        .or_else(|| metric.strip_prefix("subscribe_"))
         .or_else(|| metric.strip_prefix("publish_"))
         .unwrap_or(metric);
     if LATENCY.contains(&lat) {
@@ -139,6 +141,7 @@ fn kind_of(metric: &str) -> Option<Kind> {
 fn known() -> String {
     let mut all: Vec<String> = LATENCY.iter().map(|s| s.to_string()).collect();
     all.push("connect_p99 (etc.)".into());
+    all.push("subscribe_p99 (etc.)".into());
     all.push("publish_p99 (etc.)".into());
     all.extend(COUNTS.iter().map(|s| s.to_string()));
     all.extend(RATES.iter().map(|s| s.to_string()));
@@ -254,42 +257,47 @@ pub fn check(objectives: &[Objective], r: &Report) -> Vec<Verdict> {
         .iter()
         .map(|o| {
             let m = o.metric.as_str();
-            let (actual, shown) =
-                if let Some(w) = m.strip_prefix("connect_").filter(|w| LATENCY.contains(w)) {
-                    let v = latency_of(&r.connect_latency_us, w);
-                    (v, crate::report::fmt_us(v as u64))
-                } else if let Some(w) = m.strip_prefix("publish_").filter(|w| LATENCY.contains(w)) {
-                    let v = latency_of(&r.publish_latency_us, w);
-                    (v, crate::report::fmt_us(v as u64))
-                } else if LATENCY.contains(&m) {
-                    let v = latency_of(&r.latency_us, m);
-                    (v, crate::report::fmt_us(v as u64))
-                } else {
-                    let v = match m {
-                        "loss" => r.lost as f64,
-                        "duplicates" => r.duplicates as f64,
-                        "reordered" => r.reordered as f64,
-                        "resets" => r.resets as f64,
-                        "reset_dropped" => r.reset_dropped as f64,
-                        "skipped" => r.skipped as f64,
-                        "stale" => r.stale as f64,
-                        "publish_errors" => r.publish_errors as f64,
-                        "connect_failures" => r.connect_failures as f64,
-                        "deliveries_per_s" => r.deliveries_per_s,
-                        "publish_per_s" => r.publish_per_s,
-                        _ => r.connect_per_s,
-                    };
-                    if o.ratio {
-                        let frac = if r.expected > 0 {
-                            v / r.expected as f64
-                        } else {
-                            0.0
-                        };
-                        (frac, format!("{:.4}%", frac * 100.0))
-                    } else {
-                        (v, format!("{v}"))
-                    }
+            let (actual, shown) = if let Some(w) =
+                m.strip_prefix("connect_").filter(|w| LATENCY.contains(w))
+            {
+                let v = latency_of(&r.connect_latency_us, w);
+                (v, crate::report::fmt_us(v as u64))
+            } else if let Some(w) = m.strip_prefix("subscribe_").filter(|w| LATENCY.contains(w)) {
+                let v = latency_of(&r.subscribe_latency_us, w);
+                (v, crate::report::fmt_us(v as u64))
+            } else if let Some(w) = m.strip_prefix("publish_").filter(|w| LATENCY.contains(w)) {
+                let v = latency_of(&r.publish_latency_us, w);
+                (v, crate::report::fmt_us(v as u64))
+            } else if LATENCY.contains(&m) {
+                let v = latency_of(&r.latency_us, m);
+                (v, crate::report::fmt_us(v as u64))
+            } else {
+                let v = match m {
+                    "loss" => r.lost as f64,
+                    "duplicates" => r.duplicates as f64,
+                    "reordered" => r.reordered as f64,
+                    "resets" => r.resets as f64,
+                    "reset_dropped" => r.reset_dropped as f64,
+                    "skipped" => r.skipped as f64,
+                    "stale" => r.stale as f64,
+                    "publish_errors" => r.publish_errors as f64,
+                    "connect_failures" => r.connect_failures as f64,
+                    "subscribe_failures" => r.subscribe_failures as f64,
+                    "deliveries_per_s" => r.deliveries_per_s,
+                    "publish_per_s" => r.publish_per_s,
+                    _ => r.connect_per_s,
                 };
+                if o.ratio {
+                    let frac = if r.expected > 0 {
+                        v / r.expected as f64
+                    } else {
+                        0.0
+                    };
+                    (frac, format!("{:.4}%", frac * 100.0))
+                } else {
+                    (v, format!("{v}"))
+                }
+            };
             Verdict {
                 clause: o.clause.clone(),
                 actual: shown,
@@ -319,6 +327,11 @@ mod tests {
                 p99: 2_000,
                 ..Default::default()
             },
+            subscribe_latency_us: Percentiles {
+                p99: 4_000,
+                ..Default::default()
+            },
+            subscribe_failures: 2,
             ..Default::default()
         }
     }
@@ -356,6 +369,13 @@ mod tests {
         assert_eq!(oks, vec![true, false, true, true, false, true]);
         assert!(v[1].to_string().starts_with("FAIL loss=0"), "{}", v[1]);
         assert_eq!(v[2].actual, "0.0300%");
+        let v = check(
+            &parse("subscribe_p99<5ms,subscribe_p99<3ms,subscribe_failures=0").unwrap(),
+            &r,
+        );
+        let oks: Vec<bool> = v.iter().map(|v| v.ok).collect();
+        assert_eq!(oks, vec![true, false, false]);
+        assert_eq!(v[0].actual, "4.00ms");
     }
 
     #[test]

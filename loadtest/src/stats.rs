@@ -21,6 +21,8 @@ pub struct LiveStats {
     pub foreign: AtomicU64,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
+    /// Subscribe commands answered with an error.
+    pub subscribe_failures: AtomicU64,
     pub reconnects: AtomicU64,
     /// Connections open right now.
     pub open: AtomicU64,
@@ -59,6 +61,7 @@ impl LiveStats {
             resets: self.resets.load(Relaxed),
             connects: self.connects.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
+            subscribe_failures: self.subscribe_failures.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             open: self.open.load(Relaxed),
             subscribed: self.subscribed.load(Relaxed),
@@ -78,6 +81,8 @@ pub struct StatsSnapshot {
     pub resets: u64,
     pub connects: u64,
     pub connect_failures: u64,
+    #[serde(default)]
+    pub subscribe_failures: u64,
     pub reconnects: u64,
     pub open: u64,
     pub subscribed: u64,
@@ -94,6 +99,7 @@ impl StatsSnapshot {
         self.resets += o.resets;
         self.connects += o.connects;
         self.connect_failures += o.connect_failures;
+        self.subscribe_failures += o.subscribe_failures;
         self.reconnects += o.reconnects;
         self.open += o.open;
         self.subscribed += o.subscribed;

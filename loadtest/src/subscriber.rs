@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use weft_proto::Cursor;
 
 use crate::net::Net;
-use crate::plan::Churn;
+use crate::plan::{Churn, SubscribeSchedule};
 use crate::recorder::Recorder;
 use crate::stamp::{now_us, Stamp};
 use crate::stats::{ErrorLog, LiveStats};
@@ -63,6 +63,16 @@ pub struct Shared {
     pub churn: Option<Churn>,
     /// `wait=` of long-poll requests.
     pub longpoll_wait: Duration,
+    /// `subscribe`: first subscribes go out on this schedule during the load.
+    pub schedule: Option<SubscribeTimes>,
+}
+
+/// When each subscription's first subscribe is due (`subscribe` scenario).
+#[derive(Debug, Clone)]
+pub struct SubscribeTimes {
+    pub schedule: SubscribeSchedule,
+    /// The load's start, known once the ramp is over.
+    pub start: watch::Receiver<Option<Instant>>,
 }
 
 /// Why a session ended.
@@ -88,6 +98,8 @@ pub struct SubscriberOutcome {
     pub counts: Counts,
     pub sessions: u64,
     pub subscriptions: u64,
+    /// Subscriptions that never started (no subscribe reply or state read).
+    pub unstarted: u64,
 }
 
 pub struct Subscriber {
@@ -188,6 +200,7 @@ impl Subscriber {
             counts,
             sessions,
             subscriptions: self.topics.len() as u64,
+            unstarted: self.tracks.iter().filter(|t| !t.is_started()).count() as u64,
         }
     }
 

@@ -102,6 +102,7 @@ async fn publisher_is_open_loop_no_coordinated_omission() {
         payload_bytes: 64,
         churn: None,
         restart: None,
+        subscribe: None,
     };
     let recorder = Arc::new(Recorder::new());
     let publisher = Arc::new(Publisher {
@@ -213,6 +214,7 @@ async fn subscribe_once(
         errors: Arc::new(ErrorLog::default()),
         churn: None,
         longpoll_wait: Duration::from_secs(1),
+        schedule: None,
     });
     let (finals_tx, finals_rx) = watch::channel::<Option<Arc<Finals>>>(None);
     let (stop_tx, stop_rx) = watch::channel(false);

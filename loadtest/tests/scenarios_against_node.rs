@@ -102,6 +102,13 @@ fn assert_clean(r: &Report) {
     assert!(r.deliveries_per_s > 0.0);
     assert_eq!(r.connect_failures, 0, "{:?}", r.errors);
     assert!(r.connects >= r.subscribers);
+    if r.transport == "ws" {
+        assert_eq!(r.subscribe_failures, 0, "{:?}", r.errors);
+        assert_eq!(
+            r.subscribe_latency_us.count, r.subscriptions,
+            "each subscription's first subscribe is timed"
+        );
+    }
 }
 
 async fn fanout(transport: &str) {
@@ -311,6 +318,55 @@ async fn connect_measures_rate_latency_and_target_memory() {
     let t = r.target.expect("target figures with --target-pid");
     assert!(t.rss_bytes > 0 && t.rss_per_conn_bytes.is_some());
     assert_eq!((r.published, r.expected, r.lost), (0, 0, 0));
+}
+
+/// `subscribe`: fresh topics subscribed on a schedule, each reply timed, then one
+/// event per topic that every subscription must receive. `--topic-owner` with the
+/// node's own id keeps every name (a standalone node owns all its topics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_times_every_reply_and_checks_delivery() {
+    let mut node = TestNode::start().await;
+    let owner = config().node_id;
+    let r = run(
+        &node,
+        &[
+            "subscribe",
+            "--topics",
+            "30",
+            "--rate",
+            "60",
+            "--per-connection",
+            "8",
+            "--topic-owner",
+            &owner,
+            "--publish-target",
+            &node.target(),
+        ],
+    )
+    .await;
+    node.stop().await;
+    assert_clean(&r);
+    assert_eq!(r.scenario, "subscribe");
+    // 30 topics over connections of at most 8: 4 connections, each topic once.
+    assert_eq!((r.subscribers, r.subscriptions, r.topics), (4, 30, 30));
+    assert_eq!(r.subscribe_latency_us.count, 30);
+    assert_eq!(r.subscribe_failures, 0);
+    // Subscribes are due over 0.5 s, then one event per topic over another 0.5 s.
+    assert_eq!((r.published, r.expected), (30, 30));
+    assert!((r.duration_s - 1.0).abs() < 1e-6, "{}", r.duration_s);
+    assert!(
+        r.subscribe_latency_us.max < 2_000_000,
+        "{:?}",
+        r.subscribe_latency_us
+    );
+    assert!(r.publish_url.is_empty(), "same URL as the target");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_is_websocket_only() {
+    let cli = Cli::try_parse_from(["weft-loadtest", "subscribe", "--transport", "sse"]).unwrap();
+    let e = app::build(&cli.command).unwrap_err();
+    assert!(e.to_string().contains("--transport ws"), "{e}");
 }
 
 /// `rolling`: the restart command makes the test stop the node and start a new one on

@@ -5,12 +5,18 @@
 //! `recovered:false` is a reset; recovered events go through the tracker like pushes.
 //! Pushes: `event`, `skipped` (conflation), `reset`, `disconnect` (then close 4000,
 //! reconnect after `after_ms`). Close 4008 (slow consumer) resumes at once.
+//!
+//! Subscribes go out as soon as the session is up, except a subscription's first
+//! subscribe on a subscribe schedule (`subscribe`), which waits for its due time in the
+//! load. The time from sending a first subscribe (or from its due time, on a schedule:
+//! open loop) to its reply is the subscribe latency; error replies are counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,6 +37,88 @@ enum Wake {
     Stop,
     Finals,
     Lifetime,
+    /// A scheduled subscribe is due, or the load (and its schedule) started.
+    Due,
+}
+
+/// When this session sends each subscription's subscribe: resumes, and everything
+/// without a subscribe schedule, at once; a first subscribe on a schedule at the load's
+/// start plus its offset.
+struct SubscribeQueue {
+    /// (offset from the load's start in µs, subscription index), earliest first.
+    queue: VecDeque<(u64, usize)>,
+    /// The load's start; `None` until the ramp is over (schedule only).
+    start: Option<Instant>,
+    start_rx: Option<watch::Receiver<Option<Instant>>>,
+    scheduled: bool,
+    /// The instant each sent subscribe is measured from (due time on a schedule, send
+    /// time otherwise), by subscription index.
+    asked: Vec<Option<Instant>>,
+}
+
+impl SubscribeQueue {
+    fn new(sub: &Subscriber, sh: &Shared) -> Self {
+        let n = sub.topics.len();
+        let mut queue: Vec<(u64, usize)> = (0..n)
+            .map(|i| match &sh.schedule {
+                Some(t) if !sub.tracks[i].is_started() => (t.schedule.offset_us(sub.topics[i]), i),
+                _ => (0, i),
+            })
+            .collect();
+        queue.sort_unstable();
+        let (start, start_rx) = match &sh.schedule {
+            Some(t) => (*t.start.borrow(), Some(t.start.clone())),
+            None => (Some(Instant::now()), None),
+        };
+        Self {
+            queue: queue.into(),
+            start,
+            start_rx,
+            scheduled: sh.schedule.is_some(),
+            asked: vec![None; n],
+        }
+    }
+
+    /// The next subscription whose subscribe is due by `now`, with the instant its
+    /// latency counts from.
+    fn next_due(&mut self, now: Instant) -> Option<(usize, Instant)> {
+        let at = self.next_at()?;
+        if at > now {
+            return None;
+        }
+        let (_, i) = self.queue.pop_front()?;
+        Some((i, if self.scheduled { at } else { now }))
+    }
+
+    fn next_at(&self) -> Option<Instant> {
+        let (off, _) = self.queue.front()?;
+        Some(self.start? + Duration::from_micros(*off))
+    }
+
+    fn knows_start(&self) -> bool {
+        self.start.is_some()
+    }
+
+    /// Resolves once the load's start is known (never, without a schedule).
+    async fn started(&mut self) {
+        let Some(rx) = self.start_rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        let start = rx.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+        match start {
+            Some(s) => self.start = Some(s),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// One JSON message of a received frame, with when it arrived.
+struct Got<'a> {
+    line: &'a str,
+    /// Wall clock, µs (delivery latency).
+    now: u64,
+    /// Monotonic (subscribe latency).
+    at: Instant,
 }
 
 pub async fn session(
@@ -63,31 +151,36 @@ pub async fn session(
         .enumerate()
         .map(|(i, &t)| (sh.topics[t].as_str(), i))
         .collect();
-    for i in 0..sub.topics.len() {
-        let cmd = Command::Subscribe(SubscribeCmd {
-            topic: sh.topics[sub.topics[i]].clone(),
-            since: sub.tracks[i].cursor().map(|c| c.to_string()),
-            snapshot: false,
-        });
-        if let Err(e) = ws
-            .send(Message::text(cmd.to_line(Some(i as u64 + 1))))
-            .await
-        {
-            return SessionEnd::Failed(anyhow::Error::new(e).context("sending subscribe"));
-        }
-    }
-
+    let mut due = SubscribeQueue::new(sub, sh);
     let mut reconnect_after: Option<Duration> = None;
     loop {
+        while let Some((i, asked)) = due.next_due(Instant::now()) {
+            let cmd = Command::Subscribe(SubscribeCmd {
+                topic: sh.topics[sub.topics[i]].clone(),
+                since: sub.tracks[i].cursor().map(|c| c.to_string()),
+                snapshot: false,
+            });
+            if let Err(e) = ws
+                .send(Message::text(cmd.to_line(Some(i as u64 + 1))))
+                .await
+            {
+                return SessionEnd::Failed(anyhow::Error::new(e).context("sending subscribe"));
+            }
+            due.asked[i] = Some(asked);
+        }
+        let next = due.next_at();
         let wake = tokio::select! {
             m = ws.next() => Wake::Msg(m),
             _ = stopped(&mut sub.stop) => Wake::Stop,
             _ = finals_changed(&mut sub.finals) => Wake::Finals,
             _ = lifetime_over(lifetime) => Wake::Lifetime,
+            _ = lifetime_over(next), if next.is_some() => Wake::Due,
+            _ = due.started(), if !due.knows_start() => Wake::Due,
         };
         let msg = match wake {
             Wake::Stop => return bye(ws, SessionEnd::Stopped).await,
             Wake::Lifetime => return bye(ws, SessionEnd::Lifetime).await,
+            Wake::Due => continue,
             Wake::Finals => {
                 if sub.caught_up() {
                     return bye(ws, SessionEnd::CaughtUp).await;
@@ -99,8 +192,12 @@ pub async fn session(
         match msg {
             Some(Ok(Message::Text(text))) => {
                 let now = now_us();
+                let at = Instant::now();
                 for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
-                    if let Err(end) = handle(sub, sh, &by_name, line, now, &mut reconnect_after) {
+                    let got = Got { line, now, at };
+                    if let Err(end) =
+                        handle(sub, sh, &by_name, &due.asked, got, &mut reconnect_after)
+                    {
                         return bye(ws, end).await;
                     }
                 }
@@ -162,11 +259,12 @@ fn handle(
     sub: &mut Subscriber,
     sh: &Shared,
     by_name: &HashMap<&str, usize>,
-    line: &str,
-    now: u64,
+    asked: &[Option<Instant>],
+    got: Got<'_>,
     reconnect_after: &mut Option<Duration>,
 ) -> Result<(), SessionEnd> {
-    let m: ServerMessage = match serde_json::from_str(line) {
+    let now = got.now;
+    let m: ServerMessage = match serde_json::from_str(got.line) {
         Ok(m) => m,
         Err(e) => {
             sh.errors.add(format!("undecodable WebSocket message: {e}"));
@@ -183,6 +281,7 @@ fn handle(
             return Ok(());
         };
         if let Some(err) = m.error {
+            LiveStats::inc(&sh.stats.subscribe_failures);
             return Err(SessionEnd::Failed(anyhow::anyhow!(
                 "subscribe to {} refused: {} {}",
                 sh.topics[sub.topics[i]],
@@ -198,6 +297,10 @@ fn handle(
                 sub.on_reset(sh, i, &r.epoch, r.offset);
             } else {
                 let fresh = !sub.tracks[i].is_started();
+                if let (true, Some(asked)) = (fresh, asked[i]) {
+                    let us = got.at.saturating_duration_since(asked).as_micros() as u64;
+                    sh.recorder.subscribe(sub.id, us);
+                }
                 if fresh {
                     sub.on_start(sh, i, &r.epoch, r.offset);
                 }
