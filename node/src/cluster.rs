@@ -102,16 +102,9 @@ impl Cluster {
         self.lock().slots.version
     }
 
-    /// For the registry: the owner of a topic when it is another node.
-    pub fn remote_owner_fn(self: &Arc<Self>) -> crate::registry::RemoteOwner {
-        let cluster = self.clone();
-        Arc::new(move |topic: &str| {
-            let view = cluster.lock();
-            match view.slots.owner(topic) {
-                Some(owner) if owner != cluster.node_id => Some(owner.into()),
-                _ => None,
-            }
-        })
+    /// Asks the router to take this node out of the ring (it stays a member).
+    pub async fn drain(&self) -> Result<u64, tonic::Status> {
+        self.client.drain(&self.node_id).await
     }
 
     /// The committed slot table this node knows.
@@ -177,7 +170,10 @@ impl Cluster {
 
     async fn heartbeat(&self, node: &Node) {
         let sessions: i64 = node.stats.connections.iter().map(|l| l.get()).sum();
-        let owned = node.registry.topic_count() as u64;
+        let owned = node
+            .relay
+            .get()
+            .map_or(node.registry.topic_count() as u64, |r| r.owned_topics());
         match self
             .client
             .heartbeat(&self.node_id, sessions.max(0) as u64, owned)
@@ -187,10 +183,15 @@ impl Cluster {
             Err(status) if status.code() == tonic::Code::NotFound => {
                 // The router expired this node (a long pause): join again.
                 warn!("the router no longer knows this node; joining again");
-                let _ = self
+                if self
                     .client
                     .join(&self.node_id, &self.advertise, "", 0)
-                    .await;
+                    .await
+                    .is_ok()
+                {
+                    // Expiry removed this node's interest with it: announce it again.
+                    self.announce_all(node);
+                }
             }
             Err(status) => warn!(error = %status, "heartbeat failed"),
         }
@@ -271,12 +272,15 @@ impl Cluster {
             Some(Change::MemberRemoved(id)) => {
                 view.members.remove(&id);
             }
-            Some(Change::Slots(t)) => {
+            // The ring only moves forward: a router that restarted and has not
+            // applied its whole log yet may send an older table; it is ignored.
+            Some(Change::Slots(t)) if t.version >= view.slots.version => {
                 view.slots = Arc::new(SlotTable {
                     version: t.version,
                     owners: t.owners,
                 })
             }
+            Some(Change::Slots(_)) => {}
             Some(Change::Interest(delta)) => {
                 for topic in delta.add {
                     view.interest
@@ -389,15 +393,16 @@ impl View {
             .into_iter()
             .map(|i| (i.topic, i.nodes.into_iter().collect()))
             .collect();
-        self.slots = Arc::new(
-            state
-                .slots
-                .map(|t| SlotTable {
-                    version: t.version,
-                    owners: t.owners,
-                })
-                .unwrap_or_default(),
-        );
+        let slots = state
+            .slots
+            .map(|t| SlotTable {
+                version: t.version,
+                owners: t.owners,
+            })
+            .unwrap_or_default();
+        if slots.version >= self.slots.version {
+            self.slots = Arc::new(slots);
+        }
         self.router_id = state.router_id;
         self.leader_id = state.leader_id;
         self.leader_addr = state.leader_addr;

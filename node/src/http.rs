@@ -50,6 +50,7 @@ pub fn app(node: Arc<Node>) -> Router {
         )
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/owner/{topic}", get(cluster_owner))
+        .route("/v1/admin/drain", post(admin_drain))
         .route(
             "/healthz",
             get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
@@ -234,7 +235,9 @@ fn write_publish_result(out: &mut BytesMut, topic: &str, epoch: &str, offset: u6
 /// A draining single node must not acknowledge what its in-memory history is about to
 /// lose: publishers get 503 and retry against the node that replaces it.
 pub fn refuse_while_draining(node: &Node) -> Result<(), ApiError> {
-    if node.is_ready() {
+    // In a cluster a draining node hands its topics over and forwards publishes to
+    // their new owners, so it keeps accepting.
+    if node.is_ready() || node.relay.get().is_some() {
         Ok(())
     } else {
         Err(ApiError::Unavailable {
@@ -514,6 +517,15 @@ async fn cluster(State(node): State<Arc<Node>>) -> Response {
         None => serde_json::json!({ "node": node.config.node_id, "mode": "standalone" }),
     };
     json_ok(Bytes::from(body.to_string()))
+}
+
+/// `POST /v1/admin/drain`: drain as on SIGTERM — readiness false, topics handed to
+/// their new owners, sessions closed gradually over the grace period — then exit.
+async fn admin_drain(State(node): State<Arc<Node>>) -> Response {
+    node.request_drain();
+    let mut resp = json_ok(Bytes::from_static(b"{\"draining\":true}"));
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    resp
 }
 
 /// `GET /v1/cluster/owner/{topic}`: the topic's owner under this node's ring.

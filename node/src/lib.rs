@@ -129,16 +129,26 @@ pub async fn run_with_router(
     let relay = relay::Relay::new(cluster.clone());
     let _ = node.relay.set(relay.clone());
     let _ = relay_slot.set((relay.clone(), node.clone()));
-    node.registry
-        .remote_owner
-        .set(cluster.remote_owner_fn())
-        .ok();
-    let relay_task = tokio::spawn(relay.run(node.clone()));
+    node.registry.placement.set(relay.placement_fn()).ok();
+    let relay_task = tokio::spawn(relay.clone().run(node.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let membership = tokio::spawn(cluster.run(node.clone(), stopped));
+    // On SIGTERM or `POST /v1/admin/drain`: readiness goes false, the router takes
+    // this node out of the ring and its topics are handed over, and only then do
+    // sessions start closing (they reconnect to nodes that have the state already).
+    let (drain_node, drain_relay) = (node.clone(), relay.clone());
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = drain_node.drain_requested() => tracing::info!("drain requested"),
+        }
+        drain_node.mark_unready();
+        drain_relay.drain(&drain_node).await;
+    };
     let served = server::serve(node, http, shutdown).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), membership).await;
+    relay.shutdown();
     relay_task.abort();
     if let Some(router) = embedded {
         router.shutdown().await;

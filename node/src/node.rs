@@ -26,6 +26,8 @@ pub struct Node {
     /// False from the moment shutdown begins: `/readyz` answers 503.
     ready: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// Set by `POST /v1/admin/drain`.
+    drain: watch::Sender<bool>,
     /// Every session task; shutdown waits for it to empty (bounded by the grace).
     pub tasks: TaskTracker,
     pub conns: Arc<ConnLimiter>,
@@ -49,6 +51,7 @@ impl Node {
             stats,
             ready: AtomicBool::new(true),
             shutdown: watch::channel(false).0,
+            drain: watch::channel(false).0,
             tasks: TaskTracker::new(),
             conns: Arc::new(ConnLimiter::new(
                 config.limits.max_connections,
@@ -69,6 +72,22 @@ impl Node {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Readiness goes false; sessions go on (a cluster node hands its topics over
+    /// before they are told to wind down).
+    pub fn mark_unready(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// `POST /v1/admin/drain`: drain as on SIGTERM, then exit.
+    pub fn request_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    pub async fn drain_requested(&self) {
+        let mut rx = self.drain.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
     }
 
     /// Readiness goes false and every session is told to wind down.
@@ -124,8 +143,8 @@ impl Node {
                     t.publish(data.clone(), kind.clone(), key, window, &self.stats)
                 })
                 .and_then(|r| {
-                    r.map_err(|owner| ApiError::Unavailable {
-                        message: format!("{owner} owns this topic"),
+                    r.map_err(|_| ApiError::Unavailable {
+                        message: "another node owns this topic".into(),
                         retry_after_s: 1,
                     })
                 }),

@@ -19,8 +19,17 @@ use crate::error::ApiError;
 use crate::interest::InterestFeed;
 use crate::topic::{Dead, HistoryBudget, Placement, Topic};
 
-/// Names the node that owns a topic when it is not this one (cluster mode).
-pub type RemoteOwner = Arc<dyn Fn(&str) -> Option<Arc<str>> + Send + Sync>;
+/// Where a topic a node does not hold yet belongs (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Here,
+    /// Another node owns it: hold it as a mirror.
+    Remote(Arc<str>),
+    /// Owned here once this node (the old owner) hands its state over.
+    Incoming(Arc<str>),
+}
+
+pub type PlaceFn = Arc<dyn Fn(&str) -> Place + Send + Sync>;
 
 const SHARDS: usize = 64;
 
@@ -69,7 +78,7 @@ pub struct Registry {
     epoch_base: u64,
     /// Set when the node joins a cluster: a topic another node owns is created as a
     /// mirror of it. Without it every topic is owned here.
-    pub remote_owner: std::sync::OnceLock<RemoteOwner>,
+    pub placement: std::sync::OnceLock<PlaceFn>,
 }
 
 impl Registry {
@@ -84,7 +93,7 @@ impl Registry {
             max_topics: config.limits.max_topics,
             epoch_seq: AtomicU64::new(0),
             epoch_base: fastrand::u64(..),
-            remote_owner: std::sync::OnceLock::new(),
+            placement: std::sync::OnceLock::new(),
         }
     }
 
@@ -128,17 +137,24 @@ impl Registry {
             });
         }
         let name: Arc<str> = name.into();
-        let remote = self.remote_owner.get().and_then(|f| f(&name));
+        let place = self.placement.get().map_or(Place::Here, |f| f(&name));
         let ns = self.namespaces.lookup(&name);
-        let topic = Arc::new(match remote {
-            Some(owner) => Topic::new_mirror(
+        let topic = Arc::new(match place {
+            Place::Remote(owner) => Topic::new_mirror(
                 name.clone(),
                 ns,
                 owner,
                 self.budget.clone(),
                 self.interest.clone(),
             ),
-            None => Topic::new(
+            Place::Incoming(from) => Topic::new_receiving(
+                name.clone(),
+                ns,
+                from,
+                self.budget.clone(),
+                self.interest.clone(),
+            ),
+            Place::Here => Topic::new(
                 name.clone(),
                 ns,
                 self.mint_epoch(),

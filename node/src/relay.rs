@@ -49,7 +49,10 @@ use weft_proto::grpc::{self, RelayBatch, RelayFrame};
 use crate::cluster::Cluster;
 use crate::error::ApiError;
 use crate::node::Node;
-use crate::topic::{Applied, FollowOutcome, MirrorSync, Placement, Published, Relayed, Topic};
+use crate::topic::{
+    Applied, Elsewhere, FollowOutcome, Handover, Held, HeldReply, Hold, MirrorSync, Placement,
+    Published, Relayed, Topic,
+};
 
 /// Bytes of events a link may hold before its peer counts as lagging.
 pub const LINK_EVENT_BUDGET: usize = 16 << 20;
@@ -60,16 +63,21 @@ const BATCH_FRAMES: usize = 1024;
 const BATCH_BYTES: usize = 1 << 20;
 /// The history a `Followed` snapshot carries at most.
 pub const SNAPSHOT_BYTES: usize = 4 << 20;
+/// The history a `Handoff` carries at most (all of it, for any sane namespace).
+const HANDOFF_BYTES: usize = 6 << 20;
 /// Largest relay message accepted from a peer (a snapshot plus framing).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// Forwarded publishes waiting for their ack, per peer.
 const MAX_PENDING: usize = 65_536;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a subscribe or read on a mirror waits for the owner's snapshot.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a subscribe or read on a mirror waits for the owner's snapshot: longer
+/// than an owner can hold a follow while its topic's handoff is on the way.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(8);
 /// A `Follow` unanswered this long is sent again.
 const FOLLOW_RETRY: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new owner waits for the old owner's handoff before starting afresh.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What happened to an event pushed onto a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +170,22 @@ impl LinkQueue {
         self.lock().closed
     }
 
+    /// Resolves once everything queued has been handed to gRPC (or the link closed).
+    async fn flushed(&self) {
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let q = self.lock();
+                if q.closed || q.frames.is_empty() {
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
+        }
+    }
+
     /// The next frames to send (at least one), or `None` once closed.
     async fn next_batch(&self) -> Option<Vec<Bytes>> {
         loop {
@@ -200,6 +224,27 @@ pub fn followed_frame(f: grpc::Followed) -> Bytes {
     encode(Kind::Followed(f))
 }
 
+pub fn ack_frame(req_id: u64, p: &Published) -> Bytes {
+    encode(Kind::PublishAck(grpc::PublishAck {
+        req_id,
+        epoch: p.epoch.to_string(),
+        offset: p.offset,
+        duplicate: p.duplicate,
+    }))
+}
+
+/// A held publish whose topic moved on before its handoff landed: the sender asks
+/// the owner its ring names next.
+pub fn moved_frame(req_id: u64, topic: &str) -> Bytes {
+    encode(Kind::Error(grpc::RelayError {
+        req_id,
+        topic: topic.to_owned(),
+        status: 421,
+        message: "the topic moved before its handoff landed".into(),
+        ring_version: 0,
+    }))
+}
+
 /// A publish could not be forwarded.
 #[derive(Debug)]
 enum Forward {
@@ -229,6 +274,8 @@ pub struct Ticket {
 enum TicketState {
     Done(Result<Published, ApiError>),
     Sent(Sent),
+    /// Waiting behind the topic's incoming handoff.
+    Held(oneshot::Receiver<Published>),
     /// Not sent (no link yet): the slow path waits for one.
     Retry,
 }
@@ -310,8 +357,21 @@ pub struct Relay {
     cluster: Arc<Cluster>,
     peers: Mutex<HashMap<Arc<str>, Arc<Peer>>>,
     next_req: AtomicU64,
-    /// The ring version the last reconcile acted on.
-    reconciled: AtomicU64,
+    /// Topics this node owned at the last reconcile (reported in heartbeats).
+    owned: AtomicU64,
+    reconciling: Mutex<()>,
+    /// The slot table the last reconcile acted on.
+    prev_slots: Mutex<Arc<weft_router::ring::SlotTable>>,
+    ring_moved_at: Mutex<Instant>,
+    /// Slots the ring moved here from a live node: slot → (old owner, give up at).
+    incoming: Mutex<HashMap<u32, (Arc<str>, Instant)>>,
+    /// The ring version each old owner last said it had handed everything over at.
+    done_from: Mutex<HashMap<Arc<str>, u64>>,
+    /// New owners of slots that moved away, still owed a `HandoffDone`.
+    outgoing: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Wakes the maintenance loop (a link came up).
+    kick: Notify,
+    stop: watch::Sender<bool>,
 }
 
 impl Relay {
@@ -321,8 +381,21 @@ impl Relay {
             cluster,
             peers: Mutex::default(),
             next_req: AtomicU64::new(1),
-            reconciled: AtomicU64::new(0),
+            owned: AtomicU64::new(0),
+            reconciling: Mutex::default(),
+            prev_slots: Mutex::default(),
+            ring_moved_at: Mutex::new(Instant::now()),
+            incoming: Mutex::default(),
+            outgoing: Mutex::default(),
+            done_from: Mutex::default(),
+            kick: Notify::new(),
+            stop: watch::channel(false).0,
         })
+    }
+
+    /// Topics owned here, as of the last reconcile pass (at most a second old).
+    pub fn owned_topics(&self) -> u64 {
+        self.owned.load(Ordering::Relaxed)
     }
 
     fn peer(&self, id: &str) -> Option<Arc<Peer>> {
@@ -390,7 +463,7 @@ impl Relay {
     /// Keeps a link to `peer` up: dial, run, back off, again.
     async fn dial(self: Arc<Self>, node: Arc<Node>, peer: Arc<Peer>) {
         let mut backoff = Duration::from_millis(50);
-        let mut stop = node.shutdown_signal();
+        let mut stop = self.stop.subscribe();
         loop {
             if *stop.borrow() {
                 return;
@@ -487,7 +560,7 @@ impl Relay {
         mut inbound: Streaming<RelayBatch>,
     ) {
         self.link_up(node, peer, &queue);
-        let mut stop = node.shutdown_signal();
+        let mut stop = self.stop.subscribe();
         loop {
             let msg = tokio::select! {
                 m = inbound.message() => m,
@@ -531,6 +604,7 @@ impl Relay {
         node.stats.relay.links.up();
         peer.generation.send_modify(|g| *g += 1);
         info!(peer = %peer.id, "relay link up");
+        self.kick.notify_one();
         // Mirrors of this peer's topics follow it again on the new link.
         for t in node.registry.all_topics() {
             if let Placement::Mirror { owner, sync, .. } = t.placement() {
@@ -657,6 +731,11 @@ impl Relay {
                 }
                 Ok(())
             }
+            Kind::Handoff(h) => self.apply_handoff(node, peer, h),
+            Kind::HandoffDone(d) => {
+                self.handoff_done(node, &peer.id, d.ring_version);
+                Ok(())
+            }
             Kind::Lagged(l) => {
                 if let Some(t) = node.registry.get(&l.topic) {
                     if matches!(t.placement(), Placement::Mirror { owner, .. } if owner == peer.id)
@@ -676,41 +755,47 @@ impl Relay {
         }
     }
 
-    /// Owner side of a forwarded publish.
-    fn serve_publish(&self, node: &Node, queue: &LinkQueue, p: grpc::RelayPublish) {
+    /// Owner side of a forwarded publish: answered now, or (topic arriving by
+    /// handoff) held and answered when it lands.
+    fn serve_publish(&self, node: &Node, queue: &Arc<LinkQueue>, p: grpc::RelayPublish) {
         let req_id = p.req_id;
         let topic = p.topic.clone();
-        let reply = match self.publish_here(node, p) {
-            Ok(published) => Kind::PublishAck(grpc::PublishAck {
-                req_id,
-                epoch: published.epoch.to_string(),
-                offset: published.offset,
-                duplicate: published.duplicate,
-            }),
-            Err(Forward::NotOwner(v)) => Kind::Error(grpc::RelayError {
+        let reply = match self.publish_here(node, queue, p) {
+            Ok(None) => return,
+            Ok(Some(published)) => {
+                return {
+                    queue.push_control(ack_frame(req_id, &published));
+                }
+            }
+            Err(Forward::NotOwner(v)) => grpc::RelayError {
                 req_id,
                 topic,
                 status: 421,
                 message: "not the owner of this topic".into(),
                 ring_version: v,
-            }),
+            },
             Err(Forward::Failed(e)) => {
                 if e.code() == 400 || e.code() == 413 {
                     node.stats.relay.bad_frames.inc();
                 }
-                Kind::Error(grpc::RelayError {
+                grpc::RelayError {
                     req_id,
                     topic,
                     status: e.code().into(),
                     message: e.to_string(),
                     ring_version: self.cluster.ring_version(),
-                })
+                }
             }
         };
-        queue.push_control(encode(reply));
+        queue.push_control(encode(Kind::Error(reply)));
     }
 
-    fn publish_here(&self, node: &Node, p: grpc::RelayPublish) -> Result<Published, Forward> {
+    fn publish_here(
+        &self,
+        node: &Node,
+        queue: &Arc<LinkQueue>,
+        p: grpc::RelayPublish,
+    ) -> Result<Option<Published>, Forward> {
         weft_proto::validate_topic(&p.topic)
             .map_err(|e| Forward::Failed(ApiError::bad(format!("invalid topic: {e}"))))?;
         let kind = crate::http::event_kind(p.r#type.as_deref()).map_err(Forward::Failed)?;
@@ -724,19 +809,37 @@ impl Relay {
             }
             k => k,
         };
-        crate::http::refuse_while_draining(node).map_err(Forward::Failed)?;
         let version = self.cluster.ring_version();
         if self.cluster.owner_of(&p.topic).as_deref() != Some(&*self.me) {
             return Err(Forward::NotOwner(version));
         }
         let window = node.idempotency_window();
-        match node.registry.with_topic(&p.topic, |t| {
-            t.publish(data.clone(), kind.clone(), key, window, &node.stats)
-        }) {
-            Ok(Ok(published)) => Ok(published),
-            // The ring names this node but the topic is not converted yet.
-            Ok(Err(_)) => Err(Forward::NotOwner(version)),
-            Err(e) => Err(Forward::Failed(e)),
+        let mut held = None;
+        let r = node.registry.with_topic(&p.topic, |t| {
+            let r = t.publish(data.clone(), kind.clone(), key, window, &node.stats)?;
+            if matches!(r, Err(Elsewhere::Moving)) {
+                let h = Held::Publish {
+                    data: data.clone(),
+                    kind: kind.clone(),
+                    key: key.map(Into::into),
+                    reply: HeldReply::Link {
+                        link: queue.clone(),
+                        req_id: p.req_id,
+                    },
+                };
+                held = Some(t.hold(h));
+            }
+            Ok(r)
+        });
+        match (r, held) {
+            (Ok(Ok(published)), _) => Ok(Some(published)),
+            (Ok(Err(_)), Some(Hold::Held)) => Ok(None),
+            (Ok(Err(_)), Some(Hold::Full(_))) => Err(unavailable(
+                "too many publishes wait for this topic's handoff".into(),
+            )),
+            // Not converted yet, or the handoff landed meanwhile: the sender retries.
+            (Ok(Err(_)), _) => Err(Forward::NotOwner(version)),
+            (Err(e), _) => Err(Forward::Failed(e)),
         }
     }
 
@@ -773,21 +876,7 @@ impl Relay {
         queue: &LinkQueue,
         f: grpc::Followed,
     ) -> Result<(), String> {
-        weft_proto::validate_topic(&f.topic).map_err(|e| format!("followed: {e}"))?;
-        if !weft_proto::cursor::valid_epoch(&f.epoch) {
-            return Err(format!("followed: invalid epoch {:?}", f.epoch));
-        }
-        let mut history = Vec::with_capacity(f.history.len());
-        let first = f.history.first().map_or(f.last_offset + 1, |e| e.offset);
-        for (i, ev) in f.history.into_iter().enumerate() {
-            if ev.topic != f.topic || ev.epoch != f.epoch || ev.offset != first + i as u64 {
-                return Err("followed: history is not one contiguous run of the topic".into());
-            }
-            history.push(relayed(node, ev)?);
-        }
-        if history.last().is_some_and(|e| e.offset != f.last_offset) {
-            return Err("followed: history does not end at last_offset".into());
-        }
+        let history = checked_history(node, &f.topic, &f.epoch, f.last_offset, f.history)?;
         let unfollow = || {
             queue.push_control(encode(Kind::Unfollow(grpc::Unfollow {
                 topic: f.topic.clone(),
@@ -813,6 +902,63 @@ impl Relay {
             FollowOutcome::Adopted | FollowOutcome::CaughtUp(_) => {}
         }
         Ok(())
+    }
+
+    /// New owner side of `Handoff`.
+    fn apply_handoff(&self, node: &Node, peer: &Arc<Peer>, h: grpc::Handoff) -> Result<(), String> {
+        let topic = h.topic.clone();
+        let history = checked_history(node, &h.topic, &h.epoch, h.last_offset, h.history)?;
+        let mut idempotency = Vec::with_capacity(h.idempotency.len());
+        for e in h.idempotency {
+            if e.key.is_empty() || e.key.len() > 255 || e.offset == 0 || e.offset > h.last_offset {
+                return Err("handoff: invalid idempotency entry".into());
+            }
+            idempotency.push((e.key, e.offset, Duration::from_millis(e.age_ms)));
+        }
+        let handover = Handover {
+            epoch: h.epoch,
+            last_offset: h.last_offset,
+            history,
+            idempotency,
+        };
+        let window = node.idempotency_window();
+        // The topic is created if this node has none (no local interest yet): as a
+        // mirror of the sender or waiting for it, either of which takes the handoff.
+        let t = node
+            .registry
+            .get_or_create(&topic)
+            .map_err(|e| e.to_string());
+        match t {
+            Ok(t) if t.apply_handoff(&peer.id, handover, window, &node.stats) => {
+                debug!(topic = %topic, from = %peer.id, "handoff applied");
+            }
+            Ok(_) => {
+                warn!(topic = %topic, from = %peer.id, "handoff refused: the topic already has events here")
+            }
+            Err(e) => warn!(topic = %topic, error = %e, "handoff dropped"),
+        }
+        Ok(())
+    }
+
+    /// `from` has handed over everything it had for this node: topics still waiting
+    /// on it were not there, and start afresh (nothing of theirs existed to lose).
+    fn handoff_done(&self, node: &Node, from: &str, ring_version: u64) {
+        {
+            let mut done = lock(&self.done_from);
+            let v = done.entry(from.into()).or_insert(0);
+            *v = (*v).max(ring_version);
+        }
+        lock(&self.incoming).retain(|_, (f, _)| &**f != from);
+        for t in node.registry.all_topics() {
+            if matches!(t.placement(), Placement::Receiving { from: f, .. } if &*f == from) {
+                t.become_owner(
+                    node.registry.mint_epoch(),
+                    node.idempotency_window(),
+                    &node.stats,
+                );
+            }
+        }
+        info!(from, ring_version, "handoff complete");
     }
 
     /// Sends `Follow` for a mirror to its owner, if a link is up.
@@ -868,6 +1014,8 @@ impl Relay {
                     }
                     owner
                 }
+                // The handoff lands within HANDOFF_TIMEOUT, or the topic starts afresh.
+                Placement::Receiving { from, .. } => from,
             };
             if topic.is_dead() {
                 return Err(ApiError::Unavailable {
@@ -904,9 +1052,15 @@ impl Relay {
         }) {
             Err(e) => TicketState::Done(Err(e)),
             Ok(Ok(p)) => TicketState::Done(Ok(p)),
-            Ok(Err(owner)) => match self.send_publish(node, &owner, topic, &data, &kind, key) {
-                Ok(sent) => TicketState::Sent(sent),
-                Err(_) => TicketState::Retry,
+            Ok(Err(Elsewhere::Owner(owner))) => {
+                match self.send_publish(node, &owner, topic, &data, &kind, key) {
+                    Ok(sent) => TicketState::Sent(sent),
+                    Err(_) => TicketState::Retry,
+                }
+            }
+            Ok(Err(Elsewhere::Moving)) => match self.hold_local(node, topic, &data, &kind, key) {
+                Some(rx) => TicketState::Held(rx),
+                None => TicketState::Retry,
             },
         };
         Ticket {
@@ -934,9 +1088,38 @@ impl Relay {
                 Err(Forward::Failed(e)) => return Err(e),
                 Err(Forward::NotOwner(v)) => self.catch_up_ring(node, v).await,
             },
+            TicketState::Held(rx) => {
+                if let Ok(Ok(p)) = tokio::time::timeout(HANDOFF_TIMEOUT * 2, rx).await {
+                    return Ok(p);
+                }
+            }
             TicketState::Retry => {}
         }
         self.publish(node, &topic, data, kind, key.as_deref()).await
+    }
+
+    /// Queues a publish made here behind the topic's incoming handoff; `None` if the
+    /// topic is no longer waiting for one (publish again) or too much waits.
+    fn hold_local(
+        &self,
+        node: &Node,
+        topic: &str,
+        data: &Bytes,
+        kind: &Option<Arc<str>>,
+        key: Option<&str>,
+    ) -> Option<oneshot::Receiver<Published>> {
+        let t = node.registry.get(topic)?;
+        let (tx, rx) = oneshot::channel();
+        let h = Held::Publish {
+            data: data.clone(),
+            kind: kind.clone(),
+            key: key.map(Into::into),
+            reply: HeldReply::Local(tx),
+        };
+        match t.hold(h) {
+            Hold::Held => Some(rx),
+            Hold::NotMoving(_) | Hold::Full(_) => None,
+        }
     }
 
     async fn catch_up_ring(&self, node: &Node, peer_version: u64) {
@@ -963,7 +1146,18 @@ impl Relay {
             })?;
             let owner = match here {
                 Ok(published) => return Ok(published),
-                Err(owner) => owner,
+                Err(Elsewhere::Owner(owner)) => owner,
+                Err(Elsewhere::Moving) => {
+                    match self.hold_local(node, topic, &data, &kind, key) {
+                        Some(rx) => {
+                            if let Ok(Ok(p)) = tokio::time::timeout(HANDOFF_TIMEOUT * 2, rx).await {
+                                return Ok(p);
+                            }
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                    continue;
+                }
             };
             if let Some(peer) = self.peer(&owner) {
                 wait_for_link(&peer, Duration::from_secs(2)).await;
@@ -1042,26 +1236,133 @@ impl Relay {
     }
 
     /// Brings every topic's placement in line with the committed ring, and asks
-    /// detached mirrors' owners again.
+    /// detached mirrors' owners again. On a ring change:
+    /// - topics moving away are handed to their new owner (state first, then this node
+    ///   mirrors them), or, without a link to it yet, kept (bounded) until there is one;
+    /// - slots coming here from a live old owner wait for its handoff; from a dead one
+    ///   (or after [`HANDOFF_TIMEOUT`]) their topics start a new epoch.
     pub fn reconcile(&self, node: &Node) {
+        let _one_at_a_time = lock(&self.reconciling);
         let slots = self.cluster.slots();
-        let gained_ring = self.reconciled.swap(slots.version, Ordering::Relaxed) != slots.version;
+        let prev = std::mem::replace(&mut *lock(&self.prev_slots), slots.clone());
+        let now = Instant::now();
+        let members: std::collections::HashSet<String> = self
+            .cluster
+            .members()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if prev.version != slots.version {
+            *lock(&self.ring_moved_at) = now;
+            let mut incoming = lock(&self.incoming);
+            let mut outgoing = lock(&self.outgoing);
+            for (slot, owner) in slots.owners.iter().enumerate() {
+                let old = prev.owners.get(slot);
+                let slot = slot as u32;
+                if **owner == *self.me {
+                    // The old owner may have said it is done before this node saw the ring.
+                    let done = |o: &str| {
+                        lock(&self.done_from)
+                            .get(o)
+                            .is_some_and(|v| *v >= slots.version)
+                    };
+                    match old {
+                        Some(old) if **old != *self.me && members.contains(old) && !done(old) => {
+                            incoming.insert(slot, (old.as_str().into(), now + HANDOFF_TIMEOUT));
+                        }
+                        _ => {
+                            incoming.remove(&slot);
+                        }
+                    }
+                } else {
+                    incoming.remove(&slot);
+                    if old.is_some_and(|o| **o == *self.me) {
+                        outgoing.insert(owner.as_str().into(), now + HANDOFF_TIMEOUT);
+                    }
+                }
+            }
+        }
+        {
+            let mut incoming = lock(&self.incoming);
+            if prev.version != slots.version {
+                let mut from: HashMap<&str, usize> = HashMap::new();
+                for (f, _) in incoming.values() {
+                    *from.entry(f).or_default() += 1;
+                }
+                info!(
+                    ring = slots.version,
+                    prev = prev.version,
+                    ?from,
+                    "ring moved; slots awaiting handoff"
+                );
+            }
+            incoming.retain(|_, (_, deadline)| *deadline > now);
+        }
+        let link_grace = lock(&self.ring_moved_at).elapsed() < HANDOFF_TIMEOUT;
+        let window = node.idempotency_window();
+        let mut waiting_for_link = std::collections::HashSet::new();
+        let mut owned = 0;
         for t in node.registry.all_topics() {
             let Some(owner) = slots.owner(&t.name) else {
                 continue;
             };
+            let here = owner == &*self.me;
             match t.placement() {
-                Placement::Owner if owner != &*self.me => {
-                    info!(topic = %t.name, new_owner = owner, "topic moved away; mirroring it");
-                    for link in t.become_mirror(owner.into()) {
-                        link.push_lagged(&t.name);
+                Placement::Owner if here => owned += 1,
+                Placement::Owner => {
+                    let to: Arc<str> = owner.into();
+                    match self.peer(owner).and_then(|p| p.link()) {
+                        Some(link) => {
+                            if let Some(followers) =
+                                t.hand_off(&to, &link, slots.version, HANDOFF_BYTES)
+                            {
+                                debug!(topic = %t.name, to = owner, "handed off");
+                                for l in followers {
+                                    l.push_lagged(&t.name);
+                                }
+                                self.request_follow(&t, owner);
+                            }
+                        }
+                        None if link_grace && members.contains(owner) => {
+                            // Keep sequencing it until the link to its new owner is up.
+                            waiting_for_link.insert(to);
+                            owned += 1;
+                        }
+                        None => {
+                            warn!(topic = %t.name, to = owner, "no link to the new owner: its state is not handed over");
+                            for l in t.become_mirror(to.clone()) {
+                                l.push_lagged(&t.name);
+                            }
+                            self.request_follow(&t, owner);
+                        }
                     }
-                    self.request_follow(&t, owner);
                 }
-                Placement::Owner => {}
-                Placement::Mirror { .. } if owner == &*self.me => {
-                    info!(topic = %t.name, "topic moved here; owning it with a new epoch");
-                    t.become_owner(node.registry.mint_epoch(), &node.stats);
+                Placement::Receiving { from, .. } if here => {
+                    let slot = weft_router::ring::slot_of(&t.name);
+                    let waiting = lock(&self.incoming)
+                        .get(&slot)
+                        .is_some_and(|(f, _)| *f == from);
+                    if !waiting {
+                        warn!(topic = %t.name, from = %from, "no handoff came; owning it with a new epoch");
+                        t.become_owner(node.registry.mint_epoch(), window, &node.stats);
+                    }
+                    owned += 1;
+                }
+                Placement::Mirror { .. } if here => {
+                    let slot = weft_router::ring::slot_of(&t.name);
+                    let from = lock(&self.incoming).get(&slot).map(|(f, _)| f.clone());
+                    match from {
+                        Some(from) => t.become_receiving(from),
+                        None => {
+                            info!(topic = %t.name, "topic moved here from a node that is gone; owning it with a new epoch");
+                            t.become_owner(node.registry.mint_epoch(), window, &node.stats);
+                        }
+                    }
+                    owned += 1;
+                }
+                Placement::Receiving { .. } => {
+                    t.become_mirror(owner.into());
+                    self.request_follow(&t, owner);
                 }
                 Placement::Mirror { owner: held, .. } if &*held != owner => {
                     t.become_mirror(owner.into());
@@ -1078,8 +1379,95 @@ impl Relay {
                 Placement::Mirror { .. } => {}
             }
         }
-        if gained_ring {
+        self.owned.store(owned, Ordering::Relaxed);
+        // New owners this node has handed everything to hear so (behind the handoffs
+        // on the same link), so what they still wait for can start.
+        lock(&self.outgoing).retain(|to, deadline| {
+            if waiting_for_link.contains(to) {
+                return *deadline > now;
+            }
+            match self.peer(to).and_then(|p| p.link()) {
+                Some(link) => {
+                    link.push_control(encode(Kind::HandoffDone(grpc::HandoffDone {
+                        ring_version: slots.version,
+                    })));
+                    false
+                }
+                None => *deadline > now,
+            }
+        });
+        if prev.version != slots.version {
             self.load_interest(node, &slots);
+        }
+    }
+
+    /// Where a topic this node does not hold yet belongs: owned elsewhere, owned here,
+    /// or owned here once its old owner's handoff lands.
+    pub fn placement_fn(self: &Arc<Self>) -> crate::registry::PlaceFn {
+        let relay = self.clone();
+        Arc::new(move |topic: &str| {
+            let slots = relay.cluster.slots();
+            match slots.owner(topic) {
+                Some(owner) if owner != &*relay.me => crate::registry::Place::Remote(owner.into()),
+                Some(_) => match lock(&relay.incoming).get(&weft_router::ring::slot_of(topic)) {
+                    Some((from, _)) => crate::registry::Place::Incoming(from.clone()),
+                    None => crate::registry::Place::Here,
+                },
+                None => crate::registry::Place::Here,
+            }
+        })
+    }
+
+    /// Graceful drain: the router takes this node out of the ring, every topic it
+    /// owns is handed to its new owner, and the links are given time to carry it all.
+    pub async fn drain(&self, node: &Node) {
+        if let Err(e) = self.cluster.drain().await {
+            warn!(error = %e, "the router did not mark this node draining; its topics move only when it leaves");
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut changes = self.cluster.changes();
+        while self.cluster.slots().owners.iter().any(|o| **o == *self.me) {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                warn!("the ring still names this node after 5 s of draining");
+                break;
+            }
+        }
+        // Hand off now, and again while links to new owners come up.
+        while tokio::time::Instant::now() < deadline {
+            self.reconcile(node);
+            if self.owned_topics() == 0 && lock(&self.outgoing).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let what is queued reach the peers.
+        let peers: Vec<_> = lock(&self.peers).values().cloned().collect();
+        for p in peers {
+            if let Some(link) = p.link() {
+                let flushed = tokio::time::timeout(Duration::from_secs(2), link.flushed()).await;
+                if flushed.is_err() {
+                    warn!(peer = %p.id, "relay link still busy after 2 s of draining");
+                }
+            }
+        }
+        info!(owned = self.owned_topics(), "drained: topics handed over");
+    }
+
+    /// Ends every link and task (after the node has stopped serving).
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+        let peers: Vec<_> = lock(&self.peers).values().cloned().collect();
+        for p in peers {
+            if let Some(d) = lock(&p.dialer).take() {
+                d.abort();
+            }
+            if let Some(l) = lock(&p.link).take() {
+                l.close();
+            }
         }
     }
 
@@ -1109,11 +1497,11 @@ impl Relay {
         }
     }
 
-    /// Follows membership and ring changes until shutdown: links to members, topic
-    /// placements, a repair pass every second.
+    /// Follows membership and ring changes until [`Relay::shutdown`]: links to
+    /// members, topic placements, a repair pass every second.
     pub async fn run(self: Arc<Self>, node: Arc<Node>) {
         let mut changes = self.cluster.changes();
-        let mut stop = node.shutdown_signal();
+        let mut stop = self.stop.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1122,16 +1510,8 @@ impl Relay {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { break },
                 _ = tick.tick() => {}
+                _ = self.kick.notified() => {}
                 _ = stop.wait_for(|s| *s) => break,
-            }
-        }
-        let peers: Vec<_> = lock(&self.peers).values().cloned().collect();
-        for p in peers {
-            if let Some(d) = lock(&p.dialer).take() {
-                d.abort();
-            }
-            if let Some(l) = lock(&p.link).take() {
-                l.close();
             }
         }
     }
@@ -1161,6 +1541,33 @@ fn api_error(status: u32, message: String) -> ApiError {
             retry_after_s: 1,
         },
     }
+}
+
+/// Checks a snapshot's or handoff's history: one contiguous run of the topic ending
+/// at `last_offset`, each event checked like a publish.
+fn checked_history(
+    node: &Node,
+    topic: &str,
+    epoch: &str,
+    last_offset: u64,
+    events: Vec<grpc::RelayEvent>,
+) -> Result<Vec<Relayed>, String> {
+    weft_proto::validate_topic(topic).map_err(|e| format!("snapshot: {e}"))?;
+    if !weft_proto::cursor::valid_epoch(epoch) {
+        return Err(format!("snapshot: invalid epoch {epoch:?}"));
+    }
+    let mut history = Vec::with_capacity(events.len());
+    let first = events.first().map_or(last_offset + 1, |e| e.offset);
+    for (i, ev) in events.into_iter().enumerate() {
+        if ev.topic != topic || ev.epoch != epoch || ev.offset != first + i as u64 {
+            return Err("snapshot: history is not one contiguous run of the topic".into());
+        }
+        history.push(relayed(node, ev)?);
+    }
+    if history.last().is_some_and(|e| e.offset != last_offset) {
+        return Err("snapshot: history does not end at its last offset".into());
+    }
+    Ok(history)
 }
 
 /// Checks a relayed event the way a publish is checked: the frames built from it are

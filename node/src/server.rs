@@ -43,6 +43,14 @@ pub async fn serve(
     let grace = Duration::from_millis(node.config.timing.shutdown_grace_ms);
     loop {
         tokio::select! {
+            // A standalone node drains on request as on SIGTERM (a cluster node's
+            // `shutdown` future hands its topics over first, then resolves).
+            _ = node.drain_requested(), if draining.is_none() && node.relay.get().is_none() => {
+                info!(connections = node.tasks.len(), grace_ms = grace.as_millis() as u64, "drain requested; shutting down");
+                node.begin_shutdown();
+                node.tasks.close();
+                draining = Some(tokio::time::Instant::now() + grace);
+            }
             _ = &mut shutdown, if draining.is_none() => {
                 info!(connections = node.tasks.len(), grace_ms = grace.as_millis() as u64, "shutting down");
                 node.begin_shutdown();

@@ -111,6 +111,12 @@ pub struct Page {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
     Owner,
+    /// The ring made this node the owner and the old owner, still up, is handing the
+    /// topic's state over: publishes and follows wait (bounded) for it.
+    Receiving {
+        from: Arc<str>,
+        since: Instant,
+    },
     Mirror {
         owner: Arc<str>,
         sync: MirrorSync,
@@ -132,8 +138,87 @@ pub enum MirrorSync {
 
 #[derive(Debug)]
 enum Role {
-    Owner { followers: Vec<Follower> },
-    Mirror { owner: Arc<str>, sync: MirrorSync },
+    Owner {
+        followers: Vec<Follower>,
+    },
+    Mirror {
+        owner: Arc<str>,
+        sync: MirrorSync,
+    },
+    Receiving {
+        from: Arc<str>,
+        since: Instant,
+        held: VecDeque<Held>,
+    },
+}
+
+/// Work that arrived for a topic while its state was on its way here.
+#[derive(Debug)]
+pub enum Held {
+    Publish {
+        data: Bytes,
+        kind: Option<Arc<str>>,
+        key: Option<Box<str>>,
+        reply: HeldReply,
+    },
+    Follow {
+        peer: Arc<str>,
+        link: Arc<LinkQueue>,
+    },
+}
+
+/// Where a held publish's outcome goes.
+#[derive(Debug)]
+pub enum HeldReply {
+    /// A peer's forwarded publish: answered on its link.
+    Link { link: Arc<LinkQueue>, req_id: u64 },
+    /// A publish made on this node: its caller waits for this.
+    Local(tokio::sync::oneshot::Sender<Published>),
+}
+
+impl HeldReply {
+    fn send(self, published: Published) {
+        match self {
+            HeldReply::Link { link, req_id } => {
+                link.push_control(crate::relay::ack_frame(req_id, &published));
+            }
+            HeldReply::Local(tx) => {
+                let _ = tx.send(published);
+            }
+        }
+    }
+}
+
+/// Held work per topic, at most.
+pub const MAX_HELD: usize = 10_000;
+
+/// Why a publish was not sequenced here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Elsewhere {
+    /// Another node owns the topic: publish there.
+    Owner(Arc<str>),
+    /// Its state is being handed to this node: hold the publish until it lands.
+    Moving,
+}
+
+/// What [`Topic::hold`] did.
+#[derive(Debug)]
+pub enum Hold {
+    Held,
+    /// The topic is no longer waiting for a handoff: publish (or follow) again.
+    NotMoving(Held),
+    /// Too much is waiting already.
+    Full(Held),
+}
+
+/// A topic's whole state as its old owner hands it over.
+#[derive(Debug)]
+pub struct Handover {
+    pub epoch: String,
+    pub last_offset: u64,
+    pub history: Vec<Relayed>,
+    /// (key, offset, age)
+    pub idempotency: Vec<(String, u64, Duration)>,
 }
 
 #[derive(Debug)]
@@ -252,6 +337,22 @@ impl Topic {
         Self::with_role(name, ns, "".into(), role, budget, interest)
     }
 
+    /// A topic this node is about to own, waiting for `from` to hand over its state.
+    pub fn new_receiving(
+        name: Arc<str>,
+        ns: Arc<NamespaceConfig>,
+        from: Arc<str>,
+        budget: Arc<HistoryBudget>,
+        interest: Arc<InterestFeed>,
+    ) -> Self {
+        let role = Role::Receiving {
+            from,
+            since: Instant::now(),
+            held: VecDeque::new(),
+        };
+        Self::with_role(name, ns, "".into(), role, budget, interest)
+    }
+
     fn with_role(
         name: Arc<str>,
         ns: Arc<NamespaceConfig>,
@@ -310,6 +411,10 @@ impl Topic {
         let st = self.lock();
         match &st.role {
             Role::Owner { .. } => Placement::Owner,
+            Role::Receiving { from, since, .. } => Placement::Receiving {
+                from: from.clone(),
+                since: *since,
+            },
             Role::Mirror { owner, sync } => Placement::Mirror {
                 owner: owner.clone(),
                 sync: *sync,
@@ -343,7 +448,7 @@ impl Topic {
     }
 
     /// Sequences one event, keeps it in history, fans it out to local subscribers and
-    /// relays it once to every following peer. On a mirror: `Err(owner)`, publish there.
+    /// relays it once to every following peer. Not here: `Err(Elsewhere)`.
     pub fn publish(
         &self,
         data: Bytes,
@@ -351,20 +456,41 @@ impl Topic {
         idempotency_key: Option<&str>,
         idem: (Duration, usize),
         stats: &Stats,
-    ) -> Result<Result<Published, Arc<str>>, Dead> {
+    ) -> Result<Result<Published, Elsewhere>, Dead> {
         let mut st = self.live()?;
-        if let Role::Mirror { owner, .. } = &st.role {
-            return Ok(Err(owner.clone()));
+        match &st.role {
+            Role::Mirror { owner, .. } => return Ok(Err(Elsewhere::Owner(owner.clone()))),
+            Role::Receiving { .. } => return Ok(Err(Elsewhere::Moving)),
+            Role::Owner { .. } => {}
         }
+        let (published, used) = self.sequence(&mut st, data, kind, idempotency_key, idem, stats);
+        drop(st);
+        if !published.duplicate {
+            self.after_deliver(used);
+        }
+        Ok(Ok(published))
+    }
+
+    /// The owner's publish, under the lock. Returns the outcome and the budget's use.
+    fn sequence(
+        &self,
+        st: &mut TopicState,
+        data: Bytes,
+        kind: Option<Arc<str>>,
+        idempotency_key: Option<&str>,
+        idem: (Duration, usize),
+        stats: &Stats,
+    ) -> (Published, usize) {
         let now = Instant::now();
         if let Some(key) = idempotency_key {
             st.idempotency.expire(now, idem.0, idem.1);
             if let Some(&offset) = st.idempotency.offsets.get(key) {
-                return Ok(Ok(Published {
+                let published = Published {
                     epoch: st.epoch.clone(),
                     offset,
                     duplicate: true,
-                }));
+                };
+                return (published, 0);
             }
         }
         st.last_offset += 1;
@@ -382,7 +508,7 @@ impl Topic {
             st.idempotency.order.push_back((now, key.into()));
         }
         st.last_active = now;
-        let used = self.deliver(&mut st, &ev, now, stats);
+        let used = self.deliver(st, &ev, now, stats);
         if let Role::Owner { followers } = &mut st.role {
             if !followers.is_empty() {
                 let frame = ev.relay_frame();
@@ -402,15 +528,58 @@ impl Topic {
                 });
             }
         }
-        let epoch = st.epoch.clone();
-        drop(st);
         stats.published.inc();
-        self.after_deliver(used);
-        Ok(Ok(Published {
-            epoch,
+        let published = Published {
+            epoch: st.epoch.clone(),
             offset,
             duplicate: false,
-        }))
+        };
+        (published, used)
+    }
+
+    /// Queues a publish or follow behind an incoming handoff.
+    pub fn hold(&self, held: Held) -> Hold {
+        let mut st = self.lock();
+        if st.dead {
+            return Hold::NotMoving(held);
+        }
+        match &mut st.role {
+            Role::Receiving { held: q, .. } if q.len() >= MAX_HELD => Hold::Full(held),
+            Role::Receiving { held: q, .. } => {
+                q.push_back(held);
+                Hold::Held
+            }
+            _ => Hold::NotMoving(held),
+        }
+    }
+
+    /// Runs what was held, in arrival order, now that this node owns the topic.
+    fn release_held(
+        &self,
+        st: &mut TopicState,
+        held: VecDeque<Held>,
+        idem: (Duration, usize),
+        stats: &Stats,
+    ) -> usize {
+        let mut used = 0;
+        for h in held {
+            match h {
+                Held::Publish {
+                    data,
+                    kind,
+                    key,
+                    reply,
+                } => {
+                    let (p, u) = self.sequence(st, data, kind, key.as_deref(), idem, stats);
+                    used = used.max(u);
+                    reply.send(p);
+                }
+                Held::Follow { peer, link } => {
+                    self.follow_locked(st, &peer, &link, crate::relay::SNAPSHOT_BYTES);
+                }
+            }
+        }
+        used
     }
 
     /// Appends to history and queues to every local subscriber (under the lock).
@@ -449,7 +618,7 @@ impl Topic {
     /// Owner: registers `peer`'s link as a follower and queues the `Followed` snapshot
     /// on it under the lock, so every later event follows the snapshot on that link.
     /// The snapshot carries the newest history up to `max_bytes`. On a mirror:
-    /// `Err(owner)`.
+    /// `Err(owner)`; while a handoff is on its way the follow is held until it lands.
     pub fn follow(
         &self,
         peer: &Arc<str>,
@@ -457,12 +626,51 @@ impl Topic {
         max_bytes: usize,
     ) -> Result<Result<(), Arc<str>>, Dead> {
         let mut st = self.live()?;
-        let st = &mut *st;
-        let followers = match &mut st.role {
+        match &mut st.role {
             Role::Mirror { owner, .. } => return Ok(Err(owner.clone())),
-            Role::Owner { followers } => followers,
-        };
-        followers.retain(|f| f.peer != *peer);
+            Role::Receiving { held, from, .. } => {
+                if held.len() >= MAX_HELD {
+                    return Ok(Err(from.clone()));
+                }
+                held.push_back(Held::Follow {
+                    peer: peer.clone(),
+                    link: link.clone(),
+                });
+                return Ok(Ok(()));
+            }
+            Role::Owner { .. } => {}
+        }
+        self.follow_locked(&mut st, peer, link, max_bytes);
+        Ok(Ok(()))
+    }
+
+    fn follow_locked(
+        &self,
+        st: &mut TopicState,
+        peer: &Arc<str>,
+        link: &Arc<LinkQueue>,
+        max_bytes: usize,
+    ) {
+        let history = Self::history_tail(st, max_bytes);
+        let frame = crate::relay::followed_frame(weft_proto::grpc::Followed {
+            topic: self.name.to_string(),
+            epoch: st.epoch.to_string(),
+            last_offset: st.last_offset,
+            history,
+        });
+        if let Role::Owner { followers } = &mut st.role {
+            followers.retain(|f| f.peer != *peer);
+            if link.push_control(frame) {
+                followers.push(Follower {
+                    peer: peer.clone(),
+                    link: link.clone(),
+                });
+            }
+        }
+    }
+
+    /// The newest history that fits in `max_bytes`, oldest first, as relay events.
+    fn history_tail(st: &TopicState, max_bytes: usize) -> Vec<weft_proto::grpc::RelayEvent> {
         let mut taken = 0;
         let mut bytes = 0;
         for ev in st.history.iter().rev() {
@@ -473,20 +681,131 @@ impl Topic {
             taken += 1;
         }
         let skip = st.history.len() - taken;
-        let history = st.history.iter().skip(skip).map(|e| e.to_relay()).collect();
-        let frame = crate::relay::followed_frame(weft_proto::grpc::Followed {
-            topic: self.name.to_string(),
-            epoch: st.epoch.to_string(),
-            last_offset: st.last_offset,
-            history,
-        });
-        if link.push_control(frame) {
-            followers.push(Follower {
-                peer: peer.clone(),
-                link: link.clone(),
-            });
+        st.history.iter().skip(skip).map(|e| e.to_relay()).collect()
+    }
+
+    /// Old owner, graceful move: queues the topic's whole state for `to` on `link`
+    /// and becomes a mirror of `to` in the same instant (under the lock), so the
+    /// handoff precedes every publish this node forwards there afterwards. Returns
+    /// the links of peers that followed it here (to be told to look again), or `None`
+    /// if it is not the owner or the link is gone.
+    pub fn hand_off(
+        &self,
+        to: &Arc<str>,
+        link: &LinkQueue,
+        ring_version: u64,
+        max_bytes: usize,
+    ) -> Option<Vec<Arc<LinkQueue>>> {
+        let mut st = self.lock();
+        if st.dead || !matches!(st.role, Role::Owner { .. }) {
+            return None;
         }
-        Ok(Ok(()))
+        let now = Instant::now();
+        let idempotency =
+            st.idempotency
+                .order
+                .iter()
+                .filter_map(|(at, key)| {
+                    st.idempotency.offsets.get(key).map(|&offset| {
+                        weft_proto::grpc::IdempotencyEntry {
+                            key: key.to_string(),
+                            offset,
+                            age_ms: now.duration_since(*at).as_millis() as u64,
+                        }
+                    })
+                })
+                .collect();
+        let frame = crate::relay::encode(weft_proto::grpc::relay_frame::Kind::Handoff(
+            weft_proto::grpc::Handoff {
+                topic: self.name.to_string(),
+                epoch: st.epoch.to_string(),
+                last_offset: st.last_offset,
+                history: Self::history_tail(&st, max_bytes),
+                idempotency,
+                ring_version,
+            },
+        ));
+        if !link.push_control(frame) {
+            return None;
+        }
+        let old = std::mem::replace(
+            &mut st.role,
+            Role::Mirror {
+                owner: to.clone(),
+                sync: MirrorSync::Detached,
+            },
+        );
+        st.idempotency = Idempotency::default();
+        drop(st);
+        self.synced.notify_waiters();
+        match old {
+            Role::Owner { followers } => Some(followers.into_iter().map(|f| f.link).collect()),
+            _ => Some(Vec::new()),
+        }
+    }
+
+    /// New owner, graceful move: waits for `from`'s handoff (publishes and follows
+    /// are held meanwhile).
+    pub fn become_receiving(&self, from: Arc<str>) {
+        let mut st = self.lock();
+        if st.dead || !matches!(st.role, Role::Mirror { .. }) {
+            return;
+        }
+        st.role = Role::Receiving {
+            from,
+            since: Instant::now(),
+            held: VecDeque::new(),
+        };
+        drop(st);
+        self.synced.notify_waiters();
+    }
+
+    /// New owner: takes the old owner's state and sequences from it — same epoch,
+    /// next offset — then runs what was held, in order. Local sessions that followed
+    /// this topic as a mirror continue, catching up from the handed-over history (or
+    /// `reset` if it does not reach back to them). False if this topic cannot take it
+    /// (already owned with events of its own).
+    pub fn apply_handoff(
+        &self,
+        from: &str,
+        handover: Handover,
+        idem: (Duration, usize),
+        stats: &Stats,
+    ) -> bool {
+        let mut st = self.lock();
+        if st.dead {
+            return false;
+        }
+        let pristine = st.last_offset == 0;
+        let held = match &mut st.role {
+            Role::Receiving { from: f, held, .. } if &**f == from => std::mem::take(held),
+            Role::Mirror { .. } => VecDeque::new(),
+            Role::Owner { followers } if pristine && followers.is_empty() => VecDeque::new(),
+            _ => return false,
+        };
+        let outcome = self.merge(
+            &mut st,
+            &handover.epoch,
+            handover.last_offset,
+            handover.history,
+            stats,
+        );
+        st.role = Role::Owner {
+            followers: Vec::new(),
+        };
+        let now = Instant::now();
+        let mut idempotency = Idempotency::default();
+        for (key, offset, age) in handover.idempotency {
+            let at = now.checked_sub(age).unwrap_or(now);
+            idempotency.offsets.insert(key.as_str().into(), offset);
+            idempotency.order.push_back((at, key.into_boxed_str()));
+        }
+        st.idempotency = idempotency;
+        let used = self.release_held(&mut st, held, idem, stats).max(outcome.1);
+        drop(st);
+        self.after_deliver(used);
+        self.synced.notify_waiters();
+        true
     }
 
     /// Owner: stops relaying to `peer`.
@@ -500,7 +819,7 @@ impl Topic {
     pub fn followers(&self) -> Vec<Arc<str>> {
         match &self.lock().role {
             Role::Owner { followers } => followers.iter().map(|f| f.peer.clone()).collect(),
-            Role::Mirror { .. } => Vec::new(),
+            Role::Mirror { .. } | Role::Receiving { .. } => Vec::new(),
         }
     }
 
@@ -578,10 +897,29 @@ impl Topic {
             }
             _ => return FollowOutcome::NotMine,
         }
+        let (outcome, used) = self.merge(&mut st, epoch, last_offset, history, stats);
+        drop(st);
+        self.after_deliver(used);
+        self.synced.notify_waiters();
+        outcome
+    }
+
+    /// Brings this node's copy to the owner's `(epoch, last_offset, history)`: a fresh
+    /// copy adopts it; the same epoch delivers what was missed if the history reaches
+    /// back to it; anything else replaces the copy and tells local sessions `reset`.
+    fn merge(
+        &self,
+        st: &mut TopicState,
+        epoch: &str,
+        last_offset: u64,
+        history: Vec<Relayed>,
+        stats: &Stats,
+    ) -> (FollowOutcome, usize) {
         let fresh = st.epoch.is_empty();
-        let outcome = if !fresh && *st.epoch == *epoch && last_offset <= st.last_offset {
-            FollowOutcome::Adopted
-        } else if !fresh
+        if !fresh && *st.epoch == *epoch && last_offset <= st.last_offset {
+            return (FollowOutcome::Adopted, 0);
+        }
+        if !fresh
             && *st.epoch == *epoch
             && history.last().map(|e| e.offset) == Some(last_offset)
             && history
@@ -592,52 +930,43 @@ impl Topic {
             let mut n = 0;
             for ev in history {
                 if ev.offset > st.last_offset {
-                    used = self.append_relayed(&mut st, ev, stats);
+                    used = self.append_relayed(st, ev, stats);
                     n += 1;
                 }
             }
-            drop(st);
             stats.relay.catch_ups.inc();
-            self.after_deliver(used);
-            self.synced.notify_waiters();
-            return FollowOutcome::CaughtUp(n);
+            return (FollowOutcome::CaughtUp(n), used);
+        }
+        // Replace the copy wholesale with the owner's.
+        let freed = st.history_bytes;
+        st.history.clear();
+        st.history_bytes = 0;
+        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        st.epoch = epoch.into();
+        let now = Instant::now();
+        for ev in history {
+            let stored = Arc::new(StoredEvent::new(
+                self.name.clone(),
+                st.epoch.clone(),
+                ev.offset,
+                ev.ts,
+                ev.kind,
+                ev.data,
+            ));
+            let cost = stored.cost();
+            st.history.push_back(stored);
+            st.history_bytes += cost;
+            self.budget.used.fetch_add(cost, Ordering::Relaxed);
+        }
+        self.trim(st, now);
+        st.last_offset = last_offset;
+        if fresh || st.subscribers.is_empty() {
+            (FollowOutcome::Adopted, 0)
         } else {
-            // Replace the copy wholesale with the owner's.
-            let freed = st.history_bytes;
-            st.history.clear();
-            st.history_bytes = 0;
-            self.budget.used.fetch_sub(freed, Ordering::Relaxed);
-            st.epoch = epoch.into();
-            st.last_offset = 0;
-            let now = Instant::now();
-            for ev in history {
-                let stored = Arc::new(StoredEvent::new(
-                    self.name.clone(),
-                    st.epoch.clone(),
-                    ev.offset,
-                    ev.ts,
-                    ev.kind,
-                    ev.data,
-                ));
-                let cost = stored.cost();
-                st.history.push_back(stored);
-                st.history_bytes += cost;
-                self.budget.used.fetch_add(cost, Ordering::Relaxed);
-            }
-            self.trim(&mut st, now);
-            st.last_offset = last_offset;
-            if fresh {
-                FollowOutcome::Adopted
-            } else {
-                self.reset_subscribers(&st);
-                stats.relay.resets.inc();
-                FollowOutcome::Reset
-            }
-        };
-        drop(st);
-        self.changed.notify_waiters();
-        self.synced.notify_waiters();
-        outcome
+            self.reset_subscribers(st);
+            stats.relay.resets.inc();
+            (FollowOutcome::Reset, 0)
+        }
     }
 
     fn reset_subscribers(&self, st: &TopicState) {
@@ -650,14 +979,19 @@ impl Topic {
         }
     }
 
-    /// The ring made this node the owner. Without the old owner's state (a crash, or
-    /// no handoff) the topic starts a new epoch and local sessions get `reset`.
-    /// Returns the peers that were following, if it was already the owner (none).
-    pub fn become_owner(&self, epoch: Arc<str>, stats: &Stats) {
+    /// The ring made this node the owner and no handoff is coming (the old owner is
+    /// gone, or it did not hand this topic over in time): the topic starts a new epoch,
+    /// local sessions that had the old one get `reset`, and held work runs.
+    pub fn become_owner(&self, epoch: Arc<str>, idem: (Duration, usize), stats: &Stats) {
         let mut st = self.lock();
-        if st.dead || matches!(st.role, Role::Owner { .. }) {
+        if st.dead {
             return;
         }
+        let held = match &mut st.role {
+            Role::Owner { .. } => return,
+            Role::Receiving { held, .. } => std::mem::take(held),
+            Role::Mirror { .. } => VecDeque::new(),
+        };
         st.role = Role::Owner {
             followers: Vec::new(),
         };
@@ -673,8 +1007,9 @@ impl Topic {
             self.reset_subscribers(&st);
             stats.relay.resets.inc();
         }
+        let used = self.release_held(&mut st, held, idem, stats);
         drop(st);
-        self.changed.notify_waiters();
+        self.after_deliver(used);
         self.synced.notify_waiters();
     }
 
@@ -698,6 +1033,20 @@ impl Topic {
         match old {
             Role::Owner { followers } => followers.into_iter().map(|f| f.link).collect(),
             Role::Mirror { .. } => Vec::new(),
+            Role::Receiving { held, .. } => {
+                // The ring moved on before the handoff landed: held work is refused
+                // (retryable) and its callers go to the new owner.
+                for h in held {
+                    if let Held::Publish {
+                        reply: HeldReply::Link { link, req_id },
+                        ..
+                    } = h
+                    {
+                        link.push_control(crate::relay::moved_frame(req_id, &self.name));
+                    }
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -906,7 +1255,9 @@ impl Topic {
         let mut st = self.lock();
         self.trim(&mut st, now);
         let mirror = matches!(st.role, Role::Mirror { .. });
-        let forget = st.subscribers.is_empty()
+        let receiving = matches!(st.role, Role::Receiving { .. });
+        let forget = !receiving
+            && st.subscribers.is_empty()
             && (mirror || st.history.is_empty())
             && now.duration_since(st.last_active) >= idle_ttl;
         if forget {
