@@ -296,3 +296,52 @@ impl JsonBody for reqwest::Response {
         serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
     }
 }
+
+/// `POST /v1/admin/drain` on a standalone node drains it as SIGTERM does: readiness
+/// goes false at once, sessions are told to reconnect, and the node stops serving
+/// within its grace period without any signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_drain_stops_a_standalone_node_within_its_grace() {
+    let mut config = weft_node::Config::default();
+    config.timing.shutdown_grace_ms = 1000;
+    let node = weft_node::Node::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(weft_node::server::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let mut ws = WsClient::connect(addr).await;
+    assert!(ws
+        .request(subscribe_cmd("drained", None))
+        .await
+        .result
+        .is_some());
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("http://{addr}/v1/admin/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert!(!node.is_ready(), "readiness goes false at once");
+    // The session is told to reconnect elsewhere before it is closed.
+    let mut told = false;
+    while let Ok(msg) = tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+        match msg {
+            support::WsIn::Msg(m) => {
+                if let Some(push) = m.push {
+                    told |= push.disconnect.is_some_and(|d| d.reconnect);
+                }
+            }
+            _ => break,
+        }
+    }
+    assert!(told, "the session got disconnect{{reconnect:true}}");
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the node stops within its grace")
+        .unwrap()
+        .unwrap();
+}
