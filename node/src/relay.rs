@@ -170,6 +170,15 @@ impl LinkQueue {
         self.lock().closed
     }
 
+    /// The oldest queued frame (unit tests look at what a topic queued).
+    #[cfg(test)]
+    pub fn take_for_test(&self) -> Option<Bytes> {
+        let mut q = self.lock();
+        let f = q.frames.pop_front()?;
+        q.bytes -= f.len();
+        Some(f)
+    }
+
     /// Resolves once everything queued has been handed to gRPC (or the link closed).
     async fn flushed(&self) {
         loop {

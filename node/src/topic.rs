@@ -1255,8 +1255,16 @@ impl Topic {
         let mut st = self.lock();
         self.trim(&mut st, now);
         let mirror = matches!(st.role, Role::Mirror { .. });
-        let receiving = matches!(st.role, Role::Receiving { .. });
-        let forget = !receiving
+        // Held work, or peers that follow it, keep a topic alive like local subscribers.
+        if let Role::Owner { followers } = &mut st.role {
+            followers.retain(|f| !f.link.is_closed());
+        }
+        let busy = match &st.role {
+            Role::Receiving { .. } => true,
+            Role::Owner { followers } => !followers.is_empty(),
+            Role::Mirror { .. } => false,
+        };
+        let forget = !busy
             && st.subscribers.is_empty()
             && (mirror || st.history.is_empty())
             && now.duration_since(st.last_active) >= idle_ttl;
@@ -1333,6 +1341,7 @@ mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
     use crate::outbox::Frame;
+    use prost::Message;
 
     fn topic(history_size: usize) -> Topic {
         let ns = NamespaceConfig {
@@ -1574,5 +1583,218 @@ mod tests {
             Instant::now() + Duration::from_secs(61),
             Duration::from_secs(60)
         ));
+    }
+
+    fn relayed(epoch: &str, offset: u64) -> Relayed {
+        Relayed {
+            epoch: epoch.into(),
+            offset,
+            ts: 0,
+            kind: None,
+            data: Bytes::from(offset.to_string()),
+        }
+    }
+
+    fn mirror(owner: &str) -> Topic {
+        Topic::new_mirror(
+            "t".into(),
+            Arc::new(NamespaceConfig::default()),
+            owner.into(),
+            Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
+        )
+    }
+
+    fn subscribe_to(t: &Topic) -> Arc<Outbox> {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let sub = Subscriber {
+            outbox: outbox.clone(),
+            client: "c".into(),
+            user: None,
+            wants_presence: false,
+        };
+        t.subscribe(1, sub, None, false, usize::MAX, |_| {})
+            .unwrap()
+            .unwrap();
+        outbox
+    }
+
+    fn drain(outbox: &Outbox) -> Vec<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        while outbox.queued_bytes() > 0 {
+            rt.block_on(outbox.next_batch(&mut out, usize::MAX))
+                .unwrap();
+        }
+        out.into_iter()
+            .map(|e| match e.frame {
+                Frame::Event(ev) => format!("{}:{}", ev.epoch, ev.offset),
+                Frame::Reset { epoch, offset, .. } => format!("reset {epoch}:{offset}"),
+                Frame::Control(_) => "control".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mirror_serves_nothing_until_its_snapshot_then_follows_in_order() {
+        let stats = Stats::detached();
+        let t = mirror("o");
+        let owner: Arc<str> = "o".into();
+        assert!(!t.is_ready());
+        assert!(t.cursor().is_err(), "a fresh mirror has no state to serve");
+        let out = t.apply_followed(
+            &owner,
+            false,
+            "ep",
+            2,
+            vec![relayed("ep", 1), relayed("ep", 2)],
+            &stats,
+        );
+        assert_eq!(out, FollowOutcome::Adopted);
+        assert!(t.is_ready());
+        assert_eq!(t.cursor().unwrap(), Cursor::new("ep", 2));
+        let outbox = subscribe_to(&t);
+        assert_eq!(
+            t.apply_relayed("o", relayed("ep", 3), &stats),
+            Applied::Delivered
+        );
+        assert_eq!(
+            t.apply_relayed("o", relayed("ep", 3), &stats),
+            Applied::Stale
+        );
+        assert_eq!(
+            t.apply_relayed("x", relayed("ep", 4), &stats),
+            Applied::NotFollowing,
+            "only the owner's stream is applied"
+        );
+        // A hole is never delivered: the mirror detaches.
+        assert_eq!(t.apply_relayed("o", relayed("ep", 5), &stats), Applied::Gap);
+        assert!(!t.is_ready());
+        assert_eq!(
+            t.apply_relayed("o", relayed("ep", 4), &stats),
+            Applied::NotFollowing
+        );
+        // The next snapshot reaches back to it: the missed events are delivered.
+        let hist = (2..=5).map(|o| relayed("ep", o)).collect();
+        assert_eq!(
+            t.apply_followed(&owner, false, "ep", 5, hist, &stats),
+            FollowOutcome::CaughtUp(2)
+        );
+        assert_eq!(drain(&outbox), ["ep:3", "ep:4", "ep:5"]);
+        // One that does not (or another epoch) resets the sessions to the owner's cursor.
+        t.set_mirror_sync(MirrorSync::Detached);
+        let out = t.apply_followed(&owner, false, "ep2", 7, vec![relayed("ep2", 7)], &stats);
+        assert_eq!(out, FollowOutcome::Reset);
+        assert_eq!(drain(&outbox), ["reset ep2:7"]);
+        assert_eq!(t.cursor().unwrap(), Cursor::new("ep2", 7));
+    }
+
+    #[test]
+    fn handoff_keeps_epoch_offsets_idempotency_and_runs_held_work_in_order() {
+        let stats = Stats::detached();
+        let idem = (Duration::from_secs(60), 100);
+        let old = topic(100);
+        for k in ["k1", "k2", "k3"] {
+            old.publish(Bytes::from_static(b"1"), None, Some(k), idem, &stats)
+                .unwrap()
+                .unwrap();
+        }
+        let link = Arc::new(LinkQueue::default());
+        let to: Arc<str> = "new".into();
+        assert!(old.hand_off(&to, &link, 7, 1 << 20).is_some());
+        assert_eq!(
+            old.publish(Bytes::from_static(b"1"), None, None, idem, &stats)
+                .unwrap()
+                .unwrap_err(),
+            Elsewhere::Owner(to.clone()),
+            "the old owner sequences nothing after the handoff"
+        );
+        let frame = link.take_for_test().expect("the handoff frame");
+        let h = match weft_proto::grpc::RelayFrame::decode(frame).unwrap().kind {
+            Some(weft_proto::grpc::relay_frame::Kind::Handoff(h)) => h,
+            other => panic!("expected a handoff, got {other:?}"),
+        };
+        assert_eq!(
+            (h.epoch.as_str(), h.last_offset, h.history.len()),
+            ("ep", 3, 3)
+        );
+        assert_eq!(h.idempotency.len(), 3);
+
+        // The new owner was waiting, with a publish held.
+        let new = Topic::new_receiving(
+            "t".into(),
+            Arc::new(NamespaceConfig::default()),
+            "old".into(),
+            Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
+        );
+        assert_eq!(
+            new.publish(Bytes::from_static(b"1"), None, None, idem, &stats)
+                .unwrap()
+                .unwrap_err(),
+            Elsewhere::Moving
+        );
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let held = Held::Publish {
+            data: Bytes::from_static(b"2"),
+            kind: None,
+            key: None,
+            reply: HeldReply::Local(tx),
+        };
+        assert!(matches!(new.hold(held), Hold::Held));
+        let handover = Handover {
+            epoch: h.epoch,
+            last_offset: h.last_offset,
+            history: h
+                .history
+                .into_iter()
+                .map(|e| relayed("ep", e.offset))
+                .collect(),
+            idempotency: h
+                .idempotency
+                .into_iter()
+                .map(|e| (e.key, e.offset, Duration::from_millis(e.age_ms)))
+                .collect(),
+        };
+        assert!(new.apply_handoff("old", handover, idem, &stats));
+        let held = rx
+            .try_recv()
+            .expect("the held publish ran when the state landed");
+        assert_eq!(
+            (&*held.epoch, held.offset),
+            ("ep", 4),
+            "same epoch, next offset"
+        );
+        let replay = new
+            .publish(Bytes::from_static(b"1"), None, Some("k2"), idem, &stats)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (replay.offset, replay.duplicate),
+            (2, true),
+            "idempotency moved too"
+        );
+        let page = new.read(Some(&Cursor::new("ep", 0)), 100).unwrap().unwrap();
+        assert_eq!(page.events.len(), 4, "history moved with it");
+    }
+
+    #[test]
+    fn an_owner_with_followers_is_not_forgotten() {
+        let t = topic(10);
+        let link = Arc::new(LinkQueue::default());
+        t.follow(&"peer".into(), &link, 1 << 20).unwrap().unwrap();
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert!(
+            !t.sweep(later, Duration::from_secs(60)),
+            "a peer follows it"
+        );
+        link.close();
+        assert!(
+            t.sweep(later, Duration::from_secs(60)),
+            "its follower is gone"
+        );
     }
 }
