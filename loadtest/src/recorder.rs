@@ -120,8 +120,7 @@ impl Recorder {
         self.shard(hint).connect.record(latency_us).ok();
     }
 
-    /// A subscription's first subscribe answered `latency_us` after it was sent (or,
-    /// on a subscribe schedule, after it was due).
+    /// A subscription's first subscribe answered `latency_us` after it was sent.
     pub fn subscribe(&self, hint: usize, latency_us: u64) {
         self.shard(hint).subscribe.record(latency_us).ok();
     }

@@ -91,8 +91,8 @@ pub struct Report {
     pub connect_per_s: f64,
     /// Connect latency: session usable − scheduled connect time.
     pub connect_latency_us: Percentiles,
-    /// WebSocket subscribe latency: reply − the subscription's first subscribe (its
-    /// scheduled time in `subscribe`, else when it was sent).
+    /// WebSocket subscribe latency: reply − sending of each subscription's first
+    /// subscribe.
     #[serde(default)]
     pub subscribe_latency_us: Percentiles,
     /// Subscribe commands answered with an error, plus subscriptions never answered

@@ -8,8 +8,9 @@
 //!
 //! Subscribes go out as soon as the session is up, except a subscription's first
 //! subscribe on a subscribe schedule (`subscribe`), which waits for its due time in the
-//! load. The time from sending a first subscribe (or from its due time, on a schedule:
-//! open loop) to its reply is the subscribe latency; error replies are counted.
+//! load. The time from sending a first subscribe to its reply is the subscribe latency
+//! (subscribes are pipelined: a slow reply never holds back the next send); error
+//! replies are counted.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -50,9 +51,7 @@ struct SubscribeQueue {
     /// The load's start; `None` until the ramp is over (schedule only).
     start: Option<Instant>,
     start_rx: Option<watch::Receiver<Option<Instant>>>,
-    scheduled: bool,
-    /// The instant each sent subscribe is measured from (due time on a schedule, send
-    /// time otherwise), by subscription index.
+    /// When each subscription's subscribe was sent in this session, by index.
     asked: Vec<Option<Instant>>,
 }
 
@@ -74,20 +73,16 @@ impl SubscribeQueue {
             queue: queue.into(),
             start,
             start_rx,
-            scheduled: sh.schedule.is_some(),
             asked: vec![None; n],
         }
     }
 
-    /// The next subscription whose subscribe is due by `now`, with the instant its
-    /// latency counts from.
-    fn next_due(&mut self, now: Instant) -> Option<(usize, Instant)> {
-        let at = self.next_at()?;
-        if at > now {
+    /// The next subscription whose subscribe is due by `now`.
+    fn next_due(&mut self, now: Instant) -> Option<usize> {
+        if self.next_at()? > now {
             return None;
         }
-        let (_, i) = self.queue.pop_front()?;
-        Some((i, if self.scheduled { at } else { now }))
+        self.queue.pop_front().map(|(_, i)| i)
     }
 
     fn next_at(&self) -> Option<Instant> {
@@ -154,19 +149,20 @@ pub async fn session(
     let mut due = SubscribeQueue::new(sub, sh);
     let mut reconnect_after: Option<Duration> = None;
     loop {
-        while let Some((i, asked)) = due.next_due(Instant::now()) {
+        while let Some(i) = due.next_due(Instant::now()) {
             let cmd = Command::Subscribe(SubscribeCmd {
                 topic: sh.topics[sub.topics[i]].clone(),
                 since: sub.tracks[i].cursor().map(|c| c.to_string()),
                 snapshot: false,
             });
+            let sent = Instant::now();
             if let Err(e) = ws
                 .send(Message::text(cmd.to_line(Some(i as u64 + 1))))
                 .await
             {
                 return SessionEnd::Failed(anyhow::Error::new(e).context("sending subscribe"));
             }
-            due.asked[i] = Some(asked);
+            due.asked[i] = Some(sent);
         }
         let next = due.next_at();
         let wake = tokio::select! {
