@@ -3,6 +3,8 @@
 //! node with a raw tonic client: it joins the node's embedded router as a member, then
 //! dials the node's relay the way another node would.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,7 +33,10 @@ struct Clustered {
 
 impl Clustered {
     async fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("weft-relay-bad-{}", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("weft-relay-peer-{}-{seq}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -392,6 +397,115 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
     // bystander publishes after it, nothing else.
     let state = node.get(&format!("/v1/topics/{mine}")).await;
     assert_eq!(state["offset"], 5, "{state}");
+    beat.abort();
+    node.stop().await;
+}
+
+/// A peer whose link stops reading never stalls the owner: past the link's budget the
+/// owner drops it from the topic's followers, says `Lagged`, counts it, and keeps
+/// publishing and delivering locally at full speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_peer_never_stalls_the_owner() {
+    let node = Clustered::start().await;
+    let router = RouterClient::new(vec![node.grpc.to_string()]);
+    router.join(FAKE, "127.0.0.1:9", "", 0).await.unwrap();
+    let beat = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = router.heartbeat(FAKE, 0, 0).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    node.wait_for(|v| v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0)
+        .await;
+    let mut mine = None;
+    for i in 0..200 {
+        let t = format!("lag-{i}");
+        if node.get(&format!("/v1/cluster/owner/{t}")).await["owner"] == NODE_ID {
+            mine = Some(t);
+            break;
+        }
+    }
+    let mine = mine.unwrap();
+    let mut link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
+    link.send(vec![frame(Kind::Follow(grpc::Follow {
+        topic: mine.clone(),
+        ring_version: 0,
+    }))])
+    .await;
+    loop {
+        if let Kind::Followed(_) = link.next().await.unwrap().expect("link open") {
+            break;
+        }
+    }
+    // A local subscriber on the owner, and a peer that stops reading its link.
+    let mut local = support::WsClient::connect(node.http).await;
+    assert!(local
+        .request(support::subscribe_cmd(&mine, None))
+        .await
+        .result
+        .is_some());
+    let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(32 * 1024));
+    let n = 1200; // ~39 MB: well past the link's 16 MB event budget
+    let reader = tokio::spawn(async move {
+        let mut offsets = Vec::with_capacity(n);
+        while offsets.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), local.next_event()).await {
+                Ok(Some(d)) => offsets.push(d.offset),
+                _ => break,
+            }
+        }
+        offsets
+    });
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let status = node
+            .client
+            .post(format!("http://{}/v1/topics/{mine}/events", node.http))
+            .body(payload.clone())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+        slowest = slowest.max(t0.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a publish waited {slowest:?} on the stalled peer"
+    );
+    // The local subscriber got every event, in order.
+    let got = reader.await.unwrap();
+    assert_eq!(
+        got,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "every event, in order"
+    );
+    let lagged = node.metric_at_least("weft_relay_lagged_total", 1).await;
+    assert!(lagged >= 1, "the lagging peer was counted");
+    // Reading again, the peer finds the Lagged notice after the events that fit.
+    let mut events = 0u64;
+    let saw_lagged = loop {
+        match link.next().await.unwrap() {
+            Some(Kind::Event(_)) => events += 1,
+            Some(Kind::Lagged(l)) => break l.topic == mine,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(saw_lagged, "the peer is told it lagged");
+    assert!(
+        events < n as u64,
+        "the owner stopped relaying to it ({events} of {n} were queued)"
+    );
+    eprintln!(
+        "{n} publishes in {:?}; {events} relayed before the cut",
+        started.elapsed()
+    );
     beat.abort();
     node.stop().await;
 }
