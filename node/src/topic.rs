@@ -862,15 +862,27 @@ impl Topic {
 
     fn append_relayed(&self, st: &mut TopicState, ev: Relayed, stats: &Stats) -> usize {
         st.last_offset = ev.offset;
-        let stored = Arc::new(StoredEvent::new(
+        let stored = self.stored(&st.epoch, ev);
+        self.deliver(st, &stored, Instant::now(), stats)
+    }
+
+    /// A relayed event as this node stores it (the owner's epoch, offset and time).
+    fn stored(&self, epoch: &Arc<str>, ev: Relayed) -> Arc<StoredEvent> {
+        Arc::new(StoredEvent::new(
             self.name.clone(),
-            st.epoch.clone(),
+            epoch.clone(),
             ev.offset,
             ev.ts,
             ev.kind,
             ev.data,
-        ));
-        self.deliver(st, &stored, Instant::now(), stats)
+        ))
+    }
+
+    /// Drops all history (and gives its bytes back to the budget).
+    fn clear_history(&self, st: &mut TopicState) {
+        let freed = std::mem::take(&mut st.history_bytes);
+        st.history.clear();
+        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
     }
 
     /// Mirror: applies the owner's `Followed` snapshot. A fresh mirror adopts it; one
@@ -938,21 +950,11 @@ impl Topic {
             return (FollowOutcome::CaughtUp(n), used);
         }
         // Replace the copy wholesale with the owner's.
-        let freed = st.history_bytes;
-        st.history.clear();
-        st.history_bytes = 0;
-        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        self.clear_history(st);
         st.epoch = epoch.into();
         let now = Instant::now();
         for ev in history {
-            let stored = Arc::new(StoredEvent::new(
-                self.name.clone(),
-                st.epoch.clone(),
-                ev.offset,
-                ev.ts,
-                ev.kind,
-                ev.data,
-            ));
+            let stored = self.stored(&st.epoch, ev);
             let cost = stored.cost();
             st.history.push_back(stored);
             st.history_bytes += cost;
@@ -996,10 +998,7 @@ impl Topic {
             followers: Vec::new(),
         };
         let had_state = !st.epoch.is_empty();
-        let freed = st.history_bytes;
-        st.history.clear();
-        st.history_bytes = 0;
-        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        self.clear_history(&mut st);
         st.epoch = epoch;
         st.last_offset = 0;
         st.idempotency = Idempotency::default();
@@ -1272,9 +1271,8 @@ impl Topic {
             st.dead = true;
             if mirror {
                 // A mirror's history is a copy: give its budget back.
-                let freed = std::mem::take(&mut st.history_bytes);
+                self.clear_history(&mut st);
                 st.history = VecDeque::new();
-                self.budget.used.fetch_sub(freed, Ordering::Relaxed);
             }
         }
         forget

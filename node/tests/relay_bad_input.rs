@@ -229,6 +229,34 @@ fn publish(req_id: u64, topic: &str, data: &[u8], ring_version: u64) -> Bytes {
     }))
 }
 
+/// Joins the node's router as the fake peer and keeps it alive; returns once the
+/// ring gives it slots (the heartbeat task ends with the test).
+async fn join_fake_peer(node: &Clustered) -> (tokio::task::JoinHandle<()>, u64) {
+    let router = RouterClient::new(vec![node.grpc.to_string()]);
+    router.join(FAKE, "127.0.0.1:9", "", 0).await.unwrap();
+    let beat = tokio::spawn(async move {
+        loop {
+            let _ = router.heartbeat(FAKE, 0, 0).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let view = node
+        .wait_for(|v| v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0)
+        .await;
+    (beat, view["ring"]["version"].as_u64().unwrap())
+}
+
+/// The first of `prefix-0`, `prefix-1`, … that `owner` owns.
+async fn topic_owned_by(node: &Clustered, prefix: &str, owner: &str) -> String {
+    for i in 0..500 {
+        let t = format!("{prefix}-{i}");
+        if node.get(&format!("/v1/cluster/owner/{t}")).await["owner"] == owner {
+            return t;
+        }
+    }
+    panic!("no {prefix}-N topic is owned by {owner}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
     let node = Clustered::start().await;
@@ -251,34 +279,9 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
     assert_eq!(err.map(|s| s.code()), Some(tonic::Code::InvalidArgument));
 
     // Become a member (joined and heartbeating, so it gets slots).
-    let router = RouterClient::new(vec![node.grpc.to_string()]);
-    router.join(FAKE, "127.0.0.1:9", "", 0).await.unwrap();
-    let beat = {
-        let router = router.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = router.heartbeat(FAKE, 0, 0).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
-    let view = node
-        .wait_for(|v| v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0)
-        .await;
-    let ring_version = view["ring"]["version"].as_u64().unwrap();
-
-    // Topics the node owns and topics the fake peer owns under this ring.
-    let (mut mine, mut theirs) = (None, None);
-    for i in 0..200 {
-        let t = format!("relay-{i}");
-        let owner = node.get(&format!("/v1/cluster/owner/{t}")).await["owner"].clone();
-        if owner == NODE_ID && mine.is_none() {
-            mine = Some(t);
-        } else if owner == FAKE && theirs.is_none() {
-            theirs = Some(t);
-        }
-    }
-    let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
+    let (beat, ring_version) = join_fake_peer(&node).await;
+    let mine = topic_owned_by(&node, "relay", NODE_ID).await;
+    let theirs = topic_owned_by(&node, "relay", FAKE).await;
 
     let mut link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
     // Bad topic, bad data, stale ring: each answered with its status, by request id.
@@ -407,28 +410,8 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_peer_never_stalls_the_owner() {
     let node = Clustered::start().await;
-    let router = RouterClient::new(vec![node.grpc.to_string()]);
-    router.join(FAKE, "127.0.0.1:9", "", 0).await.unwrap();
-    let beat = {
-        let router = router.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = router.heartbeat(FAKE, 0, 0).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
-    node.wait_for(|v| v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0)
-        .await;
-    let mut mine = None;
-    for i in 0..200 {
-        let t = format!("lag-{i}");
-        if node.get(&format!("/v1/cluster/owner/{t}")).await["owner"] == NODE_ID {
-            mine = Some(t);
-            break;
-        }
-    }
-    let mine = mine.unwrap();
+    let (beat, _) = join_fake_peer(&node).await;
+    let mine = topic_owned_by(&node, "lag", NODE_ID).await;
     let mut link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
     link.send(vec![frame(Kind::Follow(grpc::Follow {
         topic: mine.clone(),
