@@ -13,13 +13,20 @@
 //! subscriber that stamps each event with its topic's epoch and surfaces resets
 //! ([`Watcher`]), a multi-topic SSE reader ([`MultiSse`]) and bounded polling
 //! ([`wait_for`], [`wait_until`]).
+//!
+//! For membership changes under load: nodes are stopped gracefully
+//! ([`ProcCluster::sigterm_node`], [`NodeApi::drain`], then
+//! [`ProcCluster::await_exit`]) and started again on the same id, addresses and data
+//! dir ([`ProcCluster::restart_node`]); [`Roaming`] subscribers (WebSocket or
+//! multi-topic SSE) follow a drain or a crash to another node and resume from their
+//! cursors, logging everything they saw for the test to judge.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -196,8 +203,40 @@ impl Drop for Proc {
 }
 
 struct NodeProc {
-    _proc: Proc,
+    proc: Proc,
     api: NodeApi,
+}
+
+/// How the cluster's nodes are started (the same for every node and restart).
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// `--shutdown-grace-ms`: sessions are closed over its first half on a drain.
+    pub shutdown_grace_ms: u64,
+    /// `--reconnect-jitter-ms`: the largest `after_ms` a drained session is told.
+    pub reconnect_jitter_ms: Option<u64>,
+    /// The nodes' `RUST_LOG`.
+    pub log_filter: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            shutdown_grace_ms: 1000,
+            reconnect_jitter_ms: None,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// What a node is started with; kept after it stops so that it restarts the same.
+#[derive(Debug, Clone)]
+struct NodeSpec {
+    dir: PathBuf,
+    log: PathBuf,
+    /// `ip:0` until the first start, then the bound addresses (reused on restart).
+    http: String,
+    grpc: String,
+    quic: String,
 }
 
 /// Three routers and the nodes added so far.
@@ -211,6 +250,9 @@ pub struct ProcCluster {
     /// One client per router, kept across its restarts (the address does not change).
     router_clients: BTreeMap<u64, RouterClient>,
     nodes: BTreeMap<String, NodeProc>,
+    /// Every node ever added, running or not.
+    specs: BTreeMap<String, NodeSpec>,
+    node_options: NodeOptions,
     /// Nodes ever added: the next one gets `127.0.0.{base + 11 + added}`.
     added: u8,
     /// Every log file, printed if the test fails.
@@ -231,6 +273,24 @@ impl ProcCluster {
         base: u8,
         nodes: &[&str],
         heartbeat_timeout_ms: u64,
+    ) -> Self {
+        Self::start_with_options(
+            name,
+            base,
+            nodes,
+            heartbeat_timeout_ms,
+            NodeOptions::default(),
+        )
+        .await
+    }
+
+    /// [`ProcCluster::start_with`], the nodes started with `node_options`.
+    pub async fn start_with_options(
+        name: &str,
+        base: u8,
+        nodes: &[&str],
+        heartbeat_timeout_ms: u64,
+        node_options: NodeOptions,
     ) -> Self {
         assert!(
             (2..=230).contains(&base),
@@ -255,6 +315,8 @@ impl ProcCluster {
             routers: BTreeMap::new(),
             router_clients,
             nodes: BTreeMap::new(),
+            specs: BTreeMap::new(),
+            node_options,
             added: 0,
             logs: Vec::new(),
             http: reqwest::Client::new(),
@@ -363,33 +425,60 @@ impl ProcCluster {
     /// Starts node `name` (also its node id) on the next loopback address, pointed at the
     /// three routers, and waits for its ready file and `/readyz`.
     pub async fn add_node(&mut self, name: &str) -> NodeApi {
-        assert!(!self.nodes.contains_key(name), "node {name} exists");
+        assert!(!self.specs.contains_key(name), "node {name} exists");
         let ip = format!("127.0.0.{}", self.base + 11 + self.added);
         self.added += 1;
         let dir = self.root.join(format!("node-{name}"));
         std::fs::create_dir_all(&dir).expect("create the node's directory");
-        let ready = dir.join("ready.json");
         let log = self.root.join(format!("node-{name}.log"));
         self.logs.push((format!("node {name}"), log.clone()));
-        let out = log_file(&log);
+        let spec = NodeSpec {
+            dir,
+            log,
+            http: format!("{ip}:0"),
+            grpc: format!("{ip}:0"),
+            quic: format!("{ip}:0"),
+        };
+        self.specs.insert(name.into(), spec);
+        self.spawn_node(name).await
+    }
+
+    /// Starts node `name` again after it stopped: the same node id, HTTP and gRPC
+    /// addresses, data dir and options. Waits for its ready file and `/readyz`.
+    pub async fn restart_node(&mut self, name: &str) -> NodeApi {
+        assert!(self.specs.contains_key(name), "node {name} was never added");
+        self.spawn_node(name).await
+    }
+
+    async fn spawn_node(&mut self, name: &str) -> NodeApi {
+        assert!(!self.nodes.contains_key(name), "node {name} is running");
+        let spec = self.specs[name].clone();
+        let ready = spec.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let out = log_file(&spec.log);
         let routers = self
             .router_addrs
             .values()
             .cloned()
             .collect::<Vec<_>>()
             .join(",");
-        let child = command(Path::new(env!("CARGO_BIN_EXE_weft-node")))
-            .args(["--node-id", name])
-            .args(["--http-listen", &format!("{ip}:0")])
-            .args(["--grpc-listen", &format!("{ip}:0")])
-            .args(["--quic-listen", &format!("{ip}:0")])
+        let opts = &self.node_options;
+        let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_weft-node")));
+        cmd.args(["--node-id", name])
+            .args(["--http-listen", &spec.http])
+            .args(["--grpc-listen", &spec.grpc])
+            .args(["--quic-listen", &spec.quic])
             .args(["--router", &routers])
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(spec.dir.join("data"))
             .arg("--ready-file")
             .arg(&ready)
-            .args(["--shutdown-grace-ms", "1000"])
-            .env("RUST_LOG", "info")
+            .args(["--shutdown-grace-ms", &opts.shutdown_grace_ms.to_string()]);
+        if let Some(jitter) = opts.reconnect_jitter_ms {
+            cmd.args(["--reconnect-jitter-ms", &jitter.to_string()]);
+        }
+        let child = cmd
+            .env("RUST_LOG", &opts.log_filter)
             .stdout(out.try_clone().expect("clone the log handle"))
             .stderr(out)
             .spawn()
@@ -401,6 +490,14 @@ impl ProcCluster {
             .as_str()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("node {name}: ready file without an http address: {bound}"));
+        let grpc = bound["grpc"]
+            .as_str()
+            .unwrap_or_else(|| panic!("node {name}: ready file without a grpc address: {bound}"));
+        {
+            let spec = self.specs.get_mut(name).expect("spec");
+            spec.http = addr.to_string();
+            spec.grpc = grpc.to_owned();
+        }
         let api = NodeApi {
             name: name.into(),
             addr,
@@ -418,11 +515,50 @@ impl ProcCluster {
         self.nodes.insert(
             name.into(),
             NodeProc {
-                _proc: proc,
+                proc,
                 api: api.clone(),
             },
         );
         api
+    }
+
+    /// Sends SIGTERM to node `name` (by its PID): it drains and exits; see
+    /// [`ProcCluster::await_exit`].
+    pub fn sigterm_node(&self, name: &str) {
+        let pid = self
+            .nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("node {name} is not running"))
+            .proc
+            .0
+            .id();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} (node {name}): {status}");
+    }
+
+    /// Waits for node `name` to exit on its own (after a SIGTERM or a drain), for at
+    /// most `within`; then it is no longer running. Panics if it is still up.
+    pub async fn await_exit(&mut self, name: &str, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = self
+                .nodes
+                .get_mut(name)
+                .unwrap_or_else(|| panic!("node {name} is not running"));
+            if let Some(status) = n.proc.0.try_wait().expect("poll the node") {
+                self.nodes.remove(name);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {name} did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// SIGKILLs node `name`.
@@ -592,6 +728,18 @@ impl NodeApi {
     /// `GET /v1/cluster`.
     pub async fn cluster(&self) -> Value {
         self.get_json("/v1/cluster").await
+    }
+
+    /// `POST /v1/admin/drain`; the node answers `202` and drains as on SIGTERM.
+    pub async fn drain(&self) {
+        let resp = self
+            .http
+            .post(self.url("/v1/admin/drain"))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} POST /v1/admin/drain: {e}", self.name));
+        assert_eq!(resp.status(), 202, "{} POST /v1/admin/drain", self.name);
     }
 
     /// `GET /v1/cluster/owner/{topic}`.
@@ -985,5 +1133,763 @@ impl MultiSse {
             }
         }
         tally.got
+    }
+}
+
+/// How long a roaming client keeps trying to find a node that takes its session back.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
+/// The longest `after_ms` a roaming client honours before reconnecting.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// A roaming WebSocket client told `disconnect` waits this long for the close frame.
+const CLOSE_AFTER_PUSH: Duration = Duration::from_secs(2);
+/// Times a roaming client asks again for a subscription refused as retryable (503, 429).
+const SUBSCRIBE_ATTEMPTS: u32 = 40;
+const SUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
+
+/// The nodes roaming clients may (re)connect to, in order, shared with the test (which
+/// adds a node once it has joined). A restarted node keeps its address.
+#[derive(Clone, Default)]
+pub struct Targets(Arc<Mutex<Vec<NodeApi>>>);
+
+impl Targets {
+    pub fn new(apis: Vec<NodeApi>) -> Self {
+        Self(Arc::new(Mutex::new(apis)))
+    }
+
+    pub fn add(&self, api: NodeApi) {
+        lock_log(&self.0).push(api);
+    }
+
+    pub fn all(&self) -> Vec<NodeApi> {
+        lock_log(&self.0).clone()
+    }
+
+    /// Every target, starting with the one after `name`: a client leaving `name` tries
+    /// the others first and `name` last.
+    pub fn after(&self, name: &str) -> Vec<NodeApi> {
+        let all = self.all();
+        let i = all.iter().position(|a| a.name == name).map_or(0, |i| i + 1);
+        all[i..].iter().chain(&all[..i]).cloned().collect()
+    }
+}
+
+fn lock_log<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One thing a roaming subscriber saw on a topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Obs {
+    /// An event. Its epoch is the envelope's (SSE) or, as WebSocket pushes carry none,
+    /// the topic's epoch as the latest subscribe reply or `reset` gave it.
+    Event {
+        epoch: String,
+        offset: u64,
+        data: Value,
+    },
+    /// A `reset` push / `event: reset`, or a resume answered `recovered:false`: the
+    /// topic goes on from `epoch:offset`.
+    Reset { epoch: String, offset: u64 },
+}
+
+/// Everything a roaming subscriber saw, for the test to judge afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct SubLog {
+    /// WebSocket: per topic, the cursor of the first subscribe reply (without a cursor:
+    /// from now). SSE watches opened "from now" record none.
+    pub start: BTreeMap<String, (String, u64)>,
+    /// Per topic, in arrival order.
+    pub seen: BTreeMap<String, Vec<Obs>>,
+    /// Each session held, in order: its node and how it ended.
+    pub sessions: Vec<String>,
+    /// Every `disconnect` push / `event: disconnect` and the node that sent it.
+    pub disconnects: Vec<(String, weft_proto::DisconnectPush)>,
+    /// What the protocol should never produce (a `skipped` push, an unparsable line, a
+    /// subscribe refused for good, no node taking the session back…).
+    pub anomalies: Vec<String>,
+}
+
+impl SubLog {
+    /// The cursor after the last thing seen on `topic` (an event or a reset).
+    pub fn position(&self, topic: &str) -> Option<(String, u64)> {
+        self.seen
+            .get(topic)
+            .and_then(|obs| obs.last())
+            .map(|o| match o {
+                Obs::Event { epoch, offset, .. } | Obs::Reset { epoch, offset } => {
+                    (epoch.clone(), *offset)
+                }
+            })
+    }
+
+    fn record(&mut self, topic: &str, obs: Obs) {
+        self.seen.entry(topic.to_owned()).or_default().push(obs);
+    }
+}
+
+/// A subscriber that survives its node: told `disconnect` (or cut off), it waits the
+/// `after_ms` it was told (capped), connects to another node of its [`Targets`] and
+/// resumes every topic from its cursor — WebSocket `subscribe` with `since`, SSE with
+/// the last `id:` as `Last-Event-ID` — as a well-behaved client does. It logs all it
+/// sees ([`SubLog`]); it judges nothing.
+pub struct Roaming {
+    pub name: String,
+    log: Arc<Mutex<SubLog>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How a roaming client's session ended.
+enum Ended {
+    Stop,
+    Gone {
+        why: String,
+        /// The `after_ms` of a `disconnect` it was told first.
+        told: Option<u64>,
+    },
+}
+
+impl Roaming {
+    /// A WebSocket client on `first`, subscribed (without cursors: from now) to every
+    /// topic when this returns.
+    pub async fn websocket(
+        name: &str,
+        targets: &Targets,
+        first: &NodeApi,
+        topics: &[String],
+    ) -> Self {
+        let ws = ws_open(first)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: connect: {e}"));
+        let log = Arc::new(Mutex::new(SubLog::default()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let roamer = WsRoamer {
+            name: name.into(),
+            topics: topics.to_vec(),
+            targets: targets.clone(),
+            cursors: topics.iter().map(|t| (t.clone(), None)).collect(),
+            log: log.clone(),
+            stop: stopped,
+            ready: Some(ready_tx),
+        };
+        let task = tokio::spawn(roamer.run(first.clone(), ws));
+        let ready = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
+        if !matches!(ready, Ok(Ok(()))) {
+            panic!(
+                "{name}: not subscribed to every topic on {} within 30 s: {:?}",
+                first.name,
+                lock_log(&log).anomalies
+            );
+        }
+        Self {
+            name: name.into(),
+            log,
+            stop,
+            task,
+        }
+    }
+
+    /// A multi-topic SSE watch (`GET /v1/events?topic=…&watch=true`) on `first`, from
+    /// now, open when this returns.
+    pub async fn sse(name: &str, targets: &Targets, first: &NodeApi, topics: &[String]) -> Self {
+        let resp = sse_open(first, topics, None)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: open the watch: {e}"));
+        let log = Arc::new(Mutex::new(SubLog::default()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let roamer = SseRoamer {
+            topics: topics.to_vec(),
+            targets: targets.clone(),
+            last_id: None,
+            log: log.clone(),
+            stop: stopped,
+        };
+        let task = tokio::spawn(roamer.run(first.clone(), resp));
+        Self {
+            name: name.into(),
+            log,
+            stop,
+            task,
+        }
+    }
+
+    /// Where this subscriber is on `topic` ([`SubLog::position`]).
+    pub fn position(&self, topic: &str) -> Option<(String, u64)> {
+        lock_log(&self.log).position(topic)
+    }
+
+    /// Stops the client and returns its log.
+    pub async fn finish(self) -> SubLog {
+        self.stop.send_replace(true);
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+            lock_log(&self.log)
+                .anomalies
+                .push("the client did not stop within 10 s".into());
+        }
+        std::mem::take(&mut *lock_log(&self.log))
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A `weft.v1.json` WebSocket to `api`, or why not (refused, 503 while draining…).
+async fn ws_open(api: &NodeApi) -> Result<WsStream, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/v1/ws", api.addr)
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        weft_proto::SUBPROTOCOL_JSON
+            .parse()
+            .expect("a valid header value"),
+    );
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(e)) => Err(format!("{}: {e}", api.name)),
+        Err(_) => Err(format!("{}: connect timed out", api.name)),
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits `d`; false if the client was stopped meanwhile.
+async fn pause(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    !stopped && !*stop.borrow()
+}
+
+struct WsRoamer {
+    name: String,
+    topics: Vec<String>,
+    targets: Targets,
+    /// Per topic, the cursor to resume from: `None` until the first subscribe reply.
+    cursors: BTreeMap<String, Option<(String, u64)>>,
+    log: Arc<Mutex<SubLog>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    /// Told once every first subscribe is answered.
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// One WebSocket session's bookkeeping.
+#[derive(Default)]
+struct WsSession {
+    next_id: u64,
+    /// Subscribe commands awaiting their reply: id → topic.
+    pending: HashMap<u64, String>,
+    /// Subscribes to send again (refused as retryable): when, topic.
+    again: Vec<(tokio::time::Instant, String)>,
+    attempts: HashMap<String, u32>,
+    /// A `disconnect` push arrived: its `after_ms`, and when.
+    told: Option<(u64, tokio::time::Instant)>,
+}
+
+impl WsRoamer {
+    async fn run(mut self, first: NodeApi, ws: WsStream) {
+        let (mut node, mut ws) = (first, ws);
+        loop {
+            let ended = self.session(&node.name, &mut ws).await;
+            let (why, told) = match ended {
+                Ended::Stop => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                    return;
+                }
+                Ended::Gone { why, told } => (why, told),
+            };
+            lock_log(&self.log)
+                .sessions
+                .push(format!("{}: {why}", node.name));
+            drop(ws);
+            let delay = Duration::from_millis(told.unwrap_or(50)).min(MAX_RECONNECT_DELAY);
+            if !pause(&mut self.stop, delay).await {
+                return;
+            }
+            match self.reconnect(&node.name).await {
+                Some((api, socket)) => (node, ws) = (api, socket),
+                None => return,
+            }
+        }
+    }
+
+    /// Connects to the next target that takes a session; `None` if stopped or none did
+    /// within [`RECONNECT_WITHIN`] (an anomaly).
+    async fn reconnect(&mut self, left: &str) -> Option<(NodeApi, WsStream)> {
+        let deadline = Instant::now() + RECONNECT_WITHIN;
+        let mut last = String::new();
+        loop {
+            for api in self.targets.after(left) {
+                if *self.stop.borrow() {
+                    return None;
+                }
+                match ws_open(&api).await {
+                    Ok(ws) => return Some((api, ws)),
+                    Err(e) => last = e,
+                }
+            }
+            if Instant::now() >= deadline {
+                lock_log(&self.log).anomalies.push(format!(
+                    "{}: no node took the session back within {RECONNECT_WITHIN:?}; last: {last}",
+                    self.name
+                ));
+                return None;
+            }
+            if !pause(&mut self.stop, Duration::from_millis(200)).await {
+                return None;
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        ws: &mut WsStream,
+        s: &mut WsSession,
+        topic: &str,
+    ) -> Result<(), String> {
+        use futures_util::SinkExt;
+        s.next_id += 1;
+        let id = s.next_id;
+        let since = self.cursors[topic]
+            .as_ref()
+            .map(|(e, o)| format!("{e}:{o}"));
+        let line = subscribe_cmd(topic, since.as_deref()).to_line(Some(id));
+        s.pending.insert(id, topic.to_owned());
+        ws.send(tokio_tungstenite::tungstenite::Message::text(line))
+            .await
+            .map_err(|e| format!("send subscribe: {e}"))
+    }
+
+    async fn session(&mut self, node: &str, ws: &mut WsStream) -> Ended {
+        use tokio_tungstenite::tungstenite::Message;
+        let mut s = WsSession::default();
+        for t in self.topics.clone() {
+            if let Err(why) = self.subscribe(ws, &mut s, &t).await {
+                return Ended::Gone { why, told: None };
+            }
+        }
+        loop {
+            let again_at = s.again.iter().map(|(at, _)| *at).min();
+            let give_up_at = s.told.map(|(_, at)| at + CLOSE_AFTER_PUSH);
+            let gone = |why: String, s: &WsSession| Ended::Gone {
+                why,
+                told: s.told.map(|(after, _)| after),
+            };
+            tokio::select! {
+                r = self.stop.changed() => {
+                    if r.is_err() || *self.stop.borrow() {
+                        return Ended::Stop;
+                    }
+                }
+                _ = sleep_until_opt(again_at) => {
+                    let now = tokio::time::Instant::now();
+                    let (due, later): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut s.again).into_iter().partition(|(at, _)| *at <= now);
+                    s.again = later;
+                    for (_, t) in due {
+                        if let Err(why) = self.subscribe(ws, &mut s, &t).await {
+                            return gone(why, &s);
+                        }
+                    }
+                }
+                _ = sleep_until_opt(give_up_at) => {
+                    return gone(format!("no close within {CLOSE_AFTER_PUSH:?} of the disconnect push"), &s);
+                }
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
+                            match serde_json::from_str::<weft_proto::ServerMessage>(line) {
+                                Ok(m) => self.on_message(node, m, &mut s),
+                                Err(e) => lock_log(&self.log)
+                                    .anomalies
+                                    .push(format!("{node}: unparsable line {line}: {e}")),
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let code = frame.map(|f| u16::from(f.code));
+                        let after = if s.told.is_some() { " after the disconnect push" } else { "" };
+                        return gone(format!("closed {code:?}{after}"), &s);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return gone(format!("read error: {e}"), &s),
+                    None => return gone("connection ended".into(), &s),
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, node: &str, m: weft_proto::ServerMessage, s: &mut WsSession) {
+        if let Some(id) = m.id {
+            self.on_reply(node, id, m, s);
+            return;
+        }
+        let Some(push) = m.push else { return };
+        let mut log = lock_log(&self.log);
+        if let Some(d) = push.disconnect {
+            s.told = Some((d.after_ms, tokio::time::Instant::now()));
+            log.disconnects.push((node.to_owned(), d));
+            return;
+        }
+        let Some(topic) = push.topic else { return };
+        let Some(Some(cursor)) = self.cursors.get_mut(&topic) else {
+            log.anomalies.push(format!(
+                "{node}: a push for {topic} before its subscribe reply"
+            ));
+            return;
+        };
+        if let Some(ev) = push.event {
+            let data = serde_json::from_str(ev.data.get()).unwrap_or(Value::Null);
+            cursor.1 = ev.offset;
+            let epoch = cursor.0.clone();
+            log.record(
+                &topic,
+                Obs::Event {
+                    epoch,
+                    offset: ev.offset,
+                    data,
+                },
+            );
+        } else if let Some(r) = push.reset {
+            *cursor = (r.epoch.clone(), r.offset);
+            log.record(
+                &topic,
+                Obs::Reset {
+                    epoch: r.epoch,
+                    offset: r.offset,
+                },
+            );
+        } else if let Some(sk) = push.skipped {
+            log.anomalies
+                .push(format!("{node}: {topic}: skipped {}..={}", sk.from, sk.to));
+        }
+    }
+
+    fn on_reply(&mut self, node: &str, id: u64, m: weft_proto::ServerMessage, s: &mut WsSession) {
+        let mut log = lock_log(&self.log);
+        let Some(topic) = s.pending.remove(&id) else {
+            log.anomalies
+                .push(format!("{node}: a reply to unknown command {id}"));
+            return;
+        };
+        if let Some(e) = m.error {
+            let n = s.attempts.entry(topic.clone()).or_insert(0);
+            *n += 1;
+            if matches!(e.code, 429 | 503) && *n < SUBSCRIBE_ATTEMPTS {
+                s.again
+                    .push((tokio::time::Instant::now() + SUBSCRIBE_RETRY, topic));
+            } else {
+                log.anomalies.push(format!(
+                    "{node}: subscribe to {topic} refused (attempt {n}): {} {}",
+                    e.code, e.message
+                ));
+            }
+            return;
+        }
+        let parsed = m.result.as_ref().map(|raw| {
+            serde_json::from_str::<weft_proto::SubscribeResult>(raw.get())
+                .map_err(|e| format!("{e}: {}", raw.get()))
+        });
+        let r = match parsed {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                log.anomalies
+                    .push(format!("{node}: subscribe reply for {topic}: {e}"));
+                return;
+            }
+            None => {
+                log.anomalies.push(format!(
+                    "{node}: subscribe reply for {topic} without result"
+                ));
+                return;
+            }
+        };
+        let since = self.cursors[&topic].clone();
+        let cursor = match (since, r.recovered) {
+            (None, _) => {
+                if !r.events.is_empty() {
+                    log.anomalies.push(format!(
+                        "{node}: a subscribe to {topic} without a cursor replied with events"
+                    ));
+                }
+                log.start.insert(topic.clone(), (r.epoch.clone(), r.offset));
+                (r.epoch, r.offset)
+            }
+            (Some((_, from)), Some(true)) => {
+                let mut last = from;
+                for ev in &r.events {
+                    let data = serde_json::from_str(ev.data.get()).unwrap_or(Value::Null);
+                    last = ev.offset;
+                    log.record(
+                        &topic,
+                        Obs::Event {
+                            epoch: r.epoch.clone(),
+                            offset: ev.offset,
+                            data,
+                        },
+                    );
+                }
+                (r.epoch, last)
+            }
+            (Some(_), _) => {
+                log.record(
+                    &topic,
+                    Obs::Reset {
+                        epoch: r.epoch.clone(),
+                        offset: r.offset,
+                    },
+                );
+                (r.epoch, r.offset)
+            }
+        };
+        self.cursors.insert(topic, Some(cursor));
+        if s.pending.is_empty() && s.again.is_empty() {
+            if let Some(tx) = self.ready.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// `GET /v1/events?topic=…&watch=true` on `api`, resuming from `last_id` if given:
+/// the response once it is `200`, or why not.
+async fn sse_open(
+    api: &NodeApi,
+    topics: &[String],
+    last_id: Option<&str>,
+) -> Result<reqwest::Response, String> {
+    let query = topics
+        .iter()
+        .map(|t| format!("topic={t}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut req = api
+        .http
+        .get(api.url(&format!("/v1/events?{query}&watch=true")));
+    if let Some(id) = last_id {
+        req = req.header("last-event-id", id);
+    }
+    // Subscribing on a node waits (bounded) for each topic's owner: allow for that.
+    let resp = match tokio::time::timeout(Duration::from_secs(20), req.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("{}: {e}", api.name)),
+        Err(_) => return Err(format!("{}: no answer within 20 s", api.name)),
+    };
+    let status = resp.status().as_u16();
+    if status == 200 {
+        return Ok(resp);
+    }
+    let body = tokio::time::timeout(Duration::from_secs(2), resp.bytes())
+        .await
+        .ok()
+        .and_then(|b| b.ok())
+        .unwrap_or_default();
+    Err(format!(
+        "{}: {status} {}",
+        api.name,
+        String::from_utf8_lossy(&body)
+    ))
+}
+
+struct SseRoamer {
+    topics: Vec<String>,
+    targets: Targets,
+    /// The last `id:` received: what a browser sends as `Last-Event-ID`.
+    last_id: Option<String>,
+    log: Arc<Mutex<SubLog>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The fields of one SSE event being read.
+#[derive(Default)]
+struct SseBlock {
+    id: Option<String>,
+    event: Option<String>,
+    data: Option<String>,
+}
+
+impl SseRoamer {
+    async fn run(mut self, first: NodeApi, resp: reqwest::Response) {
+        let (mut node, mut resp) = (first, resp);
+        loop {
+            let (why, told) = match self.session(&node.name, resp).await {
+                Ended::Stop => return,
+                Ended::Gone { why, told } => (why, told),
+            };
+            lock_log(&self.log)
+                .sessions
+                .push(format!("{}: {why}", node.name));
+            let delay = Duration::from_millis(told.unwrap_or(50)).min(MAX_RECONNECT_DELAY);
+            if !pause(&mut self.stop, delay).await {
+                return;
+            }
+            match self.reconnect(&node.name).await {
+                Some((api, r)) => (node, resp) = (api, r),
+                None => return,
+            }
+        }
+    }
+
+    async fn reconnect(&mut self, left: &str) -> Option<(NodeApi, reqwest::Response)> {
+        let deadline = Instant::now() + RECONNECT_WITHIN;
+        let mut last = String::new();
+        loop {
+            for api in self.targets.after(left) {
+                if *self.stop.borrow() {
+                    return None;
+                }
+                match sse_open(&api, &self.topics, self.last_id.as_deref()).await {
+                    Ok(r) => return Some((api, r)),
+                    Err(e) => last = e,
+                }
+            }
+            if Instant::now() >= deadline {
+                lock_log(&self.log).anomalies.push(format!(
+                    "no node took the watch back within {RECONNECT_WITHIN:?}; last: {last}"
+                ));
+                return None;
+            }
+            if !pause(&mut self.stop, Duration::from_millis(200)).await {
+                return None;
+            }
+        }
+    }
+
+    async fn session(&mut self, node: &str, resp: reqwest::Response) -> Ended {
+        let mut body = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut block = SseBlock::default();
+        let mut told = None;
+        loop {
+            let chunk = tokio::select! {
+                r = self.stop.changed() => {
+                    if r.is_err() || *self.stop.borrow() {
+                        return Ended::Stop;
+                    }
+                    continue;
+                }
+                c = body.next() => c,
+            };
+            match chunk {
+                Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                Some(Err(e)) => {
+                    return Ended::Gone {
+                        why: format!("stream error: {e}"),
+                        told,
+                    }
+                }
+                None => {
+                    return Ended::Gone {
+                        why: "stream ended".into(),
+                        told,
+                    }
+                }
+            }
+            while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                if line.is_empty() {
+                    let b = std::mem::take(&mut block);
+                    if let Some(after) = self.dispatch(node, b) {
+                        told = Some(after);
+                    }
+                    continue;
+                }
+                if line.starts_with(':') {
+                    continue;
+                }
+                let (field, value) = match line.split_once(':') {
+                    Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                    None => (line.as_str(), ""),
+                };
+                match field {
+                    "id" => block.id = Some(value.to_owned()),
+                    "event" => block.event = Some(value.to_owned()),
+                    "data" => {
+                        let d = block.data.get_or_insert_with(String::new);
+                        if !d.is_empty() {
+                            d.push('\n');
+                        }
+                        d.push_str(value);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Handles one SSE event; the `after_ms` of a `disconnect`.
+    fn dispatch(&mut self, node: &str, b: SseBlock) -> Option<u64> {
+        if let Some(id) = b.id {
+            self.last_id = Some(id);
+        }
+        let data = b.data?;
+        let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+        let mut log = lock_log(&self.log);
+        let topic = v["topic"].as_str().unwrap_or_default().to_owned();
+        match b.event.as_deref().unwrap_or("message") {
+            "message" => match (v["epoch"].as_str(), v["offset"].as_u64()) {
+                (Some(epoch), Some(offset)) => log.record(
+                    &topic,
+                    Obs::Event {
+                        epoch: epoch.into(),
+                        offset,
+                        data: v["data"].clone(),
+                    },
+                ),
+                _ => log
+                    .anomalies
+                    .push(format!("{node}: an SSE message without a cursor: {data}")),
+            },
+            "reset" => match (v["epoch"].as_str(), v["offset"].as_u64()) {
+                (Some(epoch), Some(offset)) => log.record(
+                    &topic,
+                    Obs::Reset {
+                        epoch: epoch.into(),
+                        offset,
+                    },
+                ),
+                _ => log
+                    .anomalies
+                    .push(format!("{node}: a reset without a cursor: {data}")),
+            },
+            "bookmark" => {}
+            "disconnect" => match serde_json::from_value::<weft_proto::DisconnectPush>(v) {
+                Ok(d) => {
+                    let after = d.after_ms;
+                    log.disconnects.push((node.to_owned(), d));
+                    return Some(after);
+                }
+                Err(e) => log
+                    .anomalies
+                    .push(format!("{node}: a bad disconnect event {data}: {e}")),
+            },
+            other => log
+                .anomalies
+                .push(format!("{node}: SSE event {other}: {data}")),
+        }
+        None
     }
 }
