@@ -345,7 +345,7 @@ async fn state(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
-    node.ready_topic(&topic).await?;
+    node.ready_topic(&topic, None).await?;
     let (cursor, last) = node.registry.with_topic(&topic, |t| t.state())?;
     let mut out = BytesMut::with_capacity(128);
     out.extend_from_slice(b"{\"topic\":\"");
@@ -440,7 +440,7 @@ async fn events(
     match wait {
         Some(wait) => poll::long_poll(node, topic, since, limit, wait).await,
         None => {
-            node.ready_topic(&topic).await?;
+            node.ready_topic(&topic, since.as_ref()).await?;
             poll::page(&node, &topic, since.as_ref(), limit)
         }
     }

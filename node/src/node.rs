@@ -170,12 +170,17 @@ impl Node {
     }
 
     /// Makes `topic` ready to serve here: on a mirror, waits (bounded) for the
-    /// owner's snapshot. Owned topics and standalone nodes are ready at once.
-    pub async fn ready_topic(&self, topic: &str) -> Result<(), ApiError> {
+    /// owner's snapshot, and for the mirror to reach `since` if the client saw newer
+    /// events elsewhere. Owned topics and standalone nodes are ready at once.
+    pub async fn ready_topic(
+        &self,
+        topic: &str,
+        since: Option<&weft_proto::Cursor>,
+    ) -> Result<(), ApiError> {
         match self.relay.get() {
             Some(relay) => {
                 let t = self.registry.get_or_create(topic)?;
-                relay.ensure_synced(&t).await
+                relay.ensure_synced(&t, since).await
             }
             None => Ok(()),
         }

@@ -66,7 +66,7 @@ pub async fn long_poll(
     let mut shutdown = node.shutdown_signal();
     let mut since = since;
     loop {
-        node.ready_topic(&topic).await?;
+        node.ready_topic(&topic, since.as_ref()).await?;
         let t = node.registry.get_or_create(&topic)?;
         let notified = t.changed.notified();
         tokio::pin!(notified);

@@ -373,11 +373,16 @@ pub struct Relay {
     prev_slots: Mutex<Arc<weft_router::ring::SlotTable>>,
     ring_moved_at: Mutex<Instant>,
     /// Slots the ring moved here from a live node: slot → (old owner, give up at).
-    incoming: Mutex<HashMap<u32, (Arc<str>, Instant)>>,
+    /// (ring version the wait began at, too).
+    incoming: Mutex<HashMap<u32, (Arc<str>, Instant, u64)>>,
     /// The ring version each old owner last said it had handed everything over at.
     done_from: Mutex<HashMap<Arc<str>, u64>>,
-    /// New owners of slots that moved away, still owed a `HandoffDone`.
-    outgoing: Mutex<HashMap<Arc<str>, Instant>>,
+    /// The ring version each peer was last told `HandoffDone` for (per link).
+    done_sent: Mutex<HashMap<Arc<str>, u64>>,
+    /// The newest ring version a peer's handoff frames named: while this node's own
+    /// view is older, it moves no topic (it would hand back what it was just given).
+    newest_ring_heard: AtomicU64,
+    ring_heard_at: Mutex<Instant>,
     /// Wakes the maintenance loop (a link came up).
     kick: Notify,
     stop: watch::Sender<bool>,
@@ -395,7 +400,9 @@ impl Relay {
             prev_slots: Mutex::default(),
             ring_moved_at: Mutex::new(Instant::now()),
             incoming: Mutex::default(),
-            outgoing: Mutex::default(),
+            done_sent: Mutex::default(),
+            newest_ring_heard: AtomicU64::new(0),
+            ring_heard_at: Mutex::new(Instant::now()),
             done_from: Mutex::default(),
             kick: Notify::new(),
             stop: watch::channel(false).0,
@@ -612,6 +619,8 @@ impl Relay {
         }
         node.stats.relay.links.up();
         peer.generation.send_modify(|g| *g += 1);
+        // A new link hears `HandoffDone` again.
+        lock(&self.done_sent).remove(&peer.id);
         info!(peer = %peer.id, "relay link up");
         self.kick.notify_one();
         // Mirrors of this peer's topics follow it again on the new link.
@@ -916,6 +925,7 @@ impl Relay {
     /// New owner side of `Handoff`.
     fn apply_handoff(&self, node: &Node, peer: &Arc<Peer>, h: grpc::Handoff) -> Result<(), String> {
         let topic = h.topic.clone();
+        self.heard_of_ring(h.ring_version);
         let history = checked_history(node, &h.topic, &h.epoch, h.last_offset, h.history)?;
         let mut idempotency = Vec::with_capacity(h.idempotency.len());
         for e in h.idempotency {
@@ -952,14 +962,35 @@ impl Relay {
     /// `from` has handed over everything it had for this node: topics still waiting
     /// on it were not there, and start afresh (nothing of theirs existed to lose).
     fn handoff_done(&self, node: &Node, from: &str, ring_version: u64) {
+        self.heard_of_ring(ring_version);
         {
             let mut done = lock(&self.done_from);
             let v = done.entry(from.into()).or_insert(0);
             *v = (*v).max(ring_version);
         }
-        lock(&self.incoming).retain(|_, (f, _)| &**f != from);
+        if ring_version > self.cluster.ring_version() {
+            // This node's ring is behind the sender's: what it waits for is settled
+            // by the next reconcile, under the newer ring.
+            return;
+        }
+        // Only waits that began at this ring version or before are settled by it: a
+        // move at a newer ring is the sender's to hand over still.
+        let mut settled = std::collections::HashSet::new();
+        lock(&self.incoming).retain(|slot, (f, _, at)| {
+            let done = &**f == from && *at <= ring_version;
+            if done {
+                settled.insert(*slot);
+            }
+            !done
+        });
+        if settled.is_empty() {
+            info!(from, ring_version, "handoff complete (nothing was awaited)");
+            return;
+        }
         for t in node.registry.all_topics() {
-            if matches!(t.placement(), Placement::Receiving { from: f, .. } if &*f == from) {
+            if matches!(t.placement(), Placement::Receiving { from: f, .. } if &*f == from)
+                && settled.contains(&weft_router::ring::slot_of(&t.name))
+            {
                 t.become_owner(
                     node.registry.mint_epoch(),
                     node.idempotency_window(),
@@ -968,6 +999,14 @@ impl Relay {
             }
         }
         info!(from, ring_version, "handoff complete");
+    }
+
+    /// Notes a ring version a peer acted under. A version that never arrives here
+    /// (a confused or hostile peer) stops holding placements after HANDOFF_TIMEOUT.
+    fn heard_of_ring(&self, version: u64) {
+        if self.newest_ring_heard.fetch_max(version, Ordering::Relaxed) < version {
+            *lock(&self.ring_heard_at) = Instant::now();
+        }
     }
 
     /// Sends `Follow` for a mirror to its owner, if a link is up.
@@ -997,21 +1036,42 @@ impl Relay {
 
     /// Waits (bounded) until a mirror holds its owner's state, following it if
     /// needed, so a subscribe or read on this node sees exactly what the owner has.
-    pub async fn ensure_synced(&self, topic: &Arc<Topic>) -> Result<(), ApiError> {
+    ///
+    /// With `since`, a mirror also waits (bounded) until it has caught up with that
+    /// cursor: a client resuming here may have seen newer events on another node.
+    pub async fn ensure_synced(
+        &self,
+        topic: &Arc<Topic>,
+        since: Option<&weft_proto::Cursor>,
+    ) -> Result<(), ApiError> {
         let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+        let started = Instant::now();
+        let mut refollowed = false;
         loop {
             let notified = topic.synced.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let changed = topic.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let owner = match topic.placement() {
                 Placement::Owner => return Ok(()),
                 Placement::Mirror {
                     sync: MirrorSync::Following,
                     fresh: false,
-                    ..
+                    owner,
                 } => {
                     topic.touch();
-                    return Ok(());
+                    if !since.is_some_and(|c| topic.is_behind(c)) {
+                        return Ok(());
+                    }
+                    // Behind the client's cursor: the stream is on its way; if it
+                    // does not come, a fresh snapshot will.
+                    if !refollowed && started.elapsed() > Duration::from_secs(1) {
+                        refollowed = true;
+                        self.request_follow(topic, &owner);
+                    }
+                    owner
                 }
                 Placement::Mirror { owner, sync, .. } => {
                     let resend = match sync {
@@ -1040,7 +1100,13 @@ impl Relay {
                 });
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
-            let _ = tokio::time::timeout(wait, notified).await;
+            let _ = tokio::time::timeout(wait, async {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = changed => {}
+                }
+            })
+            .await;
         }
     }
 
@@ -1264,7 +1330,6 @@ impl Relay {
         if prev.version != slots.version {
             *lock(&self.ring_moved_at) = now;
             let mut incoming = lock(&self.incoming);
-            let mut outgoing = lock(&self.outgoing);
             for (slot, owner) in slots.owners.iter().enumerate() {
                 let old = prev.owners.get(slot);
                 let slot = slot as u32;
@@ -1277,7 +1342,10 @@ impl Relay {
                     };
                     match old {
                         Some(old) if **old != *self.me && members.contains(old) && !done(old) => {
-                            incoming.insert(slot, (old.as_str().into(), now + HANDOFF_TIMEOUT));
+                            incoming.insert(
+                                slot,
+                                (old.as_str().into(), now + HANDOFF_TIMEOUT, slots.version),
+                            );
                         }
                         _ => {
                             incoming.remove(&slot);
@@ -1285,9 +1353,6 @@ impl Relay {
                     }
                 } else {
                     incoming.remove(&slot);
-                    if old.is_some_and(|o| **o == *self.me) {
-                        outgoing.insert(owner.as_str().into(), now + HANDOFF_TIMEOUT);
-                    }
                 }
             }
         }
@@ -1295,7 +1360,7 @@ impl Relay {
             let mut incoming = lock(&self.incoming);
             if prev.version != slots.version {
                 let mut from: HashMap<&str, usize> = HashMap::new();
-                for (f, _) in incoming.values() {
+                for (f, _, _) in incoming.values() {
                     *from.entry(f).or_default() += 1;
                 }
                 info!(
@@ -1305,7 +1370,15 @@ impl Relay {
                     "ring moved; slots awaiting handoff"
                 );
             }
-            incoming.retain(|_, (_, deadline)| *deadline > now);
+            incoming.retain(|_, (_, deadline, _)| *deadline > now);
+        }
+        let stale = slots.version < self.newest_ring_heard.load(Ordering::Relaxed)
+            && lock(&self.ring_heard_at).elapsed() < HANDOFF_TIMEOUT;
+        if stale {
+            debug!(
+                ring = slots.version,
+                "a peer has handed over under a newer ring; placements wait for it"
+            );
         }
         let link_grace = lock(&self.ring_moved_at).elapsed() < HANDOFF_TIMEOUT;
         let window = node.idempotency_window();
@@ -1316,7 +1389,20 @@ impl Relay {
                 continue;
             };
             let here = owner == &*self.me;
-            match t.placement() {
+            let placement = t.placement();
+            if stale {
+                match placement {
+                    Placement::Owner | Placement::Receiving { .. } => owned += 1,
+                    Placement::Mirror {
+                        owner: held,
+                        sync: MirrorSync::Detached,
+                        ..
+                    } => self.request_follow(&t, &held),
+                    Placement::Mirror { .. } => {}
+                }
+                continue;
+            }
+            match placement {
                 Placement::Owner if here => owned += 1,
                 Placement::Owner => {
                     let to: Arc<str> = owner.into();
@@ -1350,7 +1436,7 @@ impl Relay {
                     let slot = weft_router::ring::slot_of(&t.name);
                     let waiting = lock(&self.incoming)
                         .get(&slot)
-                        .is_some_and(|(f, _)| *f == from);
+                        .is_some_and(|(f, _, _)| *f == from);
                     if !waiting {
                         warn!(topic = %t.name, from = %from, "no handoff came; owning it with a new epoch");
                         t.become_owner(node.registry.mint_epoch(), window, &node.stats);
@@ -1359,7 +1445,7 @@ impl Relay {
                 }
                 Placement::Mirror { .. } if here => {
                     let slot = weft_router::ring::slot_of(&t.name);
-                    let from = lock(&self.incoming).get(&slot).map(|(f, _)| f.clone());
+                    let from = lock(&self.incoming).get(&slot).map(|(f, _, _)| f.clone());
                     match from {
                         Some(from) => t.become_receiving(from),
                         None => {
@@ -1389,22 +1475,27 @@ impl Relay {
             }
         }
         self.owned.store(owned, Ordering::Relaxed);
-        // New owners this node has handed everything to hear so (behind the handoffs
-        // on the same link), so what they still wait for can start.
-        lock(&self.outgoing).retain(|to, deadline| {
-            if waiting_for_link.contains(to) {
-                return *deadline > now;
-            }
-            match self.peer(to).and_then(|p| p.link()) {
-                Some(link) => {
-                    link.push_control(encode(Kind::HandoffDone(grpc::HandoffDone {
-                        ring_version: slots.version,
-                    })));
-                    false
+        // Every peer hears, once per ring version and behind the handoffs on the same
+        // link, that this node holds nothing more the ring gives it: whatever it still
+        // waits for from here can start.
+        if !stale {
+            let peers: Vec<_> = lock(&self.peers).values().cloned().collect();
+            let mut sent = lock(&self.done_sent);
+            for p in peers {
+                if waiting_for_link.contains(&p.id)
+                    || sent.get(&p.id).is_some_and(|v| *v >= slots.version)
+                {
+                    continue;
                 }
-                None => *deadline > now,
+                if let Some(link) = p.link() {
+                    if link.push_control(encode(Kind::HandoffDone(grpc::HandoffDone {
+                        ring_version: slots.version,
+                    }))) {
+                        sent.insert(p.id.clone(), slots.version);
+                    }
+                }
             }
-        });
+        }
         if prev.version != slots.version {
             self.load_interest(node, &slots);
         }
@@ -1419,7 +1510,7 @@ impl Relay {
             match slots.owner(topic) {
                 Some(owner) if owner != &*relay.me => crate::registry::Place::Remote(owner.into()),
                 Some(_) => match lock(&relay.incoming).get(&weft_router::ring::slot_of(topic)) {
-                    Some((from, _)) => crate::registry::Place::Incoming(from.clone()),
+                    Some((from, _, _)) => crate::registry::Place::Incoming(from.clone()),
                     None => crate::registry::Place::Here,
                 },
                 None => crate::registry::Place::Here,
@@ -1448,7 +1539,7 @@ impl Relay {
         // Hand off now, and again while links to new owners come up.
         while tokio::time::Instant::now() < deadline {
             self.reconcile(node);
-            if self.owned_topics() == 0 && lock(&self.outgoing).is_empty() {
+            if self.owned_topics() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -110,7 +110,7 @@ pub async fn open(
     };
     node.stats.connection(transport(format)).up();
     for name in topics {
-        node.ready_topic(&name).await?;
+        node.ready_topic(&name, cursors.get(&name)).await?;
         let since = cursors.get(&name);
         let mut snapshot = None;
         let subscribed = node.registry.with_topic(&name, |t| {

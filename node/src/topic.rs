@@ -438,6 +438,13 @@ impl Topic {
             )
     }
 
+    /// Whether `cursor` is in this topic's epoch but past what it holds (a mirror
+    /// behind its owner's stream).
+    pub fn is_behind(&self, cursor: &Cursor) -> bool {
+        let st = self.lock();
+        *st.epoch == *cursor.epoch && cursor.offset > st.last_offset
+    }
+
     pub fn is_dead(&self) -> bool {
         self.lock().dead
     }

@@ -543,13 +543,20 @@ impl Session {
     /// Runs `cmd` now if `topic` is ready here; on a mirror still waiting for its
     /// owner's snapshot it runs once that arrives (bounded wait), without blocking
     /// the session meanwhile.
-    fn when_ready(&mut self, id: Option<u64>, topic: &str, cmd: Command) -> Result<(), ApiError> {
+    fn when_ready(
+        &mut self,
+        id: Option<u64>,
+        topic: &str,
+        since: Option<&str>,
+        cmd: Command,
+    ) -> Result<(), ApiError> {
         check_topic(topic)?;
+        let since = parse_since(since)?;
         let Some(relay) = self.node.relay.get().cloned() else {
             return self.dispatch_now(id, cmd);
         };
         let t = self.node.registry.get_or_create(topic)?;
-        if t.is_ready() {
+        if t.is_ready() && !since.as_ref().is_some_and(|c| t.is_behind(c)) {
             return self.dispatch_now(id, cmd);
         }
         if self.deferred_in_flight >= MAX_DEFERRED {
@@ -566,7 +573,7 @@ impl Session {
         let tx = tx.clone();
         self.deferred_in_flight += 1;
         tokio::spawn(async move {
-            let r = relay.ensure_synced(&t).await.map(|()| cmd);
+            let r = relay.ensure_synced(&t, since.as_ref()).await.map(|()| cmd);
             let _ = tx.send((id, r)).await;
         });
         Ok(())
@@ -575,12 +582,12 @@ impl Session {
     fn dispatch(&mut self, id: Option<u64>, cmd: Command) -> Result<(), ApiError> {
         match cmd {
             Command::Subscribe(s) => {
-                let topic = s.topic.clone();
-                self.when_ready(id, &topic, Command::Subscribe(s))
+                let (topic, since) = (s.topic.clone(), s.since.clone());
+                self.when_ready(id, &topic, since.as_deref(), Command::Subscribe(s))
             }
             Command::History(h) => {
-                let topic = h.topic.clone();
-                self.when_ready(id, &topic, Command::History(h))
+                let (topic, since) = (h.topic.clone(), h.since.clone());
+                self.when_ready(id, &topic, since.as_deref(), Command::History(h))
             }
             cmd => self.dispatch_now(id, cmd),
         }
