@@ -254,6 +254,16 @@ pub fn moved_frame(req_id: u64, topic: &str) -> Bytes {
     }))
 }
 
+/// A slot this node waits to receive by handoff.
+#[derive(Debug, Clone)]
+struct Awaited {
+    from: Arc<str>,
+    /// Past this, topics of the slot start afresh.
+    until: Instant,
+    /// The ring version the wait began at.
+    ring: u64,
+}
+
 /// A publish could not be forwarded.
 #[derive(Debug)]
 enum Forward {
@@ -373,8 +383,7 @@ pub struct Relay {
     prev_slots: Mutex<Arc<weft_router::ring::SlotTable>>,
     ring_moved_at: Mutex<Instant>,
     /// Slots the ring moved here from a live node: slot → (old owner, give up at).
-    /// (ring version the wait began at, too).
-    incoming: Mutex<HashMap<u32, (Arc<str>, Instant, u64)>>,
+    incoming: Mutex<HashMap<u32, Awaited>>,
     /// The ring version each old owner last said it had handed everything over at.
     done_from: Mutex<HashMap<Arc<str>, u64>>,
     /// The ring version each peer was last told `HandoffDone` for (per link).
@@ -976,8 +985,8 @@ impl Relay {
         // Only waits that began at this ring version or before are settled by it: a
         // move at a newer ring is the sender's to hand over still.
         let mut settled = std::collections::HashSet::new();
-        lock(&self.incoming).retain(|slot, (f, _, at)| {
-            let done = &**f == from && *at <= ring_version;
+        lock(&self.incoming).retain(|slot, a| {
+            let done = &*a.from == from && a.ring <= ring_version;
             if done {
                 settled.insert(*slot);
             }
@@ -1344,7 +1353,11 @@ impl Relay {
                         Some(old) if **old != *self.me && members.contains(old) && !done(old) => {
                             incoming.insert(
                                 slot,
-                                (old.as_str().into(), now + HANDOFF_TIMEOUT, slots.version),
+                                Awaited {
+                                    from: old.as_str().into(),
+                                    until: now + HANDOFF_TIMEOUT,
+                                    ring: slots.version,
+                                },
                             );
                         }
                         _ => {
@@ -1360,8 +1373,8 @@ impl Relay {
             let mut incoming = lock(&self.incoming);
             if prev.version != slots.version {
                 let mut from: HashMap<&str, usize> = HashMap::new();
-                for (f, _, _) in incoming.values() {
-                    *from.entry(f).or_default() += 1;
+                for a in incoming.values() {
+                    *from.entry(&a.from).or_default() += 1;
                 }
                 info!(
                     ring = slots.version,
@@ -1370,7 +1383,7 @@ impl Relay {
                     "ring moved; slots awaiting handoff"
                 );
             }
-            incoming.retain(|_, (_, deadline, _)| *deadline > now);
+            incoming.retain(|_, a| a.until > now);
         }
         let stale = slots.version < self.newest_ring_heard.load(Ordering::Relaxed)
             && lock(&self.ring_heard_at).elapsed() < HANDOFF_TIMEOUT;
@@ -1436,7 +1449,7 @@ impl Relay {
                     let slot = weft_router::ring::slot_of(&t.name);
                     let waiting = lock(&self.incoming)
                         .get(&slot)
-                        .is_some_and(|(f, _, _)| *f == from);
+                        .is_some_and(|a| a.from == from);
                     if !waiting {
                         warn!(topic = %t.name, from = %from, "no handoff came; owning it with a new epoch");
                         t.become_owner(node.registry.mint_epoch(), window, &node.stats);
@@ -1445,7 +1458,7 @@ impl Relay {
                 }
                 Placement::Mirror { .. } if here => {
                     let slot = weft_router::ring::slot_of(&t.name);
-                    let from = lock(&self.incoming).get(&slot).map(|(f, _, _)| f.clone());
+                    let from = lock(&self.incoming).get(&slot).map(|a| a.from.clone());
                     match from {
                         Some(from) => t.become_receiving(from),
                         None => {
@@ -1510,7 +1523,7 @@ impl Relay {
             match slots.owner(topic) {
                 Some(owner) if owner != &*relay.me => crate::registry::Place::Remote(owner.into()),
                 Some(_) => match lock(&relay.incoming).get(&weft_router::ring::slot_of(topic)) {
-                    Some((from, _, _)) => crate::registry::Place::Incoming(from.clone()),
+                    Some(a) => crate::registry::Place::Incoming(a.from.clone()),
                     None => crate::registry::Place::Here,
                 },
                 None => crate::registry::Place::Here,
