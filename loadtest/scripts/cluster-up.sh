@@ -1,0 +1,88 @@
+#!/bin/sh
+# Starts a loopback benchmark cluster: one weft-router and NODES weft-nodes (n1, n2, …),
+# each on its own 127.0.0.x address with ports the kernel picks, and waits (at most
+# 60 s) until every node sees every member active and has a relay link to every other
+# node. Writes DIR/cluster.env (N<i>_URL, N<i>_PID, ROUTER_PID, NODES) for the other
+# scripts, DIR/pids (every PID started here, for cluster-down.sh) and one log per
+# process.
+#
+#   loadtest/scripts/cluster-up.sh DIR [NODES]
+#   env: BIN (default target/release), IP_BASE (default 220: router on 127.0.0.220,
+#        node i on 127.0.0.(220+i)), HEARTBEAT_TIMEOUT_MS (default 3000)
+set -eu
+
+DIR=${1:?usage: cluster-up.sh DIR [NODES]}
+NODES=${2:-2}
+BIN=${BIN:-target/release}
+BASE=${IP_BASE:-220}
+HB=${HEARTBEAT_TIMEOUT_MS:-3000}
+
+mkdir -p "$DIR"
+if [ -s "$DIR/pids" ]; then
+    echo "cluster-up: $DIR/pids exists; stop that cluster first (cluster-down.sh $DIR)" >&2
+    exit 1
+fi
+: >"$DIR/pids"
+
+# Waits (bounded) for a ready file.
+wait_file() {
+    n=0
+    while [ ! -s "$1" ]; do
+        n=$((n + 1))
+        if [ "$n" -gt 300 ]; then
+            echo "cluster-up: $1 did not appear within 30 s; see $DIR/*.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+}
+
+"$BIN/weft-router" --id 1 --listen "127.0.0.$BASE:0" --data-dir "$DIR/router" \
+    --ready-file "$DIR/router.ready" --heartbeat-timeout-ms "$HB" >"$DIR/router.log" 2>&1 &
+echo $! >>"$DIR/pids"
+echo "ROUTER_PID=$!" >"$DIR/cluster.env"
+wait_file "$DIR/router.ready"
+ROUTER=$(jq -r .listen "$DIR/router.ready")
+
+i=1
+while [ "$i" -le "$NODES" ]; do
+    ip=127.0.0.$((BASE + i))
+    "$BIN/weft-node" --node-id "n$i" --http-listen "$ip:0" --grpc-listen "$ip:0" \
+        --router "$ROUTER" --data-dir "$DIR/n$i" --ready-file "$DIR/n$i.ready" \
+        >"$DIR/n$i.log" 2>&1 &
+    echo $! >>"$DIR/pids"
+    i=$((i + 1))
+done
+i=1
+while [ "$i" -le "$NODES" ]; do
+    wait_file "$DIR/n$i.ready"
+    echo "N${i}_URL=http://$(jq -r .http "$DIR/n$i.ready")" >>"$DIR/cluster.env"
+    echo "N${i}_PID=$(jq -r .pid "$DIR/n$i.ready")" >>"$DIR/cluster.env"
+    i=$((i + 1))
+done
+echo "NODES=$NODES" >>"$DIR/cluster.env"
+
+# Converged: all members active, links to every other node, on every node.
+. "$DIR/cluster.env"
+n=0
+while :; do
+    ok=1
+    i=1
+    while [ "$i" -le "$NODES" ]; do
+        url=$(eval echo "\$N${i}_URL")
+        if ! curl -sf --max-time 2 "$url/v1/cluster" | jq -e --argjson n "$NODES" \
+            '([.members[] | select(.state == "active")] | length) == $n
+             and ((.this_node.relay_links // []) | length) == $n - 1' >/dev/null; then
+            ok=0
+        fi
+        i=$((i + 1))
+    done
+    [ "$ok" = 1 ] && break
+    n=$((n + 1))
+    if [ "$n" -gt 600 ]; then
+        echo "cluster-up: not converged within 60 s; see $DIR/*.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+cat "$DIR/cluster.env"
