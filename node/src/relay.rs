@@ -446,12 +446,18 @@ impl Relay {
         peers.retain(|id, peer| {
             let keep = members.iter().any(|(m, _)| **m == **id);
             if !keep {
-                info!(peer = %id, "peer left the cluster; closing its link");
+                info!(peer = %id, "peer left the cluster; its link ends when it stops sending");
                 if let Some(d) = lock(&peer.dialer).take() {
                     d.abort();
                 }
+                // What it sent before leaving (a drained node's last handoffs) may
+                // still be on the wire: the link is read to its end, or closed after
+                // a grace if the peer went silent.
                 if let Some(l) = lock(&peer.link).take() {
-                    l.close();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(HANDOFF_TIMEOUT).await;
+                        l.close();
+                    });
                 }
                 fail_pending(peer, "the owner left the cluster");
             }
@@ -1328,7 +1334,19 @@ impl Relay {
     pub fn reconcile(&self, node: &Node) {
         let _one_at_a_time = lock(&self.reconciling);
         let slots = self.cluster.slots();
-        let prev = std::mem::replace(&mut *lock(&self.prev_slots), slots.clone());
+        let mut prev = std::mem::replace(&mut *lock(&self.prev_slots), slots.clone());
+        if prev.version == 0 {
+            // A node that just started (or restarted) has no earlier view: the ring
+            // before it joined was the same members without it, so the slots it owns
+            // now were theirs, and they will hand them over.
+            let others: std::collections::BTreeSet<&str> = slots
+                .owners
+                .iter()
+                .map(String::as_str)
+                .filter(|o| *o != &*self.me)
+                .collect();
+            prev = Arc::new(weft_router::ring::SlotTable::compute(0, others));
+        }
         let now = Instant::now();
         let members: std::collections::HashSet<String> = self
             .cluster
