@@ -49,6 +49,8 @@ pub struct Cluster {
     view: Mutex<View>,
     /// The metadata version, bumped after every applied change.
     changed: watch::Sender<u64>,
+    /// Bumped when members or the ring change (not the registry).
+    layout: watch::Sender<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -82,6 +84,7 @@ impl Cluster {
             client,
             view: Mutex::new(View::default()),
             changed: watch::channel(0).0,
+            layout: watch::channel(0).0,
         });
         cluster.lock().replace(state);
         cluster.changed.send_modify(|v| *v += 1);
@@ -133,6 +136,11 @@ impl Cluster {
     /// Bumped after every applied metadata change.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Bumped when the members or the ring change.
+    pub fn layout_changes(&self) -> watch::Receiver<u64> {
+        self.layout.subscribe()
     }
 
     /// Waits (bounded) until the ring version is at least `version`.
@@ -263,6 +271,7 @@ impl Cluster {
     }
 
     fn apply(&self, ev: grpc::WatchEvent) {
+        let layout = !matches!(ev.change, Some(Change::Interest(_)) | None);
         let mut view = self.lock();
         match ev.change {
             Some(Change::Snapshot(state)) => view.replace(state),
@@ -302,6 +311,9 @@ impl Cluster {
         view.version = view.version.max(ev.version);
         drop(view);
         self.changed.send_modify(|v| *v += 1);
+        if layout {
+            self.layout.send_modify(|v| *v += 1);
+        }
     }
 
     /// `GET /v1/cluster/owner/{topic}`: who sequences `topic` under this node's ring.

@@ -169,7 +169,7 @@ pub fn event_data(bytes: &Bytes, max: usize) -> Result<Bytes, ApiError> {
     }
     let raw: &RawValue = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad(format!("event data is not JSON: {e}")))?;
-    compact(raw, Some(bytes))
+    compact(raw)
 }
 
 /// Event data from an already-parsed raw value (batch and WebSocket publish).
@@ -179,10 +179,10 @@ pub fn raw_data(raw: &RawValue, max: usize) -> Result<Bytes, ApiError> {
             "event data exceeds {max} bytes"
         )));
     }
-    compact(raw, None)
+    compact(raw)
 }
 
-fn compact(raw: &RawValue, source: Option<&Bytes>) -> Result<Bytes, ApiError> {
+fn compact(raw: &RawValue) -> Result<Bytes, ApiError> {
     let text = raw.get();
     if text.bytes().any(|b| b == b'\n' || b == b'\r') {
         // Whitespace newlines only (JSON strings cannot hold raw ones): re-encode.
@@ -192,10 +192,9 @@ fn compact(raw: &RawValue, source: Option<&Bytes>) -> Result<Bytes, ApiError> {
             serde_json::to_vec(&value).expect("value serialises"),
         ));
     }
-    Ok(match source {
-        Some(b) => b.slice_ref(text.as_bytes()),
-        None => Bytes::copy_from_slice(text.as_bytes()),
-    })
+    // Always a copy of its own: a slice of the body would keep the whole request
+    // buffer (often several KB) alive for as long as the event stays in history.
+    Ok(Bytes::copy_from_slice(text.as_bytes()))
 }
 
 /// An event type from `Weft-Event-Type` / `type`: the topic alphabet, at most 64 bytes,
@@ -569,13 +568,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn compacts_multiline_json_and_shares_compact_input() {
+    fn compacts_multiline_json_and_copies_it_out_of_the_body() {
         let pretty = Bytes::from_static(b"{\n  \"a\": 1\n}");
         assert_eq!(&event_data(&pretty, 100).unwrap()[..], b"{\"a\":1}");
         let compact = Bytes::from_static(b"  {\"a\":1} ");
         let out = event_data(&compact, 100).unwrap();
         assert_eq!(&out[..], b"{\"a\":1}");
-        assert_eq!(out.as_ptr(), compact[2..].as_ptr(), "no copy");
+        // Its own allocation: history must not pin the request's buffer.
+        assert_ne!(out.as_ptr(), compact[2..].as_ptr());
         assert_eq!(
             event_data(&Bytes::from_static(b"{"), 100)
                 .unwrap_err()

@@ -394,6 +394,8 @@ pub struct Relay {
     ring_heard_at: Mutex<Instant>,
     /// Wakes the maintenance loop (a link came up).
     kick: Notify,
+    /// A mirror waits for a follow: the next tick runs a pass.
+    repair: std::sync::atomic::AtomicBool,
     stop: watch::Sender<bool>,
 }
 
@@ -414,6 +416,7 @@ impl Relay {
             ring_heard_at: Mutex::new(Instant::now()),
             done_from: Mutex::default(),
             kick: Notify::new(),
+            repair: std::sync::atomic::AtomicBool::new(false),
             stop: watch::channel(false).0,
         })
     }
@@ -642,7 +645,7 @@ impl Relay {
         for t in node.registry.all_topics() {
             if let Placement::Mirror { owner, sync, .. } = t.placement() {
                 if owner == peer.id && sync != MirrorSync::Following {
-                    self.request_follow(&t, &owner);
+                    self.refollow(&t, &owner);
                 }
             }
         }
@@ -661,6 +664,7 @@ impl Relay {
             peer,
             "the link to the topic's owner was lost; the publish may not have been applied",
         );
+        self.repair.store(true, Ordering::Relaxed);
         // What this link delivered can no longer be trusted to continue: detach.
         for t in node.registry.all_topics() {
             if let Placement::Mirror { owner, .. } = t.placement() {
@@ -759,7 +763,7 @@ impl Relay {
                     Applied::Delivered | Applied::Stale | Applied::NotFollowing => {}
                     Applied::Gap => {
                         debug!(topic = %topic, "relay gap; following again");
-                        self.request_follow(&t, &peer.id);
+                        self.refollow(&t, &peer.id);
                     }
                 }
                 Ok(())
@@ -774,7 +778,7 @@ impl Relay {
                     if matches!(t.placement(), Placement::Mirror { owner, .. } if owner == peer.id)
                     {
                         t.set_mirror_sync(MirrorSync::Detached);
-                        self.request_follow(&t, &peer.id);
+                        self.refollow(&t, &peer.id);
                     }
                 }
                 Ok(())
@@ -1021,6 +1025,16 @@ impl Relay {
     fn heard_of_ring(&self, version: u64) {
         if self.newest_ring_heard.fetch_max(version, Ordering::Relaxed) < version {
             *lock(&self.ring_heard_at) = Instant::now();
+        }
+    }
+
+    /// Background repair: follows a mirror again only if sessions here watch it (a
+    /// mirror made by a forwarded publish, or one whose readers are gone, is left
+    /// alone; a read follows it on demand), and asks the next pass to check on it.
+    fn refollow(&self, topic: &Topic, owner: &str) {
+        if topic.subscriber_count() > 0 {
+            self.request_follow(topic, owner);
+            self.repair.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1428,7 +1442,7 @@ impl Relay {
                         owner: held,
                         sync: MirrorSync::Detached,
                         ..
-                    } => self.request_follow(&t, &held),
+                    } => self.refollow(&t, &held),
                     Placement::Mirror { .. } => {}
                 }
                 continue;
@@ -1446,7 +1460,7 @@ impl Relay {
                                 for l in followers {
                                     l.push_lagged(&t.name);
                                 }
-                                self.request_follow(&t, owner);
+                                self.refollow(&t, owner);
                             }
                         }
                         None if link_grace && members.contains(owner) => {
@@ -1459,7 +1473,7 @@ impl Relay {
                             for l in t.become_mirror(to.clone()) {
                                 l.push_lagged(&t.name);
                             }
-                            self.request_follow(&t, owner);
+                            self.refollow(&t, owner);
                         }
                     }
                 }
@@ -1488,20 +1502,20 @@ impl Relay {
                 }
                 Placement::Receiving { .. } => {
                     t.become_mirror(owner.into());
-                    self.request_follow(&t, owner);
+                    self.refollow(&t, owner);
                 }
                 Placement::Mirror { owner: held, .. } if &*held != owner => {
                     t.become_mirror(owner.into());
-                    self.request_follow(&t, owner);
+                    self.refollow(&t, owner);
                 }
                 Placement::Mirror {
                     sync: MirrorSync::Detached,
                     ..
-                } => self.request_follow(&t, owner),
+                } => self.refollow(&t, owner),
                 Placement::Mirror {
                     sync: MirrorSync::Requested(at),
                     ..
-                } if at.elapsed() > FOLLOW_RETRY => self.request_follow(&t, owner),
+                } if at.elapsed() > FOLLOW_RETRY => self.refollow(&t, owner),
                 Placement::Mirror { .. } => {}
             }
         }
@@ -1630,19 +1644,34 @@ impl Relay {
 
     /// Follows membership and ring changes until [`Relay::shutdown`]: links to
     /// members, topic placements, a repair pass every second.
+    ///
+    /// A pass over every topic runs when the ring or the membership changes (not on
+    /// registry changes, which are constant in a busy cluster), when a link comes up,
+    /// when a mirror needs repair (flagged), and every 10 s as a safety net.
     pub async fn run(self: Arc<Self>, node: Arc<Node>) {
-        let mut changes = self.cluster.changes();
+        let mut layout = self.cluster.layout_changes();
         let mut stop = self.stop.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_pass;
         loop {
             self.sync_members(&node);
+            self.repair.store(false, Ordering::Relaxed);
             self.reconcile(&node);
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { break },
-                _ = tick.tick() => {}
-                _ = self.kick.notified() => {}
-                _ = stop.wait_for(|s| *s) => break,
+            last_pass = Instant::now();
+            loop {
+                tokio::select! {
+                    r = layout.changed() => if r.is_err() { return } else { break },
+                    _ = self.kick.notified() => break,
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tick.tick() => {
+                        if self.repair.load(Ordering::Relaxed)
+                            || last_pass.elapsed() >= Duration::from_secs(10)
+                        {
+                            break;
+                        }
+                    }
+                }
             }
         }
     }
