@@ -2,36 +2,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing::{info, warn};
-use weft_node::config::{Cli, Config, LogFormat, EXIT_USAGE};
+use weft_node::config::{Cli, Config, LogFormat};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("weft-node: {msg}");
-    ExitCode::from(EXIT_USAGE as u8)
+    weft_router::config::usage_exit("weft-node", msg)
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match weft_router::config::parse_args("weft-node") {
         Ok(cli) => cli,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let first = e.to_string();
-            let line = first
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return usage_exit(format!("invalid config: {line}"));
-        }
+        Err(code) => return code,
     };
     let config = match cli.load() {
         Ok(c) => c,

@@ -2,37 +2,18 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing::{info, warn};
-use weft_router::config::{Cli, LogFormat, EXIT_USAGE};
+use weft_router::config::{Cli, LogFormat};
 use weft_router::server::Router;
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("weft-router: {msg}");
-    ExitCode::from(EXIT_USAGE)
+    weft_router::config::usage_exit("weft-router", msg)
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match weft_router::config::parse_args("weft-router") {
         Ok(cli) => cli,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return usage_exit(format!("invalid config: {line}"));
-        }
+        Err(code) => return code,
     };
     let config = match cli.load() {
         Ok(c) => c,
