@@ -6,11 +6,11 @@ use tracing::{info, warn};
 use weft_node::config::{Cli, Config, LogFormat};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
-    weft_router::config::usage_exit("weft-node", msg)
+    weft_router::cli::usage_exit("weft-node", msg)
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match weft_router::config::parse_args("weft-node") {
+    let cli: Cli = match weft_router::cli::parse_args("weft-node") {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -66,7 +66,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string()).and_then(|()| std::fs::rename(&tmp, path))?;
     }
-    weft_node::run_with_router(listener, grpc, config, shutdown_signal()).await
+    weft_node::run_with_router(listener, grpc, config, weft_router::cli::shutdown_signal()).await
 }
 
 /// Binds with a deep accept backlog: tokio's default of 1024 overflows under
@@ -83,30 +83,6 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     socket.listen(65_535)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the node");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-    }
-}
-
 fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    weft_router::cli::init_logging(format == LogFormat::Json, "info");
 }

@@ -447,6 +447,25 @@ async fn await_delivery(subs: &[Roaming], want: &BTreeMap<String, (String, u64)>
 }
 
 /// Stops every subscriber; their logs by name.
+/// Stops the load of a graceful change, checks that re-publishing acknowledged keys
+/// replays them, waits for every acknowledged event to arrive, and stops the
+/// subscribers: what was published, what each saw, and the replay problems.
+async fn settle_graceful(
+    what: &str,
+    load: Load,
+    targets: &Targets,
+    subs: Vec<Roaming>,
+) -> (Published, Vec<(String, SubLog)>, Vec<String>) {
+    let published = load.finish().await;
+    let mut replays = Vec::new();
+    check_replays(targets, &published.acks, &mut replays).await;
+    let truth = Truth::from_acks(&published.acks, &mut Vec::new());
+    await_delivery(&subs, &truth.targets()).await;
+    let logs = finish_all(subs).await;
+    eprintln!("{what}: {}", summary(&published, &logs));
+    (published, logs, replays)
+}
+
 async fn finish_all(subs: Vec<Roaming>) -> Vec<(String, SubLog)> {
     let mut out = Vec::new();
     for s in subs {
@@ -676,13 +695,7 @@ async fn rolling_restart_loses_nothing() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let published = load.finish().await;
-    let mut replays = Vec::new();
-    check_replays(&targets, &published.acks, &mut replays).await;
-    let truth = Truth::from_acks(&published.acks, &mut Vec::new());
-    await_delivery(&subs, &truth.targets()).await;
-    let logs = finish_all(subs).await;
-    eprintln!("rolling: {}", summary(&published, &logs));
+    let (published, logs, replays) = settle_graceful("rolling", load, &targets, subs).await;
     let mut problems = check_no_loss(&published, &logs, &topics);
     problems.extend(replays);
     for (who, log) in &logs {
@@ -724,13 +737,7 @@ async fn adding_a_node_under_load_loses_nothing() {
     subs.push(Roaming::websocket("WebSocket from d (late)", &targets, &d, &topics).await);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let published = load.finish().await;
-    let mut replays = Vec::new();
-    check_replays(&targets, &published.acks, &mut replays).await;
-    let truth = Truth::from_acks(&published.acks, &mut Vec::new());
-    await_delivery(&subs, &truth.targets()).await;
-    let logs = finish_all(subs).await;
-    eprintln!("scale-out: {}", summary(&published, &logs));
+    let (published, logs, replays) = settle_graceful("scale-out", load, &targets, subs).await;
 
     let view = d.cluster().await;
     let d_slots = view["ring"]["slots_per_node"]["d"].as_u64().unwrap_or(0);

@@ -134,12 +134,7 @@ async fn events_published_on_other_nodes_arrive_in_order_exactly_once() {
         .collect();
 
     let mut ws = a.watcher().await;
-    let mut epochs = BTreeMap::new();
-    for t in &topics {
-        let (epoch, offset) = ws.subscribe(t).await;
-        assert_eq!(offset, 0, "{t} has had no event yet");
-        epochs.insert(t.clone(), epoch);
-    }
+    let epochs = subscribe_fresh(&mut ws, &topics).await;
     let mut sse = a.multi_sse(&sse_topics).await;
 
     let publishers = ["b", "c"];
@@ -254,12 +249,7 @@ async fn killing_the_router_leader_does_not_stop_delivery() {
         .flatten()
         .collect();
     let mut ws = a.watcher().await;
-    let mut epochs = BTreeMap::new();
-    for t in &topics {
-        let (epoch, offset) = ws.subscribe(t).await;
-        assert_eq!(offset, 0, "{t} has had no event yet");
-        epochs.insert(t.clone(), epoch);
-    }
+    let epochs = subscribe_fresh(&mut ws, &topics).await;
 
     let view = a.cluster().await;
     let leader = view["router"]["leader_id"]
@@ -672,4 +662,18 @@ async fn an_owner_sends_each_event_once_per_interested_node() {
             "{m} receives each event once for its {SUBSCRIBERS_PER_NODE} subscribers"
         );
     }
+}
+
+/// Subscribes to topics that have had no event yet; their epochs, by topic.
+async fn subscribe_fresh(
+    ws: &mut support::cluster::Watcher,
+    topics: &[String],
+) -> BTreeMap<String, String> {
+    let mut epochs = BTreeMap::new();
+    for t in topics {
+        let (epoch, offset) = ws.subscribe(t).await;
+        assert_eq!(offset, 0, "{t} has had no event yet");
+        epochs.insert(t.clone(), epoch);
+    }
+    epochs
 }

@@ -604,7 +604,10 @@ async fn embedded_router_membership_is_served_and_survives_restart() {
                 &http.get(&url).send().await.unwrap().bytes().await.unwrap(),
             )
             .unwrap();
-            if view["this_node"]["state"] == "active" || Instant::now() > deadline {
+            // Membership and the slot table arrive as separate metadata changes.
+            let settled =
+                view["this_node"]["state"] == "active" && view["this_node"]["slots"] == 4096;
+            if settled || Instant::now() > deadline {
                 break view;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -19,39 +19,6 @@ use crate::server::RouterOptions;
 /// Exit code for invalid configuration or usage (sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
-/// Parses a Weft binary's command line the way every Weft binary does: `--help` and
-/// `--version` print and succeed; anything invalid prints one line
-/// (`<bin>: invalid config: …`) and exits 64. Shared by `weft-router` and `weft-node`.
-pub fn parse_args<C: clap::Parser>(bin: &str) -> Result<C, std::process::ExitCode> {
-    match C::try_parse() {
-        Ok(cli) => Ok(cli),
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
-            let _ = e.print();
-            Err(std::process::ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            Err(usage_exit(bin, format!("invalid config: {line}")))
-        }
-    }
-}
-
-/// Prints `<bin>: <msg>` and returns exit code 64.
-pub fn usage_exit(bin: &str, msg: impl std::fmt::Display) -> std::process::ExitCode {
-    eprintln!("{bin}: {msg}");
-    std::process::ExitCode::from(EXIT_USAGE)
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {

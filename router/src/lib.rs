@@ -17,7 +17,9 @@
 //! - [`server`]: [`server::Router`] (everything on one bound listener, bootstrap) and
 //!   [`server::Embedded`], the single-voter router a node runs in-process.
 //! - [`config`]: layered configuration of the binary.
+//! - [`cli`]: command-line parsing, logging and signals shared with `weft-node`.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod raft;

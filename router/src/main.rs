@@ -2,16 +2,16 @@
 
 use std::process::ExitCode;
 
-use tracing::{info, warn};
+use tracing::info;
 use weft_router::config::{Cli, LogFormat};
 use weft_router::server::Router;
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
-    weft_router::config::usage_exit("weft-router", msg)
+    weft_router::cli::usage_exit("weft-router", msg)
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match weft_router::config::parse_args("weft-router") {
+    let cli: Cli = match weft_router::cli::parse_args("weft-router") {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -71,36 +71,12 @@ async fn run(
             .and_then(|()| std::fs::rename(&tmp, path))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    shutdown_signal().await;
+    weft_router::cli::shutdown_signal().await;
     router.shutdown().await;
     info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the router");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-    }
-}
-
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,openraft=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    weft_router::cli::init_logging(format == LogFormat::Json, "info,openraft=warn");
 }

@@ -1062,19 +1062,8 @@ impl Watcher {
         want: &BTreeMap<String, usize>,
         within: Duration,
     ) -> BTreeMap<String, Vec<Delivered>> {
-        let mut tally = Tally::new(format!("WebSocket on {}", self.node), want);
-        let deadline = tokio::time::Instant::now() + within;
-        while !tally.done() {
-            match tokio::time::timeout_at(deadline, self.next()).await {
-                Ok(seen) => tally.take(seen),
-                Err(_) => panic!(
-                    "{}: not every event within {within:?}; missing {}",
-                    tally.source,
-                    tally.progress()
-                ),
-            }
-        }
-        tally.got
+        let source = format!("WebSocket on {}", self.node);
+        collect(source, want, within, self).await
     }
 }
 
@@ -1120,19 +1109,8 @@ impl MultiSse {
         want: &BTreeMap<String, usize>,
         within: Duration,
     ) -> BTreeMap<String, Vec<Delivered>> {
-        let mut tally = Tally::new(format!("SSE on {}", self.node), want);
-        let deadline = tokio::time::Instant::now() + within;
-        while !tally.done() {
-            match tokio::time::timeout_at(deadline, self.next()).await {
-                Ok(seen) => tally.take(seen),
-                Err(_) => panic!(
-                    "{}: not every event within {within:?}; missing {}",
-                    tally.source,
-                    tally.progress()
-                ),
-            }
-        }
-        tally.got
+        let source = format!("SSE on {}", self.node);
+        collect(source, want, within, self).await
     }
 }
 
@@ -1892,4 +1870,44 @@ impl SseRoamer {
         }
         None
     }
+}
+
+/// A subscriber whose observations [`collect`] can tally.
+trait Observer {
+    fn observe(&mut self) -> impl std::future::Future<Output = Seen> + '_;
+}
+
+impl Observer for Watcher {
+    fn observe(&mut self) -> impl std::future::Future<Output = Seen> + '_ {
+        self.next()
+    }
+}
+
+impl Observer for MultiSse {
+    fn observe(&mut self) -> impl std::future::Future<Output = Seen> + '_ {
+        self.next()
+    }
+}
+
+/// Reads from `sub` until each topic of `want` has that many events; fails on a reset
+/// or close, or when `within` passes first.
+async fn collect(
+    source: String,
+    want: &BTreeMap<String, usize>,
+    within: Duration,
+    sub: &mut impl Observer,
+) -> BTreeMap<String, Vec<Delivered>> {
+    let mut tally = Tally::new(source, want);
+    let deadline = tokio::time::Instant::now() + within;
+    while !tally.done() {
+        match tokio::time::timeout_at(deadline, sub.observe()).await {
+            Ok(seen) => tally.take(seen),
+            Err(_) => panic!(
+                "{}: not every event within {within:?}; missing {}",
+                tally.source,
+                tally.progress()
+            ),
+        }
+    }
+    tally.got
 }
