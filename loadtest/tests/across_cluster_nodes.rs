@@ -73,9 +73,15 @@ impl Cluster {
             };
             config.timing.shutdown_grace_ms = 1000;
             let (tx, rx) = oneshot::channel::<()>();
-            let task = tokio::spawn(weft_node::run_with_router(http, grpc, config, async move {
-                let _ = rx.await;
-            }));
+            let task = tokio::spawn(weft_node::run_with_router(
+                http,
+                None,
+                grpc,
+                config,
+                async move {
+                    let _ = rx.await;
+                },
+            ));
             nodes.push(ClusterNode {
                 id,
                 http: url,

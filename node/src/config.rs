@@ -39,11 +39,161 @@ pub struct Config {
     pub limits: Limits,
     pub history: HistoryConfig,
     pub timing: Timing,
-    /// Origins allowed to open a WebSocket (CSWSH protection); empty = any.
-    pub allowed_origins: Vec<String>,
+    /// Who may connect and what they may do (DESIGN §6).
+    pub auth: AuthConfig,
+    /// Browser-facing HTTP policy: allowed origins (CORS and WebSocket upgrades).
+    pub http: HttpConfig,
+    /// HTTPS / WSS on the HTTP listener.
+    pub tls: TlsConfig,
+    /// The operations surface: probes, metrics, the cluster view.
+    pub ops: OpsConfig,
     /// Policies by topic pattern, first match wins; a topic that matches none gets the
     /// built-in defaults of [`NamespaceConfig`].
     pub namespaces: Vec<NamespaceConfig>,
+}
+
+/// A secret from the configuration: `Debug` and `Serialize` print `***`, so it cannot
+/// reach a log line or `--print-config` by accident.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// `[auth]`: JWT verification for clients, API keys for backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Development only: anonymous clients may subscribe and publish even though the
+    /// node binds a non-loopback address. The node says so at start.
+    pub allow_anonymous: bool,
+    /// HS256 shared secret (or `hmac_secret_file`).
+    pub hmac_secret: Secret,
+    pub hmac_secret_file: Option<PathBuf>,
+    /// RS256 / ES256 / EdDSA public keys, PEM files.
+    pub public_keys: Vec<PathBuf>,
+    /// A JWKS document: a file path or an `http(s)://` URL; refetched on an unknown
+    /// `kid` and every `jwks_refresh_s`.
+    pub jwks: Option<String>,
+    pub jwks_refresh_s: u64,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds.
+    pub leeway_s: u64,
+    /// Read the token from this cookie too (browsers on the same site).
+    pub cookie: Option<String>,
+    /// Backends' keys, stored as the hex SHA-256 of the key.
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: false,
+            hmac_secret: Secret::default(),
+            hmac_secret_file: None,
+            public_keys: Vec::new(),
+            jwks: None,
+            jwks_refresh_s: 300,
+            issuer: None,
+            audience: None,
+            leeway_s: 30,
+            cookie: None,
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether any way to authenticate is configured; without one the node runs in
+    /// development mode (DESIGN §6).
+    pub fn is_configured(&self) -> bool {
+        !self.hmac_secret.is_empty()
+            || self.hmac_secret_file.is_some()
+            || !self.public_keys.is_empty()
+            || self.jwks.is_some()
+            || !self.api_keys.is_empty()
+    }
+
+    /// Whether clients without credentials are let in: development mode, or on purpose.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous || !self.is_configured()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub name: String,
+    /// Hex SHA-256 of the key; the key itself is never stored.
+    pub sha256: String,
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+    /// May call `/v1/admin/*` (and `/v1/cluster` unless it is public).
+    pub admin: bool,
+    /// Publishes per second through this key (all its requests together), and the
+    /// burst above it; 0 = the node-wide `limits.api_key_publishes_per_s`.
+    pub publishes_per_s: u32,
+}
+
+/// `[http]`: what browsers may do.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Exact origins (`https://app.example.com`) and one-label wildcards
+    /// (`https://*.example.com`). Applies to WebSocket upgrades and CORS. Empty means
+    /// any origin in development mode and none otherwise.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[tls]`: HTTPS and WSS directly on the HTTP listener; reloaded on SIGHUP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[ops]`: the operations surface.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// `/healthz`, `/readyz`, `/metrics` (and the admin routes) on their own listener,
+    /// kept off the public Service; absent = on the HTTP listener.
+    pub listen: Option<SocketAddr>,
+    /// Serve `GET /v1/cluster` without an admin key.
+    pub public_cluster_view: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -88,6 +238,19 @@ pub struct Limits {
     /// the excess gets a canned 429 before any HTTP is read.
     pub connects_per_ip_per_s: u32,
     pub connects_per_ip_burst: u32,
+    /// Open sessions per authenticated user (`sub`), over every transport.
+    pub max_connections_per_user: usize,
+    /// Subscribes per second per session, and the burst above it.
+    pub subscribes_per_s: u32,
+    pub subscribe_burst: u32,
+    /// Publishes per second per session, and the burst above it.
+    pub publishes_per_s: u32,
+    pub publish_burst: u32,
+    /// Default publishes per second per API key (all its requests together).
+    pub api_key_publishes_per_s: u32,
+    pub api_key_publish_burst: u32,
+    /// Deepest JSON nesting accepted in event data, on every path.
+    pub max_json_depth: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,7 +317,10 @@ impl Default for Config {
             limits: Limits::default(),
             history: HistoryConfig::default(),
             timing: Timing::default(),
-            allowed_origins: Vec::new(),
+            auth: AuthConfig::default(),
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
+            ops: OpsConfig::default(),
             namespaces: Vec::new(),
         }
     }
@@ -181,6 +347,14 @@ impl Default for Limits {
             new_sessions_burst: 20_000,
             connects_per_ip_per_s: 2_000,
             connects_per_ip_burst: 4_000,
+            max_connections_per_user: 1_000,
+            subscribes_per_s: 100,
+            subscribe_burst: 500,
+            publishes_per_s: 100,
+            publish_burst: 500,
+            api_key_publishes_per_s: 50_000,
+            api_key_publish_burst: 100_000,
+            max_json_depth: 64,
         }
     }
 }
@@ -325,6 +499,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_security()?;
         if let Some(r) = &self.router {
             let addrs = self.router_addrs();
             if addrs.is_empty()
@@ -339,6 +514,102 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        let a = &self.auth;
+        if !a.hmac_secret.is_empty() && a.hmac_secret_file.is_some() {
+            return bad("set auth.hmac_secret or auth.hmac_secret_file, not both".into());
+        }
+        if !a.hmac_secret.is_empty() && a.hmac_secret.expose().len() < 32 {
+            return bad("auth.hmac_secret must be at least 32 bytes (RFC 7518 §3.2)".into());
+        }
+        if a.jwks_refresh_s == 0 {
+            return bad("auth.jwks_refresh_s must be greater than 0".into());
+        }
+        if a.leeway_s > 300 {
+            return bad(format!(
+                "auth.leeway_s = {} is more than 300 s of clock skew",
+                a.leeway_s
+            ));
+        }
+        if let Some(c) = &a.cookie {
+            if c.is_empty()
+                || !c
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            {
+                return bad(format!("auth.cookie `{c}` is not a cookie name"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for k in &a.api_keys {
+            if k.name.is_empty() || !names.insert(k.name.as_str()) {
+                return bad(format!(
+                    "auth.api_keys: every key needs a unique, non-empty name (`{}`)",
+                    k.name
+                ));
+            }
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(format!(
+                    "auth.api_keys `{}`: sha256 must be the 64 hex digits of the key's SHA-256",
+                    k.name
+                ));
+            }
+            for p in k.publish.iter().chain(&k.subscribe) {
+                Pattern::parse(p)
+                    .map_err(|e| ConfigError(format!("auth.api_keys `{}`: {e}", k.name)))?;
+            }
+        }
+        for o in &self.http.allowed_origins {
+            crate::auth::origin::OriginPattern::parse(o)
+                .map_err(|e| ConfigError(format!("http.allowed_origins: {e}")))?;
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("set both tls.cert_file and tls.key_file, or neither".into());
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.subscribes_per_s", l.subscribes_per_s),
+            ("limits.subscribe_burst", l.subscribe_burst),
+            ("limits.publishes_per_s", l.publishes_per_s),
+            ("limits.publish_burst", l.publish_burst),
+            ("limits.api_key_publishes_per_s", l.api_key_publishes_per_s),
+            ("limits.api_key_publish_burst", l.api_key_publish_burst),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if l.max_connections_per_user == 0 || l.max_json_depth == 0 {
+            return bad(
+                "limits.max_connections_per_user and limits.max_json_depth must be greater than 0"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads every key and certificate file the configuration names, so a bad one is
+    /// a usage error at start rather than a refused client later.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        crate::auth::Auth::new(self).map_err(ConfigError)?;
+        if let (Some(c), Some(k)) = (&self.tls.cert_file, &self.tls.key_file) {
+            crate::tls::Tls::load(c, k).map_err(ConfigError)?;
+        }
+        Ok(())
+    }
+
+    /// Secure by default: a listener that other machines can reach needs
+    /// authentication, unless anonymous access was asked for on purpose.
+    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), ConfigError> {
+        if addr.ip().is_loopback() || self.auth.is_configured() || self.auth.allow_anonymous {
+            return Ok(());
+        }
+        Err(ConfigError(format!(
+            "refusing to serve {addr} without authentication: configure [auth] (hmac_secret, public_keys, jwks or api_keys), bind 127.0.0.1, or set auth.allow_anonymous = true (WEFT_AUTH_ALLOW_ANONYMOUS=true) on purpose"
+        )))
     }
 
     /// The external router group's addresses (`--router`), empty without one.
@@ -360,18 +631,23 @@ impl Config {
     }
 }
 
+/// Masks every value that looks like a secret. [`Secret`] fields print `***`
+/// already; this also catches a secret-named string elsewhere. Paths to secret files
+/// (`*_file`) and hashes are not secrets and stay, so the output loads back.
 fn mask_secrets(v: &mut toml::Value) {
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
                 let k = k.to_ascii_lowercase();
-                if ["secret", "token", "password", "api_key"]
+                let secret_name = ["secret", "token", "password"]
                     .iter()
                     .any(|s| k.contains(s))
-                {
-                    *v = toml::Value::String("***".into());
-                } else {
-                    mask_secrets(v);
+                    && !k.ends_with("_file");
+                match v {
+                    toml::Value::String(s) if secret_name && !s.is_empty() => {
+                        *s = "***".into();
+                    }
+                    other => mask_secrets(other),
                 }
             }
         }
@@ -438,15 +714,52 @@ pub struct Cli {
     pub shutdown_grace_ms: Option<u64>,
     #[arg(long, env = "WEFT_RECONNECT_JITTER_MS")]
     pub reconnect_jitter_ms: Option<u64>,
+    /// Serve `/healthz`, `/readyz`, `/metrics` and the admin routes here instead.
+    #[arg(long, env = "WEFT_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
+    #[arg(long, env = "WEFT_OPS_PUBLIC_CLUSTER_VIEW")]
+    pub ops_public_cluster_view: Option<bool>,
+    /// Let clients in without credentials although the node is reachable from other
+    /// machines (development only).
+    #[arg(long, env = "WEFT_AUTH_ALLOW_ANONYMOUS")]
+    pub auth_allow_anonymous: Option<bool>,
+    #[arg(long, env = "WEFT_AUTH_HMAC_SECRET", hide_env_values = true)]
+    pub auth_hmac_secret: Option<Secret>,
+    #[arg(long, env = "WEFT_AUTH_HMAC_SECRET_FILE")]
+    pub auth_hmac_secret_file: Option<PathBuf>,
+    /// Comma-separated PEM files (RS256, ES256, EdDSA public keys).
+    #[arg(long, env = "WEFT_AUTH_PUBLIC_KEYS", value_delimiter = ',')]
+    pub auth_public_keys: Option<Vec<PathBuf>>,
+    #[arg(long, env = "WEFT_AUTH_JWKS")]
+    pub auth_jwks: Option<String>,
+    #[arg(long, env = "WEFT_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    #[arg(long, env = "WEFT_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    #[arg(long, env = "WEFT_AUTH_COOKIE")]
+    pub auth_cookie: Option<String>,
+    #[arg(long, env = "WEFT_AUTH_LEEWAY_S")]
+    pub auth_leeway_s: Option<u64>,
+    /// Comma-separated origins (`https://app.example.com`, `https://*.example.com`).
+    #[arg(long, env = "WEFT_HTTP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub http_allowed_origins: Option<Vec<String>>,
+    #[arg(long, env = "WEFT_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "WEFT_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Cli {
     /// Builds the effective configuration: defaults < file < env/flags.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut listen_in_file = false;
         let mut c = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+                listen_in_file = text
+                    .parse::<toml::Table>()
+                    .is_ok_and(|t| t.contains_key("http_listen"));
                 toml::from_str::<Config>(&text).map_err(|e| {
                     let msg = e.message().to_owned();
                     let at = e
@@ -483,6 +796,35 @@ impl Cli {
             sse_keepalive_ms => timing.sse_keepalive_ms;
             shutdown_grace_ms => timing.shutdown_grace_ms;
             reconnect_jitter_ms => timing.reconnect_jitter_ms;
+            ops_public_cluster_view => ops.public_cluster_view;
+            auth_allow_anonymous => auth.allow_anonymous;
+            auth_hmac_secret => auth.hmac_secret;
+            auth_public_keys => auth.public_keys;
+            auth_leeway_s => auth.leeway_s;
+            http_allowed_origins => http.allowed_origins;
+        }
+        macro_rules! set_opt {
+            ($($field:ident => $($path:ident).+;)*) => {$(
+                if self.$field.is_some() { c.$($path).+ = self.$field.clone(); }
+            )*};
+        }
+        set_opt! {
+            ops_listen => ops.listen;
+            auth_hmac_secret_file => auth.hmac_secret_file;
+            auth_jwks => auth.jwks;
+            auth_issuer => auth.issuer;
+            auth_audience => auth.audience;
+            auth_cookie => auth.cookie;
+            tls_cert_file => tls.cert_file;
+            tls_key_file => tls.key_file;
+        }
+        // Development mode binds loopback unless an address was given on purpose.
+        if !listen_in_file
+            && self.http_listen.is_none()
+            && !c.auth.is_configured()
+            && !c.auth.allow_anonymous
+        {
+            c.http_listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         if self.advertise.is_some() {
             c.advertise = self.advertise.clone();
@@ -552,6 +894,23 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn print_config_never_shows_a_secret_and_loads_back() {
+        let mut c = Config::default();
+        c.auth.hmac_secret = Secret::new("super-secret-value-super-secret-value");
+        c.auth.api_keys.push(ApiKeyConfig {
+            name: "k".into(),
+            sha256: "a".repeat(64),
+            ..Default::default()
+        });
+        let printed = c.to_masked_toml();
+        assert!(!printed.contains("super-secret"), "{printed}");
+        assert!(printed.contains("hmac_secret = \"***\""), "{printed}");
+        assert!(!format!("{c:?}").contains("super-secret"));
+        let back: Config = toml::from_str(&printed).unwrap();
+        assert_eq!(back.auth.api_keys[0].sha256, "a".repeat(64));
     }
 
     #[test]

@@ -10,6 +10,10 @@ use weft_proto::{ErrorBody, ErrorDetail};
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// No credentials where they are needed, or bad ones. The message never repeats
+    /// the credential.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("no such route")]
@@ -20,6 +24,12 @@ pub enum ApiError {
     Gone { message: String, cursor: String },
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A well-formed request the server will not carry out as asked (an
+    /// `Idempotency-Key` reused with another body).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{message}")]
     RateLimited { message: String, retry_after_s: u64 },
     #[error("{message}")]
@@ -34,11 +44,14 @@ impl ApiError {
     pub fn code(&self) -> u16 {
         match self {
             ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized(_) => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::NotFound => 404,
             ApiError::MethodNotAllowed => 405,
             ApiError::Gone { .. } => 410,
             ApiError::TooLarge(_) => 413,
+            ApiError::UnsupportedMediaType(_) => 415,
+            ApiError::Unprocessable(_) => 422,
             ApiError::RateLimited { .. } => 429,
             ApiError::Unavailable { .. } => 503,
         }
@@ -73,6 +86,12 @@ impl IntoResponse for ApiError {
             self.body_json(),
         )
             .into_response();
+        if let ApiError::Unauthorized(_) = &self {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"weft\""),
+            );
+        }
         if let ApiError::RateLimited { retry_after_s, .. }
         | ApiError::Unavailable { retry_after_s, .. } = &self
         {

@@ -18,11 +18,13 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::value::RawValue;
-use weft_proto::{validate_topic, BatchPublish, Cursor, MultiCursor};
+use weft_proto::{validate_topic, BatchPublish, MultiCursor};
 
+use crate::auth::edge::{self, caller, require, require_admin};
+use crate::auth::{Caller, Op};
 use crate::error::ApiError;
 use crate::event::{put_u64, write_event_array};
+pub use crate::input::{check_topic, event_data, event_kind, parse_since, raw_data};
 use crate::node::Node;
 use crate::stream::{self, Format};
 use crate::{poll, ws};
@@ -32,8 +34,11 @@ use crate::{poll, ws};
 pub const OPENAPI: &str = include_str!("../contract/openapi.json");
 pub const ASYNCAPI: &str = include_str!("../contract/asyncapi.json");
 
+/// The client listener's routes. Probes and metrics are here too unless the node has
+/// its own ops listener (`ops.listen`), in which case they are served only there.
 pub fn app(node: Arc<Node>) -> Router {
-    Router::new()
+    let with_ops = node.config.ops.listen.is_none();
+    let mut r = Router::new()
         .route("/v1/topics/{topic}/events", post(publish).get(events))
         .route("/v1/topics/{topic}", get(state))
         .route("/v1/topics/{topic}/presence", get(presence))
@@ -47,18 +52,42 @@ pub fn app(node: Arc<Node>) -> Router {
         .route(
             "/v1/asyncapi.json",
             get(|| async { json_ok(Bytes::from_static(ASYNCAPI.as_bytes())) }),
-        )
-        .route("/v1/cluster", get(cluster))
+        );
+    r = admin_routes(r);
+    if with_ops {
+        r = ops_routes(r);
+    }
+    finish(r, node)
+}
+
+/// The ops listener's routes (`--ops-listen`): probes, metrics, admin.
+pub fn ops_app(node: Arc<Node>) -> Router {
+    finish(admin_routes(ops_routes(Router::new())), node)
+}
+
+fn admin_routes(r: Router<Arc<Node>>) -> Router<Arc<Node>> {
+    r.route("/v1/cluster", get(cluster))
         .route("/v1/cluster/owner/{topic}", get(cluster_owner))
         .route("/v1/admin/drain", post(admin_drain))
-        .route(
-            "/healthz",
-            get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
-        )
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::NotFound })
+        .route("/v1/admin/revoke", post(admin_revoke))
+}
+
+fn ops_routes(r: Router<Arc<Node>>) -> Router<Arc<Node>> {
+    r.route(
+        "/healthz",
+        get(|| async { json_ok(Bytes::from_static(b"{\"status\":\"ok\"}")) }),
+    )
+    .route("/readyz", get(readyz))
+    .route("/metrics", get(metrics))
+}
+
+fn finish(r: Router<Arc<Node>>, node: Arc<Node>) -> Router {
+    r.fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            edge::middleware,
+        ))
         .layer(axum::middleware::map_response_with_state(
             node.clone(),
             count_refusals,
@@ -66,10 +95,57 @@ pub fn app(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// The request's caller, as the edge middleware resolved it.
+type CallerExt = Option<axum::Extension<Caller>>;
+
+fn who(node: &Node, ext: &CallerExt) -> Result<Caller, ApiError> {
+    caller(node, ext.as_ref().map(|e| &e.0))
+}
+
+/// A read of `topic` (state, history, long-poll, watches).
+fn may_read(node: &Node, ext: &CallerExt, topic: &str) -> Result<Caller, ApiError> {
+    let c = who(node, ext)?;
+    require(node, &c, Op::Read(topic), true)?;
+    Ok(c)
+}
+
+/// A REST publish. The namespace's `client_publish` binds clients (tokens); backends
+/// (API keys) and development-mode callers are not clients in that sense.
+fn may_publish(node: &Node, c: &Caller, topic: &str) -> Result<(), ApiError> {
+    let client_rule = match c {
+        Caller::User(_) => node.registry.namespaces.lookup(topic).client_publish,
+        _ => true,
+    };
+    require(node, c, Op::Publish(topic), client_rule)
+}
+
+/// A publish body must say it is JSON, so a cross-site HTML form (which can only send
+/// `text/plain`, `multipart/form-data` or `application/x-www-form-urlencoded`) can
+/// never publish.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(
+            "the body must be sent as Content-Type: application/json".into(),
+        ))
+    }
+}
+
 /// Every refused request is counted in one place, whichever handler refused it.
 async fn count_refusals(State(node): State<Arc<Node>>, resp: Response) -> Response {
     match resp.status().as_u16() {
-        400 | 404 | 405 | 413 => node.stats.bad_input.inc(),
+        400 | 404 | 405 | 413 | 415 | 422 => node.stats.bad_input.inc(),
         429 => node.stats.rate_limited.inc(),
         _ => {}
     }
@@ -84,16 +160,6 @@ fn topic_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
     let Path(topic) = path.map_err(|e| ApiError::bad(format!("bad path: {e}")))?;
     check_topic(&topic)?;
     Ok(topic)
-}
-
-/// A topic name from any transport: `400` with the rule it breaks.
-pub fn check_topic(topic: &str) -> Result<(), ApiError> {
-    validate_topic(topic).map_err(|e| ApiError::bad(format!("invalid topic: {e}")))
-}
-
-/// An optional `epoch:offset` cursor from any transport: `400` when malformed.
-pub fn parse_since(since: Option<&str>) -> Result<Option<Cursor>, ApiError> {
-    since.map(|c| parse_cursor(c, "cursor")).transpose()
 }
 
 /// The query string as decoded pairs (repeated keys kept, as `topic=a&topic=b`).
@@ -113,11 +179,6 @@ fn parse_bool(v: Option<&str>, key: &str) -> Result<bool, ApiError> {
             "`{key}` must be true or false, not `{other}`"
         ))),
     }
-}
-
-fn parse_cursor(v: &str, what: &str) -> Result<Cursor, ApiError> {
-    v.parse()
-        .map_err(|e| ApiError::bad(format!("bad {what}: {e}")))
 }
 
 fn accepts(headers: &HeaderMap, mime: &str) -> bool {
@@ -159,62 +220,6 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
 }
 
-/// Validates event data as JSON and returns it compact (one line), sharing the input's
-/// bytes when it already is.
-pub fn event_data(bytes: &Bytes, max: usize) -> Result<Bytes, ApiError> {
-    if bytes.len() > max {
-        return Err(ApiError::TooLarge(format!(
-            "event data exceeds {max} bytes"
-        )));
-    }
-    let raw: &RawValue = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad(format!("event data is not JSON: {e}")))?;
-    compact(raw)
-}
-
-/// Event data from an already-parsed raw value (batch and WebSocket publish).
-pub fn raw_data(raw: &RawValue, max: usize) -> Result<Bytes, ApiError> {
-    if raw.get().len() > max {
-        return Err(ApiError::TooLarge(format!(
-            "event data exceeds {max} bytes"
-        )));
-    }
-    compact(raw)
-}
-
-fn compact(raw: &RawValue) -> Result<Bytes, ApiError> {
-    let text = raw.get();
-    if text.bytes().any(|b| b == b'\n' || b == b'\r') {
-        // Whitespace newlines only (JSON strings cannot hold raw ones): re-encode.
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| ApiError::bad(e.to_string()))?;
-        return Ok(Bytes::from(
-            serde_json::to_vec(&value).expect("value serialises"),
-        ));
-    }
-    // Always a copy of its own: a slice of the body would keep the whole request
-    // buffer (often several KB) alive for as long as the event stays in history.
-    Ok(Bytes::copy_from_slice(text.as_bytes()))
-}
-
-/// An event type from `Weft-Event-Type` / `type`: the topic alphabet, at most 64 bytes,
-/// so it can sit in JSON and SSE `event:` lines unescaped.
-pub fn event_kind(kind: Option<&str>) -> Result<Option<Arc<str>>, ApiError> {
-    match kind {
-        None => Ok(None),
-        Some(k)
-            if !k.is_empty()
-                && k.len() <= 64
-                && k.bytes().all(weft_proto::topic::is_topic_byte) =>
-        {
-            Ok(Some(k.into()))
-        }
-        Some(_) => Err(ApiError::bad(
-            "event type must be 1-64 characters of [A-Za-z0-9_.:@-]",
-        )),
-    }
-}
-
 fn publish_result_json(topic: &str, epoch: &str, offset: u64) -> Bytes {
     let mut out = BytesMut::with_capacity(64 + topic.len());
     write_publish_result(&mut out, topic, epoch, offset);
@@ -248,12 +253,16 @@ pub fn refuse_while_draining(node: &Node) -> Result<(), ApiError> {
 
 async fn publish(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let c = who(&node, &ext)?;
     refuse_while_draining(&node)?;
     let topic = topic_from(path)?;
+    may_publish(&node, &c, &topic)?;
+    require_json(&headers)?;
     let kind = event_kind(
         headers
             .get("weft-event-type")
@@ -270,10 +279,15 @@ async fn publish(
             }
         },
     };
-    let max = node.config.limits.max_message_bytes;
-    let bytes = read_body(&headers, body, max).await?;
-    let data = event_data(&bytes, max)?;
+    let limits = &node.config.limits;
+    let bytes = read_body(&headers, body, limits.max_message_bytes).await?;
+    let data = event_data(&bytes, limits)?;
     let published = node.publish(&topic, data, kind, key).await?;
+    if published.conflict {
+        return Err(ApiError::Unprocessable(
+            "this Idempotency-Key was used with a different body".into(),
+        ));
+    }
     let mut resp = json_ok(publish_result_json(
         &topic,
         &published.epoch,
@@ -292,10 +306,13 @@ async fn publish(
 
 async fn batch_publish(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let c = who(&node, &ext)?;
     refuse_while_draining(&node)?;
+    require_json(&headers)?;
     let limits = &node.config.limits;
     let bytes = read_body(&headers, body, limits.max_batch_bytes).await?;
     let batch: BatchPublish =
@@ -315,7 +332,11 @@ async fn batch_publish(
             .map_err(|e| ApiError::bad(format!("events[{i}]: invalid topic: {e}")))?;
         let kind = event_kind(item.kind.as_deref())
             .map_err(|e| ApiError::bad(format!("events[{i}]: {e}")))?;
-        let data = raw_data(&item.data, limits.max_message_bytes)?;
+        let data = raw_data(&item.data, limits).map_err(|e| match e {
+            ApiError::BadRequest(m) => ApiError::bad(format!("events[{i}]: {m}")),
+            other => other,
+        })?;
+        may_publish(&node, &c, &item.topic)?;
         prepared.push((item.topic.as_str(), kind, data));
     }
     let mut out = BytesMut::with_capacity(16 + prepared.len() * 64);
@@ -341,9 +362,11 @@ async fn batch_publish(
 
 async fn state(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
+    may_read(&node, &ext, &topic)?;
     node.ready_topic(&topic, None).await?;
     let (cursor, last) = node.registry.with_topic(&topic, |t| t.state())?;
     let mut out = BytesMut::with_capacity(128);
@@ -364,9 +387,12 @@ async fn state(
 
 async fn presence(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
+    let c = who(&node, &ext)?;
+    require(&node, &c, Op::Presence(&topic), true)?;
     let ns = node.registry.namespaces.lookup(&topic);
     if !ns.presence {
         return Err(ApiError::Forbidden(format!(
@@ -386,11 +412,13 @@ async fn presence(
 
 async fn events(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let topic = topic_from(path)?;
+    let c = may_read(&node, &ext, &topic)?;
     let q = query(&uri);
     let limits = &node.config.limits;
     let limit = match param(&q, "limit") {
@@ -434,7 +462,7 @@ async fn events(
                 entries: vec![(topic.clone(), c)],
             })
             .unwrap_or_default();
-        return stream::open(node, format, vec![topic], cursors).await;
+        return stream::open(node, c, format, vec![topic], cursors).await;
     }
     match wait {
         Some(wait) => poll::long_poll(node, topic, since, limit, wait).await,
@@ -447,9 +475,11 @@ async fn events(
 
 async fn multi_events(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
+    let c = who(&node, &ext)?;
     let q = query(&uri);
     let max = node.config.limits.max_topics_per_watch;
     let mut topics: Vec<String> = Vec::new();
@@ -466,6 +496,9 @@ async fn multi_events(
     }
     if topics.is_empty() {
         return Err(ApiError::bad("name at least one `topic`"));
+    }
+    for t in &topics {
+        require(&node, &c, Op::Read(t), true)?;
     }
     let ndjson = accepts(&headers, "application/x-ndjson");
     let watch = parse_bool(param(&q, "watch"), "watch")?;
@@ -489,7 +522,7 @@ async fn multi_events(
     } else {
         Format::MultiSse
     };
-    stream::open(node, format, topics, cursors).await
+    stream::open(node, c, format, topics, cursors).await
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
@@ -504,7 +537,21 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     }
 }
 
-async fn cluster(State(node): State<Arc<Node>>) -> Response {
+/// `/v1/cluster` and `/v1/cluster/owner/…` show the cluster's layout: admin only,
+/// unless `ops.public_cluster_view`.
+fn may_view_cluster(node: &Node, ext: &CallerExt, headers: &HeaderMap) -> Result<(), ApiError> {
+    if node.auth.public_cluster_view() {
+        return Ok(());
+    }
+    require_admin(node, &who(node, ext)?, headers)
+}
+
+async fn cluster(
+    State(node): State<Arc<Node>>,
+    ext: CallerExt,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    may_view_cluster(&node, &ext, &headers)?;
     let body = match node.cluster.get() {
         Some(c) => {
             let mut body = c.describe();
@@ -515,23 +562,65 @@ async fn cluster(State(node): State<Arc<Node>>) -> Response {
         }
         None => serde_json::json!({ "node": node.config.node_id, "mode": "standalone" }),
     };
-    json_ok(Bytes::from(body.to_string()))
+    Ok(json_ok(Bytes::from(body.to_string())))
 }
 
 /// `POST /v1/admin/drain`: drain as on SIGTERM — readiness false, topics handed to
 /// their new owners, sessions closed gradually over the grace period — then exit.
-async fn admin_drain(State(node): State<Arc<Node>>) -> Response {
+async fn admin_drain(
+    State(node): State<Arc<Node>>,
+    ext: CallerExt,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&node, &who(&node, &ext)?, &headers)?;
     node.request_drain();
     let mut resp = json_ok(Bytes::from_static(b"{\"draining\":true}"));
     *resp.status_mut() = StatusCode::ACCEPTED;
-    resp
+    Ok(resp)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    sub: Option<String>,
+    jti: Option<String>,
+    /// Unix seconds: tokens of `sub` / with `jti` are refused until then.
+    until: u64,
+}
+
+/// `POST /v1/admin/revoke {"sub"|"jti", "until"}`: closes the matching sessions on
+/// this node and refuses those tokens until `until`.
+async fn admin_revoke(
+    State(node): State<Arc<Node>>,
+    ext: CallerExt,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&node, &who(&node, &ext)?, &headers)?;
+    require_json(&headers)?;
+    let bytes = read_body(&headers, body, 4096).await?;
+    let r: RevokeRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad(format!("invalid revoke request: {e}")))?;
+    let target = match (r.sub, r.jti) {
+        (Some(s), None) if !s.is_empty() => crate::auth::revoke::Target::Sub(s),
+        (None, Some(j)) if !j.is_empty() => crate::auth::revoke::Target::Jti(j),
+        _ => return Err(ApiError::bad("name exactly one of `sub` or `jti`")),
+    };
+    let until = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(r.until))
+        .ok_or_else(|| ApiError::bad("`until` is out of range"))?;
+    node.auth.revoke(target, until)?;
+    Ok(json_ok(Bytes::from_static(b"{\"revoked\":true}")))
 }
 
 /// `GET /v1/cluster/owner/{topic}`: the topic's owner under this node's ring.
 async fn cluster_owner(
     State(node): State<Arc<Node>>,
+    ext: CallerExt,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    may_view_cluster(&node, &ext, &headers)?;
     let topic = topic_from(path)?;
     let body = match node.cluster.get() {
         Some(c) => c.describe_owner(&topic),
@@ -561,40 +650,4 @@ pub fn page_json(epoch: &str, events: &[Arc<crate::event::StoredEvent>], next: u
     put_u64(&mut out, next);
     out.extend_from_slice(b"\"}");
     out.freeze()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compacts_multiline_json_and_copies_it_out_of_the_body() {
-        let pretty = Bytes::from_static(b"{\n  \"a\": 1\n}");
-        assert_eq!(&event_data(&pretty, 100).unwrap()[..], b"{\"a\":1}");
-        let compact = Bytes::from_static(b"  {\"a\":1} ");
-        let out = event_data(&compact, 100).unwrap();
-        assert_eq!(&out[..], b"{\"a\":1}");
-        // Its own allocation: history must not pin the request's buffer.
-        assert_ne!(out.as_ptr(), compact[2..].as_ptr());
-        assert_eq!(
-            event_data(&Bytes::from_static(b"{"), 100)
-                .unwrap_err()
-                .code(),
-            400
-        );
-        assert_eq!(
-            event_data(&Bytes::from_static(b"[1,2,3]"), 3)
-                .unwrap_err()
-                .code(),
-            413
-        );
-    }
-
-    #[test]
-    fn event_kind_rules() {
-        assert!(event_kind(Some("tick")).unwrap().is_some());
-        assert!(event_kind(Some("a b")).is_err());
-        assert!(event_kind(Some("")).is_err());
-        assert!(event_kind(Some(&"x".repeat(65))).is_err());
-    }
 }

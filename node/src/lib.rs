@@ -15,6 +15,7 @@
 //! ```
 //!
 //! # Layout
+//! - [`auth`]: who a client is (JWT, API key, anonymous) and what it may do; origins.
 //! - [`cluster`]: membership: join, heartbeat, the router's metadata, `/v1/cluster`.
 //! - [`config`]: the typed configuration, its layers and validation.
 //! - [`server`]: accept loop, connection admission, HTTP/1.1 + upgrades, shutdown.
@@ -22,9 +23,11 @@
 //! - [`ws`]: the WebSocket session (`weft.v1.json`).
 //! - [`stream`]: SSE (one and many topics) and NDJSON watches.
 //! - [`poll`]: history pages and long-poll.
+//! - [`input`]: validation shared by HTTP, WebSocket and relay (topics, cursors, data).
 //! - [`interest`]: first/last-subscriber transitions batched for the router's registry.
 //! - [`relay`]: links between nodes: publishes to owners, events to mirrors.
 //! - [`registry`]: topics by name, namespaces, the history memory budget, the sweeper.
+//! - [`tls`]: HTTPS/WSS on the HTTP listener; certificate reload.
 //! - [`topic`]: one topic's owner state; the ordering and no-loss invariants live here.
 //! - [`outbox`]: a session's byte-budgeted queue and the slow-consumer policies.
 //! - [`event`]: a stored event and its once-encoded frames.
@@ -34,11 +37,13 @@
 //! - [`rate`]: token buckets.
 //! - [`wsframe`]: RFC 6455 framing: shared pre-built frames out, bufferless idle reads.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod input;
 pub mod interest;
 pub mod node;
 pub mod outbox;
@@ -49,6 +54,7 @@ pub mod relay;
 pub mod server;
 pub mod stats;
 pub mod stream;
+pub mod tls;
 pub mod topic;
 pub mod ws;
 pub mod wsframe;
@@ -79,6 +85,7 @@ pub async fn run(
 /// stops what it started.
 pub async fn run_with_router(
     http: tokio::net::TcpListener,
+    ops: Option<tokio::net::TcpListener>,
     grpc: tokio::net::TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
@@ -145,7 +152,7 @@ pub async fn run_with_router(
         drain_node.mark_unready();
         drain_relay.drain(&drain_node).await;
     };
-    let served = server::serve(node, http, shutdown).await;
+    let served = server::serve_all(node, http, ops, shutdown).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), membership).await;
     relay.shutdown();

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tracing::{info, warn};
+use tracing::info;
 use weft_node::config::{Cli, Config, LogFormat};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
@@ -21,6 +21,12 @@ fn main() -> ExitCode {
     if cli.print_config {
         print!("{}", config.to_masked_toml());
         return ExitCode::SUCCESS;
+    }
+    if let Err(e) = config
+        .check_exposure(config.http_listen)
+        .and_then(|()| config.check_files())
+    {
+        return usage_exit(format!("invalid config: {e}"));
     }
     init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -47,26 +53,46 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
     let grpc = bind(config.grpc_listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_listen))?;
+    let ops = match config.ops.listen {
+        Some(addr) => {
+            Some(bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} (ops): {e}"))?)
+        }
+        None => None,
+    };
     let http = listener.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
+    let ops_addr = ops.as_ref().map(|l| l.local_addr()).transpose()?;
     if config.router.is_some() {
         info!(router = ?config.router_addrs(), "cluster mode: joining the external router group");
     } else {
         info!("single-node mode with the embedded router");
     }
-    warn!("authentication is off: every client may subscribe and publish");
-    info!(%http, grpc = %grpc_addr, node_id = %config.node_id, "weft-node listening");
+    let scheme = if config.tls.cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    info!(%http, %scheme, grpc = %grpc_addr, ops = ?ops_addr, node_id = %config.node_id, "weft-node listening");
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "http": http.to_string(),
             "grpc": grpc_addr.to_string(),
+            "ops": ops_addr.map(|a| a.to_string()),
+            "scheme": scheme,
             "node_id": config.node_id,
             "pid": std::process::id(),
         });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string()).and_then(|()| std::fs::rename(&tmp, path))?;
     }
-    weft_node::run_with_router(listener, grpc, config, weft_router::cli::shutdown_signal()).await
+    weft_node::run_with_router(
+        listener,
+        ops,
+        grpc,
+        config,
+        weft_router::cli::shutdown_signal(),
+    )
+    .await
 }
 
 /// Binds with a deep accept backlog: tokio's default of 1024 overflows under

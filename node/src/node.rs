@@ -21,6 +21,10 @@ use crate::topic::Published;
 
 pub struct Node {
     pub config: Config,
+    /// Who callers are and what they may do: every transport asks this.
+    pub auth: Arc<crate::auth::Auth>,
+    /// HTTPS/WSS on the HTTP listener, when `[tls]` is configured.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub registry: Registry,
     pub stats: Stats,
     /// False from the moment shutdown begins: `/readyz` answers 503.
@@ -43,10 +47,24 @@ pub struct Node {
 }
 
 impl Node {
+    /// Builds the node's shared state.
+    ///
+    /// # Panics
+    /// If the configured key or certificate files cannot be read; binaries check them
+    /// first with [`crate::config::Config::check_files`] and exit 64 with the reason.
     pub fn new(config: Config) -> Arc<Self> {
         crate::stats::prometheus();
         let stats = Stats::new(&config.node_id);
+        let auth = Arc::new(crate::auth::Auth::new(&config).expect("auth configuration"));
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(c), Some(k)) => Some(Arc::new(
+                crate::tls::Tls::load(c, k).expect("TLS configuration"),
+            )),
+            _ => None,
+        };
         Arc::new(Self {
+            auth,
+            tls,
             registry: Registry::new(&config),
             stats,
             ready: AtomicBool::new(true),

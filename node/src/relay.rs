@@ -716,6 +716,7 @@ impl Relay {
                         epoch: epoch.into(),
                         offset: a.offset,
                         duplicate: a.duplicate,
+                        conflict: false,
                     }),
                 );
                 Ok(())
@@ -836,8 +837,8 @@ impl Relay {
         weft_proto::validate_topic(&p.topic)
             .map_err(|e| Forward::Failed(ApiError::bad(format!("invalid topic: {e}"))))?;
         let kind = crate::http::event_kind(p.r#type.as_deref()).map_err(Forward::Failed)?;
-        let data = crate::http::event_data(&p.data, node.config.limits.max_message_bytes)
-            .map_err(Forward::Failed)?;
+        let data =
+            crate::http::event_data(&p.data, &node.config.limits).map_err(Forward::Failed)?;
         let key = match p.idempotency_key.as_deref() {
             Some(k) if k.is_empty() || k.len() > 255 => {
                 return Err(Forward::Failed(ApiError::bad(
@@ -1740,8 +1741,7 @@ fn relayed(node: &Node, ev: grpc::RelayEvent) -> Result<Relayed, String> {
         ));
     }
     let kind = crate::http::event_kind(ev.r#type.as_deref()).map_err(|e| e.to_string())?;
-    let data = crate::http::event_data(&ev.data, node.config.limits.max_message_bytes)
-        .map_err(|e| e.to_string())?;
+    let data = crate::http::event_data(&ev.data, &node.config.limits).map_err(|e| e.to_string())?;
     Ok(Relayed {
         epoch: ev.epoch,
         offset: ev.offset,

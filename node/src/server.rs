@@ -6,6 +6,12 @@
 //! never waits on a client. The HTTP handshake (headers) must complete within
 //! `handshake_timeout_ms`, so a connection that never finishes its request is closed.
 //!
+//! With `tls.cert_file`/`tls.key_file` each connection's TLS handshake runs in its own
+//! task too, bounded by the same timeout, and new handshakes use the certificate as
+//! last reloaded ([`crate::tls`]). The ops listener (`ops.listen`), when configured,
+//! serves probes, metrics and admin routes apart from clients: it is not subject to the
+//! client connection limits, so probes answer on a node full of clients.
+//!
 //! Shutdown: the loop stops accepting, readiness goes false, every session is told to
 //! close (each at a jittered moment in the first half of the grace), and `serve`
 //! returns once every connection task is done or the grace period is over.
@@ -36,8 +42,29 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    serve_all(node, listener, None, shutdown).await
+}
+
+/// [`serve`], with the ops surface on a listener of its own when `ops` is given.
+pub async fn serve_all(
+    node: Arc<Node>,
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    node.config.check_exposure(listener.local_addr()?)?;
+    if node.auth.dev_mode() {
+        warn!(
+            "DEVELOPMENT MODE: no authentication is configured, so anonymous clients may subscribe and publish and any origin is allowed; this node only serves loopback unless auth.allow_anonymous is set. Configure [auth] before exposing it."
+        );
+    } else if node.config.auth.allow_anonymous {
+        warn!("auth.allow_anonymous is set: clients without credentials may subscribe and publish");
+    }
+    node.auth.spawn_refresh();
     let app = app(node.clone());
     let background = spawn_background(node.clone());
+    let reloader = node.tls.as_ref().map(|t| t.spawn_reloader());
+    let ops_task = ops.map(|l| tokio::spawn(serve_ops(node.clone(), l)));
     tokio::pin!(shutdown);
     let mut draining: Option<tokio::time::Instant> = None;
     let grace = Duration::from_millis(node.config.timing.shutdown_grace_ms);
@@ -85,7 +112,44 @@ pub async fn serve(
     }
     drop(listener);
     background.abort();
+    if let Some(t) = reloader {
+        t.abort();
+    }
+    if let Some(t) = ops_task {
+        t.abort();
+    }
     Ok(())
+}
+
+/// Most ops connections served at once (probes, scrapes, admin calls).
+const MAX_OPS_CONNECTIONS: usize = 256;
+
+/// The ops listener: plain HTTP/1.1, its own small connection cap.
+async fn serve_ops(node: Arc<Node>, listener: TcpListener) {
+    let app = crate::http::ops_app(node.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_OPS_CONNECTIONS));
+    loop {
+        let Ok((stream, _peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let app = app.clone();
+        let timeout = Duration::from_millis(node.config.timing.handshake_timeout_ms);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                app.clone().oneshot(req.map(Body::new))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 async fn sleep_opt(at: Option<tokio::time::Instant>) {
@@ -110,7 +174,22 @@ async fn refuse(mut stream: TcpStream, why: ApiError) {
 
 async fn connection(node: Arc<Node>, app: Router, stream: TcpStream, info: ConnInfo) {
     let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(stream);
+    match &node.tls {
+        None => serve_http(node, app, TokioIo::new(stream), info).await,
+        Some(tls) => {
+            let handshake = Duration::from_millis(node.config.timing.handshake_timeout_ms);
+            match tokio::time::timeout(handshake, tls.acceptor().accept(stream)).await {
+                Ok(Ok(tls_stream)) => serve_http(node, app, TokioIo::new(tls_stream), info).await,
+                _ => node.stats.connections_refused.inc(),
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(node: Arc<Node>, app: Router, io: I, info: ConnInfo)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     // Whether a request has arrived on this connection: one that has not yet sent its
     // first request is not "idle" at drain time, its request is on the way.
     let served = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -15,6 +15,9 @@
 //! - `: ping` comments (NDJSON: empty lines) keep proxies from timing out; SSE watchers
 //!   also get `event: bookmark` with their cursor so an idle watcher's position stays
 //!   current.
+//! - The caller's token bounds the stream: at its `exp` the stream sends
+//!   `event: disconnect` with code 4009 and ends (the client reconnects with a fresh
+//!   token and its last id, nothing lost); a revoked token ends it with code 4001.
 //! - Slow consumer under `disconnect`: an `event: disconnect` with code 4008 and the
 //!   stream ends; the client resumes from its last id. Shutdown: `event: disconnect`
 //!   with code 4000 and a `retry:` of `after_ms`, at a jittered moment in the grace.
@@ -31,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use weft_proto::MultiCursor;
 
+use crate::auth::{Caller, UserGuard};
 use crate::error::ApiError;
 use crate::event::put_u64;
 use crate::node::Node;
@@ -51,6 +55,12 @@ const MAX_CHUNK: usize = 64 * 1024;
 
 struct Watch {
     node: Arc<Node>,
+    caller: Caller,
+    /// When the caller's token expires (never for anonymous callers and API keys).
+    expires_at: Option<Instant>,
+    revoked: watch::Receiver<u64>,
+    _user: Option<UserGuard>,
+    user: Option<Arc<str>>,
     id: u64,
     format: Format,
     outbox: Arc<Outbox>,
@@ -84,16 +94,23 @@ fn ticker(period_ms: u64) -> Interval {
 /// streaming response.
 pub async fn open(
     node: Arc<Node>,
+    caller: Caller,
     format: Format,
     topics: Vec<String>,
     cursors: MultiCursor,
 ) -> Result<Response, ApiError> {
     node.admit_session()?;
+    let user_guard = node.auth.admit_user(&caller)?;
     let timing = &node.config.timing;
     let id = node.next_session_id();
     let client = node.client_id(id);
     let budget = node.config.limits.outbound_queue_bytes;
     let mut w = Watch {
+        expires_at: caller.expires().map(instant_of),
+        revoked: node.auth.revocation_watch(),
+        _user: user_guard,
+        user: caller.user(),
+        caller,
         id,
         format,
         outbox: Arc::new(Outbox::new(budget)),
@@ -117,7 +134,7 @@ pub async fn open(
             let sub = Subscriber {
                 outbox: w.outbox.clone(),
                 client: client.clone(),
-                user: None,
+                user: w.user.clone(),
                 wants_presence: false,
             };
             let outbox = &w.outbox;
@@ -187,6 +204,14 @@ pub async fn open(
         .into_response())
 }
 
+/// The tokio instant of a wall-clock time (now, if it has passed).
+pub fn instant_of(t: std::time::SystemTime) -> Instant {
+    let left = t
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Instant::now() + left
+}
+
 async fn sleep_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -218,6 +243,16 @@ impl Watch {
                     self.finished = true;
                     let after = self.node.reconnect_after_ms();
                     return Some(self.disconnect(weft_proto::close::RECONNECT, "shutdown", after));
+                }
+                _ = sleep_opt(self.expires_at) => {
+                    self.finished = true;
+                    return Some(self.disconnect(weft_proto::close::TOKEN_EXPIRED, "token expired", 0));
+                }
+                r = self.revoked.changed() => {
+                    if r.is_ok() && !self.node.auth.still_valid(&self.caller) {
+                        self.finished = true;
+                        return Some(self.disconnect(weft_proto::close::UNAUTHORIZED, "token revoked", 0));
+                    }
                 }
                 r = self.outbox.next_batch(&mut self.batch, MAX_CHUNK) => match r {
                     Ok(()) => return Some(self.encode_batch()),

@@ -86,6 +86,9 @@ pub struct Published {
     pub epoch: Arc<str>,
     pub offset: u64,
     pub duplicate: bool,
+    /// A duplicate whose key was first used with other data (still in history): the
+    /// caller answers `422` rather than replaying the first result.
+    pub conflict: bool,
 }
 
 /// What a subscriber gets at the moment it is registered.
@@ -492,10 +495,17 @@ impl Topic {
         if let Some(key) = idempotency_key {
             st.idempotency.expire(now, idem.0, idem.1);
             if let Some(&offset) = st.idempotency.offsets.get(key) {
+                let first = st.history.front().map_or(u64::MAX, |e| e.offset);
+                let conflict = offset >= first
+                    && st
+                        .history
+                        .get((offset - first) as usize)
+                        .is_some_and(|e| e.offset == offset && e.data != data);
                 let published = Published {
                     epoch: st.epoch.clone(),
                     offset,
                     duplicate: true,
+                    conflict,
                 };
                 return (published, 0);
             }
@@ -537,6 +547,7 @@ impl Topic {
         }
         stats.published.inc();
         let published = Published {
+            conflict: false,
             epoch: st.epoch.clone(),
             offset,
             duplicate: false,

@@ -14,6 +14,13 @@
 //! Replies go through the same outbox as events, so a subscribe reply always precedes
 //! the events after it. A batch of one event is sent as the event's shared frame bytes.
 //!
+//! Authentication: the handshake's credential (header, `?token=`, cookie) or, without
+//! one, a `connect {token}` as the first command within the handshake timeout (any
+//! other command first closes 4001). `refresh {token}` replaces the token (same
+//! subject); 30 s before expiry the session gets `expiring`, at expiry
+//! `disconnect{code:4009}` and close 4009; a revoked token closes 4001. A command the
+//! token does not allow is answered `403` and the session goes on.
+//!
 //! Close codes: 4400 protocol error (binary frame, broken framing), 4413 message too
 //! big, 4008 slow consumer, 4029 command flood, 4000 shutdown (after a `disconnect`
 //! push with a jittered `after_ms`). Server pings every `ping_interval`; a peer silent
@@ -39,6 +46,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use weft_proto::command::{HistoryCmd, PublishCmd, SubscribeCmd};
 use weft_proto::{close, parse_command, Command};
 
+use crate::auth::edge::require;
+use crate::auth::{Caller, Credential, Op, Refusal, UserGuard, EXPIRING_NOTICE};
 use crate::error::ApiError;
 use crate::event::{put_u64, write_event_array};
 use crate::http::{check_topic, event_kind, parse_since, raw_data};
@@ -64,7 +73,22 @@ fn bad_upgrade(msg: &str) -> Response {
     ApiError::bad(msg).into_response()
 }
 
-pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+/// Whether a `Sec-WebSocket-Key` is the base64 of 16 bytes (RFC 6455 §4.1): 22
+/// characters of the alphabet, the last carrying only 2 bits, then `==`.
+fn is_websocket_key(k: &[u8]) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let value = |c: u8| ALPHABET.iter().position(|a| *a == c);
+    k.len() == 24
+        && k.ends_with(b"==")
+        && k[..22].iter().all(|c| value(*c).is_some())
+        && value(k[21]).is_some_and(|v| v & 0x0f == 0)
+}
+
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    ext: Option<axum::Extension<Caller>>,
+    mut req: Request,
+) -> Response {
     let h = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         h.get_all(name)
@@ -83,17 +107,23 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         );
         return r;
     }
-    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).filter(|k| k.len() <= 64) else {
-        return bad_upgrade("missing or oversized Sec-WebSocket-Key");
+    let Some(key) = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| is_websocket_key(k.as_bytes()))
+    else {
+        return bad_upgrade("Sec-WebSocket-Key must be the base64 of 16 bytes");
     };
     let accept = derive_accept_key(key.as_bytes());
-    let origins = &node.config.allowed_origins;
-    if !origins.is_empty() {
-        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-        if !origin.is_some_and(|o| origins.iter().any(|a| a == o)) {
-            return ApiError::Forbidden("origin not allowed".into()).into_response();
-        }
-    }
+    // The origin was checked by the edge middleware, as for every route. Without a
+    // credential the client authenticates with `connect`, unless anonymous is allowed.
+    let caller = ext
+        .map(|e| e.0)
+        .or_else(|| node.auth.anonymous_allowed().then_some(Caller::Anonymous));
+    let user_guard = match caller.as_ref().map(|c| node.auth.admit_user(c)) {
+        Some(Err(e)) => return e.into_response(),
+        Some(Ok(g)) => g,
+        None => None,
+    };
     let offered: Vec<&str> = h
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -118,15 +148,33 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
+        let session = Session::new(task_node, info, caller, user_guard);
         // The accept loop serves `TokioIo<TcpStream>`; taking the socket back lets the
         // session wait for readiness with no buffer and write with `writev`.
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-            tracing::error!("upgraded connection is not a TCP stream");
-            return;
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return session.run(parts.io.into_inner(), parts.read_buf).await,
+            Err(upgraded) => upgraded,
         };
-        Session::new(task_node, info)
-            .run(parts.io.into_inner(), parts.read_buf)
-            .await;
+        // Over TLS the session talks to one end of a socket pair and a pump task
+        // carries bytes between the other end and the TLS stream, so the session code
+        // stays the same (at the price of the pump's buffers while TLS is on).
+        match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let Ok((session_end, pump_end)) = tokio::net::UnixStream::pair() else {
+                    return;
+                };
+                let mut tls = parts.io.into_inner();
+                let pump = tokio::spawn(async move {
+                    let mut pump_end = pump_end;
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut pump_end).await;
+                });
+                session.run(session_end, parts.read_buf).await;
+                // The pump ends once the session's end is dropped and the TLS close
+                // is written; bound it so a stuck peer cannot keep it.
+                let _ = timeout(Duration::from_secs(5), pump).await;
+            }
+            Err(_) => tracing::error!("upgraded connection is neither TCP nor TLS"),
+        }
     });
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -156,7 +204,38 @@ struct Session {
     /// so idle sessions hold no channel).
     deferred: Option<Deferred>,
     deferred_in_flight: usize,
+    /// Who the session is; `None` until a `connect {token}` verifies.
+    caller: Option<Caller>,
+    user_guard: Option<UserGuard>,
+    expires_at: Option<Instant>,
+    expiring_sent: bool,
+    revoked: tokio::sync::watch::Receiver<u64>,
+    /// A `connect`/`refresh` token being verified (a JWKS fetch may be needed); the
+    /// lines that arrive meanwhile wait in `held`, in order.
+    verifying: Option<tokio::sync::oneshot::Receiver<Verified>>,
+    held: Vec<String>,
+    subscribes: TokenBucket,
+    publishes: TokenBucket,
     _conn: Option<ConnInfo>,
+}
+
+/// A verified (or refused) `connect`/`refresh` token.
+struct Verified {
+    id: Option<u64>,
+    refresh: bool,
+    result: Result<Caller, (Refusal, ApiError)>,
+}
+
+/// Lines (and bytes) a session may send while its token is being verified.
+const MAX_HELD_LINES: usize = 256;
+
+async fn next_verified(
+    v: &mut Option<tokio::sync::oneshot::Receiver<Verified>>,
+) -> Option<Verified> {
+    match v {
+        Some(rx) => rx.await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 type Deferred = (
@@ -215,8 +294,38 @@ trait Wire {
     fn wire(&self) -> &[u8];
 }
 
+/// A socket the session can wait on without a buffer: readiness, then a try-read or
+/// try-write (TCP, or the socket pair in front of a TLS stream).
+pub trait Socket: Send + Sync + 'static {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize>;
+}
+
+macro_rules! socket_impl {
+    ($t:ty) => {
+        impl Socket for $t {
+            async fn readable(&self) -> std::io::Result<()> {
+                <$t>::readable(self).await
+            }
+            async fn writable(&self) -> std::io::Result<()> {
+                <$t>::writable(self).await
+            }
+            fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+socket_impl!(TcpStream);
+socket_impl!(tokio::net::UnixStream);
+
 /// Writes whole frames with vectored writes, resuming after partial writes.
-async fn write_frames<F: Wire>(stream: &TcpStream, frames: &[F]) -> std::io::Result<()> {
+async fn write_frames<S: Socket, F: Wire>(stream: &S, frames: &[F]) -> std::io::Result<()> {
     const MAX_IOV: usize = 64;
     let (mut idx, mut off) = (0usize, 0usize);
     while idx < frames.len() {
@@ -250,7 +359,7 @@ async fn write_frames<F: Wire>(stream: &TcpStream, frames: &[F]) -> std::io::Res
 }
 
 /// Reads until the peer's close frame (or EOF), discarding everything else.
-async fn await_close(stream: &TcpStream, reader: &mut FrameReader) {
+async fn await_close<S: Socket>(stream: &S, reader: &mut FrameReader) {
     let mut buf = [0u8; 512];
     let mut reader_done = false;
     while !reader_done {
@@ -274,10 +383,27 @@ async fn await_close(stream: &TcpStream, reader: &mut FrameReader) {
 }
 
 impl Session {
-    fn new(node: Arc<Node>, conn: Option<ConnInfo>) -> Self {
+    fn new(
+        node: Arc<Node>,
+        conn: Option<ConnInfo>,
+        caller: Option<Caller>,
+        user_guard: Option<UserGuard>,
+    ) -> Self {
         let id = node.next_session_id();
         let limits = &node.config.limits;
         Self {
+            expires_at: caller
+                .as_ref()
+                .and_then(Caller::expires)
+                .map(crate::stream::instant_of),
+            expiring_sent: false,
+            revoked: node.auth.revocation_watch(),
+            caller,
+            user_guard,
+            verifying: None,
+            held: Vec::new(),
+            subscribes: TokenBucket::new(limits.subscribes_per_s, limits.subscribe_burst),
+            publishes: TokenBucket::new(limits.publishes_per_s, limits.publish_burst),
             client: node.client_id(id),
             outbox: Arc::new(Outbox::new(limits.outbound_queue_bytes)),
             subs: HashMap::new(),
@@ -291,7 +417,7 @@ impl Session {
         }
     }
 
-    async fn run(mut self, stream: TcpStream, early: Bytes) {
+    async fn run<S: Socket>(mut self, stream: S, early: Bytes) {
         let node = self.node.clone();
         let gauge = node.stats.connection(Transport::Ws);
         gauge.up();
@@ -314,8 +440,45 @@ impl Session {
             self.on_bytes(&mut reader, &mut early.to_vec())
         };
         drop(early);
+        // A session without a caller must `connect` within the handshake timeout.
+        let connect_by = self
+            .caller
+            .is_none()
+            .then(|| Instant::now() + Duration::from_millis(timing.handshake_timeout_ms));
         while end.is_none() {
+            let expires_at = self.expires_at;
+            let expiring_at = expires_at
+                .filter(|_| !self.expiring_sent)
+                .map(|e| e.checked_sub(EXPIRING_NOTICE).unwrap_or(e));
+            let connect_by =
+                connect_by.filter(|_| self.caller.is_none() && self.verifying.is_none());
             tokio::select! {
+                Some(v) = next_verified(&mut self.verifying) => {
+                    self.verifying = None;
+                    end = self.on_verified(v);
+                }
+                _ = sleep_opt(connect_by) => {
+                    node.auth.count(Refusal::Missing);
+                    end = Some(End::Close(close::UNAUTHORIZED, "connect with a token first".into()));
+                }
+                _ = sleep_opt(expiring_at) => {
+                    self.expiring_sent = true;
+                    let in_s = expires_at.map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
+                    let push = serde_json::json!({"push": {"expiring": {"in_s": in_s}}});
+                    self.outbox.push_control(wsframe::text(push.to_string().as_bytes()));
+                }
+                _ = sleep_opt(expires_at) => {
+                    node.auth.count(Refusal::Expired);
+                    let push = wsframe::text(&node.disconnect_push(close::TOKEN_EXPIRED, "token expired", 0));
+                    let _ = timeout(write_timeout, write_frames(&stream, &[push])).await;
+                    end = Some(End::Close(close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token".into()));
+                }
+                r = self.revoked.changed() => {
+                    if r.is_ok() && !self.caller.as_ref().is_none_or(|c| node.auth.still_valid(c)) {
+                        node.auth.count(Refusal::Revoked);
+                        end = Some(End::Close(close::UNAUTHORIZED, "token revoked".into()));
+                    }
+                }
                 ready = stream.readable() => {
                     if ready.is_err() {
                         end = Some(End::Silent);
@@ -433,6 +596,12 @@ impl Session {
                 let code = match e {
                     FrameError::TooBig(..) => close::TOO_BIG,
                     FrameError::Protocol(_) | FrameError::Utf8 => close::PROTOCOL_ERROR,
+                    // The peer's close frame was invalid: answer as RFC 6455 §7.4 says
+                    // and do not wait for another close.
+                    FrameError::BadClose => return Some(End::Answer(wsframe::close(1002, ""))),
+                    FrameError::BadCloseReason => {
+                        return Some(End::Answer(wsframe::close(1007, "")))
+                    }
                 };
                 Some(End::Close(code, e.to_string()))
             }
@@ -482,45 +651,199 @@ impl Session {
     /// Handles one text frame; returns how to end the session if it must end.
     fn on_text(&mut self, text: &str) -> Option<End> {
         for line in text.split('\n') {
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let (id, cmd) = match parse_command(line) {
-                Ok(parsed) => parsed,
-                Err(e) => {
-                    self.node.stats.bad_input.inc();
-                    self.reply_error(e.id, &ApiError::BadRequest(e.message));
-                    continue;
-                }
-            };
-            if !self.commands.allow() {
-                self.node.stats.rate_limited.inc();
-                self.refused += 1;
-                if self.refused > self.node.config.limits.command_burst {
-                    return Some(End::Close(
-                        close::RATE_LIMITED,
-                        "command rate exceeded".into(),
-                    ));
-                }
-                self.reply_error(
-                    id,
-                    &ApiError::RateLimited {
-                        message: "too many commands; slow down".into(),
-                        retry_after_s: 1,
-                    },
-                );
-                continue;
-            }
-            self.refused = 0;
-            if let Err(e) = self.dispatch(id, cmd) {
-                if e.code() == 400 || e.code() == 413 {
-                    self.node.stats.bad_input.inc();
-                }
-                self.reply_error(id, &e);
+            if let Some(end) = self.on_line(line) {
+                return Some(end);
             }
         }
         None
+    }
+
+    /// One command line. Every line, well-formed or not, spends from the command
+    /// rate, so a flood of garbage is throttled like a flood of commands.
+    fn on_line(&mut self, line: &str) -> Option<End> {
+        let line = line.trim();
+        if line.is_empty() {
+            return None;
+        }
+        if self.verifying.is_some() {
+            if self.held.len() >= MAX_HELD_LINES {
+                return Some(End::Close(
+                    close::RATE_LIMITED,
+                    "too many commands while the token is verified".into(),
+                ));
+            }
+            self.held.push(line.to_owned());
+            return None;
+        }
+        // Parsed first so a refusal can name the command's id; every line counts
+        // against the rate, well-formed or not.
+        let parsed = parse_command(line);
+        if !self.commands.allow() {
+            self.node.stats.rate_limited.inc();
+            self.refused += 1;
+            if self.refused > self.node.config.limits.command_burst {
+                return Some(End::Close(
+                    close::RATE_LIMITED,
+                    "command rate exceeded".into(),
+                ));
+            }
+            let id = match &parsed {
+                Ok((id, _)) => *id,
+                Err(e) => e.id,
+            };
+            self.reply_error(
+                id,
+                &ApiError::RateLimited {
+                    message: "too many commands; slow down".into(),
+                    retry_after_s: 1,
+                },
+            );
+            return None;
+        }
+        self.refused = 0;
+        let (id, cmd) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.node.stats.bad_input.inc();
+                self.reply_error(e.id, &ApiError::BadRequest(e.message));
+                return None;
+            }
+        };
+        match cmd {
+            Command::Connect(c) => return self.connect(id, c.token, false),
+            Command::Refresh(r) => return self.connect(id, Some(r.token), true),
+            _ if self.caller.is_none() => {
+                self.node.auth.count(Refusal::Missing);
+                return Some(End::Close(
+                    close::UNAUTHORIZED,
+                    "connect with a token first".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Err(e) = self.dispatch(id, cmd) {
+            if e.code() == 400 || e.code() == 413 {
+                self.node.stats.bad_input.inc();
+            }
+            self.reply_error(id, &e);
+        }
+        None
+    }
+
+    /// `connect` (with or without a token) and `refresh`: a token is verified off the
+    /// session's path; the commands behind it wait, in order.
+    fn connect(&mut self, id: Option<u64>, token: Option<String>, refresh: bool) -> Option<End> {
+        let Some(token) = token else {
+            if self.caller.is_none() {
+                if !self.node.auth.anonymous_allowed() {
+                    self.node.auth.count(Refusal::Missing);
+                    return Some(End::Close(
+                        close::UNAUTHORIZED,
+                        "connect needs a token".into(),
+                    ));
+                }
+                self.caller = Some(Caller::Anonymous);
+            }
+            self.reply_connected(id);
+            return None;
+        };
+        if token.len() > crate::auth::credentials::MAX_CREDENTIAL {
+            return self.on_verified(Verified {
+                id,
+                refresh,
+                result: Err((
+                    Refusal::Invalid,
+                    ApiError::Unauthorized("malformed token".into()),
+                )),
+            });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let auth = self.node.auth.clone();
+        tokio::spawn(async move {
+            let result = auth.resolve(Some(Credential::new(&token))).await;
+            let _ = tx.send(Verified {
+                id,
+                refresh,
+                result,
+            });
+        });
+        self.verifying = Some(rx);
+        None
+    }
+
+    fn on_verified(&mut self, v: Verified) -> Option<End> {
+        match v.result {
+            Ok(caller) => {
+                let same_subject = match (&self.caller, &caller) {
+                    (Some(Caller::User(old)), Caller::User(new)) => old.sub == new.sub,
+                    (Some(Caller::User(_)), _) => false,
+                    _ => true,
+                };
+                if !same_subject {
+                    self.node.auth.count(Refusal::Forbidden);
+                    self.reply_error(
+                        v.id,
+                        &ApiError::Forbidden("a refresh must keep the token's subject".into()),
+                    );
+                } else {
+                    if !matches!(self.caller, Some(Caller::User(_))) {
+                        match self.node.auth.admit_user(&caller) {
+                            Ok(g) => self.user_guard = g,
+                            Err(_) => {
+                                return Some(End::Close(
+                                    close::RATE_LIMITED,
+                                    "too many sessions for this user".into(),
+                                ))
+                            }
+                        }
+                    }
+                    self.expires_at = caller.expires().map(crate::stream::instant_of);
+                    self.expiring_sent = false;
+                    self.caller = Some(caller);
+                    self.reply_connected(v.id);
+                }
+            }
+            Err((reason, e)) => {
+                self.node.auth.count(reason);
+                if !v.refresh || self.caller.is_none() {
+                    let code = if reason == Refusal::Expired {
+                        close::TOKEN_EXPIRED
+                    } else {
+                        close::UNAUTHORIZED
+                    };
+                    return Some(End::Close(code, e.to_string()));
+                }
+                // A failed refresh leaves the session on its current token.
+                self.reply_error(v.id, &e);
+            }
+        }
+        for line in std::mem::take(&mut self.held) {
+            if let Some(end) = self.on_line(&line) {
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    fn reply_connected(&self, id: Option<u64>) {
+        let r = weft_proto::ConnectResult {
+            client: self.client.to_string(),
+            node: self.node.config.node_id.clone(),
+        };
+        self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
+    }
+
+    /// Asks the one permission function for this session's caller.
+    fn allowed(&self, op: Op<'_>) -> Result<(), ApiError> {
+        let caller = self
+            .caller
+            .as_ref()
+            .ok_or_else(|| ApiError::Unauthorized("connect with a token first".into()))?;
+        let client_rule = match op {
+            Op::Publish(t) => self.node.registry.namespaces.lookup(t).client_publish,
+            _ => true,
+        };
+        require(&self.node, caller, op, client_rule)
     }
 
     fn reply(&self, id: Option<u64>, result: &[u8]) {
@@ -582,10 +905,21 @@ impl Session {
     fn dispatch(&mut self, id: Option<u64>, cmd: Command) -> Result<(), ApiError> {
         match cmd {
             Command::Subscribe(s) => {
+                check_topic(&s.topic)?;
+                self.allowed(Op::Read(&s.topic))?;
+                if !self.subscribes.allow() {
+                    self.node.stats.rate_limited.inc();
+                    return Err(ApiError::RateLimited {
+                        message: "too many subscribes; slow down".into(),
+                        retry_after_s: 1,
+                    });
+                }
                 let (topic, since) = (s.topic.clone(), s.since.clone());
                 self.when_ready(id, &topic, since.as_deref(), Command::Subscribe(s))
             }
             Command::History(h) => {
+                check_topic(&h.topic)?;
+                self.allowed(Op::Read(&h.topic))?;
                 let (topic, since) = (h.topic.clone(), h.since.clone());
                 self.when_ready(id, &topic, since.as_deref(), Command::History(h))
             }
@@ -596,11 +930,7 @@ impl Session {
     fn dispatch_now(&mut self, id: Option<u64>, cmd: Command) -> Result<(), ApiError> {
         match cmd {
             Command::Connect(_) | Command::Refresh(_) => {
-                let r = weft_proto::ConnectResult {
-                    client: self.client.to_string(),
-                    node: self.node.config.node_id.clone(),
-                };
-                self.reply(id, &serde_json::to_vec(&r).expect("serialises"));
+                self.reply_connected(id);
                 Ok(())
             }
             Command::Subscribe(s) => self.subscribe(id, s),
@@ -619,6 +949,7 @@ impl Session {
             Command::History(h) => self.history(id, h),
             Command::Presence(p) => {
                 check_topic(&p.topic)?;
+                self.allowed(Op::Presence(&p.topic))?;
                 if !self.node.registry.namespaces.lookup(&p.topic).presence {
                     return Err(ApiError::Forbidden(format!(
                         "presence is off for the namespace of `{}`",
@@ -664,7 +995,7 @@ impl Session {
             let sub = Subscriber {
                 outbox: outbox.clone(),
                 client: self.client.clone(),
-                user: None,
+                user: self.caller.as_ref().and_then(Caller::user),
                 wants_presence: true,
             };
             let r = t.subscribe(self.id, sub, since.as_ref(), s.snapshot, budget, |snap| {
@@ -699,20 +1030,16 @@ impl Session {
     fn publish(&mut self, id: Option<u64>, p: PublishCmd) -> Result<(), ApiError> {
         crate::http::refuse_while_draining(&self.node)?;
         check_topic(&p.topic)?;
-        if !self
-            .node
-            .registry
-            .namespaces
-            .lookup(&p.topic)
-            .client_publish
-        {
-            return Err(ApiError::Forbidden(format!(
-                "clients may not publish to the namespace of `{}`",
-                p.topic
-            )));
+        self.allowed(Op::Publish(&p.topic))?;
+        if !self.publishes.allow() {
+            self.node.stats.rate_limited.inc();
+            return Err(ApiError::RateLimited {
+                message: "too many publishes; slow down".into(),
+                retry_after_s: 1,
+            });
         }
         let kind = event_kind(p.kind.as_deref())?;
-        let data = raw_data(&p.data, self.node.config.limits.max_message_bytes)?;
+        let data = raw_data(&p.data, &self.node.config.limits)?;
         let ticket = self.node.start_publish(&p.topic, data, kind, None);
         if ticket.is_done() {
             let published = ticket.into_done()?;
@@ -753,6 +1080,11 @@ impl Session {
                 None => t.tail(limit),
             })?
             .map_err(problem_error)?;
+        let page = fit_reply(
+            page,
+            self.node.config.limits.outbound_queue_bytes / 2,
+            since.is_some(),
+        );
         let mut out = BytesMut::with_capacity(
             96 + page.events.iter().map(|e| e.data.len() + 48).sum::<usize>(),
         );
@@ -770,6 +1102,49 @@ impl Session {
         self.reply(id, &out);
         Ok(())
     }
+}
+
+/// Bounds a history reply by bytes, so asking for a page within the documented
+/// limits never overflows the session's queue: a read after a cursor keeps its oldest
+/// events and `next` says where to continue; a tail keeps its newest.
+fn fit_reply(
+    mut page: crate::topic::Page,
+    budget: usize,
+    after_cursor: bool,
+) -> crate::topic::Page {
+    let cost = |e: &Arc<crate::event::StoredEvent>| e.data.len() + 96;
+    let total: usize = page.events.iter().map(cost).sum();
+    if total <= budget {
+        return page;
+    }
+    if after_cursor {
+        let mut used = 0;
+        let keep = page
+            .events
+            .iter()
+            .take_while(|e| {
+                used += cost(e);
+                used <= budget
+            })
+            .count()
+            .max(1);
+        page.events.truncate(keep);
+        page.next = page.events.last().map_or(page.next, |e| e.offset);
+    } else {
+        let mut used = 0;
+        let keep = page
+            .events
+            .iter()
+            .rev()
+            .take_while(|e| {
+                used += cost(e);
+                used <= budget
+            })
+            .count()
+            .max(1);
+        page.events.drain(..page.events.len() - keep);
+    }
+    page
 }
 
 fn publish_result(topic: String, published: &Published) -> Vec<u8> {

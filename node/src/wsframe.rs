@@ -84,6 +84,19 @@ pub enum FrameError {
     TooBig(&'static str, usize),
     #[error("text message is not valid UTF-8")]
     Utf8,
+    /// A close frame with a 1-byte payload or a code no endpoint may send
+    /// (RFC 6455 §7.4): answered with close 1002.
+    #[error("invalid close frame")]
+    BadClose,
+    /// A close frame whose reason is not UTF-8: answered with close 1007.
+    #[error("close reason is not valid UTF-8")]
+    BadCloseReason,
+}
+
+/// Whether a peer may send `code` in a close frame (RFC 6455 §7.4.1-2): never 1004,
+/// 1005, 1006 or 1015, nothing below 1000, and nothing unassigned below 3000.
+pub fn is_sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Incremental parser of client frames with bounded state.
@@ -214,8 +227,20 @@ impl FrameReader {
                 OP_PONG => on_message(Incoming::Pong),
                 OP_CLOSE => {
                     self.closed = true;
-                    let code =
-                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    let code = match payload.len() {
+                        0 => None,
+                        1 => return Err(FrameError::BadClose),
+                        _ => {
+                            let code = u16::from_be_bytes([payload[0], payload[1]]);
+                            if !is_sendable_close_code(code) {
+                                return Err(FrameError::BadClose);
+                            }
+                            if std::str::from_utf8(&payload[2..]).is_err() {
+                                return Err(FrameError::BadCloseReason);
+                            }
+                            Some(code)
+                        }
+                    };
                     on_message(Incoming::Close(code));
                 }
                 OP_TEXT | OP_BINARY => {
@@ -400,5 +425,28 @@ mod tests {
             read_all(&mut r, &wire).unwrap(),
             vec!["Close(Some(1000))".to_string()]
         );
+    }
+
+    #[test]
+    fn invalid_close_frames_are_refused_with_the_rfc_codes() {
+        let bad = |payload: &[u8]| {
+            let mut r = FrameReader::new(1000, 1000);
+            read_all(&mut r, &client_frame(true, OP_CLOSE, payload))
+        };
+        assert_eq!(bad(&[0x03]), Err(FrameError::BadClose), "1-byte payload");
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert_eq!(
+                bad(&code.to_be_bytes()),
+                Err(FrameError::BadClose),
+                "{code}"
+            );
+        }
+        let mut invalid_reason = 1000u16.to_be_bytes().to_vec();
+        invalid_reason.extend([0xff, 0xfe]);
+        assert_eq!(bad(&invalid_reason), Err(FrameError::BadCloseReason));
+        for code in [1000u16, 1001, 1003, 1007, 1011, 3000, 4999] {
+            assert!(bad(&code.to_be_bytes()).is_ok(), "{code}");
+        }
+        assert_eq!(bad(&[]).unwrap(), vec!["Close(None)".to_string()]);
     }
 }

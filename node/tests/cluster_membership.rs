@@ -37,6 +37,7 @@ impl ClusteredNode {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(weft_node::run_with_router(
             http_l,
+            None,
             grpc_l,
             config,
             async move {

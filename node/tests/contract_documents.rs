@@ -42,8 +42,13 @@ async fn every_documented_path_is_served_with_a_documented_status() {
                 "post" if path == "/v1/publish" => node
                     .http
                     .post(&url)
+                    .header("content-type", "application/json")
                     .body(r#"{"events":[{"topic":"doc.t","data":1}]}"#),
-                "post" => node.http.post(&url).body("{}"),
+                "post" => node
+                    .http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body("{}"),
                 other => panic!("undocumented method {other}"),
             };
             let resp = req.send().await.unwrap();

@@ -33,6 +33,7 @@ async fn every_event_in_order_exactly_once(kind: Kind) {
                 for topic in TOPICS {
                     let resp = http
                         .post(format!("{base}/v1/topics/{topic}/events"))
+                        .header("content-type", "application/json")
                         .body(format!(r#"{{"p":{p},"n":{n}}}"#))
                         .send()
                         .await

@@ -80,8 +80,11 @@ impl Bystander {
         let reply = next_line(&mut ws).await;
         assert_eq!(reply.id, Some(1));
         assert!(reply.result.is_some(), "bystander subscribe: {reply:?}");
+        // One connection per publish: a node with a short header timeout closes
+        // idle keep-alive connections, and a pooled one would race that close.
         let http = reqwest::Client::builder()
             .local_address(http_ip)
+            .pool_max_idle_per_host(0)
             .build()
             .unwrap();
         Self {
@@ -100,6 +103,7 @@ impl Bystander {
         let resp = self
             .http
             .post(format!("{}/v1/topics/{}/events", self.base, self.topic))
+            .header("content-type", "application/json")
             .body(data.clone())
             .send()
             .await
@@ -699,7 +703,13 @@ async fn http_publish_bodies_not_json_or_too_large() {
     let mut by = Bystander::join(&node, "bystander").await;
     let bad0 = node.node.stats.bad_input.get();
     let url = node.url("/v1/topics/pub/events");
-    let post = |body: reqwest::Body| node.http.post(&url).body(body).send();
+    let post = |body: reqwest::Body| {
+        node.http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
 
     for body in ["not json", "{\"a\":", "", "{} {}"] {
         expect_error(post(body.into()).await.unwrap(), 400).await;
@@ -707,6 +717,7 @@ async fn http_publish_bodies_not_json_or_too_large() {
     let resp = node
         .http
         .post(&url)
+        .header("content-type", "application/json")
         .header("weft-event-type", "has space")
         .body("{}")
         .send()
@@ -882,7 +893,13 @@ async fn http_batch_publish_is_all_or_nothing() {
     let mut watcher = WsClient::connect(node.addr).await;
     assert_ok(&watcher.request(subscribe_cmd("batch.a", None)).await);
     let bad0 = node.node.stats.bad_input.get();
-    let batch = |body: String| node.http.post(node.url("/v1/publish")).body(body).send();
+    let batch = |body: String| {
+        node.http
+            .post(node.url("/v1/publish"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
     let item = |topic: &str, data: &str| format!(r#"{{"topic":"{topic}","data":{data}}}"#);
     let events = |items: Vec<String>| format!(r#"{{"events":[{}]}}"#, items.join(","));
 

@@ -234,6 +234,7 @@ async fn sigterm_drains_every_session_then_exits_0() {
         // The session is live: an event reaches it.
         let resp = http
             .post(format!("{base}/v1/topics/{topic}/events"))
+            .header("content-type", "application/json")
             .body(r#"{"hello":1}"#)
             .send()
             .await
@@ -626,5 +627,43 @@ async fn embedded_router_membership_is_served_and_survives_restart() {
     assert!(
         versions[1] > versions[0],
         "router state restarted from scratch: {versions:?}"
+    );
+}
+
+#[test]
+fn development_mode_binds_loopback_and_a_reachable_address_needs_auth() {
+    // No auth configured: the default listener is loopback.
+    let c = print_config(&[], &[("HOSTNAME", "h")]);
+    assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+    // Asking for a reachable address without auth exits 64 naming the fix, in one line.
+    let out = run(&["--http-listen", "0.0.0.0:0"], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without authentication") && err.contains("auth.allow_anonymous"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Configured auth keeps the contract's wildcard default.
+    let c = print_config(
+        &["--auth-hmac-secret", "0123456789abcdef0123456789abcdef"],
+        &[("HOSTNAME", "h")],
+    );
+    assert_eq!(c.http_listen.to_string(), "0.0.0.0:8080");
+    let printed = String::from_utf8(
+        run(
+            &[
+                "--print-config",
+                "--auth-hmac-secret",
+                "0123456789abcdef0123456789abcdef",
+            ],
+            &[],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        !printed.contains("0123456789abcdef"),
+        "the secret is masked"
     );
 }

@@ -107,6 +107,7 @@ async fn idempotency_key_publishes_once() {
     let post = |key: &'static str| {
         node.http
             .post(node.url("/v1/topics/pay/events"))
+            .header("content-type", "application/json")
             .header("Idempotency-Key", key)
             .body(r#"{"amount":5}"#)
             .send()
@@ -136,6 +137,7 @@ async fn batch_publish_sequences_each_topic() {
     let resp = node
         .http
         .post(node.url("/v1/publish"))
+        .header("content-type", "application/json")
         .body(body)
         .send()
         .await
@@ -258,6 +260,7 @@ async fn a_draining_node_refuses_publishes_and_closes_connections_after_answerin
     let resp = node
         .http
         .post(node.url("/v1/topics/d/events"))
+        .header("content-type", "application/json")
         .body("2")
         .send()
         .await

@@ -48,9 +48,15 @@ impl Clustered {
         };
         config.timing.shutdown_grace_ms = 500;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(weft_node::run_with_router(http_l, grpc_l, config, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(weft_node::run_with_router(
+            http_l,
+            None,
+            grpc_l,
+            config,
+            async {
+                let _ = rx.await;
+            },
+        ));
         let node = Self {
             http,
             grpc,
@@ -117,6 +123,7 @@ impl Clustered {
     async fn publish_http(&self, topic: &str) -> u16 {
         self.client
             .post(format!("http://{}/v1/topics/{topic}/events", self.http))
+            .header("content-type", "application/json")
             .body(r#"{"still":"serving"}"#)
             .send()
             .await
@@ -480,6 +487,7 @@ async fn a_lagging_peer_never_stalls_the_owner() {
         let status = node
             .client
             .post(format!("http://{}/v1/topics/{mine}/events", node.http))
+            .header("content-type", "application/json")
             .body(payload.clone())
             .send()
             .await

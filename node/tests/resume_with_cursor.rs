@@ -290,7 +290,12 @@ async fn state_then_watch_misses_nothing_and_repeats_nothing() {
             let url = node.url(&format!("/v1/topics/{topic}/events"));
             tokio::spawn(async move {
                 for i in 0..40 {
-                    http.post(&url).body(format!("{i}")).send().await.unwrap();
+                    http.post(&url)
+                        .header("content-type", "application/json")
+                        .body(format!("{i}"))
+                        .send()
+                        .await
+                        .unwrap();
                 }
             })
         };

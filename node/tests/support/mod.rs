@@ -27,9 +27,19 @@ pub struct TestNode {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     pub http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` by [`TestNode::publish`], `state` and
+    /// `get_json`, for nodes with authentication on.
+    pub credential: Option<String>,
 }
 
 impl TestNode {
+    fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.credential {
+            Some(c) => req.bearer_auth(c),
+            None => req,
+        }
+    }
+
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
@@ -64,6 +74,7 @@ impl TestNode {
             stop: Some(tx),
             task: Some(task),
             http: reqwest::Client::new(),
+            credential: None,
         }
     }
 
@@ -73,8 +84,11 @@ impl TestNode {
 
     pub async fn publish(&self, topic: &str, data: &str) -> PublishResult {
         let resp = self
-            .http
-            .post(self.url(&format!("/v1/topics/{topic}/events")))
+            .authed(
+                self.http
+                    .post(self.url(&format!("/v1/topics/{topic}/events"))),
+            )
+            .header("content-type", "application/json")
             .body(data.to_owned())
             .send()
             .await
@@ -85,8 +99,7 @@ impl TestNode {
 
     pub async fn state(&self, topic: &str) -> TopicState {
         let resp = self
-            .http
-            .get(self.url(&format!("/v1/topics/{topic}")))
+            .authed(self.http.get(self.url(&format!("/v1/topics/{topic}"))))
             .send()
             .await
             .unwrap();
@@ -96,7 +109,11 @@ impl TestNode {
 
     /// Status and parsed JSON body of a GET.
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let resp = self.http.get(self.url(path)).send().await.unwrap();
+        let resp = self
+            .authed(self.http.get(self.url(path)))
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         let body = resp.bytes().await.unwrap();
         (
@@ -151,6 +168,37 @@ pub struct WsClient {
 }
 
 impl WsClient {
+    /// Opens `ws://{addr}{path}` with extra request headers; the handshake's error
+    /// (such as a refused upgrade) is returned, not unwrapped.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("ws://{addr}{path}").into_client_request()?;
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            weft_proto::SUBPROTOCOL_JSON.parse().unwrap(),
+        );
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Self::from_stream(ws))
+    }
+
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Self {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 1,
+            closed: None,
+        }
+    }
+
     pub async fn connect(addr: SocketAddr) -> Self {
         let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
         req.headers_mut().insert(
