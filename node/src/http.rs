@@ -63,6 +63,10 @@ pub fn app(node: Arc<Node>) -> Router {
             node.clone(),
             count_refusals,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            crate::stats::track_http,
+        ))
         .with_state(node)
 }
 
@@ -545,7 +549,7 @@ async fn cluster_owner(
 }
 
 async fn metrics() -> Response {
-    let text = crate::stats::prometheus().render();
+    let text = crate::stats::render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
