@@ -179,3 +179,37 @@ pub fn alert_exprs(rule_doc: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// Another workspace binary (`weft-router`, `weft-loadtest`) from the profile directory
+/// the `weft-node` binary of this test was built into; built there with this test's
+/// cargo when only `weft-node`'s targets were built.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let node = Path::new(env!("CARGO_BIN_EXE_weft-node"));
+    let dir = node.parent().expect("weft-node sits in a directory");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "-p", name, "--bin", name]);
+        match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(profile) => {
+                cmd.args(["--profile", profile]);
+            }
+        }
+        if let Some(target) = dir.parent() {
+            cmd.arg("--target-dir").arg(target);
+        }
+        let out = run(&mut cmd);
+        assert!(
+            out.status.success(),
+            "building {name}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
