@@ -327,6 +327,25 @@ impl Cluster {
         })
     }
 
+    /// What the metrics exporter reads once a second (cheap: no clone of the view).
+    pub fn health(&self) -> Health {
+        let view = self.lock();
+        let mut members_by_state = [0usize; 3];
+        for m in view.members.values() {
+            match grpc::MemberState::try_from(m.state) {
+                Ok(grpc::MemberState::Joining) => members_by_state[0] += 1,
+                Ok(grpc::MemberState::Active) => members_by_state[1] += 1,
+                Ok(grpc::MemberState::Draining) => members_by_state[2] += 1,
+                _ => {}
+            }
+        }
+        Health {
+            members_by_state,
+            ring_version: view.slots.version,
+            heartbeat_age: view.last_ack.map(|t| t.elapsed()),
+        }
+    }
+
     /// `GET /v1/cluster`: members and their states, ring version, slots per node, the
     /// router leader, and this node's view.
     pub fn describe(&self) -> serde_json::Value {
@@ -419,4 +438,14 @@ impl View {
         self.leader_id = state.leader_id;
         self.leader_addr = state.leader_addr;
     }
+}
+
+/// This node's view of the cluster, for metrics ([`Cluster::health`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Health {
+    /// Members joining, active, draining.
+    pub members_by_state: [usize; 3],
+    pub ring_version: u64,
+    /// Since the router last acknowledged a heartbeat; `None` before the first.
+    pub heartbeat_age: Option<std::time::Duration>,
 }

@@ -92,6 +92,10 @@ fn finish(r: Router<Arc<Node>>, node: Arc<Node>) -> Router {
             node.clone(),
             count_refusals,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            crate::stats::track_http,
+        ))
         .with_state(node)
 }
 
@@ -634,7 +638,7 @@ async fn cluster_owner(
 }
 
 async fn metrics() -> Response {
-    let text = crate::stats::prometheus().render();
+    let text = crate::stats::render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -268,7 +268,7 @@ fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
                 }
                 _ = node.registry.budget.over.notified() => node.registry.enforce_budget(),
                 _ = export.tick() => {
-                    exporter.export(&node.stats, node.registry.topic_count(), node.registry.history_bytes());
+                    exporter.export(&node);
                     crate::stats::prometheus().run_upkeep();
                 }
             }

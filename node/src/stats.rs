@@ -2,8 +2,18 @@
 //!
 //! The hot paths bump plain relaxed atomics in [`Stats`]; a background task copies them
 //! into `metrics` handles once a second ([`Exporter`]), so the fan-out path never goes
-//! through the recorder. Every series carries a `node` label, so several nodes in one
-//! process (tests) never mix their figures.
+//! through the recorder. Every `weft_*` series carries a `node` label, so several nodes
+//! in one process (tests) never mix their figures; the `process_*` families describe
+//! the whole process and carry none.
+//!
+//! Every family is described once ([`describe`]: `# HELP` and `# TYPE`), so the page
+//! passes `promtool check metrics`; `helm/weft`'s dashboard and alerts name only
+//! families listed in [`FAMILIES`], and a test holds both to what a live node exports.
+//!
+//! HTTP requests are counted by route template (`/v1/topics/{topic}/events`, never the
+//! concrete path, so the label set stays bounded) in [`track_http`]. Its duration is the
+//! time to the response head: for a publish that is the publish latency, for a watch
+//! (SSE, NDJSON) or a WebSocket upgrade it is the time to the stream's start.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -144,24 +154,108 @@ impl Stats {
     }
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// Buckets of `weft_delivery_latency_seconds` (publish → socket write).
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Buckets of `weft_http_request_duration_seconds` (request → response head).
+const HTTP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every metric family a node exports: name, type, help. [`describe`] registers them;
+/// the chart's dashboard and alerts may name only these (checked by a test).
+pub const FAMILIES: &[(&str, Kind, &str)] = &[
+    ("weft_build_info", Kind::Gauge, "Always 1; the labels say which build runs (version, git commit)."),
+    ("weft_published_total", Kind::Counter, "Events sequenced by this node as the topic's owner."),
+    ("weft_delivered_total", Kind::Counter, "Events written to client sessions on this node."),
+    ("weft_queue_drops_total", Kind::Counter, "Queued events replaced under the conflate slow-consumer policy."),
+    ("weft_slow_consumer_closes_total", Kind::Counter, "Sessions closed because their outbound queue exceeded its byte budget (WS close 4008)."),
+    ("weft_rate_limit_hits_total", Kind::Counter, "Requests and commands refused by a rate limit (429 / 4029)."),
+    ("weft_bad_input_total", Kind::Counter, "Malformed or invalid requests answered with 400, 404, 405, 413, 415 or 422."),
+    ("weft_connections_refused_total", Kind::Counter, "Connections refused at accept (limits) or for a handshake that never finished."),
+    ("weft_auth_refusals_total", Kind::Counter, "Requests, sessions and commands refused by client security, by reason (missing, invalid, expired, revoked, forbidden, origin, rate_limited)."),
+    ("weft_relay_events_sent_total", Kind::Counter, "Events this node, as owner, queued to interested peers (one per event per peer)."),
+    ("weft_relay_events_received_total", Kind::Counter, "Events applied from owners to this node's mirrors."),
+    ("weft_relay_publishes_forwarded_total", Kind::Counter, "Publishes this node forwarded to the topic's owner."),
+    ("weft_relay_lagged_total", Kind::Counter, "Follows a peer was dropped from because its relay link fell behind (it catches up from history)."),
+    ("weft_relay_resets_total", Kind::Counter, "Mirrors whose history could not be continued; their sessions were told reset."),
+    ("weft_relay_catch_ups_total", Kind::Counter, "Mirrors that caught up from a snapshot after a gap, nothing lost."),
+    ("weft_relay_bad_frames_total", Kind::Counter, "Malformed or invalid relay frames received from peers."),
+    ("weft_connections", Kind::Gauge, "Open client sessions by transport."),
+    ("weft_subscriptions", Kind::Gauge, "Topic subscriptions held by sessions on this node."),
+    ("weft_relay_links", Kind::Gauge, "Relay links to peer nodes that are up."),
+    ("weft_topics", Kind::Gauge, "Topics this node holds (owned and mirrored)."),
+    ("weft_history_bytes", Kind::Gauge, "Bytes of event history retained on this node."),
+    ("weft_history_budget_bytes", Kind::Gauge, "The history memory budget (history.memory_budget_bytes)."),
+    ("weft_max_session_queue_bytes", Kind::Gauge, "The largest number of bytes any one session's outbound queue has held."),
+    ("weft_ready", Kind::Gauge, "1 while the node accepts new sessions (/readyz answers 200), 0 while it drains."),
+    ("weft_cluster_members", Kind::Gauge, "Cluster members in this node's view, by state (joining, active, draining)."),
+    ("weft_ring_version", Kind::Gauge, "Version of the committed slot table this node acts on."),
+    ("weft_router_heartbeat_age_seconds", Kind::Gauge, "Seconds since the router group last acknowledged this node's heartbeat (grows while the group has no leader)."),
+    ("weft_delivery_latency_seconds", Kind::Histogram, "Publish to socket write, sampled once per written batch."),
+    ("weft_http_requests_total", Kind::Counter, "HTTP requests answered, by route template, method and status."),
+    ("weft_http_request_duration_seconds", Kind::Histogram, "HTTP request to response head, by route template and method (for a publish route: the publish latency)."),
+    ("weft_http_request_bytes_total", Kind::Counter, "HTTP request body bytes received (by Content-Length), by route template."),
+    ("weft_http_response_bytes_total", Kind::Counter, "HTTP response body bytes sent, by route template (SSE and NDJSON streams included; WebSocket frames are not)."),
+    ("process_cpu_seconds_total", Kind::Counter, "User and system CPU time spent by the process, seconds."),
+    ("process_resident_memory_bytes", Kind::Gauge, "Resident set size of the process, bytes."),
+    ("process_virtual_memory_bytes", Kind::Gauge, "Virtual memory size of the process, bytes."),
+    ("process_open_fds", Kind::Gauge, "Open file descriptors of the process."),
+    ("process_max_fds", Kind::Gauge, "The process's limit on open file descriptors."),
+    ("process_threads", Kind::Gauge, "Threads of the process."),
+    ("process_start_time_seconds", Kind::Gauge, "Start time of the process since the Unix epoch, seconds."),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Registers `# HELP` / `# TYPE` for every family in [`FAMILIES`].
+pub fn describe() {
+    for &(name, kind, help) in FAMILIES {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use, with every family
+/// described and `weft_build_info` set.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("weft_delivery_latency_seconds".into()),
-                &[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0, 2.5,
-                ],
+                DELIVERY_BUCKETS,
             )
-            .expect("static bucket list is non-empty");
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("weft_http_request_duration_seconds".into()),
+                    HTTP_BUCKETS,
+                )
+            })
+            .expect("static bucket lists are non-empty");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (an embedding application); then
         // our series go there and this handle renders only what it recorded itself.
         let _ = metrics::set_global_recorder(recorder);
+        describe();
+        metrics::gauge!(
+            "weft_build_info",
+            "version" => env!("CARGO_PKG_VERSION"),
+            // Set by the container build (`--build-arg GIT_COMMIT=…`); "unknown" otherwise.
+            "commit" => option_env!("WEFT_GIT_COMMIT").unwrap_or("unknown"),
+        )
+        .set(1.0);
         handle
     })
 }
@@ -169,7 +263,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 /// Reads one counter out of [`Stats`].
 type Reader = fn(&Stats) -> u64;
 
-/// Copies [`Stats`] into Prometheus series labelled with the node id.
+/// Copies [`Stats`] (and the node's readiness and cluster view) into Prometheus series labelled with the node id.
 pub struct Exporter {
     counters: Vec<(Counter, Reader)>,
     connections: Vec<Gauge>,
@@ -177,12 +271,19 @@ pub struct Exporter {
     relay_links: Gauge,
     topics: Gauge,
     history_bytes: Gauge,
+    history_budget: Gauge,
+    max_session_queue: Gauge,
+    ready: Gauge,
+    members: [Gauge; 3],
+    ring_version: Gauge,
+    heartbeat_age: Gauge,
 }
 
 impl Exporter {
     pub fn new(node: &str) -> Self {
         let n = || node.to_owned();
         let c = |name: &'static str| metrics::counter!(name, "node" => n());
+        let g = |name: &'static str| metrics::gauge!(name, "node" => n());
         Self {
             counters: vec![
                 (c("weft_published_total"), |s| s.published.get()),
@@ -204,14 +305,23 @@ impl Exporter {
                 .iter()
                 .map(|t| metrics::gauge!("weft_connections", "node" => n(), "transport" => t.label()))
                 .collect(),
-            subscriptions: metrics::gauge!("weft_subscriptions", "node" => n()),
-            relay_links: metrics::gauge!("weft_relay_links", "node" => n()),
-            topics: metrics::gauge!("weft_topics", "node" => n()),
-            history_bytes: metrics::gauge!("weft_history_bytes", "node" => n()),
+            subscriptions: g("weft_subscriptions"),
+            relay_links: g("weft_relay_links"),
+            topics: g("weft_topics"),
+            history_bytes: g("weft_history_bytes"),
+            history_budget: g("weft_history_budget_bytes"),
+            max_session_queue: g("weft_max_session_queue_bytes"),
+            ready: g("weft_ready"),
+            members: ["joining", "active", "draining"]
+                .map(|s| metrics::gauge!("weft_cluster_members", "node" => n(), "state" => s)),
+            ring_version: g("weft_ring_version"),
+            heartbeat_age: g("weft_router_heartbeat_age_seconds"),
         }
     }
 
-    pub fn export(&self, stats: &Stats, topics: usize, history_bytes: usize) {
+    /// One export round (the background task calls it once a second).
+    pub fn export(&self, node: &crate::Node) {
+        let stats = &node.stats;
         for (counter, read) in &self.counters {
             counter.absolute(read(stats));
         }
@@ -220,7 +330,277 @@ impl Exporter {
         }
         self.subscriptions.set(stats.subscriptions.get() as f64);
         self.relay_links.set(stats.relay.links.get() as f64);
-        self.topics.set(topics as f64);
-        self.history_bytes.set(history_bytes as f64);
+        self.topics.set(node.registry.topic_count() as f64);
+        self.history_bytes.set(node.registry.history_bytes() as f64);
+        self.history_budget
+            .set(node.config.history.memory_budget_bytes as f64);
+        self.max_session_queue
+            .set(stats.max_session_queue_bytes.load(Ordering::Relaxed) as f64);
+        self.ready.set(if node.is_ready() { 1.0 } else { 0.0 });
+        if let Some(cluster) = node.cluster.get() {
+            let health = cluster.health();
+            for (gauge, n) in self.members.iter().zip(health.members_by_state) {
+                gauge.set(n as f64);
+            }
+            self.ring_version.set(health.ring_version as f64);
+            if let Some(age) = health.heartbeat_age {
+                self.heartbeat_age.set(age.as_secs_f64());
+            }
+        }
+    }
+}
+
+/// The `/metrics` page: every recorded family, then the `process_*` families read
+/// from `/proc/self` at scrape time (rendered here rather than through the recorder,
+/// whose counters are integers: CPU seconds need their fraction).
+pub fn render() -> String {
+    let mut page = prometheus().render();
+    if let Some(p) = ProcessSample::read() {
+        p.render_into(&mut page);
+    }
+    page
+}
+
+/// One reading of the process's own figures (Linux `/proc`; `None` elsewhere).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessSample {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub vsize_bytes: u64,
+    pub open_fds: u64,
+    pub max_fds: Option<u64>,
+    pub threads: u64,
+    pub start_time_seconds: f64,
+}
+
+impl ProcessSample {
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        // SAFETY: sysconf only reads a system constant.
+        let (tick, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if tick <= 0 || page <= 0 {
+            return None;
+        }
+        Self::parse(&stat, &boot, &limits, open_fds, tick as u64, page as u64)
+    }
+
+    /// Builds a sample from the text of `/proc/self/stat`, `/proc/stat` and
+    /// `/proc/self/limits` (pure, so it is unit tested on fixed text).
+    pub fn parse(
+        stat: &str,
+        proc_stat: &str,
+        limits: &str,
+        open_fds: u64,
+        ticks_per_s: u64,
+        page_bytes: u64,
+    ) -> Option<Self> {
+        // The command name (field 2) is in parentheses and may hold spaces: the
+        // numbered fields start after the last ')'. Field 3 is index 0 here.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+        let (utime, stime) = (field(14)?, field(15)?);
+        let threads = field(20)?;
+        let start_ticks = field(22)?;
+        let vsize = field(23)?;
+        let rss_pages = field(24)?;
+        let btime: u64 = proc_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let max_fds = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|soft| soft.parse().ok());
+        let tps = ticks_per_s as f64;
+        Some(Self {
+            cpu_seconds: (utime + stime) as f64 / tps,
+            rss_bytes: rss_pages * page_bytes,
+            vsize_bytes: vsize,
+            open_fds,
+            max_fds,
+            threads,
+            start_time_seconds: btime as f64 + start_ticks as f64 / tps,
+        })
+    }
+
+    fn render_into(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mut family = |name: &str, value: String| {
+            let (_, kind, help) = FAMILIES
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .expect("process families are listed in FAMILIES");
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+            );
+        };
+        family("process_cpu_seconds_total", format!("{}", self.cpu_seconds));
+        family("process_resident_memory_bytes", self.rss_bytes.to_string());
+        family("process_virtual_memory_bytes", self.vsize_bytes.to_string());
+        family("process_open_fds", self.open_fds.to_string());
+        if let Some(max) = self.max_fds {
+            family("process_max_fds", max.to_string());
+        }
+        family("process_threads", self.threads.to_string());
+        family(
+            "process_start_time_seconds",
+            format!("{}", self.start_time_seconds),
+        );
+    }
+}
+
+/// Counts and times every HTTP request by route template (a `tower` middleware on the
+/// node's router). The concrete path never becomes a label: topics are unbounded.
+pub async fn track_http(
+    axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::Node>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let route: String = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "other",
+    };
+    let node_id = node.config.node_id.clone();
+    let request_bytes = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if request_bytes > 0 {
+        metrics::counter!("weft_http_request_bytes_total", "node" => node_id.clone(), "route" => route.clone())
+            .increment(request_bytes);
+    }
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(
+        "weft_http_requests_total",
+        "node" => node_id.clone(),
+        "route" => route.clone(),
+        "method" => method,
+        "status" => status,
+    )
+    .increment(1);
+    metrics::histogram!(
+        "weft_http_request_duration_seconds",
+        "node" => node_id.clone(),
+        "route" => route.clone(),
+        "method" => method,
+    )
+    .record(started.elapsed().as_secs_f64());
+    let sent =
+        metrics::counter!("weft_http_response_bytes_total", "node" => node_id, "route" => route);
+    let (parts, body) = resp.into_parts();
+    axum::response::Response::from_parts(parts, axum::body::Body::new(CountedBody { body, sent }))
+}
+
+/// A response body that adds the size of every data frame it yields to a counter.
+struct CountedBody {
+    body: axum::body::Body,
+    sent: Counter,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.sent.increment(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_text() {
+        // A command name with a space and a parenthesis, as the kernel writes it.
+        let stat = "4242 (weft (node) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 1000 123456789 2048 18446744073709551615";
+        let proc_stat = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1048576              1048576              files\n";
+        let p = ProcessSample::parse(stat, proc_stat, limits, 12, 100, 4096).unwrap();
+        assert_eq!(p.cpu_seconds, 3.0);
+        assert_eq!(p.threads, 7);
+        assert_eq!(p.start_time_seconds, 1_700_000_010.0);
+        assert_eq!(p.vsize_bytes, 123_456_789);
+        assert_eq!(p.rss_bytes, 2048 * 4096);
+        assert_eq!(p.max_fds, Some(1_048_576));
+        assert_eq!(p.open_fds, 12);
+        assert!(ProcessSample::parse("garbage", proc_stat, limits, 1, 100, 4096).is_none());
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let p = ProcessSample::read().expect("/proc is readable on Linux");
+        assert!(p.rss_bytes > 0 && p.open_fds > 0 && p.threads > 0);
+        let mut page = String::new();
+        p.render_into(&mut page);
+        assert!(page.contains("# TYPE process_cpu_seconds_total counter\n"));
+        assert!(page.contains("\nprocess_resident_memory_bytes "));
+    }
+
+    #[test]
+    fn every_family_is_described_once() {
+        let mut names: Vec<_> = FAMILIES.iter().map(|f| f.0).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a family is listed twice");
+        for (name, kind, help) in FAMILIES {
+            assert!(!help.is_empty(), "{name} has no help");
+            assert_eq!(
+                *kind == Kind::Counter,
+                name.ends_with("_total"),
+                "{name}: counters and only counters end in _total"
+            );
+        }
     }
 }

@@ -37,17 +37,36 @@ pub fn usage_exit(bin: &str, msg: impl std::fmt::Display) -> std::process::ExitC
     std::process::ExitCode::from(EXIT_USAGE)
 }
 
-/// Logs to stderr; `RUST_LOG` overrides `default_filter`.
+/// Logs to stderr, as text or one JSON object per line (`--log-format json`).
+///
+/// `RUST_LOG` (an `EnvFilter` directive list, e.g. `info,weft_node::relay=debug`)
+/// replaces `default_filter` when set. Without it openraft logs at WARN whatever the
+/// default says: at INFO it writes a line (and a full `RaftState` dump) per election
+/// and membership change. Text logs carry ANSI colours only when stderr is a terminal,
+/// so a log file or a container runtime's log never holds escape codes.
 pub fn init_logging(json: bool, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| default_filter.into());
+        .unwrap_or_else(|_| default_directives(default_filter).into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
-        builder.init();
+        use std::io::IsTerminal;
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// `default_filter` with `openraft=warn` added unless it names openraft itself.
+fn default_directives(default_filter: &str) -> String {
+    if default_filter
+        .split(',')
+        .any(|d| d.trim().starts_with("openraft"))
+    {
+        default_filter.to_owned()
+    } else {
+        format!("{default_filter},openraft=warn")
     }
 }
 
@@ -65,5 +84,19 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_directives;
+
+    #[test]
+    fn openraft_is_quiet_unless_the_default_names_it() {
+        assert_eq!(default_directives("info"), "info,openraft=warn");
+        assert_eq!(
+            default_directives("info,openraft=debug"),
+            "info,openraft=debug"
+        );
     }
 }

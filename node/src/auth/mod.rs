@@ -109,6 +109,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::Missing,
+        Refusal::Invalid,
+        Refusal::Expired,
+        Refusal::Revoked,
+        Refusal::Forbidden,
+        Refusal::Origin,
+        Refusal::RateLimited,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Missing => "missing",
@@ -154,6 +164,11 @@ impl Auth {
         let a = &config.auth;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let keys = apikey::ApiKeys::new(&a.api_keys, &config.limits);
+        // Every reason's series exists from the start, so rates work from zero.
+        for reason in Refusal::ALL {
+            metrics::counter!("weft_auth_refusals_total", "node" => config.node_id.clone(), "reason" => reason.label())
+                .increment(0);
+        }
         Ok(Self {
             dev_mode: !a.is_configured(),
             anonymous: a.anonymous_allowed(),

@@ -1,0 +1,264 @@
+{{/* Names. */}}
+{{- define "weft.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "weft.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "weft.router" -}}{{ include "weft.fullname" . }}-router{{- end -}}
+{{- define "weft.routerHeadless" -}}{{ include "weft.fullname" . }}-router-peers{{- end -}}
+{{- define "weft.node" -}}{{ include "weft.fullname" . }}-node{{- end -}}
+{{- define "weft.nodeCluster" -}}{{ include "weft.fullname" . }}-cluster{{- end -}}
+{{- define "weft.ops" -}}{{ include "weft.fullname" . }}-ops{{- end -}}
+{{- define "weft.client" -}}{{ include "weft.fullname" . }}{{- end -}}
+
+{{- define "weft.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "weft.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "weft.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Labels: pass (dict "ctx" $ "component" "node"). */}}
+{{- define "weft.labels" -}}
+app.kubernetes.io/name: {{ include "weft.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: weft
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "weft.selector" -}}
+app.kubernetes.io/name: {{ include "weft.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{/* DNS name of router pod i. */}}
+{{- define "weft.routerHost" -}}
+{{- printf "%s-%d.%s.%s.svc" (include "weft.router" .ctx) (int .i) (include "weft.routerHeadless" .ctx) .ctx.Release.Namespace -}}
+{{- end -}}
+
+{{/* --peers of weft-router: id=host:port for every voter (id = pod ordinal). */}}
+{{- define "weft.routerPeers" -}}
+{{- $ctx := . -}}
+{{- $out := list -}}
+{{- range $i := until (int .Values.router.replicas) -}}
+{{- $out = append $out (printf "%d=%s:%d" $i (include "weft.routerHost" (dict "ctx" $ctx "i" $i)) (int $ctx.Values.router.port)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
+{{/* --router of weft-node: every router pod. */}}
+{{- define "weft.routerAddrs" -}}
+{{- $ctx := . -}}
+{{- $out := list -}}
+{{- range $i := until (int .Values.router.replicas) -}}
+{{- $out = append $out (printf "%s:%d" (include "weft.routerHost" (dict "ctx" $ctx "i" $i)) (int $ctx.Values.router.port)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
+{{/* The port peers dial for relay traffic. */}}
+{{- define "weft.relayPort" -}}
+{{- if .Values.node.clusterListener -}}{{ .Values.node.ports.cluster }}{{- else -}}{{ .Values.node.ports.grpc }}{{- end -}}
+{{- end -}}
+
+{{/* The port that serves /healthz, /readyz, /metrics. */}}
+{{- define "weft.opsPort" -}}
+{{- if .Values.node.separateOpsListener -}}{{ .Values.node.ports.ops }}{{- else -}}{{ .Values.node.ports.http }}{{- end -}}
+{{- end -}}
+{{- define "weft.opsPortName" -}}
+{{- if .Values.node.separateOpsListener -}}ops{{- else -}}http{{- end -}}
+{{- end -}}
+
+{{/* Shutdown grace of the node, seconds (rounded up). */}}
+{{- define "weft.shutdownGraceSeconds" -}}
+{{- $ms := 10000 -}}
+{{- with .Values.node.config.timing -}}{{- if hasKey . "shutdown_grace_ms" -}}{{- $ms = int .shutdown_grace_ms -}}{{- end -}}{{- end -}}
+{{- div (add $ms 999) 1000 -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds of a node pod: preStop (drain) + grace + margin. */}}
+{{- define "weft.nodeTerminationGrace" -}}
+{{- add (int .Values.node.drain.handoffSeconds) (int (include "weft.shutdownGraceSeconds" .)) (int .Values.node.drain.extraSeconds) -}}
+{{- end -}}
+
+{{/* A TOML value: integers stay integers (Helm reads every YAML number as float64). */}}
+{{- define "weft.tomlValue" -}}
+{{- $v := . -}}
+{{- if kindIs "float64" $v -}}
+{{- if eq $v (floor $v) -}}{{ int64 $v }}{{- else -}}{{ $v }}{{- end -}}
+{{- else if or (kindIs "int" $v) (kindIs "int64" $v) (kindIs "bool" $v) -}}
+{{- $v -}}
+{{- else if kindIs "string" $v -}}
+{{- $v | toJson -}}
+{{- else if kindIs "slice" $v -}}
+[{{- range $i, $e := $v -}}{{- if $i -}}, {{ end -}}{{- include "weft.tomlValue" $e -}}{{- end -}}]
+{{- else -}}
+{{- fail (printf "cannot write %v as a TOML value" $v) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A table's scalar keys, then its arrays of tables: (dict "name" "auth" "table" $map). */}}
+{{- define "weft.tomlTable" -}}
+{{- $name := .name -}}
+{{- $t := .table -}}
+{{- if $name }}
+[{{ $name }}]
+{{- end }}
+{{- range $k := keys $t | sortAlpha }}
+{{- $v := index $t $k }}
+{{- if not (or (kindIs "map" $v) (and (kindIs "slice" $v) (gt (len $v) 0) (kindIs "map" (first $v)))) }}
+{{ $k }} = {{ include "weft.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- range $k := keys $t | sortAlpha }}
+{{- $v := index $t $k }}
+{{- $full := ternary $k (printf "%s.%s" $name $k) (eq $name "") }}
+{{- if kindIs "map" $v }}
+{{ include "weft.tomlTable" (dict "name" $full "table" $v) }}
+{{- else if and (kindIs "slice" $v) (gt (len $v) 0) (kindIs "map" (first $v)) }}
+{{- range $e := $v }}
+
+[[{{ $full }}]]
+{{- range $ek := keys $e | sortAlpha }}
+{{ $ek }} = {{ include "weft.tomlValue" (index $e $ek) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The node's weft.toml. */}}
+{{- define "weft.nodeToml" -}}
+{{- $cfg := deepCopy .Values.node.config -}}
+{{- if and (hasKey $cfg "namespaces") (eq (len $cfg.namespaces) 0) -}}{{- $_ := unset $cfg "namespaces" -}}{{- end -}}
+{{- if .Values.auth.enabled -}}
+{{- $auth := dict -}}
+{{- if .Values.auth.publicKeys.existingSecret -}}
+{{- $files := list -}}
+{{- range $f := .Values.auth.publicKeys.files -}}{{- $files = append $files (printf "/etc/weft/jwt/%s" $f) -}}{{- end -}}
+{{- $_ := set $auth "public_keys" $files -}}
+{{- end -}}
+{{- if .Values.auth.apiKeys -}}
+{{- $_ := set $auth "api_keys" .Values.auth.apiKeys -}}
+{{- end -}}
+{{- if $auth -}}{{- $_ := set $cfg "auth" $auth -}}{{- end -}}
+{{- end -}}
+{{- if .Values.http.allowedOrigins -}}
+{{- $_ := set $cfg "http" (dict "allowed_origins" .Values.http.allowedOrigins) -}}
+{{- end -}}
+# weft-node configuration rendered by the Helm chart (flags and WEFT_* env override it).
+{{ include "weft.tomlTable" (dict "name" "" "table" $cfg) }}
+{{- end -}}
+
+{{/* Files the cluster mTLS settings point at, per mode. */}}
+{{- define "weft.clusterTlsEnv" -}}
+{{- $mode := .ctx.Values.cluster.tls.mode -}}
+{{- if eq $mode "none" }}
+- name: WEFT_CLUSTER_INSECURE
+  value: "true"
+{{- else if and (eq $mode "certManager") (eq .component "node") .ctx.Values.cluster.tls.certManager.csiDriver }}
+- name: WEFT_CLUSTER_CA_FILE
+  value: /etc/weft/cluster/ca.crt
+- name: WEFT_CLUSTER_CERT_FILE
+  value: /etc/weft/cluster/tls.crt
+- name: WEFT_CLUSTER_KEY_FILE
+  value: /etc/weft/cluster/tls.key
+{{- else }}
+- name: WEFT_CLUSTER_CA_FILE
+  value: /etc/weft/cluster/ca.crt
+- name: WEFT_CLUSTER_CERT_FILE
+  value: /etc/weft/cluster/$(POD_NAME).crt
+- name: WEFT_CLUSTER_KEY_FILE
+  value: /etc/weft/cluster/$(POD_NAME).key
+{{- end }}
+{{- end -}}
+
+{{/* Scheduling: anti-affinity and topology spread by component. */}}
+{{- define "weft.scheduling" -}}
+{{- $v := .values -}}
+{{- if $v.affinity }}
+affinity:
+  {{- toYaml $v.affinity | nindent 2 }}
+{{- else if eq $v.antiAffinity "soft" }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "weft.selector" (dict "ctx" .ctx "component" .component) | nindent 14 }}
+{{- else if eq $v.antiAffinity "hard" }}
+affinity:
+  podAntiAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "weft.selector" (dict "ctx" .ctx "component" .component) | nindent 12 }}
+{{- end }}
+{{- if $v.topologySpread.enabled }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: {{ $v.topologySpread.topologyKey }}
+    whenUnsatisfiable: {{ $v.topologySpread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "weft.selector" (dict "ctx" .ctx "component" .component) | nindent 8 }}
+{{- end }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The plain-HTTP port the preStop drain call goes to. */}}
+{{- define "weft.drainPort" -}}
+{{- if .Values.tls.enabled -}}{{ .Values.node.ports.ops }}{{- else -}}{{ .Values.node.ports.http }}{{- end -}}
+{{- end -}}
+
+{{/* The most node pods that can exist (HPA max or replicas). */}}
+{{- define "weft.nodeMaxReplicas" -}}
+{{- if .Values.node.hpa.enabled -}}{{ .Values.node.hpa.maxReplicas }}{{- else -}}{{ .Values.node.replicas }}{{- end -}}
+{{- end -}}
+
+{{/* The cert-manager issuer that signs cluster certificates. */}}
+{{- define "weft.issuerName" -}}
+{{- default (printf "%s-cluster-ca" (include "weft.fullname" .)) .Values.cluster.tls.certManager.issuerRef.name -}}
+{{- end -}}
+{{- define "weft.issuerKind" -}}
+{{- default "Issuer" .Values.cluster.tls.certManager.issuerRef.kind -}}
+{{- end -}}

@@ -1,0 +1,331 @@
+//! The Helm chart (`helm/weft`), proved without a Kubernetes API server but with the
+//! real tools: `helm lint` and `helm template` over the values matrix in
+//! `helm/tests/values/`, every rendered manifest validated by `kubernetes-validate`
+//! against the API schemas of a current Kubernetes release, `values.schema.json` and
+//! the chart's own checks rejecting every file in `helm/tests/bad/` with the error it
+//! names, the rendered node configuration accepted by the real `weft-node`, the
+//! rendered preStop hook draining a real node, and `hadolint` on the Dockerfile.
+//!
+//! A missing tool skips its check loudly, and fails it when `CI` is set
+//! (`deploy/mod.rs`).
+
+mod deploy;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deploy::{block_scalar, document, render, root, run, text, tool, yaml_files};
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
+/// The release of the Kubernetes API schemas the manifests are validated against.
+const KUBERNETES_VERSION: &str = "1.35.0";
+
+fn helm() -> Option<std::path::PathBuf> {
+    tool("helm", "HELM")
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-helm-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn every_values_file_lints_renders_and_validates() {
+    let Some(helm) = helm() else { return };
+    let Some(validate) = tool("kubernetes-validate", "KUBERNETES_VALIDATE") else {
+        return;
+    };
+    let dir = temp("matrix");
+    let files = yaml_files("helm/tests/values");
+    assert!(files.len() >= 7, "the matrix lost files: {files:?}");
+    for values in &files {
+        let name = values.file_stem().unwrap().to_string_lossy();
+        let lint = run(Command::new(&helm)
+            .args(["lint", "--strict", deploy::chart().to_str().unwrap(), "-f"])
+            .arg(values));
+        assert!(
+            lint.status.success(),
+            "helm lint -f {name}:\n{}{}",
+            text(&lint.stdout),
+            text(&lint.stderr)
+        );
+        let manifests = render(&helm, Some(values), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, &manifests).unwrap();
+        let out = run(Command::new(&validate)
+            .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+            .arg(&file));
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {name}:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        // Both StatefulSets are always there.
+        document(&manifests, "StatefulSet", "-router");
+        document(&manifests, "StatefulSet", "-node");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn schema_and_chart_checks_reject_every_bad_values_file() {
+    let Some(helm) = helm() else { return };
+    let files = yaml_files("helm/tests/bad");
+    assert!(files.len() >= 8, "the bad values lost files: {files:?}");
+    for values in &files {
+        let body = std::fs::read_to_string(values).unwrap();
+        let expect = body
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` line", values.display()));
+        match render(&helm, Some(values), &[]) {
+            Ok(_) => panic!("{} was accepted", values.display()),
+            Err(e) => assert!(
+                e.contains(expect),
+                "{}: expected an error naming `{expect}`, got:\n{e}",
+                values.display()
+            ),
+        }
+    }
+}
+
+fn values(name: &str) -> std::path::PathBuf {
+    root()
+        .join("helm/tests/values")
+        .join(format!("{name}.yaml"))
+}
+
+#[test]
+fn rendered_objects_carry_what_the_lifecycle_needs() {
+    let Some(helm) = helm() else { return };
+    let m = render(&helm, Some(&values("default")), &[]).unwrap();
+    let router = document(&m, "StatefulSet", "-router");
+    assert!(router.contains("replicas: 3"), "{router}");
+    assert!(router.contains("podManagementPolicy: Parallel"));
+    assert!(router.contains("fieldPath: metadata.labels['apps.kubernetes.io/pod-index']"));
+    assert!(router.contains("volumeClaimTemplates:"));
+    let peers = "0=weft-router-0.weft-router-peers.rt.svc:9400,\
+                 1=weft-router-1.weft-router-peers.rt.svc:9400,\
+                 2=weft-router-2.weft-router-peers.rt.svc:9400";
+    assert!(router.contains(peers), "{router}");
+    let node = document(&m, "StatefulSet", "-node");
+    // 10 s handoff + 10 s shutdown grace + 5 s margin.
+    assert!(node.contains("terminationGracePeriodSeconds: 25"), "{node}");
+    assert!(node.contains("path: /readyz") && node.contains("path: /healthz"));
+    assert!(node.contains("command: [\"/bin/bash\", \"/etc/weft/config/prestop.sh\"]"));
+    assert!(
+        node.contains("value: \"$(POD_NAME).weft-cluster.rt.svc:9100\""),
+        "{node}"
+    );
+    document(&m, "PrometheusRule", "weft");
+    document(&m, "ServiceMonitor", "-node");
+    document(&m, "NetworkPolicy", "-node");
+    document(&m, "PodDisruptionBudget", "-router");
+
+    // The grace period follows the node's shutdown grace.
+    let m = render(&helm, None, &["node.config.timing.shutdown_grace_ms=30500"]).unwrap();
+    assert!(document(&m, "StatefulSet", "-node").contains("terminationGracePeriodSeconds: 46"));
+
+    let m = render(&helm, Some(&values("five-routers")), &[]).unwrap();
+    let router = document(&m, "StatefulSet", "-router");
+    assert!(router.contains("4=weft-router-4.weft-router-peers.rt.svc:9400"));
+    assert!(router.contains("requiredDuringSchedulingIgnoredDuringExecution"));
+
+    let m = render(&helm, Some(&values("cert-manager")), &[]).unwrap();
+    for i in 0..3 {
+        let cert = document(&m, "Certificate", &format!("-router-{i}"));
+        assert!(cert.contains(&format!("- weft://router/{i}")), "{cert}");
+    }
+    let node = document(&m, "StatefulSet", "-node");
+    assert!(node.contains("csi.cert-manager.io/uri-sans: \"weft://node/${POD_NAME}\""));
+    assert!(node.contains("WEFT_CLUSTER_CERT_FILE") && !node.contains("WEFT_CLUSTER_INSECURE"));
+
+    let m = render(&helm, Some(&values("cert-manager-secrets")), &[]).unwrap();
+    // One certificate per possible node pod (HPA maximum 5).
+    let cert = document(&m, "Certificate", "-node-4");
+    assert!(cert.contains("- weft://node/weft-node-4"), "{cert}");
+
+    let m = render(&helm, Some(&values("hpa-custom-metric")), &[]).unwrap();
+    let hpa = document(&m, "HorizontalPodAutoscaler", "-node");
+    assert!(
+        hpa.contains("name: weft_connections_per_pod") && hpa.contains("averageUtilization: 70")
+    );
+    let node = document(&m, "StatefulSet", "-node");
+    assert!(
+        !node.lines().any(|l| l.starts_with("  replicas:")),
+        "the HPA owns the replica count"
+    );
+
+    let m = render(&helm, Some(&values("ingress")), &[]).unwrap();
+    let ingress = document(&m, "Ingress", "weft");
+    assert!(ingress.contains("nginx.ingress.kubernetes.io/proxy-buffering: \"off\""));
+    assert!(ingress.contains("nginx.ingress.kubernetes.io/proxy-read-timeout: \"3600\""));
+    assert!(document(&m, "HTTPRoute", "weft").contains("request: \"0s\""));
+
+    let m = render(&helm, Some(&values("tls")), &[]).unwrap();
+    let node = document(&m, "StatefulSet", "-node");
+    assert!(node.contains("WEFT_TLS_CERT_FILE") && node.contains("port: ops"));
+    assert!(node.contains("value: /etc/weft/cluster/$(POD_NAME).crt"));
+
+    let m = render(&helm, Some(&values("minimal")), &[]).unwrap();
+    assert!(!m.contains("kind: NetworkPolicy") && !m.contains("kind: PodDisruptionBudget"));
+}
+
+/// The rendered `weft.toml` of the values files that use no setting newer than this
+/// build is accepted by the real binary, and means what the values say.
+#[test]
+fn rendered_node_config_is_accepted_by_weft_node() {
+    let Some(helm) = helm() else { return };
+    let dir = temp("config");
+    let namespaces = [
+        "node.config.namespaces[0].pattern=prices.>",
+        "node.config.namespaces[0].slow_consumer=conflate",
+        "node.config.namespaces[0].history_size=100",
+        "node.config.limits.max_connections=250000",
+    ];
+    for (name, file, set) in [
+        ("default", Some(values("default")), &[][..]),
+        ("minimal", Some(values("minimal")), &[][..]),
+        ("namespaces", None, &namespaces[..]),
+    ] {
+        let m = render(&helm, file.as_deref(), set).unwrap();
+        let toml = block_scalar(document(&m, "ConfigMap", "-node-config"), "weft.toml");
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, &toml).unwrap();
+        let out = run(Command::new(NODE_BIN)
+            .env_clear()
+            .arg("--config")
+            .arg(&path)
+            .arg("--print-config"));
+        assert!(
+            out.status.success(),
+            "{name}: weft-node refused the rendered config:\n{toml}\n{}",
+            text(&out.stderr)
+        );
+        let printed = text(&out.stdout);
+        assert!(printed.contains("shutdown_grace_ms = 10000"), "{printed}");
+        if name == "namespaces" {
+            assert!(printed.contains("max_connections = 250000"), "{printed}");
+            assert!(
+                printed.contains("slow_consumer = \"conflate\""),
+                "{printed}"
+            );
+            assert!(printed.contains("pattern = \"prices.>\""), "{printed}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The rendered preStop script, run against a real node: it starts the drain over
+/// HTTP, and returns only once the node has exited, within the rendered grace.
+#[test]
+fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
+    let Some(helm) = helm() else { return };
+    let dir = temp("prestop");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let m = render(
+        &helm,
+        None,
+        &[
+            &format!("node.ports.http={port}"),
+            "node.config.timing.shutdown_grace_ms=2000",
+        ],
+    )
+    .unwrap();
+    let script = block_scalar(document(&m, "ConfigMap", "-node-config"), "prestop.sh");
+    let script_path = dir.join("prestop.sh");
+    std::fs::write(&script_path, &script).unwrap();
+    let ready = dir.join("ready.json");
+    let mut node = Command::new(NODE_BIN)
+        .env_clear()
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--shutdown-grace-ms",
+            "2000",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weft-node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "weft-node never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = node.id();
+    // Reap the node as soon as it exits, so `kill -0` in the hook sees it gone.
+    let waiter = std::thread::spawn(move || {
+        let status = node.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        let _ = node.stderr.take().unwrap().read_to_string(&mut err);
+        (status, err, Instant::now())
+    });
+    let started = Instant::now();
+    let hook = run(Command::new("bash")
+        .arg(&script_path)
+        .env("WEFT_PID", pid.to_string()));
+    let hook_done = Instant::now();
+    let (status, stderr, exited) = waiter.join().unwrap();
+    let said = text(&hook.stdout);
+    assert!(
+        hook.status.success(),
+        "preStop failed: {said}{}",
+        text(&hook.stderr)
+    );
+    assert!(
+        said.contains("drain started"),
+        "the hook did not start the drain over HTTP: {said}"
+    );
+    assert!(
+        status.success(),
+        "the drained node exited with {status}:\n{stderr}"
+    );
+    assert!(
+        hook_done >= exited,
+        "the hook returned before the node exited"
+    );
+    // Rendered terminationGracePeriodSeconds: 10 + 2 + 5.
+    assert!(document(&m, "StatefulSet", "-node").contains("terminationGracePeriodSeconds: 17"));
+    assert!(
+        hook_done - started < Duration::from_secs(17),
+        "the drain outlived the grace period"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let Some(hadolint) = tool("hadolint", "HADOLINT") else {
+        return;
+    };
+    let dockerfile = root().join("Dockerfile");
+    let out = run(Command::new(hadolint).arg(&dockerfile));
+    assert!(
+        out.status.success(),
+        "hadolint {}:\n{}{}",
+        Path::new(&dockerfile).display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let body = std::fs::read_to_string(&dockerfile).unwrap();
+    assert!(
+        !body.lines().any(|l| l.starts_with("HEALTHCHECK")),
+        "probes belong to Kubernetes"
+    );
+    assert!(
+        body.contains("USER 10001"),
+        "the runtime image runs as non-root"
+    );
+}

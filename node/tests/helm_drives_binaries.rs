@@ -1,0 +1,597 @@
+//! The chart drives the real binaries (issue 13): the rendered manifests, not a
+//! hand-written command line, start a 3-router + 3-node cluster that serves clients,
+//! and the pod lifecycle the kubelet would play — readiness from the rendered probe,
+//! the rendered `preStop`, SIGTERM, SIGKILL at the rendered grace period — runs for
+//! every node in turn (highest ordinal first, as a StatefulSet rolls) under load with
+//! nothing lost, duplicated, reordered or reset.
+//!
+//! From each StatefulSet's pod template the test takes the container's command, args
+//! and env (`$(VAR)` expanded, `fieldRef`s of the pod's name and ordinal resolved), its
+//! ports and probes, and its mounts (ConfigMap files written to a per-pod directory,
+//! the data volume a per-pod directory that survives a restart only if it is a PVC).
+//! Each pod gets its own loopback address (routers 127.0.13.10+i, nodes 127.0.13.20+i):
+//! service DNS names and the pod's own `0.0.0.0` / `127.0.0.1` map to it.
+//!
+//! Rendered with `node.clusterListener=false`: the binaries of this branch relay on the
+//! gRPC port (`--cluster-listen` is not built yet).
+
+mod deploy;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use deploy::{render, text, tool};
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
+
+/// The rendered manifests as JSON values (PyYAML converts; it comes with
+/// kubernetes-validate).
+fn manifests(helm: &Path, python: &Path, set: &[&str]) -> Vec<Value> {
+    let yaml = render(helm, None, set).unwrap_or_else(|e| panic!("helm template: {e}"));
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "YAML to JSON: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One pod of a StatefulSet, as the test runs it.
+struct Pod {
+    name: String,
+    ip: String,
+    dir: PathBuf,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    /// Container port by name.
+    ports: BTreeMap<String, u16>,
+    readiness: Value,
+    pre_stop: Option<Vec<String>>,
+    grace: Duration,
+    /// The data volume is a PVC (kept across restarts) rather than an emptyDir.
+    data_persists: bool,
+    data_dir: PathBuf,
+    running: Option<Running>,
+}
+
+struct Running {
+    pid: u32,
+    exit: Arc<Mutex<Option<ExitStatus>>>,
+}
+
+impl Running {
+    fn spawn(mut child: Child) -> Self {
+        let pid = child.id();
+        let exit = Arc::new(Mutex::new(None));
+        let seen = exit.clone();
+        // Reap at once, so a `kill -0` in the preStop hook sees the process gone.
+        std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            *seen.lock().unwrap() = Some(status);
+        });
+        Self { pid, exit }
+    }
+
+    fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.lock().unwrap()
+    }
+
+    fn signal(&self, sig: i32) {
+        if self.exited().is_none() {
+            // SAFETY: signals only the process this test started.
+            unsafe { libc::kill(self.pid as i32, sig) };
+        }
+    }
+}
+
+/// Kubernetes' `$(VAR)` expansion against the variables defined so far.
+fn expand(s: &str, vars: &[(String, String)]) -> String {
+    let mut out = s.to_owned();
+    for (k, v) in vars {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out
+}
+
+struct Cluster {
+    pods: Vec<Pod>,
+    /// Service DNS name of each pod → its address.
+    hosts: Vec<(String, String)>,
+    root: PathBuf,
+}
+
+impl Cluster {
+    fn from_manifests(docs: &[Value], root: PathBuf) -> Self {
+        let namespace = "rt";
+        let config_maps: BTreeMap<String, &Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "ConfigMap")
+            .map(|d| {
+                (
+                    d["metadata"]["name"].as_str().unwrap().to_owned(),
+                    &d["data"],
+                )
+            })
+            .collect();
+        let mut pods = Vec::new();
+        let mut hosts = Vec::new();
+        for sts in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+            let name = sts["metadata"]["name"].as_str().unwrap();
+            let service = sts["spec"]["serviceName"].as_str().unwrap();
+            let replicas = sts["spec"]["replicas"].as_u64().expect("replicas rendered");
+            let spec = &sts["spec"]["template"]["spec"];
+            let c = &spec["containers"][0];
+            let is_router = name.ends_with("-router");
+            let pvc = sts["spec"]["volumeClaimTemplates"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .map(|t| t["metadata"]["name"].as_str().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            for i in 0..replicas {
+                let pod = format!("{name}-{i}");
+                let ip = format!("127.0.13.{}", if is_router { 10 } else { 20 } + i);
+                hosts.push((format!("{pod}.{service}.{namespace}.svc"), ip.clone()));
+                let dir = root.join(&pod);
+                std::fs::create_dir_all(&dir).unwrap();
+                // Mounts: ConfigMaps become files; the data volume a directory.
+                let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+                let mut data_dir = None;
+                let mut data_persists = false;
+                for m in c["volumeMounts"].as_array().unwrap() {
+                    let vol_name = m["name"].as_str().unwrap();
+                    let mount = m["mountPath"].as_str().unwrap().to_owned();
+                    let local = dir.join(format!("vol-{vol_name}"));
+                    std::fs::create_dir_all(&local).unwrap();
+                    let vol = spec["volumes"]
+                        .as_array()
+                        .and_then(|vs| vs.iter().find(|v| v["name"] == vol_name));
+                    if let Some(cm) = vol.and_then(|v| v["configMap"]["name"].as_str()) {
+                        let data = config_maps[cm].as_object().unwrap();
+                        for (file, body) in data {
+                            // The pod's localhost is its own address here.
+                            let body = body.as_str().unwrap().replace("127.0.0.1", &ip);
+                            std::fs::write(local.join(file), body).unwrap();
+                        }
+                    } else if vol_name == "data" {
+                        data_persists = pvc.iter().any(|p| p == "data");
+                        data_dir = Some(local.clone());
+                    } else {
+                        panic!("{pod}: volume {vol_name} has no local stand-in (render with security off)");
+                    }
+                    mounts.push((mount, local));
+                }
+                let localise = |v: &str| -> String {
+                    let mut v = v.replace("0.0.0.0:", &format!("{ip}:"));
+                    for (mount, local) in &mounts {
+                        if let Some(rest) = v.strip_prefix(mount.as_str()) {
+                            v = format!("{}{rest}", local.display());
+                        }
+                    }
+                    v
+                };
+                let mut env: Vec<(String, String)> = Vec::new();
+                for e in c["env"].as_array().unwrap() {
+                    let key = e["name"].as_str().unwrap().to_owned();
+                    let value = if let Some(v) = e["value"].as_str() {
+                        localise(&expand(v, &env))
+                    } else {
+                        match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                            Some("metadata.name") => pod.clone(),
+                            Some("metadata.labels['apps.kubernetes.io/pod-index']") => {
+                                i.to_string()
+                            }
+                            other => panic!("{pod}: env {key} from {other:?} has no stand-in"),
+                        }
+                    };
+                    env.push((key, value));
+                }
+                let mut command: Vec<String> = c["command"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .chain(c["args"].as_array().into_iter().flatten())
+                    .map(|a| localise(&expand(a.as_str().unwrap(), &env)))
+                    .collect();
+                command[0] = match command[0].as_str() {
+                    "/usr/local/bin/weft-node" => NODE_BIN.to_owned(),
+                    "/usr/local/bin/weft-router" => {
+                        deploy::sibling_bin("weft-router").display().to_string()
+                    }
+                    other => panic!("{pod}: unexpected command {other}"),
+                };
+                let ports = c["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap().to_owned(),
+                            p["containerPort"].as_u64().unwrap() as u16,
+                        )
+                    })
+                    .collect();
+                let pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+                    .as_array()
+                    .map(|cmd| cmd.iter().map(|a| localise(a.as_str().unwrap())).collect());
+                pods.push(Pod {
+                    name: pod.clone(),
+                    ip,
+                    dir,
+                    command,
+                    env,
+                    ports,
+                    readiness: c["readinessProbe"].clone(),
+                    pre_stop,
+                    grace: Duration::from_secs(
+                        spec["terminationGracePeriodSeconds"].as_u64().unwrap(),
+                    ),
+                    data_persists,
+                    data_dir: data_dir.expect("a data volume"),
+                    running: None,
+                });
+            }
+        }
+        // Service names resolve to the pods' addresses.
+        for pod in &mut pods {
+            for (_, v) in pod.env.iter_mut() {
+                for (host, ip) in &hosts {
+                    *v = v.replace(host.as_str(), ip);
+                }
+            }
+        }
+        Self { pods, hosts, root }
+    }
+
+    fn pod(&mut self, name: &str) -> &mut Pod {
+        self.pods.iter_mut().find(|p| p.name == name).unwrap()
+    }
+}
+
+impl Pod {
+    fn start(&mut self) {
+        if !self.data_persists {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+            std::fs::create_dir_all(&self.data_dir).unwrap();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap();
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot start: {e}", self.name));
+        self.running = Some(Running::spawn(child));
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn port(&self, p: &Value) -> u16 {
+        match p {
+            Value::String(name) => self.ports[name],
+            Value::Number(n) => n.as_u64().unwrap() as u16,
+            _ => panic!("{}: probe port {p}", self.name),
+        }
+    }
+
+    /// One run of the rendered readiness probe.
+    fn probe_ready(&self) -> bool {
+        let timeout = Duration::from_secs(self.readiness["timeoutSeconds"].as_u64().unwrap_or(1));
+        if let Some(get) = self.readiness.get("httpGet") {
+            let addr: SocketAddr = format!("{}:{}", self.ip, self.port(&get["port"]))
+                .parse()
+                .unwrap();
+            let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(timeout));
+            let req = format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                get["path"].as_str().unwrap(),
+                self.ip
+            );
+            if s.write_all(req.as_bytes()).is_err() {
+                return false;
+            }
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).is_ok() && (head[9] == b'2' || head[9] == b'3')
+        } else {
+            let tcp = &self.readiness["tcpSocket"];
+            let addr: SocketAddr = format!("{}:{}", self.ip, self.port(&tcp["port"]))
+                .parse()
+                .unwrap();
+            TcpStream::connect_timeout(&addr, timeout).is_ok()
+        }
+    }
+
+    /// Probes every `periodSeconds` until the probe passes (bounded).
+    fn wait_ready(&self, bound: Duration) {
+        let period = Duration::from_secs(self.readiness["periodSeconds"].as_u64().unwrap_or(10));
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.running.as_ref().and_then(Running::exited) {
+                panic!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if self.probe_ready() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {bound:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(period.min(Duration::from_millis(500)));
+        }
+    }
+
+    /// The kubelet's termination: preStop, then SIGTERM, then SIGKILL once the grace
+    /// period (counted from the start of preStop) is over. Returns how long it took
+    /// and whether SIGKILL was needed.
+    fn terminate(&mut self) -> (Duration, bool) {
+        let running = self.running.take().expect("running");
+        let began = Instant::now();
+        let deadline = began + self.grace;
+        if let Some(cmd) = &self.pre_stop {
+            let mut hook = Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .env("WEFT_PID", running.pid.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            loop {
+                if hook.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = hook.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let out = hook.wait_with_output().unwrap();
+            let said = text(&out.stdout);
+            assert!(
+                said.contains("drain started"),
+                "{}: preStop said {said:?} {}",
+                self.name,
+                text(&out.stderr)
+            );
+        }
+        running.signal(libc::SIGTERM);
+        let mut killed = false;
+        while running.exited().is_none() {
+            if Instant::now() >= deadline {
+                running.signal(libc::SIGKILL);
+                killed = true;
+                while running.exited().is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (began.elapsed(), killed)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for pod in &self.pods {
+            if let Some(r) = &pod.running {
+                r.signal(libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+#[test]
+fn rendered_chart_runs_a_cluster_through_every_node_lifecycle_with_nothing_lost() {
+    let Some(helm) = tool("helm", "HELM") else {
+        return;
+    };
+    let Some(python) = tool("python3", "PYTHON3") else {
+        return;
+    };
+    let docs = manifests(
+        &helm,
+        &python,
+        &[
+            "node.clusterListener=false",
+            "node.config.timing.shutdown_grace_ms=3000",
+            "logging.format=text",
+            "test.enabled=false",
+        ],
+    );
+    let root = std::env::temp_dir().join(format!("weft-chart-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut cluster = Cluster::from_manifests(&docs, root);
+    let names: Vec<String> = cluster.pods.iter().map(|p| p.name.clone()).collect();
+    let (routers, nodes): (Vec<_>, Vec<_>) =
+        names.iter().cloned().partition(|n| n.contains("-router-"));
+    assert_eq!((routers.len(), nodes.len()), (3, 3), "{names:?}");
+    assert!(cluster
+        .hosts
+        .iter()
+        .any(|(h, _)| h == "weft-router-0.weft-router-peers.rt.svc"));
+    // What the rendered env says, resolved: the router id is the ordinal.
+    let r2 = cluster.pod("weft-router-2");
+    assert!(
+        r2.env.contains(&("WEFT_ID".into(), "2".into())),
+        "{:?}",
+        r2.env
+    );
+
+    for r in &routers {
+        cluster.pod(r).start();
+    }
+    for n in &nodes {
+        cluster.pod(n).start();
+    }
+    for n in routers.iter().chain(&nodes) {
+        cluster.pod(n).wait_ready(Duration::from_secs(60));
+    }
+    let url = |c: &mut Cluster, n: &str| {
+        let p = c.pod(n);
+        format!("http://{}:{}", p.ip, p.ports["http"])
+    };
+    let (sub_url, pub_url) = (url(&mut cluster, &nodes[0]), url(&mut cluster, &nodes[1]));
+
+    let flag = cluster.root.join("lifecycle");
+    std::fs::create_dir_all(&flag).unwrap();
+    let restart_cmd = format!(
+        "touch {go}; while [ ! -e {done} ]; do sleep 0.2; done",
+        go = flag.join("go").display(),
+        done = flag.join("done").display()
+    );
+    let report = cluster.root.join("report.json");
+    let mut load = Command::new(deploy::sibling_bin("weft-loadtest"))
+        .args([
+            "rolling",
+            "--target",
+            &sub_url,
+            "--publish-target",
+            &pub_url,
+        ])
+        .args([
+            "--subscribers",
+            "60",
+            "--topics",
+            "12",
+            "--rate",
+            "150",
+            "--duration",
+            "40s",
+        ])
+        .args([
+            "--restart-cmd",
+            &restart_cmd,
+            "--restart-after",
+            "2s",
+            "--restart-timeout",
+            "150s",
+        ])
+        .args([
+            "--slo",
+            "lost=0,duplicates=0,reordered=0,resets=0",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&report)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !flag.join("go").exists() {
+        if let Some(status) = load.try_wait().unwrap() {
+            let out = load.wait_with_output().unwrap();
+            panic!(
+                "weft-loadtest ended early ({status}): {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load never reached its restart point"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A StatefulSet rolls from the highest ordinal down, each pod Ready before the next.
+    let mut lifecycles = Vec::new();
+    for n in nodes.iter().rev() {
+        let pod = cluster.pod(n);
+        let (took, killed) = pod.terminate();
+        assert!(
+            !killed,
+            "{n}: SIGKILL at the grace period ({:?}) — killed mid-drain:\n{}",
+            pod.grace,
+            pod.log()
+        );
+        lifecycles.push(format!(
+            "{n}: drained and exited in {took:?} (grace {:?})",
+            pod.grace
+        ));
+        pod.start();
+        pod.wait_ready(Duration::from_secs(60));
+    }
+    std::fs::write(flag.join("done"), b"").unwrap();
+    let out = load.wait_with_output().unwrap();
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(&report)
+            .unwrap_or_else(|e| panic!("no report ({e}); weft-loadtest said:\n{said}")),
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "SLO missed (exit {:?}) after {lifecycles:?}:\n{said}",
+        out.status.code()
+    );
+    let field = |k: &str| {
+        r[k].as_u64()
+            .unwrap_or_else(|| panic!("report has no {k}: {r}"))
+    };
+    assert!(
+        field("expected") > 0 && field("delivered") == field("expected"),
+        "{r}"
+    );
+    assert_eq!(
+        (
+            field("lost"),
+            field("duplicates"),
+            field("reordered"),
+            field("resets")
+        ),
+        (0, 0, 0, 0)
+    );
+    // The subscribers' node was drained and restarted under them: they reconnected.
+    assert!(field("reconnects") > 0, "no subscriber was moved: {r}");
+    eprintln!(
+        "{lifecycles:#?}\nexpected {} delivered {} reconnects {}",
+        field("expected"),
+        field("delivered"),
+        field("reconnects")
+    );
+}

@@ -1,0 +1,319 @@
+//! What `/metrics` promises, checked with Prometheus' own tool against a live
+//! `weft-node`: `promtool check metrics` accepts the page (HELP and TYPE for every
+//! family, counter names, units), the process and build families are there, HTTP
+//! requests are counted by route template; the chart's PrometheusRule passes
+//! `promtool check rules`; and every query of the Grafana dashboard, the alerts and
+//! the prometheus-adapter rule names a metric family the node really exports.
+
+mod deploy;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deploy::{alert_exprs, block_scalar, document, render, root, run, spec_of, text, tool};
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
+
+/// A standalone `weft-node` on 127.0.0.1:0, killed on drop.
+struct LiveNode {
+    child: Child,
+    http: String,
+    dir: std::path::PathBuf,
+}
+
+impl LiveNode {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("weft-metrics-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = dir.join("ready.json");
+        let child = Command::new(NODE_BIN)
+            .env_clear()
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--node-id", "metrics-test"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weft-node");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let http = loop {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                break v["http"].as_str().unwrap().to_owned();
+            }
+            assert!(Instant::now() < deadline, "weft-node never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self { child, http, dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Traffic on a few routes (published, read, refused), then the page once the
+    /// exporter has copied the counters (once a second).
+    async fn exercised_metrics(&self) -> String {
+        let c = reqwest::Client::new();
+        for i in 0..3 {
+            let r = c
+                .post(self.url("/v1/topics/metrics.check/events"))
+                .header("content-type", "application/json")
+                .body(format!("{{\"i\":{i}}}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        assert_eq!(
+            c.get(self.url("/v1/topics/metrics.check"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            c.get(self.url("/no/such/route"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            404
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let r = c.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+}
+
+impl Drop for LiveNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Family names declared by `# TYPE` lines, with the sample names a histogram adds.
+fn exported_names(page: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        names.insert(name.to_owned());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    names
+}
+
+/// The Weft and process metric names a PromQL expression mentions.
+fn metric_names(expr: &str) -> Vec<String> {
+    let bytes = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let word_start = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if word_start && (expr[i..].starts_with("weft_") || expr[i..].starts_with("process_")) {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(expr.len(), |n| i + n);
+            out.push(expr[i..end].to_owned());
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn live_metrics_pass_promtool_check_metrics() {
+    let Some(promtool) = tool("promtool", "PROMTOOL") else {
+        return;
+    };
+    let node = LiveNode::start("promtool");
+    let page = node.exercised_metrics().await;
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n--- page ---\n{page}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let names = exported_names(&page);
+    for family in weft_node::stats::FAMILIES.iter().map(|f| f.0) {
+        assert!(
+            page.contains(&format!("# HELP {family} ")),
+            "{family} has no HELP line"
+        );
+    }
+    for must in [
+        "weft_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "weft_http_request_duration_seconds_bucket",
+    ] {
+        assert!(names.contains(must), "{must} missing from:\n{page}");
+    }
+    assert!(page.contains(
+        "weft_http_requests_total{node=\"metrics-test\",route=\"/v1/topics/{topic}/events\",method=\"POST\",status=\"201\"} 3"
+    ), "{page}");
+    assert!(
+        page.contains("route=\"unmatched\""),
+        "the 404 is counted under `unmatched`"
+    );
+    assert!(
+        page.contains("weft_published_total{node=\"metrics-test\"} 3"),
+        "{page}"
+    );
+}
+
+#[test]
+fn rendered_prometheus_rule_passes_promtool_check_rules() {
+    let Some(helm) = tool("helm", "HELM") else {
+        return;
+    };
+    let Some(promtool) = tool("promtool", "PROMTOOL") else {
+        return;
+    };
+    let m = render(&helm, None, &["metrics.prometheusRule.enabled=true"]).unwrap();
+    let groups = spec_of(document(&m, "PrometheusRule", "weft"));
+    let file = std::env::temp_dir().join(format!("weft-rules-{}.yaml", std::process::id()));
+    std::fs::write(&file, &groups).unwrap();
+    let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&file));
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}\n{groups}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let said = text(&out.stdout);
+    assert!(said.contains("SUCCESS: 8 rules found"), "{said}");
+}
+
+#[tokio::test]
+async fn dashboard_alert_and_adapter_queries_name_exported_metrics() {
+    let Some(helm) = tool("helm", "HELM") else {
+        return;
+    };
+    let node = LiveNode::start("names");
+    let exported = exported_names(&node.exercised_metrics().await);
+
+    let mut queries: Vec<(String, String)> = Vec::new();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("helm/weft/files/dashboards/weft.json")).unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queries.push((
+                format!("panel {:?}", panel["title"]),
+                target["expr"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        if var["type"] == "query" {
+            queries.push((
+                format!("variable {}", var["name"]),
+                var["query"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    assert!(queries.len() > 20, "the dashboard lost its panels");
+
+    let m = render(
+        &helm,
+        None,
+        &[
+            "metrics.prometheusRule.enabled=true",
+            "metrics.adapterRules.enabled=true",
+            "metrics.dashboard.enabled=true",
+        ],
+    )
+    .unwrap();
+    for expr in alert_exprs(document(&m, "PrometheusRule", "weft")) {
+        queries.push(("alert".into(), expr));
+    }
+    let adapter = block_scalar(document(&m, "ConfigMap", "-adapter-rules"), "rules.yaml");
+    let series = adapter
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("- seriesQuery: "))
+        .expect("the adapter rule has a seriesQuery");
+    queries.push(("adapter rule".into(), series.to_owned()));
+    // The dashboard ConfigMap carries the same JSON as the file checked above.
+    let cm = document(&m, "ConfigMap", "-dashboard");
+    assert!(
+        cm.contains("\"uid\": \"weft-overview\""),
+        "dashboard ConfigMap lost its JSON"
+    );
+
+    let mut without_metric = Vec::new();
+    for (whence, expr) in &queries {
+        let names = metric_names(expr);
+        if names.is_empty() {
+            without_metric.push(format!("{whence}: {expr}"));
+        }
+        for name in names {
+            assert!(
+                exported.contains(&name),
+                "{whence} names {name}, which weft-node does not export: {expr}"
+            );
+        }
+    }
+    // Only the scrape-health alert may use Prometheus' own `up`.
+    assert_eq!(
+        without_metric.len(),
+        1,
+        "queries naming no Weft metric: {without_metric:?}"
+    );
+    assert!(
+        without_metric[0].starts_with("alert: up{"),
+        "{without_metric:?}"
+    );
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    assert_eq!(
+        metric_names("sum by (le) (rate(weft_delivery_latency_seconds_bucket{a=\"weft_x\"}[5m])) / process_open_fds"),
+        ["weft_delivery_latency_seconds_bucket", "weft_x", "process_open_fds"]
+    );
+    assert!(metric_names("up{job=\"x\"} == 0").is_empty());
+}
