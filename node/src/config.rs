@@ -22,11 +22,15 @@ pub const EXIT_USAGE: i32 = 64;
 pub struct Config {
     /// REST, WebSocket, SSE and metrics.
     pub http_listen: SocketAddr,
-    /// Public gRPC and relay (cluster mode; not bound by this build).
+    /// Reserved for the public gRPC API (DESIGN §3.4); this build does not bind it.
+    /// Cluster traffic never uses it: see `cluster_listen`.
     pub grpc_listen: SocketAddr,
+    /// Relay between nodes and the embedded router, mutual TLS (`[cluster]`). Absent:
+    /// `0.0.0.0:9100` with `--router`, `127.0.0.1:9100` with the embedded router.
+    pub cluster_listen: Option<SocketAddr>,
     /// QUIC / WebTransport (not bound by this build).
     pub quic_listen: SocketAddr,
-    /// Address peers use for gRPC; derived from `grpc_listen` when absent.
+    /// Address peers dial for the relay; derived from the cluster listener when absent.
     pub advertise: Option<String>,
     /// Unique per node; also the `node` label of every metric.
     pub node_id: String,
@@ -44,6 +48,8 @@ pub struct Config {
     /// Policies by topic pattern, first match wins; a topic that matches none gets the
     /// built-in defaults of [`NamespaceConfig`].
     pub namespaces: Vec<NamespaceConfig>,
+    /// Mutual TLS on the cluster listener and every cluster connection.
+    pub cluster: weft_router::tls::ClusterConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -144,6 +150,7 @@ impl Default for Config {
         Self {
             http_listen: "0.0.0.0:8080".parse().expect("literal"),
             grpc_listen: "0.0.0.0:9000".parse().expect("literal"),
+            cluster_listen: None,
             quic_listen: "0.0.0.0:8443".parse().expect("literal"),
             advertise: None,
             node_id: default_node_id(),
@@ -156,6 +163,7 @@ impl Default for Config {
             timing: Timing::default(),
             allowed_origins: Vec::new(),
             namespaces: Vec::new(),
+            cluster: weft_router::tls::ClusterConfig::default(),
         }
     }
 }
@@ -325,6 +333,9 @@ impl Config {
                 ));
             }
         }
+        self.cluster
+            .check(self.cluster_plaintext_ok())
+            .map_err(ConfigError)?;
         if let Some(r) = &self.router {
             let addrs = self.router_addrs();
             if addrs.is_empty()
@@ -339,6 +350,34 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The cluster listener's address (see [`Config::cluster_listen`]).
+    pub fn cluster_listen(&self) -> SocketAddr {
+        self.cluster_listen.unwrap_or_else(|| {
+            if self.router.is_some() {
+                SocketAddr::from(([0, 0, 0, 0], 9100))
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], 9100))
+            }
+        })
+    }
+
+    /// Only the embedded router on a loopback cluster listener may run without
+    /// certificates: nobody off this host can reach it.
+    fn cluster_plaintext_ok(&self) -> bool {
+        self.router.is_none() && self.cluster_listen().ip().is_loopback()
+    }
+
+    /// How cluster connections are secured; loads and checks the certificates (they
+    /// must name `weft://node/<node_id>`).
+    pub fn cluster_transport(&self) -> Result<weft_router::tls::Transport, ConfigError> {
+        self.cluster
+            .transport(
+                &weft_router::identity::Peer::Node(self.node_id.clone()),
+                self.cluster_plaintext_ok(),
+            )
+            .map_err(ConfigError)
     }
 
     /// The external router group's addresses (`--router`), empty without one.
@@ -396,8 +435,14 @@ pub struct Cli {
     pub print_config: bool,
     #[arg(long, env = "WEFT_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Reserved for the public gRPC API; not bound by this build.
     #[arg(long, env = "WEFT_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
+    /// Relay and embedded router (mutual TLS); see `cluster_listen`.
+    #[arg(long, env = "WEFT_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub cluster: weft_router::config::ClusterFlags,
     #[arg(long, env = "WEFT_QUIC_LISTEN")]
     pub quic_listen: Option<SocketAddr>,
     #[arg(long, env = "WEFT_ADVERTISE")]
@@ -490,6 +535,10 @@ impl Cli {
         if self.router.is_some() {
             c.router = self.router.clone();
         }
+        if self.cluster_listen.is_some() {
+            c.cluster_listen = self.cluster_listen;
+        }
+        self.cluster.apply(&mut c.cluster);
         if self.ready_file.is_some() {
             c.ready_file = self.ready_file.clone();
         }

@@ -22,6 +22,10 @@ fn main() -> ExitCode {
         print!("{}", config.to_masked_toml());
         return ExitCode::SUCCESS;
     }
+    // Certificates are read before anything is bound: a bad set is a usage error.
+    if let Err(e) = config.cluster_transport() {
+        return usage_exit(format!("invalid config: {e}"));
+    }
     init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -45,28 +49,35 @@ fn main() -> ExitCode {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = bind(config.http_listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
-    let grpc = bind(config.grpc_listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_listen))?;
+    let cluster_listen = config.cluster_listen();
+    let cluster = bind(cluster_listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {cluster_listen}: {e}"))?;
     let http = listener.local_addr()?;
-    let grpc_addr = grpc.local_addr()?;
+    let cluster_addr = cluster.local_addr()?;
     if config.router.is_some() {
         info!(router = ?config.router_addrs(), "cluster mode: joining the external router group");
     } else {
         info!("single-node mode with the embedded router");
     }
     warn!("authentication is off: every client may subscribe and publish");
-    info!(%http, grpc = %grpc_addr, node_id = %config.node_id, "weft-node listening");
+    info!(%http, cluster = %cluster_addr, node_id = %config.node_id, "weft-node listening");
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "http": http.to_string(),
-            "grpc": grpc_addr.to_string(),
+            "cluster": cluster_addr.to_string(),
             "node_id": config.node_id,
             "pid": std::process::id(),
         });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string()).and_then(|()| std::fs::rename(&tmp, path))?;
     }
-    weft_node::run_with_router(listener, grpc, config, weft_router::cli::shutdown_signal()).await
+    weft_node::run_with_router(
+        listener,
+        cluster,
+        config,
+        weft_router::cli::shutdown_signal(),
+    )
+    .await
 }
 
 /// Binds with a deep accept backlog: tokio's default of 1024 overflows under

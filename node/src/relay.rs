@@ -10,6 +10,12 @@
 //! `reset`). Control frames (acks, snapshots) have a larger hard cap; past it the link
 //! is closed and both sides start over.
 //!
+//! # Who may link
+//! Links run over the cluster transport: with mutual TLS the dialler checks that the
+//! peer's certificate names `weft://node/<peer id>`, and the accepting side takes a
+//! link only when the `Hello` names the id in the caller's certificate
+//! ([`weft_router::identity`]); anything else is `PERMISSION_DENIED`.
+//!
 //! # What goes over a link
 //! - `Publish` → the owner sequences it and answers `PublishAck` or `RelayError`
 //!   (421: not the owner under its ring version; the sender waits for that version and
@@ -534,8 +540,12 @@ impl Relay {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        // Mutual TLS: the peer must present `weft://node/<its id>`.
+        let ch = self
+            .cluster
+            .transport
+            .lazy(ch, weft_router::tls::Expect::Node(peer.id.to_string()));
         *cached = Some((addr, ch.clone()));
         Ok(ch)
     }
@@ -1815,6 +1825,8 @@ impl grpc::relay_server::Relay for RelayService {
                 "this node has not joined the cluster yet",
             ));
         };
+        // Who dialled, from its certificate; its Hello may name only itself.
+        let caller = weft_router::identity::caller(&request)?;
         let mut inbound = request.into_inner();
         let from = match read_hello(&mut inbound).await {
             Ok(id) => id,
@@ -1823,6 +1835,10 @@ impl grpc::relay_server::Relay for RelayService {
                 return Err(e);
             }
         };
+        weft_router::identity::authorize(
+            &caller,
+            &weft_router::identity::Action::RelayHello(&from),
+        )?;
         relay.sync_members(&node);
         let peer = match relay.peer(&from) {
             Some(p) if from != *relay.me => p,

@@ -199,6 +199,7 @@ impl Exporter {
                 (c("weft_relay_resets_total"), |s| s.relay.resets.get()),
                 (c("weft_relay_catch_ups_total"), |s| s.relay.catch_ups.get()),
                 (c("weft_relay_bad_frames_total"), |s| s.relay.bad_frames.get()),
+                (c("weft_cluster_refused_total"), |_| weft_router::identity::refusals()),
             ],
             connections: Transport::ALL
                 .iter()
