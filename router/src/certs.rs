@@ -10,7 +10,7 @@
 //! example cert-manager) issuing the same URI SANs.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -76,8 +76,8 @@ impl DevCa {
 
     /// A certificate for `peer` valid from an hour ago for `validity`.
     pub fn issue(&self, peer: &Peer, validity: Duration) -> Result<Issued, CertsError> {
-        let now = OffsetDateTime::now_utc();
-        self.issue_between(peer, now - time::Duration::hours(1), now + validity)
+        let now = SystemTime::now();
+        self.issue_between(peer, now - Duration::from_secs(3600), now + validity)
     }
 
     /// A certificate for `peer` valid between `not_before` and `not_after` (tests
@@ -85,8 +85,8 @@ impl DevCa {
     pub fn issue_between(
         &self,
         peer: &Peer,
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
+        not_before: SystemTime,
+        not_after: SystemTime,
     ) -> Result<Issued, CertsError> {
         if matches!(peer, Peer::Unverified) {
             return Err(CertsError::Invalid(
@@ -107,8 +107,8 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = not_before;
-        params.not_after = not_after;
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
