@@ -268,6 +268,8 @@ pub struct ProcCluster {
     logs: Vec<(String, PathBuf)>,
     /// The cluster CA; every member's certificate under `<root>/certs`.
     ca: DevCa,
+    /// The harness's own (admin) certificate, reloaded by [`ProcCluster::reissue_all`].
+    admin: Arc<Certs>,
     pub http: reqwest::Client,
 }
 
@@ -348,12 +350,14 @@ impl ProcCluster {
         std::fs::create_dir_all(&certs).expect("create the certificates' directory");
         let ca = DevCa::generate("weft test CA", CERT_VALIDITY).expect("generate a CA");
         std::fs::write(certs.join("ca.crt"), ca.cert_pem()).expect("write the CA");
-        let admin = tls(issue_files(
+        let admin_certs = Certs::load(issue_files(
             &ca,
             &certs,
             "admin",
             &Peer::Admin("harness".into()),
-        ));
+        ))
+        .expect("load the harness's certificate");
+        let admin = Transport::MutualTls(admin_certs.clone());
         let router_clients = router_addrs
             .iter()
             .map(|(id, a)| {
@@ -377,6 +381,7 @@ impl ProcCluster {
             added: 0,
             logs: Vec::new(),
             ca,
+            admin: admin_certs,
             http: reqwest::Client::new(),
         };
         for id in 1..=3 {
@@ -440,6 +445,42 @@ impl ProcCluster {
     /// The cluster CA (to issue certificates for intrusion and rotation tests).
     pub fn ca(&self) -> &DevCa {
         &self.ca
+    }
+
+    /// Replaces the CA bundle every member reads (`certs/ca.crt`) with `pems`.
+    pub fn write_ca_bundle(&self, pems: &[&str]) {
+        let path = self.certs_dir().join("ca.crt");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, pems.concat()).expect("write the CA bundle");
+        std::fs::rename(&tmp, &path).expect("replace the CA bundle");
+        self.admin
+            .reload(true)
+            .expect("the harness reloads its CA bundle");
+    }
+
+    /// Issues a new certificate and key from `ca` for every router, every node ever
+    /// added and the harness itself, replacing the files the members read (each
+    /// member reloads them by itself).
+    pub fn reissue_all(&self, ca: &DevCa) {
+        let dir = self.certs_dir();
+        let mut members: Vec<(String, Peer)> = self
+            .router_addrs
+            .keys()
+            .map(|id| (format!("router-{id}"), Peer::Router(id.to_string())))
+            .collect();
+        members.extend(
+            self.specs
+                .keys()
+                .map(|n| (format!("node-{n}"), Peer::Node(n.clone()))),
+        );
+        members.push(("admin".into(), Peer::Admin("harness".into())));
+        for (name, peer) in &members {
+            weft_router::certs::write_member(ca, &dir, name, peer, CERT_VALIDITY)
+                .unwrap_or_else(|e| panic!("reissue {name}: {e}"));
+        }
+        self.admin
+            .reload(true)
+            .expect("the harness reloads its certificate");
     }
 
     /// Where the members' certificates live (`ca.crt`, `<member>.{crt,key}`).
