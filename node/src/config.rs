@@ -604,6 +604,32 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_needs_certificates_unless_embedded_on_loopback() {
+        Config::default().validate().unwrap();
+        assert_eq!(
+            Config::default().cluster_listen(),
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        let external = Config {
+            router: Some("r1:9400".into()),
+            ..Default::default()
+        };
+        assert_eq!(external.cluster_listen(), "0.0.0.0:9100".parse().unwrap());
+        let e = external.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.ca_file") && !e.contains('\n'), "{e}");
+        let open_embedded = Config {
+            cluster_listen: Some("0.0.0.0:9100".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(open_embedded.validate().is_err());
+        let mut insecure = external.clone();
+        insecure.cluster.insecure = true;
+        insecure.validate().unwrap();
+        insecure.cluster.ca_file = Some("ca.crt".into());
+        assert!(insecure.validate().is_err(), "some files and insecure");
+    }
+
+    #[test]
     fn masks_secrets() {
         let mut v: toml::Value = toml::from_str("a = 1\n[auth]\nhmac_secret = \"x\"\n").unwrap();
         mask_secrets(&mut v);

@@ -545,6 +545,11 @@ async fn handshake(
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            // Closed before a word of TLS: a TCP probe or a port scan, not a refusal.
+            tracing::debug!(%remote, "cluster connection closed before its TLS handshake");
+            return None;
+        }
         Ok(Err(e)) => {
             count_refusal(
                 "unauthenticated",
