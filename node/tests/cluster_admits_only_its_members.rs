@@ -13,7 +13,7 @@
 //!   else;
 //! - an admin certificate may drain any node;
 //! - secure by default: a node in cluster mode without certificates exits 64 naming
-//!   the fix; `--cluster-insecure` is said in the log and in `/v1/cluster`.
+//!   the fix (so does one whose own certificate names another node or expired); `--cluster-insecure` is said in the log and in `/v1/cluster`.
 
 mod support;
 
@@ -451,6 +451,27 @@ fn cluster_mode_without_certificates_exits_64_naming_the_fix() {
         err.contains("weft://node/n1") && err.contains("weft://node/n2"),
         "{err}"
     );
+    // So is its own certificate once expired: peers would refuse it at every handshake.
+    let ca = DevCa::generate("expiry CA", Duration::from_secs(3600)).unwrap();
+    let day = Duration::from_secs(24 * 3600);
+    let now = SystemTime::now();
+    let old = ca
+        .issue_between(&Peer::Node("n1".into()), now - 2 * day, now - day)
+        .unwrap();
+    let files = write_files(&dir, "old-n1", &old.cert_pem, &old.key_pem, ca.cert_pem());
+    let out = node_bin()
+        .args(["--node-id", "n1", "--router", "127.0.0.1:1"])
+        .arg("--cluster-ca-file")
+        .arg(&files.ca_file)
+        .arg("--cluster-cert-file")
+        .arg(&files.cert_file)
+        .arg("--cluster-key-file")
+        .arg(&files.key_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("expired"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

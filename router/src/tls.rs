@@ -160,7 +160,7 @@ fn stamp(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
-fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
+fn load(files: &TlsFiles, check_dates: bool) -> Result<Loaded, TlsError> {
     let stamp = stamp(files);
     let ca: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.ca_file)
         .map_err(|e| read_err(&files.ca_file, e))?
@@ -190,6 +190,10 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     })?;
     let identity = Peer::from_cert(leaf)
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.cert_file.display())))?;
+    if check_dates {
+        check_validity(leaf)
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.cert_file.display())))?;
+    }
     // The key's own error text could quote it: report only the path.
     let key = PrivateKeyDer::from_pem_file(&files.key_file).map_err(|_| {
         TlsError::Invalid(format!(
@@ -233,10 +237,40 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     })
 }
 
+/// Refuses a member certificate outside its validity period: peers would refuse it at
+/// every handshake, so say so at start (or keep the current set on reload).
+fn check_validity(der: &CertificateDer<'_>) -> Result<(), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| "the certificate does not parse".to_owned())?;
+    let v = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now < v.not_before {
+        return Err(format!(
+            "the certificate is not valid before {}",
+            v.not_before
+        ));
+    }
+    if now > v.not_after {
+        return Err(format!("the certificate expired on {}", v.not_after));
+    }
+    Ok(())
+}
+
 impl Certs {
-    /// Loads the files; the error is one line naming the file at fault.
+    /// Loads the files; the error is one line naming the file at fault. The
+    /// certificate's dates are not checked (a test may present an expired one); a
+    /// member starts with [`Certs::load_member`].
     pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
-        let loaded = load(&files)?;
+        let loaded = load(&files, false)?;
+        Ok(Arc::new(Self {
+            files,
+            current: RwLock::new(Arc::new(loaded)),
+        }))
+    }
+
+    /// [`Certs::load`], refusing a certificate outside its validity period.
+    pub fn load_member(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let loaded = load(&files, true)?;
         Ok(Arc::new(Self {
             files,
             current: RwLock::new(Arc::new(loaded)),
@@ -266,7 +300,7 @@ impl Certs {
         if !force && stamp(&self.files) == cur.stamp {
             return Ok(false);
         }
-        let fresh = load(&self.files)?;
+        let fresh = load(&self.files, true)?;
         if fresh.identity != cur.identity {
             return Err(TlsError::Invalid(format!(
                 "the new certificate names {} but this member is {}",
@@ -704,7 +738,7 @@ impl ClusterConfig {
         let Some(files) = self.files()? else {
             return Ok(Transport::Plaintext);
         };
-        let certs = Certs::load(files).map_err(|e| e.to_string())?;
+        let certs = Certs::load_member(files).map_err(|e| e.to_string())?;
         let named = certs.identity();
         if named != *me {
             return Err(format!(
