@@ -8,7 +8,12 @@
 #
 #   loadtest/scripts/cluster-up.sh DIR [NODES]
 #   env: BIN (default target/release), IP_BASE (default 220: router on 127.0.0.220,
-#        node i on 127.0.0.(220+i)), HEARTBEAT_TIMEOUT_MS (default 3000)
+#        node i on 127.0.0.(220+i)), HEARTBEAT_TIMEOUT_MS (default 3000),
+#        CLUSTER_INSECURE (set: plaintext cluster links, for comparing against TLS)
+#
+# Cluster links are mutual TLS by default: `weft-router certs` writes a dev CA and
+# one certificate per member into DIR/certs (CERTS in cluster.env; empty = insecure).
+# DIR must not contain spaces.
 set -eu
 
 DIR=${1:?usage: cluster-up.sh DIR [NODES]}
@@ -24,6 +29,24 @@ if [ -s "$DIR/pids" ]; then
 fi
 : >"$DIR/pids"
 
+if [ -n "${CLUSTER_INSECURE:-}" ]; then
+    CERTS=
+else
+    CERTS=$DIR/certs
+    "$BIN/weft-router" certs --out "$CERTS" --routers 1 \
+        --nodes "$(seq -s, -f 'n%g' 1 "$NODES")" >/dev/null
+fi
+# The cluster flags of member $1 (router-1, n1, …).
+member_tls() {
+    if [ -z "$CERTS" ]; then
+        echo "--cluster-insecure"
+    else
+        f=$1
+        case $f in n*) f=node-$f ;; esac
+        echo "--cluster-ca-file $CERTS/ca.crt --cluster-cert-file $CERTS/$f.crt --cluster-key-file $CERTS/$f.key"
+    fi
+}
+
 # Waits (bounded) for a ready file.
 wait_file() {
     n=0
@@ -37,17 +60,20 @@ wait_file() {
     done
 }
 
-"$BIN/weft-router" --id 1 --listen "127.0.0.$BASE:0" --data-dir "$DIR/router" \
+# shellcheck disable=SC2046 # member_tls is a list of flags
+"$BIN/weft-router" $(member_tls router-1) --id 1 --listen "127.0.0.$BASE:0" --data-dir "$DIR/router" \
     --ready-file "$DIR/router.ready" --heartbeat-timeout-ms "$HB" >"$DIR/router.log" 2>&1 &
 echo $! >>"$DIR/pids"
 echo "ROUTER_PID=$!" >"$DIR/cluster.env"
+echo "CERTS=$CERTS" >>"$DIR/cluster.env"
 wait_file "$DIR/router.ready"
 ROUTER=$(jq -r .listen "$DIR/router.ready")
 
 i=1
 while [ "$i" -le "$NODES" ]; do
     ip=127.0.0.$((BASE + i))
-    "$BIN/weft-node" --node-id "n$i" --http-listen "$ip:0" --grpc-listen "$ip:0" \
+    # shellcheck disable=SC2046
+    "$BIN/weft-node" $(member_tls "n$i") --node-id "n$i" --http-listen "$ip:0" --cluster-listen "$ip:0" \
         --router "$ROUTER" --data-dir "$DIR/n$i" --ready-file "$DIR/n$i.ready" \
         >"$DIR/n$i.log" 2>&1 &
     echo $! >>"$DIR/pids"

@@ -27,7 +27,12 @@ i=1
 while [ "$i" -le "$NODES" ]; do
     pid=$(eval echo "\$N${i}_PID")
     http=$(jq -r .http "$DIR/n$i.ready")
-    grpc=$(jq -r .grpc "$DIR/n$i.ready")
+    cluster=$(jq -r .cluster "$DIR/n$i.ready")
+    if [ -z "$CERTS" ]; then
+        tls=--cluster-insecure
+    else
+        tls="--cluster-ca-file $CERTS/ca.crt --cluster-cert-file $CERTS/node-n$i.crt --cluster-key-file $CERTS/node-n$i.key"
+    fi
     router=$(jq -r .listen "$DIR/router.ready")
     echo "restart-nodes: n$i (pid $pid): SIGTERM" >&2
     t0=$(date +%s)
@@ -43,7 +48,8 @@ while [ "$i" -le "$NODES" ]; do
     done
     echo "restart-nodes: n$i exited after $(($(date +%s) - t0)) s; starting it again" >&2
     rm -f "$DIR/n$i.ready"
-    "$BIN/weft-node" --node-id "n$i" --http-listen "$http" --grpc-listen "$grpc" \
+    # shellcheck disable=SC2086 # $tls is a list of flags
+    "$BIN/weft-node" $tls --node-id "n$i" --http-listen "$http" --cluster-listen "$cluster" \
         --router "$router" --data-dir "$DIR/n$i" --ready-file "$DIR/n$i.ready" \
         >>"$DIR/n$i.log" 2>&1 &
     newpid=$!

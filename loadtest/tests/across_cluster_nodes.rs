@@ -46,6 +46,9 @@ impl Cluster {
                 data_dir: dir.join("router"),
                 heartbeat_timeout: Duration::from_secs(3),
                 raft: Default::default(),
+                // In-process on loopback; the TLS paths are proven by weft-node's
+                // process tests.
+                transport: weft_router::tls::Transport::Plaintext,
             },
             listener,
         )
@@ -72,6 +75,7 @@ impl Cluster {
                 ..Default::default()
             };
             config.timing.shutdown_grace_ms = 1000;
+            config.cluster.insecure = true;
             let (tx, rx) = oneshot::channel::<()>();
             let task = tokio::spawn(weft_node::run_with_router(
                 http,

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_proto::grpc::{self, watch_event::Change};
 use weft_router::ring::SlotTable;
+use weft_router::tls::Transport;
 use weft_router::RouterClient;
 
 use crate::node::Node;
@@ -40,11 +41,23 @@ const INTEREST_WINDOW: Duration = Duration::from_millis(20);
 /// Topics per `UpdateInterest` (the router's cap is 4,096).
 const INTEREST_BATCH: usize = 2048;
 
+/// How this node's cluster connections are secured.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub transport: Transport,
+    /// `--cluster-insecure` was given.
+    pub insecure: bool,
+}
+
 pub struct Cluster {
     pub node_id: String,
     pub advertise: String,
     /// Whether the router runs inside this process.
     pub embedded: bool,
+    /// How cluster connections are secured (the relay dials peers with it).
+    pub transport: Transport,
+    /// Plaintext by the operator's choice (`--cluster-insecure`), shown in `/v1/cluster`.
+    pub insecure: bool,
     client: RouterClient,
     view: Mutex<View>,
     /// The metadata version, bumped after every applied change.
@@ -74,6 +87,7 @@ impl Cluster {
         advertise: String,
         client: RouterClient,
         embedded: bool,
+        security: Security,
     ) -> Result<Arc<Self>, tonic::Status> {
         client.join(&node_id, &advertise, "", 0).await?;
         let state = client.get_state().await?;
@@ -81,6 +95,8 @@ impl Cluster {
             node_id,
             advertise,
             embedded,
+            transport: security.transport,
+            insecure: security.insecure,
             client,
             view: Mutex::new(View::default()),
             changed: watch::channel(0).0,
@@ -382,6 +398,9 @@ impl Cluster {
         serde_json::json!({
             "node": self.node_id,
             "mode": if self.embedded { "embedded" } else { "external" },
+            // `plaintext` is the embedded router on loopback or --cluster-insecure.
+            "transport": if self.transport.is_tls() { "mutual-tls" } else { "plaintext" },
+            "insecure": self.insecure,
             "router": {
                 "answered_by": view.router_id,
                 "leader_id": view.leader_id,

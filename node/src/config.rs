@@ -22,11 +22,15 @@ pub const EXIT_USAGE: i32 = 64;
 pub struct Config {
     /// REST, WebSocket, SSE and metrics.
     pub http_listen: SocketAddr,
-    /// Public gRPC and relay (cluster mode; not bound by this build).
+    /// Reserved for the public gRPC API (DESIGN §3.4); this build does not bind it.
+    /// Cluster traffic never uses it: see `cluster_listen`.
     pub grpc_listen: SocketAddr,
+    /// Relay between nodes and the embedded router, mutual TLS (`[cluster]`). Absent:
+    /// `0.0.0.0:9100` with `--router`, `127.0.0.1:9100` with the embedded router.
+    pub cluster_listen: Option<SocketAddr>,
     /// QUIC / WebTransport (not bound by this build).
     pub quic_listen: SocketAddr,
-    /// Address peers use for gRPC; derived from `grpc_listen` when absent.
+    /// Address peers dial for the relay; derived from the cluster listener when absent.
     pub advertise: Option<String>,
     /// Unique per node; also the `node` label of every metric.
     pub node_id: String,
@@ -50,6 +54,8 @@ pub struct Config {
     /// Policies by topic pattern, first match wins; a topic that matches none gets the
     /// built-in defaults of [`NamespaceConfig`].
     pub namespaces: Vec<NamespaceConfig>,
+    /// Mutual TLS on the cluster listener and every cluster connection.
+    pub cluster: weft_router::tls::ClusterConfig,
 }
 
 /// A secret from the configuration: `Debug` and `Serialize` print `***`, so it cannot
@@ -307,6 +313,7 @@ impl Default for Config {
         Self {
             http_listen: "0.0.0.0:8080".parse().expect("literal"),
             grpc_listen: "0.0.0.0:9000".parse().expect("literal"),
+            cluster_listen: None,
             quic_listen: "0.0.0.0:8443".parse().expect("literal"),
             advertise: None,
             node_id: default_node_id(),
@@ -322,6 +329,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ops: OpsConfig::default(),
             namespaces: Vec::new(),
+            cluster: weft_router::tls::ClusterConfig::default(),
         }
     }
 }
@@ -500,6 +508,9 @@ impl Config {
             }
         }
         self.validate_security()?;
+        self.cluster
+            .check(self.cluster_plaintext_ok())
+            .map_err(ConfigError)?;
         if let Some(r) = &self.router {
             let addrs = self.router_addrs();
             if addrs.is_empty()
@@ -612,6 +623,34 @@ impl Config {
         )))
     }
 
+    /// The cluster listener's address (see [`Config::cluster_listen`]).
+    pub fn cluster_listen(&self) -> SocketAddr {
+        self.cluster_listen.unwrap_or_else(|| {
+            if self.router.is_some() {
+                SocketAddr::from(([0, 0, 0, 0], 9100))
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], 9100))
+            }
+        })
+    }
+
+    /// Only the embedded router on a loopback cluster listener may run without
+    /// certificates: nobody off this host can reach it.
+    fn cluster_plaintext_ok(&self) -> bool {
+        self.router.is_none() && self.cluster_listen().ip().is_loopback()
+    }
+
+    /// How cluster connections are secured; loads and checks the certificates (they
+    /// must name `weft://node/<node_id>`).
+    pub fn cluster_transport(&self) -> Result<weft_router::tls::Transport, ConfigError> {
+        self.cluster
+            .transport(
+                &weft_router::identity::Peer::Node(self.node_id.clone()),
+                self.cluster_plaintext_ok(),
+            )
+            .map_err(ConfigError)
+    }
+
     /// The external router group's addresses (`--router`), empty without one.
     pub fn router_addrs(&self) -> Vec<String> {
         self.router
@@ -672,8 +711,14 @@ pub struct Cli {
     pub print_config: bool,
     #[arg(long, env = "WEFT_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Reserved for the public gRPC API; not bound by this build.
     #[arg(long, env = "WEFT_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
+    /// Relay and embedded router (mutual TLS); see `cluster_listen`.
+    #[arg(long, env = "WEFT_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub cluster: weft_router::config::ClusterFlags,
     #[arg(long, env = "WEFT_QUIC_LISTEN")]
     pub quic_listen: Option<SocketAddr>,
     #[arg(long, env = "WEFT_ADVERTISE")]
@@ -832,6 +877,10 @@ impl Cli {
         if self.router.is_some() {
             c.router = self.router.clone();
         }
+        if self.cluster_listen.is_some() {
+            c.cluster_listen = self.cluster_listen;
+        }
+        self.cluster.apply(&mut c.cluster);
         if self.ready_file.is_some() {
             c.ready_file = self.ready_file.clone();
         }
@@ -911,6 +960,32 @@ mod tests {
         assert!(!format!("{c:?}").contains("super-secret"));
         let back: Config = toml::from_str(&printed).unwrap();
         assert_eq!(back.auth.api_keys[0].sha256, "a".repeat(64));
+    }
+
+    #[test]
+    fn cluster_mode_needs_certificates_unless_embedded_on_loopback() {
+        Config::default().validate().unwrap();
+        assert_eq!(
+            Config::default().cluster_listen(),
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        let external = Config {
+            router: Some("r1:9400".into()),
+            ..Default::default()
+        };
+        assert_eq!(external.cluster_listen(), "0.0.0.0:9100".parse().unwrap());
+        let e = external.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.ca_file") && !e.contains('\n'), "{e}");
+        let open_embedded = Config {
+            cluster_listen: Some("0.0.0.0:9100".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(open_embedded.validate().is_err());
+        let mut insecure = external.clone();
+        insecure.cluster.insecure = true;
+        insecure.validate().unwrap();
+        insecure.cluster.ca_file = Some("ca.crt".into());
+        assert!(insecure.validate().is_err(), "some files and insecure");
     }
 
     #[test]

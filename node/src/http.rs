@@ -593,7 +593,8 @@ struct RevokeRequest {
 }
 
 /// `POST /v1/admin/revoke {"sub"|"jti", "until"}`: closes the matching sessions on
-/// this node and refuses those tokens until `until`.
+/// this node and, through the relay, on every linked node, and refuses those tokens
+/// until `until`.
 async fn admin_revoke(
     State(node): State<Arc<Node>>,
     ext: CallerExt,
@@ -613,8 +614,15 @@ async fn admin_revoke(
     let until = std::time::UNIX_EPOCH
         .checked_add(std::time::Duration::from_secs(r.until))
         .ok_or_else(|| ApiError::bad("`until` is out of range"))?;
-    node.auth.revoke(target, until)?;
-    Ok(json_ok(Bytes::from_static(b"{\"revoked\":true}")))
+    node.auth.revoke(target.clone(), until)?;
+    // In a cluster every other node closes the user's sessions too.
+    let peers = node
+        .relay
+        .get()
+        .map_or(0, |relay| relay.broadcast_revoke(&target, r.until));
+    Ok(json_ok(Bytes::from(format!(
+        "{{\"revoked\":true,\"peers\":{peers}}}"
+    ))))
 }
 
 /// `GET /v1/cluster/owner/{topic}`: the topic's owner under this node's ring.

@@ -77,30 +77,38 @@ pub async fn run(
     server::serve(node, listener, shutdown).await
 }
 
-/// Runs a node the way the binary does, in a cluster. Without `--router` the
-/// embedded single-voter router serves on `grpc` (data under `<data_dir>/router`);
-/// with it the node joins that external router group. Either way `grpc` also serves
-/// the relay to other nodes; the node joins, heartbeats, follows the metadata, and
-/// serves clients on `http` until `shutdown`; then it drains, leaves the cluster and
-/// stops what it started.
+/// Runs a node the way the binary does, in a cluster. `cluster` is the cluster
+/// listener (`--cluster-listen`): it serves the relay to other nodes and, without
+/// `--router`, the embedded single-voter router (data under `<data_dir>/router`);
+/// with `--router` the node joins that external router group. Every connection on it
+/// and every one the node dials is mutual TLS when `[cluster]` names certificates
+/// (required except for the embedded router on loopback or `cluster.insecure`). The
+/// node joins, heartbeats, follows the metadata, and serves clients on `http` until
+/// `shutdown`; then it drains, leaves the cluster and stops what it started.
 pub async fn run_with_router(
     http: tokio::net::TcpListener,
     ops: Option<tokio::net::TcpListener>,
-    grpc: tokio::net::TcpListener,
+    cluster: tokio::net::TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let grpc_addr = grpc.local_addr()?;
+    let transport = config.cluster_transport()?;
+    let cluster_addr = cluster.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         // Peers need a routable address; a wildcard bind only works on one host.
-        let ip = if grpc_addr.ip().is_unspecified() {
+        let ip = if cluster_addr.ip().is_unspecified() {
             std::net::IpAddr::from([127, 0, 0, 1])
         } else {
-            grpc_addr.ip()
+            cluster_addr.ip()
         };
-        std::net::SocketAddr::new(ip, grpc_addr.port()).to_string()
+        std::net::SocketAddr::new(ip, cluster_addr.port()).to_string()
     });
+    let reloader = transport.spawn_reloader();
+    let insecure_warning = config
+        .cluster
+        .insecure
+        .then(|| tokio::spawn(weft_router::tls::warn_insecure_forever("weft-node")));
     let node = Node::new(config);
     // The relay service needs the node and its cluster membership, which needs the
     // router; the service is registered first and looks both up per link.
@@ -108,30 +116,36 @@ pub async fn run_with_router(
     let routes = tonic::service::Routes::new(relay::relay_service(relay_slot.clone()));
     let external = node.config.router_addrs();
     let (embedded, client, grpc_server) = if external.is_empty() {
-        let (router, client) =
-            weft_router::Embedded::start_with(node.config.data_dir.join("router"), grpc, routes)
-                .await
-                .map_err(|e| anyhow::anyhow!("embedded router: {e}"))?;
+        let (router, client) = weft_router::Embedded::start_with(
+            node.config.data_dir.join("router"),
+            cluster,
+            routes,
+            transport.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("embedded router: {e}"))?;
         (Some(router), client, None)
     } else {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .tcp_nodelay(true)
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(transport.incoming(cluster), async {
+                    let _ = stop_rx.await;
+                }),
         );
         (
             None,
-            weft_router::RouterClient::new(external),
+            weft_router::RouterClient::with_transport(external, transport.clone()),
             Some((stop_tx, server)),
         )
     };
-    let cluster = join_with_retry(&node, advertise, client, embedded.is_some()).await?;
+    let security = cluster::Security {
+        transport,
+        insecure: node.config.cluster.insecure,
+    };
+    let cluster = join_with_retry(&node, advertise, client, embedded.is_some(), security).await?;
     let _ = node.cluster.set(cluster.clone());
     let relay = relay::Relay::new(cluster.clone());
     let _ = node.relay.set(relay.clone());
@@ -164,6 +178,9 @@ pub async fn run_with_router(
         let _ = stop.send(());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server).await;
     }
+    for task in [reloader, insecure_warning].into_iter().flatten() {
+        task.abort();
+    }
     served
 }
 
@@ -173,6 +190,7 @@ async fn join_with_retry(
     advertise: String,
     client: weft_router::RouterClient,
     embedded: bool,
+    security: cluster::Security,
 ) -> anyhow::Result<Arc<cluster::Cluster>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -181,6 +199,7 @@ async fn join_with_retry(
             advertise.clone(),
             client.clone(),
             embedded,
+            security.clone(),
         )
         .await
         {

@@ -22,9 +22,12 @@ fn main() -> ExitCode {
         print!("{}", config.to_masked_toml());
         return ExitCode::SUCCESS;
     }
+    // Keys and certificates are read before anything is bound: a bad one is a usage
+    // error, and so is a reachable client listener without authentication.
     if let Err(e) = config
         .check_exposure(config.http_listen)
         .and_then(|()| config.check_files())
+        .and_then(|()| config.cluster_transport().map(|_| ()))
     {
         return usage_exit(format!("invalid config: {e}"));
     }
@@ -51,8 +54,9 @@ fn main() -> ExitCode {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = bind(config.http_listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_listen))?;
-    let grpc = bind(config.grpc_listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_listen))?;
+    let cluster_listen = config.cluster_listen();
+    let cluster = bind(cluster_listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {cluster_listen}: {e}"))?;
     let ops = match config.ops.listen {
         Some(addr) => {
             Some(bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} (ops): {e}"))?)
@@ -60,7 +64,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let http = listener.local_addr()?;
-    let grpc_addr = grpc.local_addr()?;
+    let cluster_addr = cluster.local_addr()?;
     let ops_addr = ops.as_ref().map(|l| l.local_addr()).transpose()?;
     if config.router.is_some() {
         info!(router = ?config.router_addrs(), "cluster mode: joining the external router group");
@@ -72,11 +76,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    info!(%http, %scheme, grpc = %grpc_addr, ops = ?ops_addr, node_id = %config.node_id, "weft-node listening");
+    info!(%http, %scheme, cluster = %cluster_addr, ops = ?ops_addr, node_id = %config.node_id, "weft-node listening");
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "http": http.to_string(),
-            "grpc": grpc_addr.to_string(),
+            "cluster": cluster_addr.to_string(),
             "ops": ops_addr.map(|a| a.to_string()),
             "scheme": scheme,
             "node_id": config.node_id,
@@ -88,7 +92,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     weft_node::run_with_router(
         listener,
         ops,
-        grpc,
+        cluster,
         config,
         weft_router::cli::shutdown_signal(),
     )

@@ -10,6 +10,12 @@
 //! `reset`). Control frames (acks, snapshots) have a larger hard cap; past it the link
 //! is closed and both sides start over.
 //!
+//! # Who may link
+//! Links run over the cluster transport: with mutual TLS the dialler checks that the
+//! peer's certificate names `weft://node/<peer id>`, and the accepting side takes a
+//! link only when the `Hello` names the id in the caller's certificate
+//! ([`weft_router::identity`]); anything else is `PERMISSION_DENIED`.
+//!
 //! # What goes over a link
 //! - `Publish` → the owner sequences it and answers `PublishAck` or `RelayError`
 //!   (421: not the owner under its ring version; the sender waits for that version and
@@ -430,6 +436,26 @@ impl Relay {
         lock(&self.peers).get(id).cloned()
     }
 
+    /// Sends a client-token revocation to every linked peer (control frames: never
+    /// dropped for lag). A peer that is down misses it; revoke again after it rejoins.
+    pub fn broadcast_revoke(&self, target: &crate::auth::revoke::Target, until_s: u64) -> usize {
+        let (sub, jti) = match target {
+            crate::auth::revoke::Target::Sub(s) => (s.clone(), String::new()),
+            crate::auth::revoke::Target::Jti(j) => (String::new(), j.clone()),
+        };
+        let frame = encode(Kind::Revoke(grpc::Revoke {
+            sub,
+            jti,
+            until: until_s,
+        }));
+        let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
+        peers
+            .iter()
+            .filter_map(|p| p.link())
+            .filter(|link| link.push_control(frame.clone()))
+            .count()
+    }
+
     /// Peers with a live link, for `/v1/cluster`.
     pub fn linked_peers(&self) -> Vec<String> {
         let mut v: Vec<String> = lock(&self.peers)
@@ -534,8 +560,12 @@ impl Relay {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        // Mutual TLS: the peer must present `weft://node/<its id>`.
+        let ch = self
+            .cluster
+            .transport
+            .lazy(ch, weft_router::tls::Expect::Node(peer.id.to_string()));
         *cached = Some((addr, ch.clone()));
         Ok(ch)
     }
@@ -772,6 +802,18 @@ impl Relay {
             Kind::Handoff(h) => self.apply_handoff(node, peer, h),
             Kind::HandoffDone(d) => {
                 self.handoff_done(node, &peer.id, d.ring_version);
+                Ok(())
+            }
+            Kind::Revoke(r) => {
+                // Peers are members (mutual TLS, identity checked at Hello).
+                let target = match (r.sub.is_empty(), r.jti.is_empty()) {
+                    (false, true) if r.sub.len() <= 256 => crate::auth::revoke::Target::Sub(r.sub),
+                    (true, false) if r.jti.len() <= 256 => crate::auth::revoke::Target::Jti(r.jti),
+                    _ => return Err("revoke needs exactly one of sub or jti".into()),
+                };
+                let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.until);
+                // An `until` already past is a no-op, not a broken link.
+                let _ = node.auth.revoke(target, until);
                 Ok(())
             }
             Kind::Lagged(l) => {
@@ -1815,6 +1857,8 @@ impl grpc::relay_server::Relay for RelayService {
                 "this node has not joined the cluster yet",
             ));
         };
+        // Who dialled, from its certificate; its Hello may name only itself.
+        let caller = weft_router::identity::caller(&request)?;
         let mut inbound = request.into_inner();
         let from = match read_hello(&mut inbound).await {
             Ok(id) => id,
@@ -1823,6 +1867,10 @@ impl grpc::relay_server::Relay for RelayService {
                 return Err(e);
             }
         };
+        weft_router::identity::authorize(
+            &caller,
+            &weft_router::identity::Action::RelayHello(&from),
+        )?;
         relay.sync_members(&node);
         let peer = match relay.peer(&from) {
             Some(p) if from != *relay.me => p,

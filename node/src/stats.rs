@@ -175,6 +175,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("weft_rate_limit_hits_total", Kind::Counter, "Requests and commands refused by a rate limit (429 / 4029)."),
     ("weft_bad_input_total", Kind::Counter, "Malformed or invalid requests answered with 400, 404, 405, 413, 415 or 422."),
     ("weft_connections_refused_total", Kind::Counter, "Connections refused at accept (limits) or for a handshake that never finished."),
+    ("weft_cluster_refused_total", Kind::Counter, "Cluster calls refused for the caller's certificate identity (PERMISSION_DENIED / UNAUTHENTICATED)."),
     ("weft_auth_refusals_total", Kind::Counter, "Requests, sessions and commands refused by client security, by reason (missing, invalid, expired, revoked, forbidden, origin, rate_limited)."),
     ("weft_relay_events_sent_total", Kind::Counter, "Events this node, as owner, queued to interested peers (one per event per peer)."),
     ("weft_relay_events_received_total", Kind::Counter, "Events applied from owners to this node's mirrors."),
@@ -300,6 +301,7 @@ impl Exporter {
                 (c("weft_relay_resets_total"), |s| s.relay.resets.get()),
                 (c("weft_relay_catch_ups_total"), |s| s.relay.catch_ups.get()),
                 (c("weft_relay_bad_frames_total"), |s| s.relay.bad_frames.get()),
+                (c("weft_cluster_refused_total"), |_| weft_router::identity::refusals()),
             ],
             connections: Transport::ALL
                 .iter()

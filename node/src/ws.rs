@@ -116,9 +116,7 @@ pub async fn upgrade(
     let accept = derive_accept_key(key.as_bytes());
     // The origin was checked by the edge middleware, as for every route. Without a
     // credential the client authenticates with `connect`, unless anonymous is allowed.
-    let caller = ext
-        .map(|e| e.0)
-        .or_else(|| node.auth.anonymous_allowed().then_some(Caller::Anonymous));
+    let caller = ext.map(|e| e.0);
     let user_guard = match caller.as_ref().map(|c| node.auth.admit_user(c)) {
         Some(Err(e)) => return e.into_response(),
         Some(Ok(g)) => g,

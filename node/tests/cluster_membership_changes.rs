@@ -59,6 +59,7 @@ fn node_options() -> NodeOptions {
         shutdown_grace_ms: GRACE_MS,
         reconnect_jitter_ms: Some(JITTER_MS),
         log_filter: std::env::var("WEFT_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
+        extra_args: Vec::new(),
     }
 }
 

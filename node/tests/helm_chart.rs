@@ -246,7 +246,7 @@ fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
         .env_clear()
         .args(["--http-listen", &format!("127.0.0.1:{port}")])
         .args([
-            "--grpc-listen",
+            "--cluster-listen",
             "127.0.0.1:0",
             "--shutdown-grace-ms",
             "2000",

@@ -12,8 +12,8 @@
 //! Each pod gets its own loopback address (routers 127.0.13.10+i, nodes 127.0.13.20+i):
 //! service DNS names and the pod's own `0.0.0.0` / `127.0.0.1` map to it.
 //!
-//! Rendered with `node.clusterListener=false`: the binaries of this branch relay on the
-//! gRPC port (`--cluster-listen` is not built yet).
+//! Rendered with the chart's defaults for the cluster: relay and router traffic on the
+//! cluster listener (`--cluster-listen`), `cluster.tls.mode=none` (`--cluster-insecure`).
 
 mod deploy;
 
@@ -436,7 +436,6 @@ fn rendered_chart_runs_a_cluster_through_every_node_lifecycle_with_nothing_lost(
         &helm,
         &python,
         &[
-            "node.clusterListener=false",
             "node.config.timing.shutdown_grace_ms=3000",
             "logging.format=text",
             "test.enabled=false",

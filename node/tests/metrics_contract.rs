@@ -33,7 +33,7 @@ impl LiveNode {
             .args([
                 "--http-listen",
                 "127.0.0.1:0",
-                "--grpc-listen",
+                "--cluster-listen",
                 "127.0.0.1:0",
             ])
             .args(["--node-id", "metrics-test"])

@@ -81,7 +81,7 @@ impl Proc {
         let mut args = vec![
             "--http-listen",
             "127.0.0.1:0",
-            "--grpc-listen",
+            "--cluster-listen",
             "127.0.0.1:0",
             "--ready-file",
             ready_file.to_str().unwrap(),
@@ -592,7 +592,7 @@ async fn embedded_router_membership_is_served_and_survives_restart() {
         let mut node = Proc::spawn(&dir, &["--node-id", "cl-1", "--shutdown-grace-ms", "500"]);
         let ready = node.ready().await;
         assert!(
-            ready["grpc"]
+            ready["cluster"]
                 .as_str()
                 .is_some_and(|g| g.starts_with("127.0.0.1:")),
             "{ready}"

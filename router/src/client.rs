@@ -15,8 +15,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use weft_proto::grpc::{self, router_client::RouterClient as GrpcClient};
 
-use crate::raft::network::channel;
 use crate::service::{LEADER_HEADER, MAX_REQUEST_BYTES};
+use crate::tls::{Expect, Transport};
 
 /// Retries after the first attempt.
 pub const MAX_RETRIES: usize = 3;
@@ -28,6 +28,7 @@ const MAX_CHANNELS: usize = 64;
 #[derive(Clone)]
 pub struct RouterClient {
     endpoints: Arc<Vec<String>>,
+    transport: Transport,
     /// std mutex: map lookups only, never across an await.
     state: Arc<Mutex<ClientState>>,
 }
@@ -39,11 +40,19 @@ struct ClientState {
 }
 
 impl RouterClient {
-    /// A client for the routers at `endpoints` (`host:port`); nothing connects yet.
+    /// A plaintext client for the routers at `endpoints` (`host:port`); nothing
+    /// connects yet.
     pub fn new(endpoints: Vec<String>) -> Self {
+        Self::with_transport(endpoints, Transport::Plaintext)
+    }
+
+    /// A client for the routers at `endpoints` over `transport` (mutual TLS: the
+    /// server must present a member certificate of the cluster CA).
+    pub fn with_transport(endpoints: Vec<String>, transport: Transport) -> Self {
         let target = endpoints.first().cloned().unwrap_or_default();
         Self {
             endpoints: Arc::new(endpoints),
+            transport,
             state: Arc::new(Mutex::new(ClientState {
                 target,
                 next: 0,
@@ -58,9 +67,12 @@ impl RouterClient {
         let ch = match st.channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
-                let c = channel(&addr, Duration::from_secs(1)).map_err(|e| {
-                    Status::invalid_argument(format!("bad router address {addr}: {e}"))
-                })?;
+                let c = self
+                    .transport
+                    .channel(&addr, Expect::Member, Duration::from_secs(1))
+                    .map_err(|e| {
+                        Status::invalid_argument(format!("bad router address {addr}: {e}"))
+                    })?;
                 if st.channels.len() >= MAX_CHANNELS {
                     st.channels.clear();
                 }

@@ -13,8 +13,10 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Peer;
 use crate::raft::RaftTiming;
 use crate::server::RouterOptions;
+use crate::tls::ClusterConfig;
 
 /// Exit code for invalid configuration or usage (sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -35,6 +37,8 @@ pub struct Config {
     /// A member silent for this long is removed with its interest.
     pub heartbeat_timeout_ms: u64,
     pub raft: RaftConfig,
+    /// Mutual TLS on every connection (nodes, peers, admins).
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -78,6 +82,7 @@ impl Default for Config {
             ready_file: None,
             heartbeat_timeout_ms: 5000,
             raft: RaftConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -110,8 +115,28 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
 }
 
 impl Config {
-    /// Checks every rule and builds the router's options; the error is one line.
+    /// Checks every rule and builds the router's options (loading the cluster
+    /// certificates); the error is one line.
     pub fn options(&self) -> Result<RouterOptions, ConfigError> {
+        self.check()?;
+        let id = self.id.unwrap_or_default();
+        let transport = self
+            .cluster
+            .transport(&Peer::Router(id.to_string()), false)
+            .map_err(ConfigError)?;
+        self.options_with(transport)
+    }
+
+    /// Every rule that needs no file.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.id
+            .ok_or_else(|| ConfigError("--id is required".into()))?;
+        self.cluster.check(false).map_err(ConfigError)?;
+        self.options_with(crate::tls::Transport::Plaintext)
+            .map(|_| ())
+    }
+
+    fn options_with(&self, transport: crate::tls::Transport) -> Result<RouterOptions, ConfigError> {
         let id = self
             .id
             .ok_or_else(|| ConfigError("--id is required".into()))?;
@@ -154,6 +179,7 @@ impl Config {
                 snapshot_every: r.snapshot_every,
                 keep_logs: r.keep_logs,
             },
+            transport,
         })
     }
 
@@ -192,6 +218,64 @@ pub struct Cli {
     pub ready_file: Option<PathBuf>,
     #[arg(long, env = "WEFT_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+}
+
+/// `--cluster-*` flags, shared with `weft-node`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClusterFlags {
+    /// PEM CA bundle cluster members chain to.
+    #[arg(long, env = "WEFT_CLUSTER_CA_FILE")]
+    pub cluster_ca_file: Option<PathBuf>,
+    /// PEM certificate of this member (URI SAN weft://router/<id> or weft://node/<id>).
+    #[arg(long, env = "WEFT_CLUSTER_CERT_FILE")]
+    pub cluster_cert_file: Option<PathBuf>,
+    /// PEM private key of this member.
+    #[arg(long, env = "WEFT_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Plaintext, unauthenticated cluster connections (experiments only).
+    #[arg(long, env = "WEFT_CLUSTER_INSECURE")]
+    pub cluster_insecure: bool,
+}
+
+impl ClusterFlags {
+    /// Overrides what the flags name.
+    pub fn apply(&self, c: &mut ClusterConfig) {
+        if self.cluster_ca_file.is_some() {
+            c.ca_file.clone_from(&self.cluster_ca_file);
+        }
+        if self.cluster_cert_file.is_some() {
+            c.cert_file.clone_from(&self.cluster_cert_file);
+        }
+        if self.cluster_key_file.is_some() {
+            c.key_file.clone_from(&self.cluster_key_file);
+        }
+        if self.cluster_insecure {
+            c.insecure = true;
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Subcommand {
+    /// Write a development CA and member certificates (rcgen) into a directory.
+    Certs {
+        /// Directory to write ca.crt, router-<i>.crt, node-<id>.crt, admin.crt and keys.
+        #[arg(long)]
+        out: PathBuf,
+        /// Router certificates for ids 1..=N.
+        #[arg(long, default_value_t = 3)]
+        routers: u64,
+        /// Node ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
 }
 
 impl Cli {
@@ -228,7 +312,8 @@ impl Cli {
         if let Some(v) = self.heartbeat_timeout_ms {
             c.heartbeat_timeout_ms = v;
         }
-        c.options()?;
+        self.cluster.apply(&mut c.cluster);
+        c.check()?;
         Ok(c)
     }
 }
@@ -254,7 +339,7 @@ mod tests {
         let path = dir.join("r.toml");
         std::fs::write(
             &path,
-            "id = 2\nheartbeat_timeout_ms = 900\n[raft]\nheartbeat_ms = 50\n",
+            "id = 2\nheartbeat_timeout_ms = 900\n[raft]\nheartbeat_ms = 50\n[cluster]\ninsecure = true\n",
         )
         .unwrap();
         let cli = Cli::try_parse_from([
@@ -269,6 +354,14 @@ mod tests {
         assert_eq!(c.id, Some(3), "flag beats file");
         assert_eq!(c.heartbeat_timeout_ms, 900, "file beats default");
         assert_eq!(c.raft.heartbeat_ms, 50);
+        assert!(c.cluster.insecure);
+        let mut bad = c.clone();
+        bad.cluster.insecure = false;
+        let e = bad.options().unwrap_err().to_string();
+        assert!(e.contains("cluster.ca_file") && !e.contains('\n'), "{e}");
+        bad.cluster.ca_file = Some("ca.crt".into());
+        let e = bad.options().unwrap_err().to_string();
+        assert!(e.contains("all three"), "{e}");
         let mut bad = c.clone();
         bad.peers = "1=a:1,2=b:2".into();
         let e = bad.options().unwrap_err().to_string();

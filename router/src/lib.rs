@@ -16,15 +16,23 @@
 //! - [`client`]: [`client::RouterClient`], leader-following with bounded retries.
 //! - [`server`]: [`server::Router`] (everything on one bound listener, bootstrap) and
 //!   [`server::Embedded`], the single-voter router a node runs in-process.
+//! - [`identity`]: who a cluster caller is (from its certificate's URI SAN) and the
+//!   one permission function every RPC asks. Pure.
+//! - [`tls`]: mutual TLS for every cluster connection: reloadable rustls configs, the
+//!   accepting stream that resolves identities at the handshake, dialling channels.
+//! - [`certs`]: dev CA and member certificates (`weft-router certs`, the tests).
 //! - [`config`]: layered configuration of the binary.
 //! - [`cli`]: command-line parsing, logging and signals shared with `weft-node`.
 
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod identity;
 pub mod raft;
 pub mod server;
 pub mod service;
+pub mod tls;
 
 pub use client::RouterClient;
 pub use server::{Embedded, Router, RouterOptions};

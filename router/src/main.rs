@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use tracing::info;
-use weft_router::config::{Cli, LogFormat};
+use weft_router::config::{Cli, LogFormat, Subcommand};
 use weft_router::server::Router;
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
@@ -15,6 +15,24 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if let Some(Subcommand::Certs {
+        out,
+        routers,
+        nodes,
+        days,
+    }) = &cli.command
+    {
+        let validity = std::time::Duration::from_secs(days.saturating_mul(24 * 3600));
+        return match weft_router::certs::write_dev_set(out, *routers, nodes, validity) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_exit(format!("certs: {e}")),
+        };
+    }
     let config = match cli.load() {
         Ok(c) => c,
         Err(e) => return usage_exit(format!("invalid config: {e}")),
@@ -57,6 +75,9 @@ async fn run(
         .await
         .with_context(|| format!("cannot bind {listen}"))?;
     let id = opts.id;
+    let _reloader = opts.transport.spawn_reloader();
+    let insecure = (!opts.transport.is_tls())
+        .then(|| tokio::spawn(weft_router::tls::warn_insecure_forever("weft-router")));
     let router = Router::start(opts, listener).await?;
     let addr = router.local_addr();
     info!(%addr, id, "weft-router listening");
@@ -72,6 +93,9 @@ async fn run(
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     weft_router::cli::shutdown_signal().await;
+    if let Some(t) = insecure {
+        t.abort();
+    }
     router.shutdown().await;
     info!("stopped");
     Ok(())

@@ -1,5 +1,12 @@
-//! Assembles a running router on a bound listener: Raft, the peer and public gRPC
-//! services on one port, group commit, the heartbeat reaper and the bootstrap.
+//! Assembles a running router on a bound listener: Raft, the public gRPC service (and
+//! the Raft peer service where there are peers to call it) on one port, group commit,
+//! the heartbeat reaper and the bootstrap.
+//!
+//! Every connection is accepted through [`crate::tls::Transport::incoming`]: with
+//! mutual TLS the caller's identity is resolved at the handshake and each RPC is
+//! authorised with it ([`crate::identity`]). The Raft peer service is mounted only on
+//! a router with peers, and answers only router certificates; a single voter (the
+//! embedded router) has no caller for it and does not serve it.
 //!
 //! Bootstrap (the same on a laptop and in a StatefulSet): on a fresh store the router
 //! with the lowest id initialises the cluster with every peer as a voter, once every
@@ -13,7 +20,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use weft_proto::grpc::router_server::RouterServer;
@@ -21,6 +27,7 @@ use weft_proto::grpc::router_server::RouterServer;
 use crate::client::RouterClient;
 use crate::raft::{RaftNode, RaftTiming, StartError};
 use crate::service::{reap_dead, Committer, RouterService, MAX_REQUEST_BYTES};
+use crate::tls::Transport;
 
 /// What [`Router::start`] needs (the binary builds it from [`crate::config::Config`]).
 #[derive(Debug, Clone)]
@@ -32,6 +39,8 @@ pub struct RouterOptions {
     pub data_dir: PathBuf,
     pub heartbeat_timeout: Duration,
     pub raft: RaftTiming,
+    /// Mutual TLS for every connection in and out, or plaintext.
+    pub transport: Transport,
 }
 
 /// A running router. Drop does not stop it: call [`Router::shutdown`].
@@ -59,18 +68,24 @@ impl Router {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Raft(format!("listener: {e}")))?;
-        let raft = RaftNode::start(opts.id, &opts.data_dir, &opts.raft).await?;
+        let raft =
+            RaftNode::start(opts.id, &opts.data_dir, &opts.raft, opts.transport.clone()).await?;
         let committer = Committer::spawn(raft.clone());
         let router = RouterServer::new(RouterService::new(raft.clone(), committer.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let stop = CancellationToken::new();
+        let has_peers = opts.peers.keys().any(|id| *id != opts.id);
+        let mut routes = extra;
+        if has_peers {
+            routes = routes.add_service(raft.peer_service());
+        }
         let serve = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_routes(extra)
-                .add_service(raft.peer_service())
+                .tcp_nodelay(true)
+                .add_routes(routes)
                 .add_service(router)
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
+                    opts.transport.incoming(listener),
                     stop.clone().cancelled_owned(),
                 ),
         );
@@ -84,8 +99,12 @@ impl Router {
         } else {
             opts.peers.clone()
         };
-        tasks.push(tokio::spawn(bootstrap(raft.clone(), voters)));
-        tracing::info!(id = opts.id, %addr, "router serving");
+        tasks.push(tokio::spawn(bootstrap(
+            raft.clone(),
+            voters,
+            opts.transport.clone(),
+        )));
+        tracing::info!(id = opts.id, %addr, transport = ?opts.transport, "router serving");
         Ok(Self {
             raft,
             addr,
@@ -114,7 +133,7 @@ impl Router {
     }
 }
 
-async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>) {
+async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>, transport: Transport) {
     if raft.is_initialized().await {
         tracing::info!("existing raft state found; not initialising");
         return;
@@ -130,7 +149,7 @@ async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>) {
     let others: Vec<RouterClient> = voters
         .iter()
         .filter(|(id, _)| **id != raft.id())
-        .map(|(_, addr)| RouterClient::new(vec![addr.clone()]))
+        .map(|(_, addr)| RouterClient::with_transport(vec![addr.clone()], transport.clone()))
         .collect();
     loop {
         if raft.is_initialized().await || raft.leader().is_some() {
@@ -172,14 +191,16 @@ impl Embedded {
         data_dir: impl Into<PathBuf>,
         listener: TcpListener,
     ) -> Result<(Self, RouterClient), StartError> {
-        Self::start_with(data_dir, listener, Routes::default()).await
+        Self::start_with(data_dir, listener, Routes::default(), Transport::Plaintext).await
     }
 
-    /// Like [`Embedded::start`], also serving `extra` gRPC services on the listener.
+    /// Like [`Embedded::start`], also serving `extra` gRPC services on the listener,
+    /// over `transport` (plaintext is for a loopback listener only).
     pub async fn start_with(
         data_dir: impl Into<PathBuf>,
         listener: TcpListener,
         extra: Routes,
+        transport: Transport,
     ) -> Result<(Self, RouterClient), StartError> {
         let opts = RouterOptions {
             id: 1,
@@ -187,6 +208,7 @@ impl Embedded {
             data_dir: data_dir.into(),
             heartbeat_timeout: Duration::from_secs(5),
             raft: RaftTiming::default(),
+            transport: transport.clone(),
         };
         let router = Router::start_with(opts, listener, extra).await?;
         if router
@@ -198,7 +220,7 @@ impl Embedded {
             router.shutdown().await;
             return Err(StartError::Raft("embedded router elected no leader".into()));
         }
-        let client = RouterClient::new(vec![router.local_addr().to_string()]);
+        let client = RouterClient::with_transport(vec![router.local_addr().to_string()], transport);
         Ok((Self { router }, client))
     }
 

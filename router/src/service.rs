@@ -6,6 +6,8 @@
 //! gRPC Watch ◄── catch_up(from) ◄── Shared (state + bounded recent changes) ◄───────┘
 //! ```
 //!
+//! - Every RPC first asks [`crate::identity::authorize`] whether the caller (from its
+//!   certificate) may do it: a node writes only as itself, an admin may drain.
 //! - Writes are validated here first, so bad input is refused on any router without a
 //!   round trip; `apply` checks again because the log is the authority.
 //! - A follower refuses writes with `UNAVAILABLE` and the leader's address in the
@@ -24,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response as GrpcResponse, Status};
 use weft_proto::grpc::{self, router_server::Router as RouterRpc, watch_event::Change as PChange};
 
+use crate::identity::{authorize, caller, Action};
 use crate::raft::sm_store::Catchup;
 use crate::raft::{RaftNode, WriteError};
 use crate::ring::SlotTable;
@@ -249,7 +252,9 @@ impl RouterRpc for RouterService {
         &self,
         req: Request<grpc::JoinRequest>,
     ) -> Result<GrpcResponse<grpc::WriteReply>, Status> {
+        let peer = caller(&req)?;
         let r = req.into_inner();
+        authorize(&peer, &Action::Join(&r.id))?;
         self.write(Command::Join {
             id: r.id,
             addr: r.addr,
@@ -264,7 +269,9 @@ impl RouterRpc for RouterService {
         &self,
         req: Request<grpc::HeartbeatRequest>,
     ) -> Result<GrpcResponse<grpc::WriteReply>, Status> {
+        let peer = caller(&req)?;
         let r = req.into_inner();
+        authorize(&peer, &Action::Heartbeat(&r.id))?;
         self.write(Command::Heartbeat {
             id: r.id,
             at_ms: now_ms(),
@@ -278,27 +285,29 @@ impl RouterRpc for RouterService {
         &self,
         req: Request<grpc::LeaveRequest>,
     ) -> Result<GrpcResponse<grpc::WriteReply>, Status> {
-        self.write(Command::Leave {
-            id: req.into_inner().id,
-        })
-        .await
+        let peer = caller(&req)?;
+        let id = req.into_inner().id;
+        authorize(&peer, &Action::Leave(&id))?;
+        self.write(Command::Leave { id }).await
     }
 
     async fn drain(
         &self,
         req: Request<grpc::DrainRequest>,
     ) -> Result<GrpcResponse<grpc::WriteReply>, Status> {
-        self.write(Command::MarkDraining {
-            id: req.into_inner().id,
-        })
-        .await
+        let peer = caller(&req)?;
+        let id = req.into_inner().id;
+        authorize(&peer, &Action::Drain(&id))?;
+        self.write(Command::MarkDraining { id }).await
     }
 
     async fn update_interest(
         &self,
         req: Request<grpc::UpdateInterestRequest>,
     ) -> Result<GrpcResponse<grpc::WriteReply>, Status> {
+        let peer = caller(&req)?;
         let r = req.into_inner();
+        authorize(&peer, &Action::UpdateInterest(&r.node))?;
         self.write(Command::UpdateInterest {
             node: r.node,
             add: r.add,
@@ -309,8 +318,9 @@ impl RouterRpc for RouterService {
 
     async fn get_state(
         &self,
-        _req: Request<grpc::GetStateRequest>,
+        req: Request<grpc::GetStateRequest>,
     ) -> Result<GrpcResponse<grpc::ClusterState>, Status> {
+        authorize(&caller(&req)?, &Action::ReadMetadata)?;
         let state = self
             .raft
             .shared()
@@ -324,6 +334,7 @@ impl RouterRpc for RouterService {
         &self,
         req: Request<grpc::WatchRequest>,
     ) -> Result<GrpcResponse<WatchStream>, Status> {
+        authorize(&caller(&req)?, &Action::ReadMetadata)?;
         let permit = self
             .watchers
             .clone()

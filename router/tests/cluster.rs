@@ -1,7 +1,7 @@
 //! Real `weft-router` processes on 127.0.0.x: election, follower redirects, leader
 //! failover, restart on the data dirs, heartbeat expiry, bad input. Each process's log
 //! goes to a file that is printed only when the test fails; every process is killed by
-//! its PID when the harness drops.
+//! its PID when the harness drops. (Plaintext: `--cluster-insecure`; see `spawn`.)
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -73,7 +73,11 @@ impl Cluster {
             .append(true)
             .open(self.root.join(format!("router-{id}.log")))
             .unwrap();
+        // Raft behaviour is what these tests prove; they write as many node ids from
+        // one client, so they run plaintext. The mutual-TLS group (routers and nodes
+        // with certificates) is proven by weft-node's process tests.
         let child = Command::new(env!("CARGO_BIN_EXE_weft-router"))
+            .arg("--cluster-insecure")
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id]])
             .args(["--peers", &self.peers()])

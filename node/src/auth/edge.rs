@@ -81,7 +81,9 @@ pub async fn middleware(State(node): State<Arc<Node>>, mut req: Request, next: N
     let found = credentials::from_request(req.headers(), req.uri(), auth.cookie.as_deref());
     let resolved = match found {
         Err(e) => Err((Refusal::Invalid, e)),
-        Ok(None) if path == "/v1/ws" => Ok(None),
+        // No credential: anonymous where allowed; otherwise the handler decides (the
+        // cluster view may be public, a WebSocket may still `connect {token}`).
+        Ok(None) => Ok(auth.anonymous_allowed().then_some(Caller::Anonymous)),
         Ok(cred) => auth
             .resolve(cred.as_deref().map(Credential::new))
             .await

@@ -8,6 +8,12 @@
 //! temporary directory, removed when the test passes; when it fails, every process's log
 //! is printed. Every process is killed by its own PID (`Child::kill`) on drop.
 //!
+//! Every cluster connection is mutual TLS, as in production: at start the harness
+//! makes a CA and one certificate per router and node (rcgen, through
+//! [`weft_router::certs::DevCa`]) under `<root>/certs`, and reads the routers with an
+//! admin certificate. [`ProcCluster::ca`] issues more (expired, other ids) for the
+//! intrusion tests.
+//!
 //! Besides the processes this holds what the tests read the cluster with: a per-node
 //! HTTP handle ([`NodeApi`]: `/v1/cluster`, owners, publishes, metrics), a WebSocket
 //! subscriber that stamps each event with its topic's epoch and surfaces resets
@@ -32,6 +38,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 use weft_proto::{grpc, PublishResult, SubscribeResult, TopicState};
+use weft_router::certs::DevCa;
+use weft_router::identity::Peer;
+use weft_router::tls::{Certs, TlsFiles, Transport};
 use weft_router::RouterClient;
 
 use super::{subscribe_cmd, Delivered, HttpStream, WsClient, WsIn};
@@ -216,6 +225,8 @@ pub struct NodeOptions {
     pub reconnect_jitter_ms: Option<u64>,
     /// The nodes' `RUST_LOG`.
     pub log_filter: String,
+    /// More flags for every node (for example a `--config` with `[auth]`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for NodeOptions {
@@ -224,6 +235,7 @@ impl Default for NodeOptions {
             shutdown_grace_ms: 1000,
             reconnect_jitter_ms: None,
             log_filter: "info".into(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -235,7 +247,7 @@ struct NodeSpec {
     log: PathBuf,
     /// `ip:0` until the first start, then the bound addresses (reused on restart).
     http: String,
-    grpc: String,
+    cluster: String,
     quic: String,
 }
 
@@ -257,7 +269,42 @@ pub struct ProcCluster {
     added: u8,
     /// Every log file, printed if the test fails.
     logs: Vec<(String, PathBuf)>,
+    /// The cluster CA; every member's certificate under `<root>/certs`.
+    ca: DevCa,
+    /// The harness's own (admin) certificate, reloaded by [`ProcCluster::reissue_all`].
+    admin: Arc<Certs>,
     pub http: reqwest::Client,
+}
+
+/// Validity of the harness's certificates.
+const CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// Writes `<dir>/<name>.{crt,key}` for `peer`, signed by `ca`; returns the files
+/// (with `<dir>/ca.crt` as the CA bundle).
+pub fn issue_files(ca: &DevCa, dir: &Path, name: &str, peer: &Peer) -> TlsFiles {
+    let (cert_file, key_file) =
+        weft_router::certs::write_member(ca, dir, name, peer, CERT_VALIDITY)
+            .unwrap_or_else(|e| panic!("issue {peer}: {e}"));
+    TlsFiles {
+        ca_file: dir.join("ca.crt"),
+        cert_file,
+        key_file,
+    }
+}
+
+/// A transport presenting `files`.
+pub fn tls(files: TlsFiles) -> Transport {
+    Transport::MutualTls(Certs::load(files).expect("load test certificates"))
+}
+
+/// `--cluster-ca-file … --cluster-cert-file … --cluster-key-file …`.
+fn tls_args(cmd: &mut Command, files: &TlsFiles) {
+    cmd.arg("--cluster-ca-file")
+        .arg(&files.ca_file)
+        .arg("--cluster-cert-file")
+        .arg(&files.cert_file)
+        .arg("--cluster-key-file")
+        .arg(&files.key_file);
 }
 
 impl ProcCluster {
@@ -302,9 +349,26 @@ impl ProcCluster {
         let router_addrs = (1..=3u64)
             .map(|id| (id, free_addr(&format!("127.0.0.{}", base + id as u8))))
             .collect::<BTreeMap<_, _>>();
+        let certs = root.join("certs");
+        std::fs::create_dir_all(&certs).expect("create the certificates' directory");
+        let ca = DevCa::generate("weft test CA", CERT_VALIDITY).expect("generate a CA");
+        std::fs::write(certs.join("ca.crt"), ca.cert_pem()).expect("write the CA");
+        let admin_certs = Certs::load(issue_files(
+            &ca,
+            &certs,
+            "admin",
+            &Peer::Admin("harness".into()),
+        ))
+        .expect("load the harness's certificate");
+        let admin = Transport::MutualTls(admin_certs.clone());
         let router_clients = router_addrs
             .iter()
-            .map(|(id, a)| (*id, RouterClient::new(vec![a.clone()])))
+            .map(|(id, a)| {
+                (
+                    *id,
+                    RouterClient::with_transport(vec![a.clone()], admin.clone()),
+                )
+            })
             .collect();
         let mut c = Self {
             name: name.into(),
@@ -319,6 +383,8 @@ impl ProcCluster {
             node_options,
             added: 0,
             logs: Vec::new(),
+            ca,
+            admin: admin_certs,
             http: reqwest::Client::new(),
         };
         for id in 1..=3 {
@@ -350,7 +416,10 @@ impl ProcCluster {
             self.logs.push((format!("router {id}"), log.clone()));
         }
         let out = log_file(&log);
-        let child = command(router_bin())
+        let files = self.member_files(&format!("router-{id}"), &Peer::Router(id.to_string()));
+        let mut cmd = command(router_bin());
+        tls_args(&mut cmd, &files);
+        let child = cmd
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.router_addrs[&id]])
             .args(["--peers", &self.peers()])
@@ -374,6 +443,82 @@ impl ProcCluster {
             "router {id} address"
         );
         self.routers.insert(id, proc);
+    }
+
+    /// The cluster CA (to issue certificates for intrusion and rotation tests).
+    pub fn ca(&self) -> &DevCa {
+        &self.ca
+    }
+
+    /// Replaces the CA bundle every member reads (`certs/ca.crt`) with `pems`.
+    pub fn write_ca_bundle(&self, pems: &[&str]) {
+        let path = self.certs_dir().join("ca.crt");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, pems.concat()).expect("write the CA bundle");
+        std::fs::rename(&tmp, &path).expect("replace the CA bundle");
+        self.admin
+            .reload(true)
+            .expect("the harness reloads its CA bundle");
+    }
+
+    /// Issues a new certificate and key from `ca` for every router, every node ever
+    /// added and the harness itself, replacing the files the members read (each
+    /// member reloads them by itself).
+    pub fn reissue_all(&self, ca: &DevCa) {
+        let dir = self.certs_dir();
+        let mut members: Vec<(String, Peer)> = self
+            .router_addrs
+            .keys()
+            .map(|id| (format!("router-{id}"), Peer::Router(id.to_string())))
+            .collect();
+        members.extend(
+            self.specs
+                .keys()
+                .map(|n| (format!("node-{n}"), Peer::Node(n.clone()))),
+        );
+        members.push(("admin".into(), Peer::Admin("harness".into())));
+        for (name, peer) in &members {
+            weft_router::certs::write_member(ca, &dir, name, peer, CERT_VALIDITY)
+                .unwrap_or_else(|e| panic!("reissue {name}: {e}"));
+        }
+        self.admin
+            .reload(true)
+            .expect("the harness reloads its certificate");
+    }
+
+    /// Where the members' certificates live (`ca.crt`, `<member>.{crt,key}`).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.root.join("certs")
+    }
+
+    /// The certificate files of member `name` (`router-1`, `node-a`, …), issued for
+    /// `peer` on first use and kept across restarts.
+    fn member_files(&self, name: &str, peer: &Peer) -> TlsFiles {
+        let dir = self.certs_dir();
+        let files = TlsFiles {
+            ca_file: dir.join("ca.crt"),
+            cert_file: dir.join(format!("{name}.crt")),
+            key_file: dir.join(format!("{name}.key")),
+        };
+        if files.cert_file.exists() {
+            files
+        } else {
+            issue_files(&self.ca, &dir, name, peer)
+        }
+    }
+
+    /// The router group's addresses (id → `host:port`).
+    pub fn router_addrs(&self) -> BTreeMap<u64, String> {
+        self.router_addrs.clone()
+    }
+
+    /// The cluster listener (relay) address of node `name` once it started.
+    pub fn cluster_addr(&self, name: &str) -> String {
+        self.specs
+            .get(name)
+            .unwrap_or_else(|| panic!("node {name} was never added"))
+            .cluster
+            .clone()
     }
 
     /// Ids of the routers running now.
@@ -436,7 +581,7 @@ impl ProcCluster {
             dir,
             log,
             http: format!("{ip}:0"),
-            grpc: format!("{ip}:0"),
+            cluster: format!("{ip}:0"),
             quic: format!("{ip}:0"),
         };
         self.specs.insert(name.into(), spec);
@@ -463,10 +608,12 @@ impl ProcCluster {
             .collect::<Vec<_>>()
             .join(",");
         let opts = &self.node_options;
+        let files = self.member_files(&format!("node-{name}"), &Peer::Node(name.into()));
         let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_weft-node")));
+        tls_args(&mut cmd, &files);
         cmd.args(["--node-id", name])
             .args(["--http-listen", &spec.http])
-            .args(["--grpc-listen", &spec.grpc])
+            .args(["--cluster-listen", &spec.cluster])
             .args(["--quic-listen", &spec.quic])
             .args(["--router", &routers])
             .arg("--data-dir")
@@ -477,6 +624,7 @@ impl ProcCluster {
         if let Some(jitter) = opts.reconnect_jitter_ms {
             cmd.args(["--reconnect-jitter-ms", &jitter.to_string()]);
         }
+        cmd.args(&opts.extra_args);
         let child = cmd
             .env("RUST_LOG", &opts.log_filter)
             .stdout(out.try_clone().expect("clone the log handle"))
@@ -490,13 +638,13 @@ impl ProcCluster {
             .as_str()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("node {name}: ready file without an http address: {bound}"));
-        let grpc = bound["grpc"]
-            .as_str()
-            .unwrap_or_else(|| panic!("node {name}: ready file without a grpc address: {bound}"));
+        let cluster = bound["cluster"].as_str().unwrap_or_else(|| {
+            panic!("node {name}: ready file without a cluster address: {bound}")
+        });
         {
             let spec = self.specs.get_mut(name).expect("spec");
             spec.http = addr.to_string();
-            spec.grpc = grpc.to_owned();
+            spec.cluster = cluster.to_owned();
         }
         let api = NodeApi {
             name: name.into(),

@@ -1,8 +1,10 @@
 //! Raft RPCs between routers over gRPC (`weft.v1.Raft`).
 //!
-//! **Only for trusted cluster peers**: the peer service appends to the replicated log
-//! and must be reachable only by other routers. Payloads are openraft's own types as
-//! JSON, so the wire stays private to this module.
+//! **Only for trusted cluster peers**: the peer service appends to the replicated log,
+//! so it is mounted only on a router that has peers (never on a node, nor on a single
+//! voter) and every RPC is refused unless the caller's certificate names a router
+//! ([`crate::identity`]). Payloads are openraft's own types as JSON, so the wire stays
+//! private to this module.
 //!
 //! One tonic `Channel` per peer address is cached and shared by every client openraft
 //! creates for that peer (a channel multiplexes requests over one HTTP/2 connection
@@ -21,41 +23,47 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use weft_proto::grpc::raft_client::RaftClient;
 use weft_proto::grpc::raft_server::Raft as RaftRpc;
 use weft_proto::grpc::RaftPayload;
 
 use super::TypeConfig;
+use crate::identity::{authorize, caller, Action};
+use crate::tls::{Expect, Transport};
 
 type NodeId = u64;
 
 /// Largest Raft message accepted (snapshots are sent in chunks smaller than this).
 pub const MAX_RAFT_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// A lazily connecting channel to `addr` (`host:port`).
-pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
 /// Creates per-peer clients from a shared channel cache.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
+    transport: Transport,
     /// addr → channel. std mutex: lookups only, never held across an await. Bounded
     /// by the number of distinct peer addresses in the membership.
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Network {
+    /// Peers are dialled over `transport`, expecting a router certificate.
+    pub fn new(transport: Transport) -> Self {
+        Self {
+            transport,
+            channels: Arc::default(),
+        }
+    }
+
     fn channel(&self, addr: &str) -> Option<Channel> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
             return Some(c.clone());
         }
-        let c = channel(addr, Duration::from_secs(1)).ok()?;
+        let c = self
+            .transport
+            .channel(addr, Expect::Router, Duration::from_secs(1))
+            .ok()?;
         map.insert(addr.to_owned(), c.clone());
         Some(c)
     }
@@ -175,7 +183,9 @@ pub struct PeerService {
     pub(super) raft: openraft::Raft<TypeConfig>,
 }
 
+/// Refuses every caller but a router, then decodes.
 fn decode<T: DeserializeOwned>(req: tonic::Request<RaftPayload>) -> Result<T, tonic::Status> {
+    authorize(&caller(&req)?, &Action::Raft)?;
     serde_json::from_slice(&req.into_inner().json)
         .map_err(|e| tonic::Status::invalid_argument(format!("bad raft payload: {e}")))
 }

@@ -77,7 +77,12 @@ pub struct RaftNode {
 impl RaftNode {
     /// Opens the stores under `dir` and starts Raft. It stays a silent member until
     /// [`RaftNode::initialize`] runs here or a leader contacts it.
-    pub async fn start(id: u64, dir: &Path, timing: &RaftTiming) -> Result<Self, StartError> {
+    pub async fn start(
+        id: u64,
+        dir: &Path,
+        timing: &RaftTiming,
+        transport: crate::tls::Transport,
+    ) -> Result<Self, StartError> {
         let config = Config {
             cluster_name: "weft-router".into(),
             heartbeat_interval: timing.heartbeat_ms,
@@ -94,7 +99,7 @@ impl RaftNode {
         let log = LogStore::open(&raft_dir)?;
         let sm = StateMachineStore::open(&raft_dir)?;
         let shared = sm.shared();
-        let raft = openraft::Raft::new(id, Arc::new(config), Network::default(), log, sm)
+        let raft = openraft::Raft::new(id, Arc::new(config), Network::new(transport), log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         Ok(Self { id, raft, shared })

@@ -1,0 +1,127 @@
+//! Revocation reaches every node: a 3-router + 3-node cluster over mutual TLS with
+//! client authentication on; a user's WebSocket sessions on all three nodes close
+//! (4001) within a second of `POST /v1/admin/revoke` on one of them, the token is
+//! refused everywhere afterwards, and another user's sessions go on.
+
+mod support;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use support::cluster::{NodeOptions, ProcCluster};
+use support::{subscribe_cmd, WsClient, WsIn};
+
+const NODES: [&str; 3] = ["a", "b", "c"];
+const SECRET: &str = "cluster-revocation-secret-0123456789";
+const ADMIN_KEY: &str = "cluster-admin-key-0123456789";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(sub: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": sub, "exp": now() + 600,
+        "weft": {"sub": ["room.*"], "pub": ["room.*"]},
+    });
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_closes_the_users_sessions_on_every_node() {
+    let dir = std::env::temp_dir().join(format!("weft-revoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("auth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nhmac_secret = \"{SECRET}\"\n[[auth.api_keys]]\nname = \"ops\"\nsha256 = \"{}\"\nadmin = true\n[ops]\npublic_cluster_view = true\n",
+            weft_node::auth::apikey::sha256_hex(ADMIN_KEY)
+        ),
+    )
+    .unwrap();
+    let options = NodeOptions {
+        extra_args: vec!["--config".into(), config.to_str().unwrap().into()],
+        ..NodeOptions::default()
+    };
+    let c = ProcCluster::start_with_options("revoke", 170, &NODES, 3000, options).await;
+    c.converged(Duration::from_secs(30)).await;
+
+    let (alice, bob) = (token("alice"), token("bob"));
+    let mut alices = Vec::new();
+    let mut bobs = Vec::new();
+    for name in NODES {
+        let addr = c.node(name).addr;
+        for (t, list) in [(&alice, &mut alices), (&bob, &mut bobs)] {
+            let mut ws = WsClient::connect_with(addr, &format!("/v1/ws?token={t}"), &[])
+                .await
+                .unwrap();
+            let r = ws.request(subscribe_cmd("room.revoke", None)).await;
+            assert!(r.error.is_none(), "{name}: {r:?}");
+            list.push((name, ws));
+        }
+    }
+
+    let http = reqwest::Client::new();
+    let a = c.node("a");
+    let t0 = Instant::now();
+    let resp = http
+        .post(a.url("/v1/admin/revoke"))
+        .bearer_auth(ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sub":"alice","until":{}}}"#, now() + 300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["peers"], 2, "sent to both other nodes: {body}");
+    for (name, ws) in alices.iter_mut() {
+        let code = loop {
+            if let WsIn::Closed(code) = ws.next().await {
+                break code;
+            }
+        };
+        assert_eq!(code, Some(4001), "alice on {name}");
+    }
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "every node closed alice within {took:?}"
+    );
+
+    for name in NODES {
+        let resp = http
+            .get(c.node(name).url("/v1/topics/room.revoke"))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "alice's token on {name}");
+    }
+    // Bob goes on everywhere.
+    let resp = http
+        .post(a.url("/v1/topics/room.revoke/events"))
+        .bearer_auth(&bob)
+        .header("content-type", "application/json")
+        .body("{\"still\":true}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    for (name, ws) in bobs.iter_mut() {
+        let ev = ws
+            .next_event()
+            .await
+            .unwrap_or_else(|| panic!("bob on {name}"));
+        assert_eq!(ev.topic, "room.revoke");
+    }
+}
