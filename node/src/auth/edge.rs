@@ -151,18 +151,20 @@ pub fn require(
         })
 }
 
-/// Admin routes: an admin key, or — in development mode only — a caller that is not
-/// a web page (browsers always send `Origin` on a cross-site POST, `no-cors` included).
+/// Admin routes: an admin key (or, in development mode only, no credential), and never
+/// from a web page. Browsers send `Origin` on every cross-site POST (`no-cors`
+/// included) and a cross-site `Sec-Fetch-Site`, so a page — even one on an allowed
+/// origin that holds the admin key in `?token=` or a cookie — cannot drain the node.
 pub fn require_admin(node: &Node, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
-    if matches!(caller, Caller::Anonymous)
-        && (headers.contains_key(header::ORIGIN)
-            || headers
-                .get("sec-fetch-site")
-                .is_some_and(|v| v.as_bytes() != b"none" && v.as_bytes() != b"same-origin"))
+    if headers.contains_key(header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() != b"none" && v.as_bytes() != b"same-origin")
     {
         node.auth.count(Refusal::Origin);
         return Err(ApiError::Forbidden(
-            "admin routes are not for web pages; send an admin API key".into(),
+            "admin routes are not for web pages; call them from a backend with an admin API key"
+                .into(),
         ));
     }
     require(node, caller, Op::Admin, false)
