@@ -245,6 +245,7 @@ pub fn ack_frame(req_id: u64, p: &Published) -> Bytes {
         epoch: p.epoch.to_string(),
         offset: p.offset,
         duplicate: p.duplicate,
+        conflict: p.conflict,
     }))
 }
 
@@ -746,7 +747,7 @@ impl Relay {
                         epoch: epoch.into(),
                         offset: a.offset,
                         duplicate: a.duplicate,
-                        conflict: false,
+                        conflict: a.conflict,
                     }),
                 );
                 Ok(())

@@ -1,7 +1,8 @@
 //! Revocation reaches every node: a 3-router + 3-node cluster over mutual TLS with
 //! client authentication on; a user's WebSocket sessions on all three nodes close
 //! (4001) within a second of `POST /v1/admin/revoke` on one of them, the token is
-//! refused everywhere afterwards, and another user's sessions go on.
+//! refused everywhere afterwards, and another user's sessions go on. The same
+//! cluster checks that a reused Idempotency-Key with another body is 422 on every node.
 
 mod support;
 
@@ -123,5 +124,26 @@ async fn a_revocation_closes_the_users_sessions_on_every_node() {
             .await
             .unwrap_or_else(|| panic!("bob on {name}"));
         assert_eq!(ev.topic, "room.revoke");
+    }
+
+    // An Idempotency-Key reused with another body is 422 on every node, whether the
+    // node owns the topic or forwards the publish to its owner.
+    let publish = |node: &str, body: &'static str| {
+        http.post(c.node(node).url("/v1/topics/room.idem/events"))
+            .bearer_auth(&bob)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "order-1")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        publish("a", "{\"n\":1}").await.unwrap().status().as_u16(),
+        201
+    );
+    for name in NODES {
+        let same = publish(name, "{\"n\":1}").await.unwrap();
+        assert_eq!(same.status().as_u16(), 200, "replay on {name}");
+        let other = publish(name, "{\"n\":2}").await.unwrap();
+        assert_eq!(other.status().as_u16(), 422, "another body on {name}");
     }
 }
