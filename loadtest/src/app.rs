@@ -324,6 +324,7 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
     let mut settings = Settings {
         target: c.target.clone(),
         publish_target: c.publish_target.clone().unwrap_or_else(|| c.target.clone()),
+        credential: c.token.clone(),
         transport: c.transport,
         slot,
         run_id: run_id.to_owned(),

@@ -60,6 +60,10 @@ pub struct Common {
     /// cluster, another node than the subscribers' measures the relay between them.
     #[arg(long, env = "WEFT_LOADTEST_PUBLISH_TARGET")]
     pub publish_target: Option<String>,
+    /// A JWT or API key sent as `Authorization: Bearer` on every request and
+    /// WebSocket handshake, for nodes with authentication on.
+    #[arg(long, env = "WEFT_LOADTEST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Use only topic names that this node id owns, as --target's ring says
     /// (`GET /v1/cluster/owner/{topic}`): names are drawn in order and the others
     /// skipped.

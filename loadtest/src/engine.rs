@@ -54,6 +54,8 @@ pub struct Settings {
     pub target: String,
     /// Where publishers send (`--publish-target`; the target by default).
     pub publish_target: String,
+    /// Sent as `Authorization: Bearer` (`--token`); never echoed into the report.
+    pub credential: Option<String>,
     pub transport: Transport,
     /// The part of the run this process executes.
     pub slot: Slot,
@@ -77,11 +79,19 @@ pub struct Settings {
 /// Runs `plan` as `role` and returns this process's report (finalized; a worker's
 /// report still merges exactly, see [`Report::merge`]).
 pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<Report> {
-    let net = Arc::new(Net::new(&st.target, st.slot.index, st.spread).await?);
+    let net = Arc::new(
+        Net::new(&st.target, st.slot.index, st.spread)
+            .await?
+            .with_credential(st.credential.clone()),
+    );
     let publish_net = if st.publish_target == st.target {
         net.clone()
     } else {
-        Arc::new(Net::new(&st.publish_target, st.slot.index, st.spread).await?)
+        Arc::new(
+            Net::new(&st.publish_target, st.slot.index, st.spread)
+                .await?
+                .with_credential(st.credential.clone()),
+        )
     };
     let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
     let topics = Arc::new(plan.topics.clone());

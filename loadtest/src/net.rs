@@ -34,6 +34,8 @@ pub struct Net {
     addr: SocketAddr,
     sources: Vec<IpAddr>,
     http: Vec<OnceLock<reqwest::Client>>,
+    /// `Authorization: Bearer` on every request and handshake (`--token`).
+    credential: Option<HeaderValue>,
 }
 
 impl Net {
@@ -72,7 +74,19 @@ impl Net {
             addr,
             http: (0..sources.len().max(1)).map(|_| OnceLock::new()).collect(),
             sources,
+            credential: None,
         })
+    }
+
+    /// Authenticates every request and WebSocket handshake with `credential` (a JWT
+    /// or an API key), marked sensitive so it never shows in a debug print.
+    pub fn with_credential(mut self, credential: Option<String>) -> Self {
+        self.credential = credential.and_then(|c| {
+            let mut v = HeaderValue::from_str(&format!("Bearer {c}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -118,6 +132,9 @@ impl Net {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL_JSON),
         );
+        if let Some(c) = &self.credential {
+            req.headers_mut().insert("Authorization", c.clone());
+        }
         let config = WebSocketConfig::default()
             .read_buffer_size(8 * 1024)
             .write_buffer_size(0)
@@ -148,6 +165,15 @@ impl Net {
                 .pool_max_idle_per_host(1024);
             if let Some(ip) = self.source(slot) {
                 b = b.local_address(ip);
+            }
+            if let Some(c) = &self.credential {
+                let mut headers = reqwest::header::HeaderMap::new();
+                if let Ok(v) = reqwest::header::HeaderValue::from_bytes(c.as_bytes()) {
+                    let mut v = v;
+                    v.set_sensitive(true);
+                    headers.insert(reqwest::header::AUTHORIZATION, v);
+                }
+                b = b.default_headers(headers);
             }
             b.build().expect("a plain HTTP client always builds")
         })

@@ -34,9 +34,13 @@ impl TestNode {
     }
 
     fn on(listener: tokio::net::TcpListener) -> Self {
+        Self::on_with(listener, config())
+    }
+
+    fn on_with(listener: tokio::net::TcpListener, config: weft_node::Config) -> Self {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(weft_node::run(listener, config(), async move {
+        let task = tokio::spawn(weft_node::run(listener, config, async move {
             let _ = rx.await;
         }));
         Self {
@@ -143,6 +147,65 @@ async fn fanout(transport: &str) {
     );
     assert_eq!(r.subscribers, 12);
     assert!(!r.timeline.is_empty());
+}
+
+/// A node with authentication on: the harness authenticates every publish, watch and
+/// WebSocket with `--token` (here an API key), and is refused without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_a_secured_node_with_a_token() {
+    const KEY: &str = "loadtest-key-0123456789";
+    let mut c = config();
+    c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
+        name: "loadtest".into(),
+        sha256: weft_node::auth::apikey::sha256_hex(KEY),
+        publish: vec![">".into()],
+        subscribe: vec![">".into()],
+        ..Default::default()
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut node = TestNode::on_with(listener, c);
+    for transport in ["ws", "sse"] {
+        let r = run(
+            &node,
+            &[
+                "fanout",
+                "--transport",
+                transport,
+                "--subscribers",
+                "6",
+                "--topics",
+                "2",
+                "--rate",
+                "100",
+                "--duration",
+                "1s",
+                "--token",
+                KEY,
+            ],
+        )
+        .await;
+        assert_clean(&r);
+        assert_eq!(r.expected, r.published * 3, "{transport}");
+    }
+    let refused = run(
+        &node,
+        &[
+            "fanout",
+            "--subscribers",
+            "2",
+            "--topics",
+            "1",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--ramp-timeout",
+            "2s",
+        ],
+    )
+    .await;
+    assert_eq!(refused.published, 0, "no publish without credentials");
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
