@@ -56,6 +56,8 @@ start_node() { # MODE
         rs256) printf '[auth]\npublic_keys = ["%s"]\n[[auth.api_keys]]\nname = "bench"\nsha256 = "%s"\npublish = [">"]\nsubscribe = [">"]\n' "$OUT/rsa.pub.pem" "$KEY_SHA" > "$cfg" ;;
         key) printf '[[auth.api_keys]]\nname = "bench"\nsha256 = "%s"\npublish = [">"]\nsubscribe = [">"]\n' "$KEY_SHA" > "$cfg" ;;
     esac
+    # Every connection carries the same subject: lift the per-user session cap.
+    printf '[limits]\nmax_connections_per_user = 1000000\n' >> "$cfg"
     rm -rf "$OUT/data" "$OUT/ready.json"
     "$BIN/weft-node" --config "$cfg" --http-listen 127.0.0.1:0 --cluster-listen 127.0.0.1:0 \
         --data-dir "$OUT/data" --ready-file "$OUT/ready.json" --max-connections-per-ip 100000 \
