@@ -862,6 +862,10 @@ impl Cli {
             auth_cookie => auth.cookie;
             tls_cert_file => tls.cert_file;
             tls_key_file => tls.key_file;
+            advertise => advertise;
+            router => router;
+            ready_file => ready_file;
+            cluster_listen => cluster_listen;
         }
         // Development mode binds loopback unless an address was given on purpose.
         if !listen_in_file
@@ -871,19 +875,7 @@ impl Cli {
         {
             c.http_listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        if self.advertise.is_some() {
-            c.advertise = self.advertise.clone();
-        }
-        if self.router.is_some() {
-            c.router = self.router.clone();
-        }
-        if self.cluster_listen.is_some() {
-            c.cluster_listen = self.cluster_listen;
-        }
         self.cluster.apply(&mut c.cluster);
-        if self.ready_file.is_some() {
-            c.ready_file = self.ready_file.clone();
-        }
         c.validate()?;
         Ok(c)
     }

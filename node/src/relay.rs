@@ -812,7 +812,9 @@ impl Relay {
                     (true, false) if r.jti.len() <= 256 => crate::auth::revoke::Target::Jti(r.jti),
                     _ => return Err("revoke needs exactly one of sub or jti".into()),
                 };
-                let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.until);
+                let until = std::time::UNIX_EPOCH
+                    .checked_add(std::time::Duration::from_secs(r.until))
+                    .ok_or("revoke: `until` out of range")?;
                 // An `until` already past is a no-op, not a broken link.
                 let _ = node.auth.revoke(target, until);
                 Ok(())

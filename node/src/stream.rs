@@ -204,11 +204,14 @@ pub async fn open(
         .into_response())
 }
 
-/// The tokio instant of a wall-clock time (now, if it has passed).
+/// The tokio instant of a wall-clock time (now, if it has passed). A time too far
+/// ahead for the clock (a token's `exp` may be anything) is capped at a year.
 pub fn instant_of(t: std::time::SystemTime) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
     let left = t
         .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .min(FAR);
     Instant::now() + left
 }
 
@@ -455,5 +458,19 @@ impl Drop for Watch {
         self.node.stats.session_queue_peak(self.outbox.peak_bytes());
         self.outbox.close();
         self.node.stats.connection(transport(self.format)).down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_far_future_expiry_does_not_overflow_the_clock() {
+        let far = std::time::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64 * 1000);
+        let at = instant_of(far);
+        assert!(at > Instant::now() + Duration::from_secs(364 * 24 * 3600));
+        let past = std::time::UNIX_EPOCH;
+        assert!(instant_of(past) <= Instant::now());
     }
 }

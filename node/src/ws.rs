@@ -224,7 +224,8 @@ struct Verified {
     result: Result<Caller, (Refusal, ApiError)>,
 }
 
-/// Lines (and bytes) a session may send while its token is being verified.
+/// Lines a session may send while its token is being verified; their bytes are
+/// bounded by `limits.max_message_bytes` in all.
 const MAX_HELD_LINES: usize = 256;
 
 async fn next_verified(
@@ -664,7 +665,10 @@ impl Session {
             return None;
         }
         if self.verifying.is_some() {
-            if self.held.len() >= MAX_HELD_LINES {
+            let held_bytes: usize = self.held.iter().map(String::len).sum::<usize>() + line.len();
+            if self.held.len() >= MAX_HELD_LINES
+                || held_bytes > self.node.config.limits.max_message_bytes
+            {
                 return Some(End::Close(
                     close::RATE_LIMITED,
                     "too many commands while the token is verified".into(),
@@ -758,7 +762,7 @@ impl Session {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let auth = self.node.auth.clone();
         tokio::spawn(async move {
-            let result = auth.resolve(Some(Credential::new(&token))).await;
+            let result = auth.resolve(Credential::new(&token)).await;
             let _ = tx.send(Verified {
                 id,
                 refresh,
@@ -1115,31 +1119,23 @@ fn fit_reply(
     if total <= budget {
         return page;
     }
-    if after_cursor {
+    // How many events, taken in this order, fit the budget (at least one).
+    let fitting = |events: &mut dyn Iterator<Item = &Arc<crate::event::StoredEvent>>| {
         let mut used = 0;
-        let keep = page
-            .events
-            .iter()
+        events
             .take_while(|e| {
                 used += cost(e);
                 used <= budget
             })
             .count()
-            .max(1);
+            .max(1)
+    };
+    if after_cursor {
+        let keep = fitting(&mut page.events.iter());
         page.events.truncate(keep);
         page.next = page.events.last().map_or(page.next, |e| e.offset);
     } else {
-        let mut used = 0;
-        let keep = page
-            .events
-            .iter()
-            .rev()
-            .take_while(|e| {
-                used += cost(e);
-                used <= budget
-            })
-            .count()
-            .max(1);
+        let keep = fitting(&mut page.events.iter().rev());
         page.events.drain(..page.events.len() - keep);
     }
     page

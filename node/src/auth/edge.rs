@@ -37,8 +37,7 @@ const ALLOW_HEADERS: &str =
 const EXPOSE_HEADERS: &str = "Retry-After, Idempotent-Replayed, WWW-Authenticate";
 
 pub async fn middleware(State(node): State<Arc<Node>>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_owned();
-    if is_public(&path) {
+    if is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let auth = &node.auth;
@@ -84,10 +83,7 @@ pub async fn middleware(State(node): State<Arc<Node>>, mut req: Request, next: N
         // No credential: anonymous where allowed; otherwise the handler decides (the
         // cluster view may be public, a WebSocket may still `connect {token}`).
         Ok(None) => Ok(auth.anonymous_allowed().then_some(Caller::Anonymous)),
-        Ok(cred) => auth
-            .resolve(cred.as_deref().map(Credential::new))
-            .await
-            .map(Some),
+        Ok(Some(cred)) => auth.resolve(Credential::new(&cred)).await.map(Some),
     };
     let mut resp = match resolved {
         Ok(caller) => {

@@ -210,19 +210,9 @@ impl Auth {
         self.jwt.spawn_refresh();
     }
 
-    /// Resolves a request's credential into a caller: `Anonymous` when there is none
-    /// and anonymous access is allowed, `401` otherwise or when it does not verify.
-    pub async fn resolve(
-        &self,
-        cred: Option<Credential<'_>>,
-    ) -> Result<Caller, (Refusal, ApiError)> {
-        let Some(cred) = cred else {
-            return if self.anonymous {
-                Ok(Caller::Anonymous)
-            } else {
-                Err(missing())
-            };
-        };
+    /// Resolves a presented credential into a caller, or `401` when it does not
+    /// verify. (A request without one is decided at the edge: anonymous where allowed.)
+    pub async fn resolve(&self, cred: Credential<'_>) -> Result<Caller, (Refusal, ApiError)> {
         let secret = cred.secret();
         if let Some(key) = self.keys.find(secret) {
             return Ok(Caller::Key(key));
