@@ -607,7 +607,7 @@ impl Config {
     pub fn check_files(&self) -> Result<(), ConfigError> {
         crate::auth::Auth::new(self).map_err(ConfigError)?;
         if let (Some(c), Some(k)) = (&self.tls.cert_file, &self.tls.key_file) {
-            crate::tls::Tls::load(c, k).map_err(ConfigError)?;
+            crate::transport::tls::Tls::load(c, k).map_err(ConfigError)?;
         }
         Ok(())
     }

@@ -15,49 +15,36 @@
 //! ```
 //!
 //! # Layout
+//! The folders follow the data path; each one only uses the ones below it (the node
+//! state in [`node`] is the composition root every layer is handed).
+//! - [`transport`]: sockets and routes only — the accept loop and TLS, the HTTP
+//!   routes, the WebSocket session, SSE/NDJSON streams and long-poll.
+//! - [`session`]: what a session holds between a topic and its socket: the
+//!   byte-budgeted outbox with its slow-consumer policies, events encoded once per wire
+//!   format, RFC 6455 frames.
+//! - [`topic`]: one topic's lock and its invariants (offsets, history, idempotency,
+//!   fan-out to local sessions and to following peers, role transitions), the
+//!   registry of topics with its memory budget, and the interest feed.
+//! - [`cluster`]: membership (join, heartbeat, the router's metadata) and the
+//!   [`cluster::relay`] between nodes, split by job.
 //! - [`auth`]: who a client is (JWT, API key, anonymous) and what it may do; origins.
-//! - [`cluster`]: membership: join, heartbeat, the router's metadata, `/v1/cluster`.
-//! - [`config`]: the typed configuration, its layers and validation.
-//! - [`server`]: accept loop, connection admission, HTTP/1.1 + upgrades, shutdown.
-//! - [`http`]: REST routes and the choice between the watch route's forms.
-//! - [`ws`]: the WebSocket session (`weft.v1.json`).
-//! - [`stream`]: SSE (one and many topics) and NDJSON watches.
-//! - [`poll`]: history pages and long-poll.
-//! - [`input`]: validation shared by HTTP, WebSocket and relay (topics, cursors, data).
-//! - [`interest`]: first/last-subscriber transitions batched for the router's registry.
-//! - [`relay`]: links between nodes: publishes to owners, events to mirrors.
-//! - [`registry`]: topics by name, namespaces, the history memory budget, the sweeper.
-//! - [`tls`]: HTTPS/WSS on the HTTP listener; certificate reload.
-//! - [`topic`]: one topic's owner state; the ordering and no-loss invariants live here.
-//! - [`outbox`]: a session's byte-budgeted queue and the slow-consumer policies.
-//! - [`event`]: a stored event and its once-encoded frames.
-//! - [`node`]: the shared state, connection limits, shutdown signal.
-//! - [`stats`]: counters and the Prometheus exporter.
-//! - [`error`]: the API error and its stable codes.
-//! - [`rate`]: token buckets.
-//! - [`wsframe`]: RFC 6455 framing: shared pre-built frames out, bufferless idle reads.
+//! - [`input`]: validation that HTTP, WebSocket and the relay share.
+//! - [`config`], [`error`], [`stats`], [`rate`]: configuration, the API error with its
+//!   stable codes, counters and the Prometheus exporter, token buckets.
+//!
+//! `docs/architecture.md` has the picture, the lock order and each module's invariants.
 
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod error;
-pub mod event;
-pub mod http;
 pub mod input;
-pub mod interest;
 pub mod node;
-pub mod outbox;
-pub mod poll;
 pub mod rate;
-pub mod registry;
-pub mod relay;
-pub mod server;
+pub mod session;
 pub mod stats;
-pub mod stream;
-pub mod tls;
 pub mod topic;
-pub mod ws;
-pub mod wsframe;
+pub mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,7 +61,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let node = Node::new(config);
-    server::serve(node, listener, shutdown).await
+    transport::server::serve(node, listener, shutdown).await
 }
 
 /// Runs a node the way the binary does, in a cluster. `cluster` is the cluster
@@ -112,8 +99,8 @@ pub async fn run_with_router(
     let node = Node::new(config);
     // The relay service needs the node and its cluster membership, which needs the
     // router; the service is registered first and looks both up per link.
-    let relay_slot = relay::RelaySlot::default();
-    let routes = tonic::service::Routes::new(relay::relay_service(relay_slot.clone()));
+    let relay_slot = cluster::relay::RelaySlot::default();
+    let routes = tonic::service::Routes::new(cluster::relay::relay_service(relay_slot.clone()));
     let external = node.config.router_addrs();
     let (embedded, client, grpc_server) = if external.is_empty() {
         let (router, client) = weft_router::Embedded::start_with(
@@ -141,13 +128,13 @@ pub async fn run_with_router(
             Some((stop_tx, server)),
         )
     };
-    let security = cluster::Security {
+    let security = cluster::membership::Security {
         transport,
         insecure: node.config.cluster.insecure,
     };
     let cluster = join_with_retry(&node, advertise, client, embedded.is_some(), security).await?;
     let _ = node.cluster.set(cluster.clone());
-    let relay = relay::Relay::new(cluster.clone());
+    let relay = cluster::relay::Relay::new(cluster.clone());
     let _ = node.relay.set(relay.clone());
     let _ = relay_slot.set((relay.clone(), node.clone()));
     node.registry.placement.set(relay.placement_fn()).ok();
@@ -166,7 +153,7 @@ pub async fn run_with_router(
         drain_node.mark_unready();
         drain_relay.drain(&drain_node).await;
     };
-    let served = server::serve_all(node, http, ops, shutdown).await;
+    let served = transport::server::serve_all(node, http, ops, shutdown).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), membership).await;
     relay.shutdown();
@@ -190,11 +177,11 @@ async fn join_with_retry(
     advertise: String,
     client: weft_router::RouterClient,
     embedded: bool,
-    security: cluster::Security,
-) -> anyhow::Result<Arc<cluster::Cluster>> {
+    security: cluster::membership::Security,
+) -> anyhow::Result<Arc<cluster::membership::Cluster>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        match cluster::Cluster::join(
+        match cluster::membership::Cluster::join(
             node.config.node_id.clone(),
             advertise.clone(),
             client.clone(),

@@ -11,20 +11,20 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::relay::Ticket;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::rate::TokenBucket;
-use crate::registry::Registry;
-use crate::relay::Ticket;
 use crate::stats::Stats;
-use crate::topic::Published;
+use crate::topic::registry::Registry;
+use crate::topic::{Published, Topic};
 
 pub struct Node {
     pub config: Config,
     /// Who callers are and what they may do: every transport asks this.
     pub auth: Arc<crate::auth::Auth>,
     /// HTTPS/WSS on the HTTP listener, when `[tls]` is configured.
-    pub tls: Option<Arc<crate::tls::Tls>>,
+    pub tls: Option<Arc<crate::transport::tls::Tls>>,
     pub registry: Registry,
     pub stats: Stats,
     /// False from the moment shutdown begins: `/readyz` answers 503.
@@ -38,9 +38,9 @@ pub struct Node {
     next_session: AtomicU64,
     /// Membership in the cluster, when this node runs with a router (the binary
     /// always does; in-process test nodes need not).
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::membership::Cluster>>,
     /// The relay to other nodes (cluster mode): publishes and mirrors go through it.
-    pub relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
+    pub relay: std::sync::OnceLock<Arc<crate::cluster::relay::Relay>>,
     /// Admission of new sessions (reconnect-storm protection). A `std` mutex: the
     /// section is a few arithmetic operations and never awaits.
     admission: Mutex<TokenBucket>,
@@ -58,7 +58,7 @@ impl Node {
         let auth = Arc::new(crate::auth::Auth::new(&config).expect("auth configuration"));
         let tls = match (&config.tls.cert_file, &config.tls.key_file) {
             (Some(c), Some(k)) => Some(Arc::new(
-                crate::tls::Tls::load(c, k).expect("TLS configuration"),
+                crate::transport::tls::Tls::load(c, k).expect("TLS configuration"),
             )),
             _ => None,
         };
@@ -195,13 +195,26 @@ impl Node {
         topic: &str,
         since: Option<&weft_proto::Cursor>,
     ) -> Result<(), ApiError> {
-        match self.relay.get() {
-            Some(relay) => {
-                let t = self.registry.get_or_create(topic)?;
-                relay.ensure_synced(&t, since).await
-            }
-            None => Ok(()),
+        match (self.relay.get(), self.topic_to_sync(topic, since)?) {
+            (Some(relay), Some(t)) => relay.ensure_synced(&t, since).await,
+            _ => Ok(()),
         }
+    }
+
+    /// The topic a subscribe with `since` must wait for before it is served here
+    /// ([`Self::ready_topic`]), or `None` when it can be served at once: a standalone
+    /// node, an owned topic, or a mirror that is synced and not behind `since`.
+    pub fn topic_to_sync(
+        &self,
+        topic: &str,
+        since: Option<&weft_proto::Cursor>,
+    ) -> Result<Option<Arc<Topic>>, ApiError> {
+        if self.relay.get().is_none() {
+            return Ok(None);
+        }
+        let t = self.registry.get_or_create(topic)?;
+        let ready = t.is_ready() && !since.is_some_and(|c| t.is_behind(c));
+        Ok((!ready).then_some(t))
     }
 
     pub fn next_session_id(&self) -> u64 {

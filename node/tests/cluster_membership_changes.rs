@@ -18,7 +18,7 @@
 //! that exists was acknowledged: the acknowledgements are the truth the subscribers are
 //! held to. Checks gather every problem before failing, so a failure shows the whole
 //! picture; the processes' logs are printed with it (`WEFT_TEST_NODE_LOG` sets the
-//! nodes' `RUST_LOG`, e.g. `info,weft_node::relay=debug`, to see every handoff).
+//! nodes' `RUST_LOG`, e.g. `info,weft_node::cluster::relay=debug`, to see every handoff).
 
 mod support;
 

@@ -310,7 +310,7 @@ async fn admin_drain_stops_a_standalone_node_within_its_grace() {
     let node = weft_node::Node::new(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let served = tokio::spawn(weft_node::server::serve(
+    let served = tokio::spawn(weft_node::transport::server::serve(
         node.clone(),
         listener,
         std::future::pending(),

@@ -39,7 +39,7 @@ pub fn usage_exit(bin: &str, msg: impl std::fmt::Display) -> std::process::ExitC
 
 /// Logs to stderr, as text or one JSON object per line (`--log-format json`).
 ///
-/// `RUST_LOG` (an `EnvFilter` directive list, e.g. `info,weft_node::relay=debug`)
+/// `RUST_LOG` (an `EnvFilter` directive list, e.g. `info,weft_node::cluster::relay=debug`)
 /// replaces `default_filter` when set. Without it openraft logs at WARN whatever the
 /// default says: at INFO it writes a line (and a full `RaftState` dump) per election
 /// and membership change. Text logs carry ANSI colours only when stderr is a terminal,

@@ -61,7 +61,7 @@ impl TestNode {
         let addr = listener.local_addr().unwrap();
         let node = Node::new(config);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(weft_node::server::serve(
+        let task = tokio::spawn(weft_node::transport::server::serve(
             node.clone(),
             listener,
             async move {

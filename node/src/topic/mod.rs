@@ -16,13 +16,17 @@
 //! # Owner and mirror (cluster)
 //! In a cluster a node holds a topic in one of two roles ([`Placement`]):
 //! - **owner**: sequences it as above and also relays every event, once, to each peer
-//!   node that follows it (its [`LinkQueue`]), under the same lock as local fan-out;
+//!   node that follows it (its [`follow::PeerLink`]), under the same lock as local fan-out;
 //! - **mirror**: another node owns it. The mirror keeps the owner's epoch, offsets and
 //!   a bounded copy of its history, built from a `Followed` snapshot and the events
 //!   that follow it on the same link, so local subscribes, resumes and reads work on
 //!   the mirror with the same rules. An event that does not continue the mirror's
 //!   offsets is never delivered: the mirror detaches and re-follows, and the new
 //!   snapshot either fills the gap from history or tells every session `reset`.
+
+pub mod follow;
+pub mod interest;
+pub mod registry;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,11 +38,11 @@ use tokio::sync::Notify;
 use weft_proto::{Cursor, PresenceEntry};
 
 use crate::config::NamespaceConfig;
-use crate::event::StoredEvent;
-use crate::interest::InterestFeed;
-use crate::outbox::{Frame, Outbox, Pushed};
-use crate::relay::{LinkPush, LinkQueue};
+use crate::session::event::StoredEvent;
+use crate::session::outbox::{Frame, Outbox, Pushed};
 use crate::stats::Stats;
+use crate::topic::interest::InterestFeed;
+use follow::{PeerLink, Push};
 
 /// The node-wide history memory budget.
 #[derive(Debug)]
@@ -166,7 +170,9 @@ pub enum Held {
     },
     Follow {
         peer: Arc<str>,
-        link: Arc<LinkQueue>,
+        link: Arc<dyn PeerLink>,
+        /// The snapshot's history budget, as the follow asked.
+        max_bytes: usize,
     },
 }
 
@@ -174,7 +180,10 @@ pub enum Held {
 #[derive(Debug)]
 pub enum HeldReply {
     /// A peer's forwarded publish: answered on its link.
-    Link { link: Arc<LinkQueue>, req_id: u64 },
+    Link {
+        link: Arc<dyn PeerLink>,
+        req_id: u64,
+    },
     /// A publish made on this node: its caller waits for this.
     Local(tokio::sync::oneshot::Sender<Published>),
 }
@@ -183,7 +192,7 @@ impl HeldReply {
     fn send(self, published: Published) {
         match self {
             HeldReply::Link { link, req_id } => {
-                link.push_control(crate::relay::ack_frame(req_id, &published));
+                link.push_ack(req_id, &published);
             }
             HeldReply::Local(tx) => {
                 let _ = tx.send(published);
@@ -227,7 +236,7 @@ pub struct Handover {
 #[derive(Debug)]
 struct Follower {
     peer: Arc<str>,
-    link: Arc<LinkQueue>,
+    link: Arc<dyn PeerLink>,
 }
 
 /// A relayed event, validated, as a mirror applies it.
@@ -399,7 +408,7 @@ impl Topic {
     }
 
     /// A live topic with state to serve: a mirror that never had a snapshot has none
-    /// (callers wait for [`crate::relay::Relay::ensure_synced`] first; this guards
+    /// (callers wait for [`crate::cluster::relay::Relay::ensure_synced`] first; this guards
     /// the race where the topic was recycled meanwhile, so it is retried).
     fn served(&self) -> Result<MutexGuard<'_, TopicState>, Dead> {
         let st = self.live()?;
@@ -528,20 +537,19 @@ impl Topic {
         let used = self.deliver(st, &ev, now, stats);
         if let Role::Owner { followers } = &mut st.role {
             if !followers.is_empty() {
-                let frame = ev.relay_frame();
-                followers.retain(|f| match f.link.push_event(frame.clone()) {
-                    LinkPush::Queued => {
+                followers.retain(|f| match f.link.push_event(&ev) {
+                    Push::Queued => {
                         stats.relay.events_sent.inc();
                         true
                     }
-                    LinkPush::Full => {
+                    Push::Full => {
                         // The peer's link is behind: stop relaying this topic to it
                         // and say so; it re-follows and catches up from history.
                         stats.relay.lagged.inc();
                         f.link.push_lagged(&self.name);
                         false
                     }
-                    LinkPush::Closed => false,
+                    Push::Closed => false,
                 });
             }
         }
@@ -592,8 +600,12 @@ impl Topic {
                     used = used.max(u);
                     reply.send(p);
                 }
-                Held::Follow { peer, link } => {
-                    self.follow_locked(st, &peer, &link, crate::relay::SNAPSHOT_BYTES);
+                Held::Follow {
+                    peer,
+                    link,
+                    max_bytes,
+                } => {
+                    self.follow_locked(st, &peer, &link, max_bytes);
                 }
             }
         }
@@ -640,7 +652,7 @@ impl Topic {
     pub fn follow(
         &self,
         peer: &Arc<str>,
-        link: &Arc<LinkQueue>,
+        link: Arc<dyn PeerLink>,
         max_bytes: usize,
     ) -> Result<Result<(), Arc<str>>, Dead> {
         let mut st = self.live()?;
@@ -652,13 +664,14 @@ impl Topic {
                 }
                 held.push_back(Held::Follow {
                     peer: peer.clone(),
-                    link: link.clone(),
+                    link,
+                    max_bytes,
                 });
                 return Ok(Ok(()));
             }
             Role::Owner { .. } => {}
         }
-        self.follow_locked(&mut st, peer, link, max_bytes);
+        self.follow_locked(&mut st, peer, &link, max_bytes);
         Ok(Ok(()))
     }
 
@@ -666,19 +679,19 @@ impl Topic {
         &self,
         st: &mut TopicState,
         peer: &Arc<str>,
-        link: &Arc<LinkQueue>,
+        link: &Arc<dyn PeerLink>,
         max_bytes: usize,
     ) {
         let history = Self::history_tail(st, max_bytes);
-        let frame = crate::relay::followed_frame(weft_proto::grpc::Followed {
+        let snapshot = weft_proto::grpc::Followed {
             topic: self.name.to_string(),
             epoch: st.epoch.to_string(),
             last_offset: st.last_offset,
             history,
-        });
+        };
         if let Role::Owner { followers } = &mut st.role {
             followers.retain(|f| f.peer != *peer);
-            if link.push_control(frame) {
+            if link.push_followed(snapshot) {
                 followers.push(Follower {
                     peer: peer.clone(),
                     link: link.clone(),
@@ -710,10 +723,10 @@ impl Topic {
     pub fn hand_off(
         &self,
         to: &Arc<str>,
-        link: &LinkQueue,
+        link: &dyn PeerLink,
         ring_version: u64,
         max_bytes: usize,
-    ) -> Option<Vec<Arc<LinkQueue>>> {
+    ) -> Option<Vec<Arc<dyn PeerLink>>> {
         let mut st = self.lock();
         if st.dead || !matches!(st.role, Role::Owner { .. }) {
             return None;
@@ -733,17 +746,15 @@ impl Topic {
                     })
                 })
                 .collect();
-        let frame = crate::relay::encode(weft_proto::grpc::relay_frame::Kind::Handoff(
-            weft_proto::grpc::Handoff {
-                topic: self.name.to_string(),
-                epoch: st.epoch.to_string(),
-                last_offset: st.last_offset,
-                history: Self::history_tail(&st, max_bytes),
-                idempotency,
-                ring_version,
-            },
-        ));
-        if !link.push_control(frame) {
+        let handoff = weft_proto::grpc::Handoff {
+            topic: self.name.to_string(),
+            epoch: st.epoch.to_string(),
+            last_offset: st.last_offset,
+            history: Self::history_tail(&st, max_bytes),
+            idempotency,
+            ring_version,
+        };
+        if !link.push_handoff(handoff) {
             return None;
         }
         let old = std::mem::replace(
@@ -1033,7 +1044,7 @@ impl Topic {
     /// The ring gave the topic to `owner`: this node becomes (or re-points) a mirror,
     /// detached until it follows the new owner. Returns the links of peers that were
     /// following it here, so they can be told to look again.
-    pub fn become_mirror(&self, owner: Arc<str>) -> Vec<Arc<LinkQueue>> {
+    pub fn become_mirror(&self, owner: Arc<str>) -> Vec<Arc<dyn PeerLink>> {
         let mut st = self.lock();
         if st.dead {
             return Vec::new();
@@ -1059,7 +1070,7 @@ impl Topic {
                         ..
                     } = h
                     {
-                        link.push_control(crate::relay::moved_frame(req_id, &self.name));
+                        link.push_moved(req_id, &self.name);
                     }
                 }
                 Vec::new()
@@ -1349,15 +1360,15 @@ fn presence_push(topic: &str, what: &str, client: &str, user: Option<&str>) -> B
     };
     let body = serde_json::json!({ "push": { "topic": topic, what: entry } });
     // Only WebSocket sessions ask for presence pushes, so this is a WS frame.
-    crate::wsframe::text(&serde_json::to_vec(&body).expect("presence push serialises"))
+    crate::session::wsframe::text(&serde_json::to_vec(&body).expect("presence push serialises"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
-    use crate::outbox::Frame;
-    use prost::Message;
+    use crate::session::outbox::Frame;
+    use crate::topic::follow::recorder::{Queued, Recorder};
 
     fn topic(history_size: usize) -> Topic {
         let ns = NamespaceConfig {
@@ -1718,7 +1729,7 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        let link = Arc::new(LinkQueue::default());
+        let link = Recorder::default();
         let to: Arc<str> = "new".into();
         assert!(old.hand_off(&to, &link, 7, 1 << 20).is_some());
         assert_eq!(
@@ -1728,10 +1739,9 @@ mod tests {
             Elsewhere::Owner(to.clone()),
             "the old owner sequences nothing after the handoff"
         );
-        let frame = link.take_for_test().expect("the handoff frame");
-        let h = match weft_proto::grpc::RelayFrame::decode(frame).unwrap().kind {
-            Some(weft_proto::grpc::relay_frame::Kind::Handoff(h)) => h,
-            other => panic!("expected a handoff, got {other:?}"),
+        let h = match link.take().as_slice() {
+            [Queued::Handoff(h)] => h.clone(),
+            other => panic!("expected one handoff, got {other:?}"),
         };
         assert_eq!(
             (h.epoch.as_str(), h.last_offset, h.history.len()),
@@ -1800,8 +1810,10 @@ mod tests {
     #[test]
     fn an_owner_with_followers_is_not_forgotten() {
         let t = topic(10);
-        let link = Arc::new(LinkQueue::default());
-        t.follow(&"peer".into(), &link, 1 << 20).unwrap().unwrap();
+        let link = Arc::new(Recorder::default());
+        t.follow(&"peer".into(), link.clone(), 1 << 20)
+            .unwrap()
+            .unwrap();
         let later = Instant::now() + Duration::from_secs(3600);
         assert!(
             !t.sweep(later, Duration::from_secs(60)),

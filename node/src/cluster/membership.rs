@@ -13,12 +13,12 @@
 //! never across an `.await`.
 //!
 //! Interest: first-subscriber / last-unsubscriber transitions reach the router's
-//! subscription registry in batches ([`crate::interest`]); after a rejoin the node
+//! subscription registry in batches ([`crate::topic::interest`]); after a rejoin the node
 //! announces its whole interest again. The view follows the registry from the Watch
 //! stream, which is what an owner will fan out by.
 //!
 //! Every applied change bumps [`Cluster::changes`], which the relay
-//! ([`crate::relay`]) follows to keep links to members and topic placements in line
+//! ([`crate::cluster::relay`]) follows to keep links to members and topic placements in line
 //! with the ring.
 
 use std::collections::BTreeMap;

@@ -49,15 +49,15 @@ use weft_proto::{close, parse_command, Command};
 use crate::auth::edge::require;
 use crate::auth::{Caller, Credential, Op, Refusal, UserGuard, EXPIRING_NOTICE};
 use crate::error::ApiError;
-use crate::event::{put_u64, write_event_array};
-use crate::http::{check_topic, event_kind, parse_since, raw_data};
+use crate::input::{check_topic, event_kind, parse_since, raw_data};
 use crate::node::{ConnGuard, Node};
-use crate::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
-use crate::poll::problem_error;
 use crate::rate::TokenBucket;
+use crate::session::event::{put_u64, write_event_array};
+use crate::session::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
+use crate::session::wsframe::{self, FrameError, FrameReader, Incoming};
 use crate::stats::{Stats, Transport};
 use crate::topic::{Published, Subscriber, Topic};
-use crate::wsframe::{self, FrameError, FrameReader, Incoming};
+use crate::transport::respond::problem_error;
 
 /// What the accept loop attaches to each request.
 #[derive(Clone)]
@@ -266,7 +266,7 @@ enum End {
 
 thread_local! {
     /// Scratch buffer every session on this thread reads into, so idle sessions hold
-    /// none (see [`crate::wsframe`]).
+    /// none (see [`crate::session::wsframe`]).
     static READ_BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice());
 }
 
@@ -394,7 +394,7 @@ impl Session {
             expires_at: caller
                 .as_ref()
                 .and_then(Caller::expires)
-                .map(crate::stream::instant_of),
+                .map(crate::transport::stream::instant_of),
             expiring_sent: false,
             revoked: node.auth.revocation_watch(),
             caller,
@@ -799,7 +799,7 @@ impl Session {
                             }
                         }
                     }
-                    self.expires_at = caller.expires().map(crate::stream::instant_of);
+                    self.expires_at = caller.expires().map(crate::transport::stream::instant_of);
                     self.expiring_sent = false;
                     self.caller = Some(caller);
                     self.reply_connected(v.id);
@@ -877,11 +877,7 @@ impl Session {
     ) -> Result<(), ApiError> {
         check_topic(topic)?;
         let since = parse_since(since)?;
-        let Some(relay) = self.node.relay.get().cloned() else {
-            return self.dispatch_now(id, cmd);
-        };
-        let t = self.node.registry.get_or_create(topic)?;
-        if t.is_ready() && !since.as_ref().is_some_and(|c| t.is_behind(c)) {
+        if self.node.topic_to_sync(topic, since.as_ref())?.is_none() {
             return self.dispatch_now(id, cmd);
         }
         if self.deferred_in_flight >= MAX_DEFERRED {
@@ -897,8 +893,9 @@ impl Session {
             .get_or_insert_with(|| mpsc::channel(MAX_DEFERRED));
         let tx = tx.clone();
         self.deferred_in_flight += 1;
+        let (node, topic) = (self.node.clone(), topic.to_owned());
         tokio::spawn(async move {
-            let r = relay.ensure_synced(&t, since.as_ref()).await.map(|()| cmd);
+            let r = node.ready_topic(&topic, since.as_ref()).await.map(|()| cmd);
             let _ = tx.send((id, r)).await;
         });
         Ok(())
@@ -1030,7 +1027,7 @@ impl Session {
     }
 
     fn publish(&mut self, id: Option<u64>, p: PublishCmd) -> Result<(), ApiError> {
-        crate::http::refuse_while_draining(&self.node)?;
+        crate::transport::http::refuse_while_draining(&self.node)?;
         check_topic(&p.topic)?;
         self.allowed(Op::Publish(&p.topic))?;
         if !self.publishes.allow() {
@@ -1114,13 +1111,13 @@ fn fit_reply(
     budget: usize,
     after_cursor: bool,
 ) -> crate::topic::Page {
-    let cost = |e: &Arc<crate::event::StoredEvent>| e.data.len() + 96;
+    let cost = |e: &Arc<crate::session::event::StoredEvent>| e.data.len() + 96;
     let total: usize = page.events.iter().map(cost).sum();
     if total <= budget {
         return page;
     }
     // How many events, taken in this order, fit the budget (at least one).
-    let fitting = |events: &mut dyn Iterator<Item = &Arc<crate::event::StoredEvent>>| {
+    let fitting = |events: &mut dyn Iterator<Item = &Arc<crate::session::event::StoredEvent>>| {
         let mut used = 0;
         events
             .take_while(|e| {

@@ -1,10 +1,10 @@
 //! The REST routes of DESIGN §3.1 and the choice between the forms of the watch route.
 //!
 //! `GET /v1/topics/{topic}/events` answers, by request:
-//! - `Accept: application/x-ndjson` → NDJSON streaming ([`crate::stream`]);
-//! - `watch=true` or `Accept: text/event-stream` → SSE ([`crate::stream`]);
-//! - `wait=S` → long-poll ([`crate::poll`]);
-//! - otherwise a history page after `since` ([`crate::poll`]).
+//! - `Accept: application/x-ndjson` → NDJSON streaming ([`crate::transport::stream`]);
+//! - `watch=true` or `Accept: text/event-stream` → SSE ([`crate::transport::stream`]);
+//! - `wait=S` → long-poll ([`crate::transport::poll`]);
+//! - otherwise a history page after `since` ([`crate::transport::poll`]).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -23,16 +23,17 @@ use weft_proto::{validate_topic, BatchPublish, MultiCursor};
 use crate::auth::edge::{self, caller, require, require_admin};
 use crate::auth::{Caller, Op};
 use crate::error::ApiError;
-use crate::event::{put_u64, write_event_array};
-pub use crate::input::{check_topic, event_data, event_kind, parse_since, raw_data};
+use crate::input::{check_topic, event_data, event_kind, parse_since, raw_data};
 use crate::node::Node;
-use crate::stream::{self, Format};
-use crate::{poll, ws};
+use crate::session::event::put_u64;
+use crate::transport::respond::json_ok;
+use crate::transport::stream::{self, Format};
+use crate::transport::{poll, ws};
 
 /// The REST contract (OpenAPI 3.1) and the WebSocket protocol (AsyncAPI 3.0), served
 /// as written; `tests/contract_documents.rs` holds them to the routes.
-pub const OPENAPI: &str = include_str!("../contract/openapi.json");
-pub const ASYNCAPI: &str = include_str!("../contract/asyncapi.json");
+pub const OPENAPI: &str = include_str!("../../contract/openapi.json");
+pub const ASYNCAPI: &str = include_str!("../../contract/asyncapi.json");
 
 /// The client listener's routes. Probes and metrics are here too unless the node has
 /// its own ops listener (`ops.listen`), in which case they are served only there.
@@ -154,10 +155,6 @@ async fn count_refusals(State(node): State<Arc<Node>>, resp: Response) -> Respon
         _ => {}
     }
     resp
-}
-
-pub fn json_ok(body: Bytes) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn topic_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -648,18 +645,4 @@ async fn cluster_owner(
 async fn metrics() -> Response {
     let text = crate::stats::render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// `{"events":[…],"next":"e:o"}`.
-pub fn page_json(epoch: &str, events: &[Arc<crate::event::StoredEvent>], next: u64) -> Bytes {
-    let mut out =
-        BytesMut::with_capacity(64 + events.iter().map(|e| e.data.len() + 48).sum::<usize>());
-    out.extend_from_slice(b"{\"events\":");
-    write_event_array(&mut out, events);
-    out.extend_from_slice(b",\"next\":\"");
-    out.extend_from_slice(epoch.as_bytes());
-    out.extend_from_slice(b":");
-    put_u64(&mut out, next);
-    out.extend_from_slice(b"\"}");
-    out.freeze()
 }

@@ -8,7 +8,7 @@
 //!
 //! With `tls.cert_file`/`tls.key_file` each connection's TLS handshake runs in its own
 //! task too, bounded by the same timeout, and new handshakes use the certificate as
-//! last reloaded ([`crate::tls`]). The ops listener (`ops.listen`), when configured,
+//! last reloaded ([`crate::transport::tls`]). The ops listener (`ops.listen`), when configured,
 //! serves probes, metrics and admin routes apart from clients: it is not subject to the
 //! client connection limits, so probes answer on a node full of clients.
 //!
@@ -31,9 +31,9 @@ use tower::ServiceExt;
 use tracing::{info, warn};
 
 use crate::error::ApiError;
-use crate::http::app;
 use crate::node::Node;
-use crate::ws::ConnInfo;
+use crate::transport::http::app;
+use crate::transport::ws::ConnInfo;
 
 /// Serves `node` on `listener` until `shutdown` resolves, then winds down within the
 /// configured grace period.
@@ -126,7 +126,7 @@ const MAX_OPS_CONNECTIONS: usize = 256;
 
 /// The ops listener: plain HTTP/1.1, its own small connection cap.
 async fn serve_ops(node: Arc<Node>, listener: TcpListener) {
-    let app = crate::http::ops_app(node.clone());
+    let app = crate::transport::http::ops_app(node.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_OPS_CONNECTIONS));
     loop {
         let Ok((stream, _peer)) = listener.accept().await else {

@@ -133,8 +133,13 @@ impl StoredEvent {
     pub fn ws_frame(&self) -> &Bytes {
         self.ws.get_or_init(|| {
             let payload_len = self.ws_payload_len();
-            let mut out = BytesMut::with_capacity(payload_len + crate::wsframe::MAX_HEADER);
-            crate::wsframe::put_header(&mut out, crate::wsframe::OP_TEXT, payload_len);
+            let mut out =
+                BytesMut::with_capacity(payload_len + crate::session::wsframe::MAX_HEADER);
+            crate::session::wsframe::put_header(
+                &mut out,
+                crate::session::wsframe::OP_TEXT,
+                payload_len,
+            );
             out.put_slice(b"{\"push\":{\"topic\":\"");
             out.put_slice(self.topic.as_bytes());
             out.put_slice(b"\",\"event\":");

@@ -36,12 +36,12 @@ use weft_proto::MultiCursor;
 
 use crate::auth::{Caller, UserGuard};
 use crate::error::ApiError;
-use crate::event::put_u64;
 use crate::node::Node;
-use crate::outbox::{CloseReason, Entry, Frame, Outbox};
-use crate::poll::problem_error;
+use crate::session::event::put_u64;
+use crate::session::outbox::{CloseReason, Entry, Frame, Outbox};
 use crate::stats::Transport;
 use crate::topic::{CursorProblem, Subscriber, Topic};
+use crate::transport::respond::problem_error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

@@ -1,5 +1,6 @@
-//! The topics this node owns: a sharded map from name to [`Topic`], namespace policy
-//! lookup, the global history budget and the sweeper that keeps all of it bounded.
+//! The topics this node holds — owned, mirrored or receiving (see [`Placement`]): a
+//! sharded map from name to [`Topic`], namespace policy lookup, the global history
+//! budget and the sweeper that keeps all of it bounded.
 //!
 //! Lock order: a shard's map lock, then a topic's lock — never the reverse. A topic is
 //! forgotten only under both (marked dead, then removed), and every operation that
@@ -16,7 +17,7 @@ use weft_proto::Pattern;
 
 use crate::config::{Config, NamespaceConfig};
 use crate::error::ApiError;
-use crate::interest::InterestFeed;
+use crate::topic::interest::InterestFeed;
 use crate::topic::{Dead, HistoryBudget, Placement, Topic};
 
 /// Where a topic a node does not hold yet belongs (cluster mode).

@@ -12,22 +12,10 @@ use axum::response::Response;
 use weft_proto::Cursor;
 
 use crate::error::ApiError;
-use crate::http::{json_ok, page_json};
 use crate::node::Node;
 use crate::stats::Transport;
-use crate::topic::{CursorProblem, Page};
-
-pub fn problem_error(p: CursorProblem) -> ApiError {
-    match p {
-        CursorProblem::Gone { current } => ApiError::Gone {
-            message: format!("cursor is of another epoch or out of retention; re-read state and continue from {current}"),
-            cursor: current.to_string(),
-        },
-        CursorProblem::Ahead { current } => {
-            ApiError::bad(format!("cursor is ahead of the topic, whose current cursor is {current}"))
-        }
-    }
-}
+use crate::topic::Page;
+use crate::transport::respond::{json_ok, page_json, problem_error};
 
 fn respond(node: &Node, page: Page) -> Response {
     node.stats.delivered.add(page.events.len() as u64);

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::config::SlowConsumerPolicy;
-use crate::event::StoredEvent;
+use crate::session::event::StoredEvent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {

@@ -1,0 +1,274 @@
+//! Keeping one link per peer: which side dials, the cached channel, the `Hello`,
+//! the link's lifetime (up, read loop, down).
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+use weft_proto::grpc::relay_client::RelayClient;
+use weft_proto::grpc::relay_frame::Kind;
+use weft_proto::grpc::{self, RelayBatch};
+
+use crate::node::Node;
+use crate::topic::{MirrorSync, Placement};
+
+use super::*;
+
+/// Waits (bounded) for a link to `peer` to be up.
+pub(super) async fn wait_for_link(peer: &Peer, timeout: Duration) {
+    let mut gen = peer.generation.subscribe();
+    let _ = tokio::time::timeout(timeout, async {
+        while peer.link().is_none() {
+            if gen.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+impl Relay {
+    /// Keeps peers in line with the membership: new members get a record (and a
+    /// dialler, if this node dials them), departed ones are closed.
+    pub(super) fn sync_members(self: &Arc<Self>, node: &Arc<Node>) {
+        let members = self.cluster.members();
+        let mut peers = lock(&self.peers);
+        peers.retain(|id, peer| {
+            let keep = members.iter().any(|(m, _)| **m == **id);
+            if !keep {
+                info!(peer = %id, "peer left the cluster; its link ends when it stops sending");
+                if let Some(d) = lock(&peer.dialer).take() {
+                    d.abort();
+                }
+                // What it sent before leaving (a drained node's last handoffs) may
+                // still be on the wire: the link is read to its end, or closed after
+                // a grace if the peer went silent.
+                if let Some(l) = lock(&peer.link).take() {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(HANDOFF_TIMEOUT).await;
+                        l.close();
+                    });
+                }
+                fail_pending(peer, "the owner left the cluster");
+            }
+            keep
+        });
+        for (id, addr) in members {
+            if *id == *self.me {
+                continue;
+            }
+            let peer = peers
+                .entry(id.as_str().into())
+                .or_insert_with(|| {
+                    Arc::new(Peer {
+                        id: id.as_str().into(),
+                        addr: Mutex::new(addr.clone()),
+                        channel: Mutex::default(),
+                        link: Mutex::default(),
+                        generation: watch::channel(0).0,
+                        pending: Mutex::default(),
+                        dialer: Mutex::default(),
+                    })
+                })
+                .clone();
+            *lock(&peer.addr) = addr;
+            if *self.me < *peer.id {
+                let mut dialer = lock(&peer.dialer);
+                if dialer.as_ref().is_none_or(|d| d.is_finished()) {
+                    *dialer = Some(tokio::spawn(self.clone().dial(node.clone(), peer.clone())));
+                }
+            }
+        }
+    }
+
+    /// Keeps a link to `peer` up: dial, run, back off, again.
+    pub(super) async fn dial(self: Arc<Self>, node: Arc<Node>, peer: Arc<Peer>) {
+        let mut backoff = Duration::from_millis(50);
+        let mut stop = self.stop.subscribe();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            match self.connect(&node, &peer).await {
+                Ok((queue, inbound)) => {
+                    self.run_link(&node, &peer, queue, inbound).await;
+                    if started.elapsed() > Duration::from_secs(5) {
+                        backoff = Duration::from_millis(50);
+                    }
+                }
+                Err(e) => debug!(peer = %peer.id, error = %e, "relay dial failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub(super) fn channel(&self, peer: &Peer) -> Result<Channel, Status> {
+        let addr = lock(&peer.addr).clone();
+        let mut cached = lock(&peer.channel);
+        if let Some((a, ch)) = cached.as_ref() {
+            if *a == addr {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        // Mutual TLS: the peer must present `weft://node/<its id>`.
+        let ch = self
+            .cluster
+            .transport
+            .lazy(ch, weft_router::tls::Expect::Node(peer.id.to_string()));
+        *cached = Some((addr, ch.clone()));
+        Ok(ch)
+    }
+
+    pub(super) async fn connect(
+        &self,
+        node: &Node,
+        peer: &Peer,
+    ) -> Result<(Arc<LinkQueue>, Streaming<RelayBatch>), Status> {
+        let channel = self.channel(peer)?;
+        let queue = Arc::new(LinkQueue::default());
+        queue.push_control(self.hello());
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(pump(queue.clone(), tx, |b| b));
+        let mut client = RelayClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let resp = tokio::time::timeout(HELLO_TIMEOUT, client.link(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| Status::deadline_exceeded("relay link handshake"));
+        let mut inbound = match resp {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(e)) | Err(e) => {
+                queue.close();
+                return Err(e);
+            }
+        };
+        match read_hello(&mut inbound).await {
+            Ok(id) if id == *peer.id => Ok((queue, inbound)),
+            Ok(id) => {
+                queue.close();
+                node.stats.relay.bad_frames.inc();
+                Err(Status::failed_precondition(format!(
+                    "dialled {} but {id} answered",
+                    peer.id
+                )))
+            }
+            Err(e) => {
+                queue.close();
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn hello(&self) -> Bytes {
+        encode(Kind::Hello(grpc::Hello {
+            node: self.me.to_string(),
+            ring_version: self.cluster.ring_version(),
+        }))
+    }
+
+    /// Serves one link until either side ends it.
+    pub(super) async fn run_link(
+        self: &Arc<Self>,
+        node: &Arc<Node>,
+        peer: &Arc<Peer>,
+        queue: Arc<LinkQueue>,
+        mut inbound: Streaming<RelayBatch>,
+    ) {
+        self.link_up(node, peer, &queue);
+        let mut stop = self.stop.subscribe();
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = stop.wait_for(|s| *s) => break,
+                _ = closed(&queue) => break,
+            };
+            match msg {
+                Ok(Some(batch)) => {
+                    if let Err(e) = self.handle_batch(node, peer, &queue, batch) {
+                        node.stats.relay.bad_frames.inc();
+                        warn!(peer = %peer.id, error = %e, "bad relay frame; closing the link");
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if matches!(
+                        e.code(),
+                        tonic::Code::ResourceExhausted
+                            | tonic::Code::OutOfRange
+                            | tonic::Code::Internal
+                    ) {
+                        // Oversized or undecodable at the gRPC layer.
+                        node.stats.relay.bad_frames.inc();
+                        warn!(peer = %peer.id, error = %e, "bad relay message; link closed");
+                    } else {
+                        debug!(peer = %peer.id, error = %e, "relay link ended");
+                    }
+                    break;
+                }
+            }
+        }
+        queue.close();
+        self.link_down(node, peer, &queue);
+    }
+
+    pub(super) fn link_up(&self, node: &Node, peer: &Arc<Peer>, queue: &Arc<LinkQueue>) {
+        if let Some(old) = lock(&peer.link).replace(queue.clone()) {
+            old.close();
+        }
+        node.stats.relay.links.up();
+        peer.generation.send_modify(|g| *g += 1);
+        // A new link hears `HandoffDone` again.
+        lock(&self.done_sent).remove(&peer.id);
+        info!(peer = %peer.id, "relay link up");
+        self.kick.notify_one();
+        // Mirrors of this peer's topics follow it again on the new link.
+        for t in node.registry.all_topics() {
+            if let Placement::Mirror { owner, sync, .. } = t.placement() {
+                if owner == peer.id && sync != MirrorSync::Following {
+                    self.refollow(&t, &owner);
+                }
+            }
+        }
+    }
+
+    pub(super) fn link_down(&self, node: &Node, peer: &Arc<Peer>, queue: &Arc<LinkQueue>) {
+        {
+            let mut link = lock(&peer.link);
+            if link.as_ref().is_some_and(|l| Arc::ptr_eq(l, queue)) {
+                *link = None;
+            }
+        }
+        node.stats.relay.links.down();
+        peer.generation.send_modify(|g| *g += 1);
+        fail_pending(
+            peer,
+            "the link to the topic's owner was lost; the publish may not have been applied",
+        );
+        self.repair.store(true, Ordering::Relaxed);
+        // What this link delivered can no longer be trusted to continue: detach.
+        for t in node.registry.all_topics() {
+            if let Placement::Mirror { owner, .. } = t.placement() {
+                if owner == peer.id {
+                    t.set_mirror_sync(MirrorSync::Detached);
+                }
+            }
+        }
+        info!(peer = %peer.id, "relay link down");
+    }
+}

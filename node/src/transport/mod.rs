@@ -1,0 +1,23 @@
+//! Sockets and routes: everything that speaks to a client's connection and nothing
+//! that decides where an event goes.
+//!
+//! - [`server`]: the accept loop, connection admission, HTTP/1.1 with upgrades, the
+//!   ops listener, graceful shutdown.
+//! - [`tls`]: HTTPS/WSS on the HTTP listener and certificate reload.
+//! - [`http`]: the REST routes and the choice between a watch route's forms.
+//! - [`ws`]: the WebSocket session (`weft.v1.json`).
+//! - [`stream`]: SSE (one and many topics) and NDJSON watches.
+//! - [`poll`]: history pages and long-poll.
+//! - [`respond`]: the JSON bodies and problem errors the routes share.
+//!
+//! A transport reads a topic through [`crate::topic`] and publishes through the
+//! node ([`crate::node::Node::publish`]), which decides whether the event is
+//! sequenced here or forwarded; it never reaches into the relay.
+
+pub mod http;
+pub mod poll;
+pub mod respond;
+pub mod server;
+pub mod stream;
+pub mod tls;
+pub mod ws;
