@@ -65,7 +65,7 @@ impl Node {
         Arc::new(Self {
             auth,
             tls,
-            registry: Registry::new(&config),
+            registry: Registry::new(&config, stats.fanout()),
             stats,
             ready: AtomicBool::new(true),
             shutdown: watch::channel(false).0,

@@ -16,7 +16,7 @@
 //! (SSE, NDJSON) or a WebSocket upgrade it is the time to the stream's start.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -81,8 +81,8 @@ pub struct Stats {
     pub published: Count,
     pub delivered: Count,
     /// Events replaced in a queue under the conflate policy.
-    pub conflated: Count,
-    pub slow_consumer_closes: Count,
+    pub conflated: Arc<Count>,
+    pub slow_consumer_closes: Arc<Count>,
     pub rate_limited: Count,
     /// Malformed or invalid input answered with an error.
     pub bad_input: Count,
@@ -118,6 +118,14 @@ pub struct RelayStats {
 }
 
 impl Stats {
+    /// The counters the topics' fan-out adds to (it runs apart from any request).
+    pub fn fanout(&self) -> Arc<crate::topic::fanout::FanOutStats> {
+        Arc::new(crate::topic::fanout::FanOutStats {
+            conflated: self.conflated.clone(),
+            slow_consumer_closes: self.slow_consumer_closes.clone(),
+        })
+    }
+
     pub fn new(node: &str) -> Self {
         Self {
             delivery_latency: metrics::histogram!("weft_delivery_latency_seconds", "node" => node.to_owned()),
@@ -130,8 +138,8 @@ impl Stats {
         Self {
             published: Count::default(),
             delivered: Count::default(),
-            conflated: Count::default(),
-            slow_consumer_closes: Count::default(),
+            conflated: Arc::default(),
+            slow_consumer_closes: Arc::default(),
             rate_limited: Count::default(),
             bad_input: Count::default(),
             connections_refused: Count::default(),

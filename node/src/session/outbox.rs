@@ -221,6 +221,19 @@ impl Outbox {
         inner.bytes = 0;
     }
 
+    /// Closes the session as a slow consumer (its fan-out fell too far behind); false
+    /// if it was closed already.
+    pub fn close_slow(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.closed.is_some() {
+            return false;
+        }
+        inner.overflow();
+        drop(inner);
+        self.notify.notify_one();
+        true
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }

@@ -24,6 +24,7 @@
 //!   offsets is never delivered: the mirror detaches and re-follows, and the new
 //!   snapshot either fills the gap from history or tells every session `reset`.
 
+pub mod fanout;
 pub mod follow;
 pub mod interest;
 pub mod registry;
@@ -39,9 +40,10 @@ use weft_proto::{Cursor, PresenceEntry};
 
 use crate::config::NamespaceConfig;
 use crate::session::event::StoredEvent;
-use crate::session::outbox::{Frame, Outbox, Pushed};
+use crate::session::outbox::Outbox;
 use crate::stats::Stats;
 use crate::topic::interest::InterestFeed;
+use fanout::{FanOutStats, FanQueue, Item, Members};
 use follow::{PeerLink, Push};
 
 /// The node-wide history memory budget.
@@ -279,6 +281,8 @@ pub struct Topic {
     pub name: Arc<str>,
     pub ns: Arc<NamespaceConfig>,
     state: Mutex<TopicState>,
+    /// Deliveries to local sessions, run after the lock is released.
+    fan: Arc<FanQueue>,
     /// Woken after every publish; long-polls wait on it.
     pub changed: Notify,
     budget: Arc<HistoryBudget>,
@@ -298,6 +302,8 @@ struct TopicState {
     history_bytes: usize,
     last_active: Instant,
     subscribers: HashMap<u64, Subscriber>,
+    /// The same sessions as the fan-out sees them (`fanout`).
+    members: Members,
     idempotency: Idempotency,
 }
 
@@ -321,6 +327,7 @@ impl Topic {
         epoch: Arc<str>,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
+        fanout: Arc<FanOutStats>,
     ) -> Self {
         Self::with_role(
             name,
@@ -331,6 +338,7 @@ impl Topic {
             },
             budget,
             interest,
+            fanout,
         )
     }
 
@@ -341,12 +349,13 @@ impl Topic {
         owner: Arc<str>,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
+        fanout: Arc<FanOutStats>,
     ) -> Self {
         let role = Role::Mirror {
             owner,
             sync: MirrorSync::Detached,
         };
-        Self::with_role(name, ns, "".into(), role, budget, interest)
+        Self::with_role(name, ns, "".into(), role, budget, interest, fanout)
     }
 
     /// A topic this node is about to own, waiting for `from` to hand over its state.
@@ -356,13 +365,14 @@ impl Topic {
         from: Arc<str>,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
+        fanout: Arc<FanOutStats>,
     ) -> Self {
         let role = Role::Receiving {
             from,
             since: Instant::now(),
             held: VecDeque::new(),
         };
-        Self::with_role(name, ns, "".into(), role, budget, interest)
+        Self::with_role(name, ns, "".into(), role, budget, interest, fanout)
     }
 
     fn with_role(
@@ -372,9 +382,11 @@ impl Topic {
         role: Role,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
+        fanout: Arc<FanOutStats>,
     ) -> Self {
         Self {
             name,
+            fan: FanQueue::new(ns.slow_consumer, fanout),
             ns,
             state: Mutex::new(TopicState {
                 dead: false,
@@ -385,6 +397,7 @@ impl Topic {
                 history_bytes: 0,
                 last_active: Instant::now(),
                 subscribers: HashMap::new(),
+                members: Members::default(),
                 idempotency: Idempotency::default(),
             }),
             changed: Notify::new(),
@@ -534,7 +547,7 @@ impl Topic {
             st.idempotency.order.push_back((now, key.into()));
         }
         st.last_active = now;
-        let used = self.deliver(st, &ev, now, stats);
+        let used = self.deliver(st, &ev, now);
         if let Role::Owner { followers } = &mut st.role {
             if !followers.is_empty() {
                 followers.retain(|f| match f.link.push_event(&ev) {
@@ -614,31 +627,19 @@ impl Topic {
 
     /// Appends to history and queues to every local subscriber (under the lock).
     /// Returns the budget's use after the append.
-    fn deliver(
-        &self,
-        st: &mut TopicState,
-        ev: &Arc<StoredEvent>,
-        now: Instant,
-        stats: &Stats,
-    ) -> usize {
+    fn deliver(&self, st: &mut TopicState, ev: &Arc<StoredEvent>, now: Instant) -> usize {
         let cost = ev.cost();
         st.history.push_back(ev.clone());
         st.history_bytes += cost;
         let used = self.budget.used.fetch_add(cost, Ordering::Relaxed) + cost;
         self.trim(st, now);
-        let policy = self.ns.slow_consumer;
-        for sub in st.subscribers.values() {
-            match sub.outbox.push_event(ev, policy) {
-                Pushed::Queued | Pushed::Closed => {}
-                Pushed::Conflated => stats.conflated.inc(),
-                Pushed::Overflow => stats.slow_consumer_closes.inc(),
-            }
-        }
+        st.members.enqueue(&self.fan, Item::Event(ev.clone()));
         used
     }
 
     /// Wakes long-polls and, past the budget, the evictor (after the lock is dropped).
     fn after_deliver(&self, used: usize) {
+        self.fan.kick();
         self.changed.notify_waiters();
         if used > self.budget.limit {
             self.budget.over.notify_one();
@@ -882,17 +883,17 @@ impl Topic {
             }
             return Applied::Gap;
         }
-        let used = self.append_relayed(&mut st, ev, stats);
+        let used = self.append_relayed(&mut st, ev);
         drop(st);
         stats.relay.events_received.inc();
         self.after_deliver(used);
         Applied::Delivered
     }
 
-    fn append_relayed(&self, st: &mut TopicState, ev: Relayed, stats: &Stats) -> usize {
+    fn append_relayed(&self, st: &mut TopicState, ev: Relayed) -> usize {
         st.last_offset = ev.offset;
         let stored = self.stored(&st.epoch, ev);
-        self.deliver(st, &stored, Instant::now(), stats)
+        self.deliver(st, &stored, Instant::now())
     }
 
     /// A relayed event as this node stores it (the owner's epoch, offset and time).
@@ -971,7 +972,7 @@ impl Topic {
             let mut n = 0;
             for ev in history {
                 if ev.offset > st.last_offset {
-                    used = self.append_relayed(st, ev, stats);
+                    used = self.append_relayed(st, ev);
                     n += 1;
                 }
             }
@@ -1000,14 +1001,15 @@ impl Topic {
         }
     }
 
-    fn reset_subscribers(&self, st: &TopicState) {
-        for sub in st.subscribers.values() {
-            sub.outbox.push_snapshot(Frame::Reset {
-                topic: self.name.clone(),
-                epoch: st.epoch.clone(),
-                offset: st.last_offset,
-            });
-        }
+    /// Queues `reset` for every local session (the caller kicks the fan-out after
+    /// the lock, through `after_deliver`).
+    fn reset_subscribers(&self, st: &mut TopicState) {
+        let reset = Item::Reset {
+            topic: self.name.clone(),
+            epoch: st.epoch.clone(),
+            offset: st.last_offset,
+        };
+        st.members.enqueue(&self.fan, reset);
     }
 
     /// The ring made this node the owner and no handoff is coming (the old owner is
@@ -1032,7 +1034,7 @@ impl Topic {
         st.last_offset = 0;
         st.idempotency = Idempotency::default();
         if had_state && !st.subscribers.is_empty() {
-            self.reset_subscribers(&st);
+            self.reset_subscribers(&mut st);
             stats.relay.resets.inc();
         }
         let used = self.release_held(&mut st, held, idem, stats);
@@ -1227,36 +1229,41 @@ impl Topic {
         on_snapshot(&snap);
         if self.ns.presence && sub.wants_presence {
             let join = presence_push(&self.name, "join", &sub.client, sub.user.as_deref());
-            self.push_presence(&st, join);
+            self.push_presence(&mut st, join);
         }
+        // Owed every fan-out job from here on: exactly the events after `snap`.
+        st.members.join(id, sub.outbox.clone(), sub.wants_presence);
         st.subscribers.insert(id, sub);
         if st.subscribers.len() == 1 {
             self.interest.changed(&self.name, true);
         }
         st.last_active = Instant::now();
+        drop(st);
+        self.fan.kick();
         Ok(Ok(()))
     }
 
     pub fn unsubscribe(&self, id: u64) {
         let mut st = self.lock();
         if let Some(sub) = st.subscribers.remove(&id) {
+            st.members.leave(id);
             st.last_active = Instant::now();
             if self.ns.presence && sub.wants_presence && !st.dead {
                 let leave = presence_push(&self.name, "leave", &sub.client, sub.user.as_deref());
-                self.push_presence(&st, leave);
+                self.push_presence(&mut st, leave);
             }
             if st.subscribers.is_empty() {
                 self.interest.changed(&self.name, false);
                 st.subscribers = HashMap::new();
             }
+            drop(st);
+            self.fan.kick();
         }
     }
 
-    fn push_presence(&self, st: &TopicState, frame: Bytes) {
-        for sub in st.subscribers.values().filter(|s| s.wants_presence) {
-            sub.outbox
-                .push_droppable(frame.clone(), self.ns.slow_consumer);
-        }
+    /// Queues a presence push (the caller kicks the fan-out after the lock).
+    fn push_presence(&self, st: &mut TopicState, frame: Bytes) {
+        st.members.enqueue(&self.fan, Item::Presence(frame));
     }
 
     /// Who is subscribed, at most `max` entries.
@@ -1371,6 +1378,10 @@ mod tests {
     use crate::topic::follow::recorder::{Queued, Recorder};
 
     fn topic(history_size: usize) -> Topic {
+        topic_counted(history_size, Arc::default())
+    }
+
+    fn topic_counted(history_size: usize, fanout: Arc<FanOutStats>) -> Topic {
         let ns = NamespaceConfig {
             history_size,
             ..Default::default()
@@ -1381,6 +1392,7 @@ mod tests {
             "ep".into(),
             Arc::new(HistoryBudget::new(1 << 30)),
             Arc::default(),
+            fanout,
         )
     }
 
@@ -1426,6 +1438,7 @@ mod tests {
             Arc::new(ns),
             "ep".into(),
             budget.clone(),
+            Arc::default(),
             Arc::default(),
         );
         publish(&t, 3, &stats);
@@ -1575,7 +1588,7 @@ mod tests {
     #[test]
     fn slow_subscriber_is_cut_off_and_counted() {
         let stats = Stats::detached();
-        let t = topic(100);
+        let t = topic_counted(100, stats.fanout());
         let outbox = Arc::new(Outbox::new(1000));
         let sub = Subscriber {
             outbox,
@@ -1628,6 +1641,7 @@ mod tests {
             Arc::new(NamespaceConfig::default()),
             owner.into(),
             Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
             Arc::default(),
         )
     }
@@ -1755,6 +1769,7 @@ mod tests {
             Arc::new(NamespaceConfig::default()),
             "old".into(),
             Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
             Arc::default(),
         );
         assert_eq!(

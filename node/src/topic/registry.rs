@@ -17,6 +17,7 @@ use weft_proto::Pattern;
 
 use crate::config::{Config, NamespaceConfig};
 use crate::error::ApiError;
+use crate::topic::fanout::FanOutStats;
 use crate::topic::interest::InterestFeed;
 use crate::topic::{Dead, HistoryBudget, Placement, Topic};
 
@@ -73,6 +74,8 @@ pub struct Registry {
     pub budget: Arc<HistoryBudget>,
     /// Interest transitions for the router (enabled when the node joins a cluster).
     pub interest: Arc<InterestFeed>,
+    /// The fan-out's counters, shared by every topic.
+    fanout: Arc<FanOutStats>,
     count: AtomicUsize,
     max_topics: usize,
     epoch_seq: AtomicU64,
@@ -83,8 +86,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, fanout: Arc<FanOutStats>) -> Self {
         Self {
+            fanout,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             namespaces: Namespaces::new(&config.namespaces),
@@ -147,6 +151,7 @@ impl Registry {
                 owner,
                 self.budget.clone(),
                 self.interest.clone(),
+                self.fanout.clone(),
             ),
             Place::Incoming(from) => Topic::new_receiving(
                 name.clone(),
@@ -154,6 +159,7 @@ impl Registry {
                 from,
                 self.budget.clone(),
                 self.interest.clone(),
+                self.fanout.clone(),
             ),
             Place::Here => Topic::new(
                 name.clone(),
@@ -161,6 +167,7 @@ impl Registry {
                 self.mint_epoch(),
                 self.budget.clone(),
                 self.interest.clone(),
+                self.fanout.clone(),
             ),
         });
         shard.insert(name, topic.clone());
@@ -334,7 +341,7 @@ mod tests {
 
     #[test]
     fn epochs_are_distinct_and_valid() {
-        let r = Registry::new(&Config::default());
+        let r = Registry::new(&Config::default(), Arc::default());
         let a = r.mint_epoch();
         let b = r.mint_epoch();
         assert_ne!(a, b);
@@ -345,7 +352,7 @@ mod tests {
     fn budget_evicts_idle_topics_first() {
         let mut c = Config::default();
         c.history.memory_budget_bytes = 200_000;
-        let r = Registry::new(&c);
+        let r = Registry::new(&c, Arc::default());
         let stats = Stats::detached();
         publish(&r, "idle", 100, 1000, &stats);
         std::thread::sleep(Duration::from_millis(5));
@@ -369,7 +376,7 @@ mod tests {
     fn budget_trims_a_single_hot_topic() {
         let mut c = Config::default();
         c.history.memory_budget_bytes = 50_000;
-        let r = Registry::new(&c);
+        let r = Registry::new(&c, Arc::default());
         let stats = Stats::detached();
         publish(&r, "hot", 200, 1000, &stats);
         r.enforce_budget();
@@ -384,7 +391,7 @@ mod tests {
     fn topic_table_is_bounded_and_shrinks() {
         let mut c = Config::default();
         c.limits.max_topics = 3;
-        let r = Registry::new(&c);
+        let r = Registry::new(&c, Arc::default());
         for n in ["a", "b", "c"] {
             r.get_or_create(n).unwrap();
         }
