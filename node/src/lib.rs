@@ -15,8 +15,11 @@
 //! ```
 //!
 //! # Layout
-//! The folders follow the data path; each one only uses the ones below it (the node
-//! state in [`node`] is the composition root every layer is handed).
+//! The folders follow the data path. [`node`] is the composition root every layer is
+//! handed; below it `transport` uses `topic` and `session`, `cluster` uses `topic`
+//! and `session`, `topic` uses only `session`, and `session` uses neither: `topic`
+//! never names a relay or transport type (it queues for peers through
+//! [`topic::follow::PeerLink`]).
 //! - [`transport`]: sockets and routes only — the accept loop and TLS, the HTTP
 //!   routes, the WebSocket session, SSE/NDJSON streams and long-poll.
 //! - [`session`]: what a session holds between a topic and its socket: the

@@ -11,8 +11,8 @@
 //!   one line into a command or a numbered protocol error.
 //! - [`message`]: server → client messages (replies, pushes) and the REST bodies
 //!   (publish results, topic state, history pages, error bodies).
-//! - [`grpc`]: code generated from `proto/weft/v1/*.proto` (the router's public API and
-//!   the router-peer Raft service), clients and servers.
+//! - [`grpc`]: code generated from `proto/weft/v1/*.proto` (the router's API, the
+//!   router-peer Raft service and the node-to-node `Relay`), clients and servers.
 
 pub mod command;
 pub mod cursor;

@@ -15,11 +15,12 @@
 //! Interest: first-subscriber / last-unsubscriber transitions reach the router's
 //! subscription registry in batches ([`crate::topic::interest`]); after a rejoin the node
 //! announces its whole interest again. The view follows the registry from the Watch
-//! stream, which is what an owner will fan out by.
+//! stream; a new owner reads it ([`crate::cluster::relay`]'s `load_interest`) to send
+//! snapshots to the nodes that watch what it gained.
 //!
-//! Every applied change bumps [`Cluster::changes`], which the relay
-//! ([`crate::cluster::relay`]) follows to keep links to members and topic placements in line
-//! with the ring.
+//! The relay follows `layout_changes()` (members and ring) to keep links and topic
+//! placements in line; [`Cluster::changes`] (every applied change) serves drain and
+//! ring waits.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

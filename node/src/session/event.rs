@@ -1,6 +1,6 @@
 //! A stored event and its frames, encoded once per transport.
 //!
-//! The owner creates one [`StoredEvent`] per publish and shares it (`Arc`) between the
+//! The owner creates one [`StoredEvent`] per publish (a mirror one per relayed event) and shares it (`Arc`) between the
 //! topic's history and every subscriber's queue. Each transport's frame is built the
 //! first time a recipient of that transport needs it and then shared (`Bytes`) by all
 //! recipients: the fan-out path never encodes or copies per recipient.

@@ -6,7 +6,8 @@
 //! sent is the relay's business ([`crate::cluster::relay::LinkQueue`] implements this
 //! trait). Keeping the trait here is what lets `topic` never name a relay type.
 //!
-//! Every method is called under the topic's lock: it must only queue, never block.
+//! Methods are called under the topic's lock (and some after it): they must only
+//! queue, never block.
 
 use std::sync::Arc;
 

@@ -3,11 +3,15 @@
 //!
 //! # Invariants
 //! - Offsets are contiguous from 1 within an epoch; the epoch changes only when the
-//!   topic's state is lost (here: the topic was forgotten after being idle and empty).
-//! - Sequencing, appending to history and fanning out happen under the topic's lock,
-//!   so every subscriber's queue receives a topic's events in offset order, and a
-//!   subscribe (which snapshots and registers under the same lock) sees each event
-//!   exactly once: either in its reply or as a push after it.
+//!   topic's state is lost: it was forgotten after being idle and empty, this node
+//!   became its owner with no handoff ([`Topic::become_owner`]), or a mirror replaced
+//!   its copy with an owner's snapshot of another epoch.
+//! - Sequencing, appending to history and enqueueing the fan-out job happen under the
+//!   topic's lock; the fan-out itself runs after it ([`fanout`]), in queue order, so
+//!   every subscriber's queue receives a topic's events in offset order and the
+//!   publish is acknowledged without waiting for it. A subscribe snapshots and joins
+//!   the fan-out under the same lock and sees each event exactly once: either in its
+//!   reply or as a push after it.
 //! - The lock is a `std::sync::Mutex`: every section is short, non-blocking (queue
 //!   pushes never wait) and never spans an `.await`.
 //! - History is bounded by the namespace's count and age, and by the node's global
@@ -853,7 +857,7 @@ impl Topic {
         }
     }
 
-    /// Mirror: notes that a `Follow` went out (or, with `None`, that the link is gone).
+    /// Mirror: notes that a `Follow` went out (or, with `Detached`, that the link is gone).
     pub fn set_mirror_sync(&self, sync: MirrorSync) {
         let mut st = self.lock();
         if let Role::Mirror { sync: s, .. } = &mut st.role {

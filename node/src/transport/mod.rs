@@ -11,8 +11,10 @@
 //! - [`respond`]: the JSON bodies and problem errors the routes share.
 //!
 //! A transport reads a topic through [`crate::topic`] and publishes through the
-//! node ([`crate::node::Node::publish`]), which decides whether the event is
-//! sequenced here or forwarded; it never reaches into the relay.
+//! node ([`crate::node::Node::publish`], or `start_publish`/`finish_publish` to keep
+//! a session's order), which decides whether the event is sequenced here or
+//! forwarded. Of the relay it uses only what an operator sees or asks for (linked
+//! peers, cluster-wide revocation, forgetting follows of swept topics).
 
 pub mod http;
 pub mod poll;

@@ -30,7 +30,8 @@
 //! # Ownership
 //! The topic's [`Placement`] on this node is the truth the data path uses; a
 //! maintenance task ([`Relay::run`]) brings placements in line with the committed ring
-//! whenever it changes (and once a second): a topic the ring gives here becomes owned
+//! whenever the ring or the members change or a link comes up (and every 10 s; every
+//! second while a mirror waits to be repaired): a topic the ring gives here becomes owned
 //! (new epoch: without a handoff its old state is gone, so its mirrors see `reset`), a
 //! topic it gives away becomes a mirror of the new owner, and detached mirrors follow
 //! again. A new owner also loads the registry's interest for what it gained and sends
@@ -174,7 +175,7 @@ impl Relay {
         })
     }
 
-    /// Topics owned here, as of the last reconcile pass (at most a second old).
+    /// Topics owned here, as of the last reconcile pass (at most 10 s old).
     pub fn owned_topics(&self) -> u64 {
         self.owned.load(Ordering::Relaxed)
     }

@@ -388,7 +388,7 @@ impl Relay {
     }
 
     /// Follows membership and ring changes until [`Relay::shutdown`]: links to
-    /// members, topic placements, a repair pass every second.
+    /// members, topic placements, a pass every 10 s, every second while a repair is flagged.
     ///
     /// A pass over every topic runs when the ring or the membership changes (not on
     /// registry changes, which are constant in a busy cluster), when a link comes up,
