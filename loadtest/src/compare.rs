@@ -96,7 +96,7 @@ pub fn load_key(r: &Report) -> String {
     let ordered =
         c.get("ordered").and_then(Value::as_bool).unwrap_or(false) || r.system_name() == "nats";
     format!(
-        "{} {} subscribers × {} topics at {}/s, {} B, {}{}s",
+        "{} {} subscribers × {} topic(s) at {}/s, {} B, {}{}s",
         r.scenario,
         num("subscribers"),
         num("topics"),
@@ -121,12 +121,14 @@ pub fn median(v: &mut [f64]) -> Option<f64> {
     })
 }
 
+/// One report's path and figures.
+type Run = (String, BTreeMap<String, f64>);
+
 /// Groups and takes medians. Loads keep the order they first appear in; systems are
 /// sorted by name.
 pub fn compare(reports: &[(String, Report)]) -> Comparison {
     let mut order: Vec<String> = Vec::new();
-    let mut groups: BTreeMap<(String, String), Vec<(String, BTreeMap<String, f64>)>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<(String, String), Vec<Run>> = BTreeMap::new();
     for (path, r) in reports {
         let key = load_key(r);
         if !order.contains(&key) {
@@ -183,16 +185,18 @@ pub fn show(key: &str, v: f64) -> String {
     }
 }
 
-/// The columns worth showing: figures at least one group has.
+/// The columns worth showing: figures at least one group has (`lost` always: a zero
+/// there is a finding).
 fn columns(c: &Comparison) -> Vec<(&'static str, &'static str)> {
     FIGURES
         .iter()
         .copied()
         .filter(|(k, _)| {
-            c.loads
-                .iter()
-                .flat_map(|l| &l.systems)
-                .any(|s| s.median.get(*k).is_some_and(|v| *v != 0.0))
+            *k == "lost"
+                || c.loads
+                    .iter()
+                    .flat_map(|l| &l.systems)
+                    .any(|s| s.median.get(*k).is_some_and(|v| *v != 0.0))
         })
         .collect()
 }
@@ -343,6 +347,7 @@ mod tests {
         let md = c.markdown();
         assert!(md.contains("| weft | 3 |"), "{md}");
         assert!(md.contains("deliveries per server CPU-s"), "{md}");
+        assert!(md.contains("| lost |"), "lost is shown even when 0: {md}");
         assert!(c.html().contains("<td>nats</td>"));
         // Older reports have no system: Weft.
         let mut old = run("", 1.0, 1, 1.0);

@@ -194,7 +194,7 @@ fn msg_len(line: &[u8]) -> Option<u64> {
     if !op.eq_ignore_ascii_case(b"MSG") {
         return None;
     }
-    parse_u64(parts.last()?)
+    parse_u64(parts.next_back()?)
 }
 
 fn parse_u64(b: &[u8]) -> Option<u64> {
