@@ -100,7 +100,10 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
         return Ok(None);
     }
 
-    let label = format!("{}/{}", plan.kind, common.transport);
+    let label = match common.system {
+        System::Weft => format!("{}/{}", plan.kind, common.transport),
+        System::Nats => format!("{}/{}/nats", plan.kind, common.transport),
+    };
     let progress = Progress::new(label, common.out.quiet);
     // A restart command runs once per run: in the only process, or in shard 0.
     let restart = plan.restart.clone().filter(|_| root.index == 0);

@@ -474,7 +474,7 @@ pub fn render(r: &Report) -> String {
                 escape(&v.actual)
             );
         }
-        page.push_str("</table>");
+        page.push_str("</table><h2>Summary</h2>");
     }
     page.push_str("<table>");
     let mut row = |k: &str, v: String, bad: bool| {

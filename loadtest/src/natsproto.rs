@@ -411,6 +411,39 @@ PING\r\nMSG lt.r.fanout.0 1 5\r\nhello\r\nmsg a.b 22 reply.to 3\r\n\r\n\r\r\n\
     }
 
     #[test]
+    fn many_messages_in_random_pieces_parse_as_one_stream() {
+        let mut stream = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..500u64 {
+            let payload = format!(
+                "{{\"p\":0,\"s\":{i},\"x\":\"{}\"}}",
+                "x".repeat((i % 97) as usize)
+            );
+            stream.extend_from_slice(format!("MSG t.{i} {i} {}\r\n", payload.len()).as_bytes());
+            stream.extend_from_slice(payload.as_bytes());
+            stream.extend_from_slice(b"\r\n");
+            want.push(Owned::Msg(format!("t.{i}"), i, payload.into_bytes()));
+            if i % 50 == 0 {
+                stream.extend_from_slice(b"PING\r\n");
+                want.push(Owned::Ping);
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(12);
+        for _ in 0..50 {
+            let mut p = NatsParser::default();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let n = rng.usize(1..=300).min(stream.len() - at);
+                pieces.push(&stream[at..at + n]);
+                at += n;
+            }
+            assert_eq!(feed(&mut p, &pieces).unwrap(), want);
+            assert_eq!(p.pending(), 0);
+        }
+    }
+
+    #[test]
     fn an_oversized_length_is_refused_before_anything_is_kept() {
         let mut p = NatsParser::new(64, 1024);
         let e = feed(&mut p, &[b"MSG a 1 1025\r\n"]).unwrap_err();

@@ -476,18 +476,20 @@ impl Report {
                 }
             ),
         );
-        row(
-            &mut s,
-            "publishes achieved",
-            format!(
-                "{:.0}/s of {:.0}/s offered ({} of {} events, last ack at +{:.1}s)",
-                self.publish_achieved_per_s,
-                self.offered_per_s,
-                self.published,
-                self.offered,
-                self.publish_window_s
-            ),
-        );
+        if self.offered > 0 {
+            row(
+                &mut s,
+                "publishes achieved",
+                format!(
+                    "{:.0}/s of {:.0}/s offered ({} of {} events, last ack at +{:.1}s)",
+                    self.publish_achieved_per_s,
+                    self.offered_per_s,
+                    self.published,
+                    self.offered,
+                    self.publish_window_s
+                ),
+            );
+        }
         row(&mut s, "publish latency", fmt_pct(&self.publish_latency_us));
         row(
             &mut s,
