@@ -214,7 +214,11 @@ impl Plan {
     /// The events of the schedule's first `total` that go to `topic`, in order
     /// (`--ordered`). Round robin and dealt layouts step through them; the others
     /// filter the whole schedule.
-    pub fn topic_events(&self, topic: usize, total: u64) -> Box<dyn Iterator<Item = u64> + '_> {
+    pub fn topic_events(
+        &self,
+        topic: usize,
+        total: u64,
+    ) -> Box<dyn Iterator<Item = u64> + Send + '_> {
         match self.layout {
             Layout::RoundRobin | Layout::Dealt => {
                 Box::new((topic as u64..total).step_by(self.topics.len().max(1)))

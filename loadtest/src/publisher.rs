@@ -152,29 +152,23 @@ impl Publisher {
         let window = Arc::new(Semaphore::new(self.max_inflight.max(1)));
         let total = plan.total_events();
         let mut tasks: JoinSet<PublishOutcome> = JoinSet::new();
+        // Each task walks its topic's events lazily: memory does not grow with the
+        // schedule.
+        let shared = Arc::new(plan.clone());
         for topic in (0..plan.topics.len()).filter(|&t| slot.owns(t as u64)) {
-            let events: Vec<u64> = plan.topic_events(topic, total).collect();
-            let offsets: Vec<u64> = events.iter().map(|&k| plan.event_offset_us(k)).collect();
-            let stamps: Vec<Stamp> = events
-                .iter()
-                .zip(&offsets)
-                .map(|(&k, &off)| Stamp {
-                    p: plan.event_publisher(k, slot),
-                    s: k,
-                    t: start_us + off,
-                })
-                .collect();
-            let (me, window, payload) = (self.clone(), window.clone(), plan.payload_bytes);
+            let (me, window, plan) = (self.clone(), window.clone(), shared.clone());
             tasks.spawn(async move {
                 let mut out = PublishOutcome {
-                    offered: events.len() as u64,
+                    offered: plan.topic_events(topic, total).count() as u64,
                     ..Default::default()
                 };
-                for (i, (&k, stamp)) in events.iter().zip(&stamps).enumerate() {
-                    let due = start + Duration::from_micros(offsets[i]);
+                let mut events = plan.topic_events(topic, total);
+                while let Some(k) = events.next() {
+                    let offset = plan.event_offset_us(k);
+                    let due = start + Duration::from_micros(offset);
                     tokio::time::sleep_until(due).await;
                     if Instant::now() > due + me.timeout {
-                        out.unsent = (events.len() - i) as u64;
+                        out.unsent = 1 + events.count() as u64;
                         me.errors.add(format!(
                             "ordered publisher more than --publish-timeout ({:?}) behind: \
                              the rest of a topic's events were not sent",
@@ -182,11 +176,16 @@ impl Publisher {
                         ));
                         break;
                     }
+                    let stamp = Stamp {
+                        p: plan.event_publisher(k, slot),
+                        s: k,
+                        t: start_us + offset,
+                    };
                     let permit = window
                         .acquire()
                         .await
                         .expect("the window semaphore is never closed");
-                    let body = Bytes::from(stamp.encode(payload));
+                    let body = Bytes::from(stamp.encode(plan.payload_bytes));
                     let r = me.publish(k, topic, body, stamp.t).await;
                     drop(permit);
                     out.add(Ok(r));

@@ -91,8 +91,12 @@ async fn fake_node(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<Seen>>) 
     (addr, seen)
 }
 
-async fn publish(ordered: bool) -> (Arc<Mutex<Seen>>, weft_loadtest::publisher::PublishOutcome) {
-    let (addr, seen) = fake_node(Duration::from_millis(15)).await;
+async fn publish(
+    ordered: bool,
+    ack_delay: Duration,
+    timeout: Duration,
+) -> (Arc<Mutex<Seen>>, weft_loadtest::publisher::PublishOutcome) {
+    let (addr, seen) = fake_node(ack_delay).await;
     // 2 topics, 200 events/s each: an event every 5 ms per topic, each acknowledged
     // after 15 ms — an unordered publisher has about three per topic in flight.
     let plan = Plan {
@@ -115,7 +119,7 @@ async fn publish(ordered: bool) -> (Arc<Mutex<Seen>>, weft_loadtest::publisher::
         errors: Arc::new(ErrorLog::default()),
         run_id: "ord".into(),
         max_inflight: 64,
-        timeout: Duration::from_secs(10),
+        timeout,
         epoch_ends: Default::default(),
         ordered,
         nats: None,
@@ -130,7 +134,7 @@ async fn publish(ordered: bool) -> (Arc<Mutex<Seen>>, weft_loadtest::publisher::
 
 #[tokio::test]
 async fn ordered_mode_has_at_most_one_publish_in_flight_per_topic() {
-    let (seen, out) = publish(true).await;
+    let (seen, out) = publish(true, Duration::from_millis(15), Duration::from_secs(10)).await;
     assert_eq!((out.published, out.failed, out.offered), (200, 0, 200));
     let st = seen.lock().unwrap();
     assert_eq!(st.max_inflight.len(), 2, "both topics published");
@@ -148,7 +152,7 @@ async fn ordered_mode_has_at_most_one_publish_in_flight_per_topic() {
 
 #[tokio::test]
 async fn unordered_mode_overlaps_publishes_on_a_topic() {
-    let (seen, out) = publish(false).await;
+    let (seen, out) = publish(false, Duration::from_millis(15), Duration::from_secs(10)).await;
     assert_eq!(out.published, 200);
     let st = seen.lock().unwrap();
     assert!(
@@ -156,6 +160,20 @@ async fn unordered_mode_overlaps_publishes_on_a_topic() {
         "the fake node counts overlap: {:?}",
         st.max_inflight
     );
+}
+
+/// Acknowledgements slower than the schedule by more than --publish-timeout: each
+/// topic's publisher stops at the first event that is that late, and the rest of its
+/// events are counted unsent (not failed, not silently dropped).
+#[tokio::test]
+async fn an_ordered_publisher_too_far_behind_stops_and_counts_the_rest_unsent() {
+    let (seen, out) = publish(true, Duration::from_millis(400), Duration::from_millis(200)).await;
+    // Per topic: event 0 is acknowledged after 400 ms; event 1 was due at 5 ms and is
+    // then 395 ms late, more than 200 ms: the topic stops.
+    assert_eq!(out.offered, 200);
+    assert_eq!((out.published, out.failed, out.unsent), (2, 0, 198));
+    let st = seen.lock().unwrap();
+    assert!(st.max_inflight.values().all(|&m| m == 1));
 }
 
 #[tokio::test]
