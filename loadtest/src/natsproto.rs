@@ -12,8 +12,10 @@
 
 use thiserror::Error;
 
-/// Default longest control line (`nats-server`'s `max_control_line` is 4 KiB).
-pub const MAX_CONTROL_LINE: usize = 4096;
+/// Default longest control line accepted from a server. `MSG` lines are short (the
+/// server's own `max_control_line` for clients is 4 KiB), but an `INFO` lists a
+/// cluster's URLs and may be longer.
+pub const MAX_CONTROL_LINE: usize = 64 * 1024;
 /// Default largest payload accepted (the server's default `max_payload` is 1 MiB).
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
