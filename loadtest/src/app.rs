@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::baseline;
 use crate::cli::{Cli, Cmd, Common, Load, Outputs};
+use crate::compare;
 use crate::coord::{Conductor, Role, WorkerLink, WorkerMsg};
 use crate::engine::{self, Settings};
 use crate::html;
@@ -18,9 +19,9 @@ use crate::plan::{
     topic_names, Churn, Layout, Plan, Restart, ScenarioKind, Slot, SubscribeSchedule,
 };
 use crate::progress::Progress;
-use crate::report::Report;
+use crate::report::{Report, SloResult};
 use crate::slo;
-use crate::transport::Transport;
+use crate::transport::{System, Transport};
 use crate::workers::{self, PhaseLimits};
 
 /// Exit code when an `--slo` objective was missed.
@@ -40,6 +41,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         merged.finalize()?;
         return finish(&merged, &m.out);
     }
+    if let Cmd::Compare(c) = &cli.command {
+        return compare::run(c);
+    }
     let out = match &cli.command {
         Cmd::Connect(a) => &a.common.out,
         Cmd::Fanout(a) => &a.common.out,
@@ -49,6 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Rolling(a) => &a.common.out,
         Cmd::Subscribe(a) => &a.common.out,
         Cmd::Merge(m) => &m.out,
+        Cmd::Compare(_) => unreachable!("handled above"),
     };
     match execute(&cli.command).await? {
         Some(report) => finish(&report, out),
@@ -95,7 +100,10 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
         return Ok(None);
     }
 
-    let label = format!("{}/{}", plan.kind, common.transport);
+    let label = match common.system {
+        System::Weft => format!("{}/{}", plan.kind, common.transport),
+        System::Nats => format!("{}/{}/nats", plan.kind, common.transport),
+    };
     let progress = Progress::new(label, common.out.quiet);
     // A restart command runs once per run: in the only process, or in shard 0.
     let restart = plan.restart.clone().filter(|_| root.index == 0);
@@ -143,6 +151,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
         Cmd::Rolling(a) => (ScenarioKind::Rolling, a.common.clone()),
         Cmd::Subscribe(a) => (ScenarioKind::Subscribe, a.common.clone()),
         Cmd::Merge(_) => bail!("merge is not a scenario"),
+        Cmd::Compare(_) => bail!("compare is not a scenario"),
     };
     if common.shard.is_some() && common.run_id.is_none() {
         bail!(
@@ -168,6 +177,26 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
     }
     weft_proto::validate_topic(&common.topic_prefix)
         .map_err(|e| anyhow::anyhow!("--topic-prefix: {e}"))?;
+    if common.system == System::Nats {
+        if !matches!(kind, ScenarioKind::Connect | ScenarioKind::Fanout) {
+            bail!(
+                "--system nats runs `connect` and `fanout` (NATS core keeps no history to \
+                 resume, reset or replay from)"
+            );
+        }
+        if common.transport != Transport::Ws {
+            bail!("--system nats: subscribers use WebSocket (--transport ws)");
+        }
+        if common.publish_target.is_some() || common.topic_owner.is_some() {
+            bail!("--system nats: --publish-target and --topic-owner are Weft cluster options");
+        }
+        // NATS orders per publisher connection only, and its accounting needs each
+        // topic's events in order from one publisher: always ordered.
+        common.ordered = true;
+    }
+    if common.ordered && matches!(kind, ScenarioKind::Chat | ScenarioKind::Ticker) {
+        bail!("--ordered publishes each topic from one task: use it with connect, fanout, churn, rolling or subscribe");
+    }
     let names = |n: usize| topic_names(&common.topic_prefix, &run_id, kind, n);
     let base = |load: &Load| -> anyhow::Result<Plan> {
         check_load(load.subscribers, load.topics, load.rate)?;
@@ -298,7 +327,7 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
                 subscribe: Some(schedule),
             }
         }
-        Cmd::Merge(_) => unreachable!("handled above"),
+        Cmd::Merge(_) | Cmd::Compare(_) => unreachable!("handled above"),
     };
     Ok((plan, common))
 }
@@ -325,6 +354,7 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
         target: c.target.clone(),
         publish_target: c.publish_target.clone().unwrap_or_else(|| c.target.clone()),
         credential: c.token.clone(),
+        system: c.system,
         transport: c.transport,
         slot,
         run_id: run_id.to_owned(),
@@ -332,6 +362,7 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
         ramp_timeout: c.ramp_timeout,
         drain_timeout: c.drain_timeout,
         max_inflight: c.max_inflight,
+        ordered: c.ordered,
         publish_timeout: c.publish_timeout,
         longpoll_wait: c.longpoll_wait,
         spread: !c.no_source_spread,
@@ -359,6 +390,11 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
             "subscribe_rate",
             plan.subscribe.map(|s| Value::from(s.rate)),
         ),
+        ("ordered", c.ordered.then_some(Value::from(true))),
+        (
+            "system",
+            (c.system != System::Weft).then(|| Value::from(c.system.to_string())),
+        ),
     ];
     if let Value::Object(map) = &mut settings.config {
         for (k, v) in extra {
@@ -377,35 +413,58 @@ fn read_report(path: &Path) -> anyhow::Result<Report> {
         .with_context(|| format!("{} is not a weft-loadtest JSON report", path.display()))
 }
 
-/// Prints and writes the outputs; returns the exit code.
+/// Prints and writes the outputs; returns the exit code. The SLO verdicts go into
+/// the JSON and HTML reports too; the paths written are printed last.
 pub fn finish(report: &Report, out: &Outputs) -> anyhow::Result<u8> {
+    let mut report = report.clone();
+    report.derive_target();
+    let mut code = 0;
+    if let Some(spec) = &out.slo {
+        report.slo = slo::check(&spec.0, &report)
+            .into_iter()
+            .map(|v| SloResult {
+                objective: v.clause,
+                actual: v.actual,
+                ok: v.ok,
+            })
+            .collect();
+        if report.slo.iter().any(|v| !v.ok) {
+            code = EXIT_SLO;
+        }
+    }
     print!("{}", report.table());
+    let mut wrote = Vec::new();
     if let Some(path) = &out.json {
-        let text = serde_json::to_string_pretty(report)?;
+        let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        wrote.push(("JSON", path));
     }
     if let Some(path) = &out.html {
-        std::fs::write(path, html::render(report))
+        std::fs::write(path, html::render(&report))
             .with_context(|| format!("writing {}", path.display()))?;
+        wrote.push(("HTML", path));
     }
-    let mut code = 0;
     if let Some(path) = &out.baseline {
         let base = read_report(path)?;
-        let cmp = baseline::compare(&base, report, out.baseline_threshold);
+        let cmp = baseline::compare(&base, &report, out.baseline_threshold);
         print!("{}", cmp.table());
-        if cmp.regressed() {
+        if cmp.regressed() && code == 0 {
             code = EXIT_BASELINE;
         }
     }
-    if let Some(spec) = &out.slo {
+    if !report.slo.is_empty() {
         println!("SLO:");
-        let verdicts = slo::check(&spec.0, report);
-        for v in &verdicts {
-            println!("  {v}");
+        for v in &report.slo {
+            println!(
+                "  {} {} (actual {})",
+                if v.ok { "PASS" } else { "FAIL" },
+                v.objective,
+                v.actual
+            );
         }
-        if verdicts.iter().any(|v| !v.ok) {
-            code = EXIT_SLO;
-        }
+    }
+    for (what, path) in wrote {
+        println!("{what} report: {}", path.display());
     }
     Ok(code)
 }

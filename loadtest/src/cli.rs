@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::plan::Slot;
 use crate::slo::{self, Objective};
-use crate::transport::Transport;
+use crate::transport::{System, Transport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,18 +44,31 @@ pub enum Cmd {
     Subscribe(SubscribeArgs),
     /// Merge JSON reports of shards run on several machines into one.
     Merge(MergeArgs),
+    /// Side by side: the medians of several runs of the same loads against each
+    /// system (JSON reports of `--system weft` and `--system nats` runs).
+    Compare(CompareArgs),
 }
 
 /// Options every scenario shares.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Base URL of the node (or of the load balancer in front of a cluster).
+    /// Base URL of the node (or of the load balancer in front of a cluster); with
+    /// `--system nats`, the nats-server's WebSocket listener (`ws://host:port`).
     #[arg(
         long,
         env = "WEFT_LOADTEST_TARGET",
         default_value = "http://127.0.0.1:8080"
     )]
     pub target: String,
+    /// The server under test: a Weft node, or a nats-server's WebSocket listener
+    /// (NATS text protocol; `connect` and `fanout` only; implies --ordered).
+    #[arg(long, value_enum, env = "WEFT_LOADTEST_SYSTEM", default_value_t = System::Weft)]
+    pub system: System,
+    /// Ordered publishing: each topic is published by one task that waits for each
+    /// acknowledgement before sending the next event (at most one publish in flight
+    /// per topic), as a producer that must keep a topic's order does.
+    #[arg(long)]
+    pub ordered: bool,
     /// Where publishers send (`POST /v1/topics/{t}/events`); default: --target. In a
     /// cluster, another node than the subscribers' measures the relay between them.
     #[arg(long, env = "WEFT_LOADTEST_PUBLISH_TARGET")]
@@ -279,6 +292,23 @@ pub struct MergeArgs {
     pub reports: Vec<PathBuf>,
     #[command(flatten)]
     pub out: Outputs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// JSON reports; runs of the same load (scenario, subscribers, topics, rate,
+    /// payload, ordering) against the same system are one group.
+    #[arg(required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Write the comparison as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write it as an HTML page here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Write it as a markdown table here (it is also printed).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
 }
 
 /// A parsed `--slo`.

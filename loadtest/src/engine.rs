@@ -35,8 +35,10 @@ use crate::recorder::Recorder;
 use crate::report::{Raw, Report, TimelinePoint, REPORT_VERSION};
 use crate::stats::{ErrorLog, LiveStats};
 use crate::subscriber::{Finals, Shared, SubscribeTimes, Subscriber, SubscriberOutcome};
+use crate::target;
 use crate::tracker::Counts;
-use crate::transport::{topic_state, Transport};
+use crate::transport::nats::{self, NatsLinks};
+use crate::transport::{topic_state, System, Transport};
 
 /// File descriptors kept free for everything that is not a subscriber connection.
 const FD_RESERVE: u64 = 512;
@@ -56,6 +58,8 @@ pub struct Settings {
     pub publish_target: String,
     /// Sent as `Authorization: Bearer` (`--token`); never echoed into the report.
     pub credential: Option<String>,
+    /// Weft, or a `nats-server`'s WebSocket listener.
+    pub system: System,
     pub transport: Transport,
     /// The part of the run this process executes.
     pub slot: Slot,
@@ -68,6 +72,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// In-flight publish requests, per process.
     pub max_inflight: usize,
+    /// One publish in flight per topic, each topic from one process (`--ordered`).
+    pub ordered: bool,
     pub publish_timeout: Duration,
     pub longpoll_wait: Duration,
     /// Spread connections over 127.0.0.2–250 when the target is loopback.
@@ -100,6 +106,7 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     let errors = Arc::new(ErrorLog::default());
     let shared = Arc::new(Shared {
         net: net.clone(),
+        system: st.system,
         transport: st.transport,
         topics: topics.clone(),
         recorder: recorder.clone(),
@@ -186,6 +193,8 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     let start = instant_at(start_us);
     start_tx.send_replace(Some(start));
     set_phase(&phase, "load");
+    // This process's own CPU over the load, reported beside the target's.
+    let harness_from = target::sample(std::process::id()).map(|s| (s, Instant::now()));
     let publisher = Arc::new(Publisher {
         net: publish_net.clone(),
         topics: topics.clone(),
@@ -196,6 +205,10 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         max_inflight: st.max_inflight,
         timeout: st.publish_timeout,
         epoch_ends: Default::default(),
+        ordered: st.ordered,
+        nats: (st.system == System::Nats).then(|| NatsLinks::new(publish_net.clone(), 4)),
+        bytes: Default::default(),
+        last_ack_us: Default::default(),
     });
     let published = publisher.clone().run(plan, st.slot, start, start_us).await;
     tokio::time::sleep_until(start + plan.duration).await;
@@ -207,13 +220,25 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
             .lock()
             .unwrap_or_else(|p| p.into_inner()),
     );
+    let harness_cpu = harness_from.and_then(|(from, at)| {
+        let to = target::sample(std::process::id())?;
+        Some(((to.cpu_s - from.cpu_s).max(0.0), at.elapsed().as_secs_f64()))
+    });
     let epoch_ends = role.loaded(ends).await?;
     let open_at_end = stats.open.load(Relaxed);
 
     // 5. Drain.
     set_phase(&phase, "drain");
     let drain_deadline = Instant::now() + st.drain_timeout;
-    let mut cursors = read_finals(&net, &topics, &watched, drain_deadline, &errors).await;
+    let mut cursors = match st.system {
+        System::Weft => read_finals(&net, &topics, &watched, drain_deadline, &errors).await,
+        // NATS keeps no position: every subscription is owed from ordinal 0 up to what
+        // its topic's publisher saw acknowledged.
+        System::Nats => watched
+            .iter()
+            .map(|&t| (t, Cursor::new(nats::EPOCH.to_string(), 0)))
+            .collect(),
+    };
     raise_to_acks(&mut cursors, &epoch_ends);
     let finals = Finals {
         cursors,
@@ -286,8 +311,12 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     let mut report = Report {
         version: REPORT_VERSION,
         scenario: plan.kind.name().into(),
+        system: st.system.to_string(),
         transport: st.transport.to_string(),
-        target_url: net.base().into(),
+        target_url: match st.system {
+            System::Weft => net.base().into(),
+            System::Nats => net.nats_url().into(),
+        },
         publish_url: if Arc::ptr_eq(&net, &publish_net) {
             String::new()
         } else {
@@ -304,6 +333,11 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         published: published.published,
         publish_errors: published.failed,
         publish_retries: published.retries,
+        offered: published.offered,
+        publish_unsent: published.unsent,
+        published_bytes: publisher.bytes.load(Relaxed),
+        delivered_bytes: stats.delivered_bytes.load(Relaxed),
+        harness_cpu_s: harness_cpu.map(|(cpu, _)| round2(cpu)).unwrap_or_default(),
         foreign: stats.foreign.load(Relaxed),
         connects: snap.connects,
         connect_failures: snap.connect_failures,
@@ -318,6 +352,8 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
             last_delivery_us: rec.last_delivery_us,
             connect_first_us: stats.connect_first_us.load(Relaxed),
             connect_last_us: stats.connect_last_us.load(Relaxed),
+            last_ack_us: publisher.last_ack_us.load(Relaxed),
+            harness_window_s: harness_cpu.map(|(_, s)| round2(s)).unwrap_or_default(),
             latency_hist: hist::encode(&rec.latency),
             publish_hist: hist::encode(&rec.publish),
             connect_hist: hist::encode(&rec.connect),
@@ -328,6 +364,10 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     report.set_counts(&counts);
     report.finalize()?;
     Ok(report)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 fn set_phase(phase: &std::sync::Mutex<&'static str>, p: &'static str) {

@@ -1,7 +1,10 @@
-//! `--html FILE`: a self-contained page with the summary and hand-written inline SVG
-//! plots (no scripts, no external assets): latency over time (p50/p99/max per second,
-//! log scale), throughput over time, the latency percentile distribution ("nines" on x,
-//! log latency on y), and the target's RSS over time when it was sampled.
+//! `--html FILE`: a self-contained page with the summary, the `--slo` verdicts (✓/✗ per
+//! objective) and hand-written inline SVG plots (no scripts, no external assets):
+//! latency over time (p50/p99/max per second, log scale), throughput over time
+//! (deliveries/s on the left axis, published/s on its own right axis — they differ by
+//! the fan-out factor, so one axis would flatten the publishes), the latency percentile
+//! distribution ("nines" on x, log latency on y), and the target's RSS over time when
+//! it was sampled.
 
 use std::fmt::Write as _;
 
@@ -12,6 +15,8 @@ const W: f64 = 760.0;
 const H: f64 = 260.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
+/// Right margin when a chart has a right axis (room for its labels).
+const RIGHT_AXIS: f64 = 70.0;
 const TOP: f64 = 30.0;
 const BOTTOM: f64 = 40.0;
 
@@ -38,6 +43,9 @@ pub struct Chart<'a> {
     pub y_fmt: fn(f64) -> String,
     /// Custom x ticks (value, label); `None` = five evenly spaced numeric ticks.
     pub x_ticks: Option<Vec<(f64, String)>>,
+    /// Series drawn against their own linear axis on the right (dashed), from 0.
+    pub y2: Vec<Series<'a>>,
+    pub y2_fmt: fn(f64) -> String,
 }
 
 pub fn escape(s: &str) -> String {
@@ -64,7 +72,12 @@ impl Chart<'_> {
             .iter()
             .flat_map(|s| s.points.iter().copied())
             .collect();
-        if pts.is_empty() {
+        let pts2: Vec<(f64, f64)> = self
+            .y2
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .collect();
+        if pts.is_empty() && pts2.is_empty() {
             let _ = write!(
                 s,
                 r##"<text x="{}" y="{}" fill="#888">no data</text></svg>"##,
@@ -80,6 +93,15 @@ impl Chart<'_> {
             x1 = x1.max(x);
             y0 = y0.min(y);
             y1 = y1.max(y);
+        }
+        if pts.is_empty() {
+            (y0, y1) = (1.0, 1.0);
+        }
+        let mut y2_max = 1.0f64;
+        for &(x, y) in &pts2 {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y2_max = y2_max.max(y);
         }
         if x1 <= x0 {
             x1 = x0 + 1.0;
@@ -99,7 +121,12 @@ impl Chart<'_> {
                 (lo, hi)
             }
         };
-        let pw = W - LEFT - RIGHT;
+        let right = if self.y2.is_empty() {
+            RIGHT
+        } else {
+            RIGHT_AXIS
+        };
+        let pw = W - LEFT - right;
         let ph = H - TOP - BOTTOM;
         let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
         let sy = |y: f64| TOP + ph - (ty(y) - ly0) / (ly1 - ly0) * ph;
@@ -117,7 +144,7 @@ impl Chart<'_> {
             let _ = write!(
                 s,
                 r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-                W - RIGHT,
+                W - right,
                 LEFT - 6.0,
                 y + 4.0,
                 escape(&(self.y_fmt)(v))
@@ -157,23 +184,58 @@ impl Chart<'_> {
             H - 6.0,
             escape(self.x_label)
         );
-        // Series and legend.
-        for (i, series) in self.series.iter().enumerate() {
+        // The right axis: linear from 0, its own ticks.
+        let step2 = nice_step(y2_max, 4);
+        let top2 = ((y2_max / step2).ceil() * step2).max(step2);
+        let sy2 = |y: f64| TOP + ph - y / top2 * ph;
+        if !pts2.is_empty() {
+            for v in nice_ticks(0.0, top2, 4).0 {
+                let _ = write!(
+                    s,
+                    r#"<text x="{}" y="{:.1}" text-anchor="start">{}</text>"#,
+                    W - right + 6.0,
+                    sy2(v) + 4.0,
+                    escape(&(self.y2_fmt)(v))
+                );
+            }
+        }
+        for series in &self.y2 {
             if series.points.is_empty() {
                 continue;
             }
             let path: Vec<String> = series
                 .points
                 .iter()
-                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy2(y)))
                 .collect();
             let _ = write!(
                 s,
-                r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"#,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.8" stroke-dasharray="5,3" points="{}"/>"#,
                 series.color,
                 path.join(" ")
             );
-            if series.points.len() == 1 {
+        }
+        // Series and legend.
+        let legend = self.series.len() + self.y2.len();
+        for (i, series) in self.series.iter().chain(&self.y2).enumerate() {
+            if series.points.is_empty() {
+                continue;
+            }
+            let primary = i < self.series.len();
+            let path: Vec<String> = series
+                .points
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            if primary {
+                let _ = write!(
+                    s,
+                    r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"#,
+                    series.color,
+                    path.join(" ")
+                );
+            }
+            if primary && series.points.len() == 1 {
                 let (x, y) = series.points[0];
                 let _ = write!(
                     s,
@@ -184,7 +246,7 @@ impl Chart<'_> {
                 );
             }
             // Legend in the title row, right-aligned, so it never hides a line.
-            let lx = W - RIGHT - (self.series.len() - i) as f64 * 100.0;
+            let lx = W - right - (legend - i) as f64 * 100.0;
             let ly = 18.0;
             let _ = write!(
                 s,
@@ -315,33 +377,34 @@ pub fn render(r: &Report) -> String {
         y_scale: Scale::Log,
         y_fmt: fmt_latency,
         x_ticks: None,
+        y2: vec![],
+        y2_fmt: fmt_rate,
     };
     let throughput = Chart {
-        title: "Throughput over time",
+        title: "Throughput over time (deliveries/s left, published/s right)",
         x_label: "seconds since the load started",
-        series: vec![
-            Series {
-                name: "deliveries/s",
-                color: "#1971c2",
-                points: r
-                    .timeline
-                    .iter()
-                    .map(|p| (rel(p.t), p.delivered as f64))
-                    .collect(),
-            },
-            Series {
-                name: "published/s",
-                color: "#862e9c",
-                points: r
-                    .timeline
-                    .iter()
-                    .map(|p| (rel(p.t), p.published as f64))
-                    .collect(),
-            },
-        ],
+        series: vec![Series {
+            name: "deliveries/s",
+            color: "#1971c2",
+            points: r
+                .timeline
+                .iter()
+                .map(|p| (rel(p.t), p.delivered as f64))
+                .collect(),
+        }],
         y_scale: Scale::Linear,
         y_fmt: fmt_rate,
         x_ticks: None,
+        y2: vec![Series {
+            name: "published/s (right)",
+            color: "#862e9c",
+            points: r
+                .timeline
+                .iter()
+                .map(|p| (rel(p.t), p.published as f64))
+                .collect(),
+        }],
+        y2_fmt: fmt_rate,
     };
     let dist_points = hist::decode(&r.raw.latency_hist)
         .ok()
@@ -378,22 +441,41 @@ pub fn render(r: &Report) -> String {
                 .map(|&(q, l)| (nines(q), l.to_string()))
                 .collect(),
         ),
+        y2: vec![],
+        y2_fmt: fmt_rate,
     };
 
     let mut page = String::new();
     let _ = write!(
         page,
         r#"<!doctype html><html><head><meta charset="utf-8"><title>weft-loadtest {sc} {tr}</title>
-<style>body{{font-family:sans-serif;margin:24px;color:#222}}table{{border-collapse:collapse}}td,th{{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}}td.n{{text-align:right;font-variant-numeric:tabular-nums}}.bad{{color:#c92a2a;font-weight:bold}}svg{{display:block;margin:18px 0}}</style>
-</head><body><h1>weft-loadtest: {sc} over {tr}</h1><p>target {url} · run {run} · {procs} process(es) · {dur:.1}s load, {win:.1}s window</p>"#,
+<style>body{{font-family:sans-serif;margin:24px;color:#222}}table{{border-collapse:collapse}}td,th{{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}}td.n{{text-align:right;font-variant-numeric:tabular-nums}}.bad{{color:#c92a2a;font-weight:bold}}.ok{{color:#2b8a3e;font-weight:bold}}svg{{display:block;margin:18px 0}}</style>
+</head><body><h1>weft-loadtest: {sc} over {tr} → {sys}</h1><p>target {url} · run {run} · {procs} process(es) · {dur:.1}s load, {win:.1}s window</p>"#,
         sc = escape(&r.scenario),
         tr = escape(&r.transport),
+        sys = escape(r.system_name()),
         url = escape(&r.target_url),
         run = escape(&r.run_id),
         procs = r.processes,
         dur = r.duration_s,
         win = r.window_s,
     );
+    if !r.slo.is_empty() {
+        page.push_str(
+            "<h2>Objectives</h2><table><tr><th></th><th>objective</th><th>actual</th></tr>",
+        );
+        for v in &r.slo {
+            let _ = write!(
+                page,
+                r#"<tr><td class="{}">{}</td><td>{}</td><td class="n">{}</td></tr>"#,
+                if v.ok { "ok" } else { "bad" },
+                if v.ok { "✓" } else { "✗" },
+                escape(&v.objective),
+                escape(&v.actual)
+            );
+        }
+        page.push_str("</table><h2>Summary</h2>");
+    }
     page.push_str("<table>");
     let mut row = |k: &str, v: String, bad: bool| {
         let _ = write!(
@@ -407,15 +489,43 @@ pub fn render(r: &Report) -> String {
     row(
         "published",
         format!(
-            "{} ({:.0}/s), {} failed",
-            r.published, r.publish_per_s, r.publish_errors
+            "{} ({:.0}/s, {}/s), {} failed, {} unsent",
+            r.published,
+            r.publish_per_s,
+            fmt_bytes(r.publish_bytes_per_s as u64),
+            r.publish_errors,
+            r.publish_unsent
         ),
-        r.publish_errors > 0,
+        r.publish_errors > 0 || r.publish_unsent > 0,
+    );
+    row(
+        "publishes achieved",
+        format!(
+            "{:.0}/s of {:.0}/s offered",
+            r.publish_achieved_per_s, r.offered_per_s
+        ),
+        r.publish_achieved_per_s + 0.5 < r.offered_per_s * 0.99,
+    );
+    let q = &r.publish_latency_us;
+    row(
+        "publish ack latency",
+        format!(
+            "p50 {} · p99 {} · max {}",
+            fmt_us(q.p50),
+            fmt_us(q.p99),
+            fmt_us(q.max)
+        ),
+        false,
     );
     row("expected", r.expected.to_string(), false);
     row(
         "delivered",
-        format!("{} ({:.0}/s)", r.delivered, r.deliveries_per_s),
+        format!(
+            "{} ({:.0}/s, {}/s)",
+            r.delivered,
+            r.deliveries_per_s,
+            fmt_bytes(r.delivery_bytes_per_s as u64)
+        ),
         false,
     );
     row(
@@ -475,7 +585,18 @@ pub fn render(r: &Report) -> String {
             ),
             false,
         );
+        if let Some(d) = r.deliveries_per_target_cpu_s {
+            row("deliveries per target CPU s", format!("{d:.0}"), false);
+        }
     }
+    row(
+        "harness CPU",
+        format!(
+            "{:.2} CPU s ({:.2} cores)",
+            r.harness_cpu_s, r.harness_cpu_cores
+        ),
+        false,
+    );
     if let Some(rs) = &r.restart {
         row(
             "restart",
@@ -511,6 +632,8 @@ pub fn render(r: &Report) -> String {
             y_scale: Scale::Linear,
             y_fmt: fmt_rss,
             x_ticks: None,
+            y2: vec![],
+            y2_fmt: fmt_rate,
         };
         page.push_str(&rss.svg());
     }
@@ -561,7 +684,26 @@ mod tests {
         };
         r.raw.start_us = 1_000_000_000;
         r.raw.latency_hist = encode(&h);
+        r.slo = vec![
+            crate::report::SloResult {
+                objective: "p99<10ms".into(),
+                actual: "2.4ms".into(),
+                ok: true,
+            },
+            crate::report::SloResult {
+                objective: "loss=0".into(),
+                actual: "2".into(),
+                ok: false,
+            },
+        ];
         let page = render(&r);
+        assert!(
+            page.contains("✓</td><td>p99&lt;10ms"),
+            "objectives with verdicts"
+        );
+        assert!(page.contains("✗</td><td>loss=0"));
+        // published/s has its own (dashed, right-hand) axis.
+        assert!(page.contains("stroke-dasharray"));
         assert_eq!(page.matches("<svg").count(), 3);
         assert!(page.contains("<polyline"));
         assert!(page.contains("99.9%"));
@@ -590,6 +732,8 @@ mod tests {
             y_scale: Scale::Log,
             y_fmt: fmt_latency,
             x_ticks: None,
+            y2: vec![],
+            y2_fmt: fmt_rate,
         };
         assert!(c.svg().contains("no data"));
     }

@@ -2,7 +2,9 @@
 //!
 //! Drives a Weft node (or a cluster behind one URL) with open-loop publishers and many
 //! subscribers over WebSocket, SSE or long-poll, and accounts for every event: what was
-//! published, what each subscriber was owed, what it received, how late.
+//! published, what each subscriber was owed, what it received, how late. The same
+//! `fanout` and `connect` loads also run against a `nats-server` over WebSocket
+//! (`--system nats`), and `compare` puts the two side by side.
 //!
 //! ```text
 //!  publisher (open-loop schedule, HTTP POST)          subscribers (ws | sse | longpoll)
@@ -29,25 +31,31 @@
 //! - [`net`]: target URL, source-address spreading over 127.0.0.x, TCP/WebSocket
 //!   connects, HTTP clients.
 //! - [`sse`]: an incremental `text/event-stream` parser; pure logic.
+//! - [`natsproto`]: the NATS text protocol: an incremental, bounded parser of what a
+//!   server sends, and the client's lines; pure logic.
 //! - [`subscriber`]: one subscriber's reconnect loop; [`transport`] holds its sessions
 //!   over WebSocket, SSE and long-poll.
-//! - [`publisher`]: the open-loop HTTP publisher with bounded in-flight requests.
+//! - [`publisher`]: the open-loop publisher (HTTP, or NATS links) with bounded
+//!   in-flight requests, and its ordered mode (one publish in flight per topic).
 //! - [`engine`]: runs one scenario in one process: ramp, go, publish, drain, finals.
 //! - [`coord`]: the barriers between a process and its parent (workers) and the
 //!   conductor that samples the target and runs `--restart-cmd`.
 //! - [`workers`]: `--workers N`: re-exec as N processes and merge their reports.
 //! - [`target`]: CPU and RSS of the target process from `/proc`.
 //! - [`report`]: the report, merging, the final table; [`html`] the HTML page;
-//!   [`slo`] and [`baseline`] the pass/fail checks.
+//!   [`slo`] and [`baseline`] the pass/fail checks; [`compare`] the side-by-side
+//!   medians of several systems' runs.
 //! - [`progress`]: the live progress line.
 
 pub mod app;
 pub mod baseline;
 pub mod cli;
+pub mod compare;
 pub mod coord;
 pub mod engine;
 pub mod hist;
 pub mod html;
+pub mod natsproto;
 pub mod net;
 pub mod placement;
 pub mod plan;

@@ -31,6 +31,8 @@ pub struct Net {
     base: String,
     /// `ws://host:port/v1/ws`.
     ws_url: String,
+    /// `ws://host:port/`: a `nats-server`'s WebSocket listener (`--system nats`).
+    nats_url: String,
     addr: SocketAddr,
     sources: Vec<IpAddr>,
     http: Vec<OnceLock<reqwest::Client>>,
@@ -45,8 +47,8 @@ impl Net {
         let url = reqwest::Url::parse(target).with_context(|| {
             format!("--target `{target}` is not a URL like http://127.0.0.1:8080")
         })?;
-        if url.scheme() != "http" {
-            bail!("--target `{target}`: only http:// targets are supported (run the harness next to the node or its load balancer)");
+        if !matches!(url.scheme(), "http" | "ws" | "nats+ws") {
+            bail!("--target `{target}`: only http:// targets are supported (run the harness next to the node or its load balancer), or ws:// for a nats-server's WebSocket listener (--system nats)");
         }
         let host = url
             .host_str()
@@ -71,6 +73,7 @@ impl Net {
         Ok(Self {
             base: format!("http://{authority}"),
             ws_url: format!("ws://{authority}/v1/ws"),
+            nats_url: format!("ws://{authority}/"),
             addr,
             http: (0..sources.len().max(1)).map(|_| OnceLock::new()).collect(),
             sources,
@@ -91,6 +94,11 @@ impl Net {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// `ws://host:port/`: where `--system nats` connects.
+    pub fn nats_url(&self) -> &str {
+        &self.nats_url
     }
 
     /// `base` + `path` (which starts with `/`).
@@ -153,6 +161,22 @@ impl Net {
         Ok(ws)
     }
 
+    /// A plain WebSocket (no subprotocol) to a `nats-server`'s WebSocket listener, for
+    /// connection number `n`, with the same small buffers as [`ws`](Self::ws).
+    pub async fn nats_ws(&self, n: usize) -> anyhow::Result<WebSocketStream<TcpStream>> {
+        let stream = self.tcp(n).await.context("TCP connect")?;
+        let req = self.nats_url.as_str().into_client_request()?;
+        let config = WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(MAX_WS_MESSAGE))
+            .max_frame_size(Some(MAX_WS_MESSAGE));
+        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+            .await
+            .context("WebSocket handshake")?;
+        Ok(ws)
+    }
+
     /// The HTTP client for connection number `n`.
     pub fn http(&self, n: usize) -> &reqwest::Client {
         let slot = n % self.http.len();
@@ -201,5 +225,7 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("only http://"), "{e}");
         assert!(Net::new("127.0.0.1:8080", 0, true).await.is_err());
+        let n = Net::new("ws://127.0.0.1:4222", 0, true).await.unwrap();
+        assert_eq!(n.nats_url, "ws://127.0.0.1:4222/");
     }
 }

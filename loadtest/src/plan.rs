@@ -211,6 +211,27 @@ impl Plan {
         }
     }
 
+    /// The events of the schedule's first `total` that go to `topic`, in order
+    /// (`--ordered`). Round robin and dealt layouts step through them; the others
+    /// filter the whole schedule.
+    pub fn topic_events(
+        &self,
+        topic: usize,
+        total: u64,
+    ) -> Box<dyn Iterator<Item = u64> + Send + '_> {
+        match self.layout {
+            Layout::RoundRobin | Layout::Dealt => {
+                Box::new((topic as u64..total).step_by(self.topics.len().max(1)))
+            }
+            _ => Box::new((0..total).filter(move |&k| self.event_topic(k) == topic)),
+        }
+    }
+
+    /// Whether event `k`'s topic is `k % T` (what `--system nats` accounting needs).
+    pub fn is_round_robin(&self) -> bool {
+        matches!(self.layout, Layout::RoundRobin | Layout::Dealt)
+    }
+
     /// The publisher id stamped on event `k` (chat: the sending member).
     pub fn event_publisher(&self, k: u64, slot: Slot) -> u64 {
         match &self.layout {
@@ -348,6 +369,14 @@ mod tests {
         assert_eq!(p.subscriber_topics(7), vec![1]);
         assert_eq!(p.event_topic(5), 2);
         assert_eq!(p.topics[2], "lt.r1.fanout.2");
+        // A topic's events, in order, are every T-th of the schedule.
+        assert_eq!(p.topic_events(1, 10).collect::<Vec<_>>(), vec![1, 4, 7]);
+        let all: usize = (0..3).map(|t| p.topic_events(t, 2000).count()).sum();
+        assert_eq!(all, 2000);
+        let rooms = plan(Layout::Rooms { members: 2 }, 2, 4);
+        for t in 0..2 {
+            assert!(rooms.topic_events(t, 40).all(|k| rooms.event_topic(k) == t));
+        }
     }
 
     #[test]

@@ -10,8 +10,21 @@
 //! retry (connection refused during a restart, 429, 503, 5xx) cannot publish twice while
 //! the owner's dedupe window holds. Each event is retried until `--publish-timeout`
 //! after its due time, then counted as a publish error.
+//!
+//! **Ordered** (`--ordered`, and always with `--system nats`): what a producer that must
+//! keep a topic's order does. Each topic is published by one process only (the slot
+//! that owns the topic number), by one task that sends the topic's events in schedule
+//! order and waits for each acknowledgement (Weft: the `201`; NATS: the `PONG` of the
+//! `PING` after the `PUB`) before it sends the next: at most one publish in flight per
+//! topic. The schedule stays open-loop — each event is still due at `start + k/rate`
+//! and stamped with that time, so a slow acknowledgement delays the events queued
+//! behind it and their latency shows it. A topic whose next event is already more
+//! than `--publish-timeout` late stops there; the rest of its events are *unsent*
+//! (`publish_unsent`), which bounds the run and keeps every topic's acknowledged
+//! events a prefix of its schedule.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +39,7 @@ use crate::plan::{Plan, Slot};
 use crate::recorder::Recorder;
 use crate::stamp::{now_us, Stamp};
 use crate::stats::{ErrorLog, LiveStats};
+use crate::transport::nats::{self, NatsLinks};
 use crate::transport::{error_message, retry_after};
 use weft_proto::PublishResult;
 
@@ -47,8 +61,17 @@ pub struct Publisher {
     pub max_inflight: usize,
     /// How long after its due time an event may still be retried.
     pub timeout: Duration,
-    /// What the `201` answers said: how far each (topic, epoch) got.
+    /// What the `201` answers said: how far each (topic, epoch) got (NATS: the last
+    /// acknowledged ordinal of each topic, in epoch [`nats::EPOCH`]).
     pub epoch_ends: Mutex<EpochEnds>,
+    /// One publish in flight per topic, each topic from one process (see above).
+    pub ordered: bool,
+    /// `--system nats`: publish over these links instead of HTTP.
+    pub nats: Option<NatsLinks>,
+    /// Acknowledged payload bytes.
+    pub bytes: AtomicU64,
+    /// Wall clock of the last acknowledgement, µs.
+    pub last_ack_us: AtomicU64,
 }
 
 /// What a publisher did.
@@ -57,6 +80,11 @@ pub struct PublishOutcome {
     pub published: u64,
     pub failed: u64,
     pub retries: u64,
+    /// Events of this process's schedule.
+    pub offered: u64,
+    /// Ordered: events never sent because their topic fell more than
+    /// `--publish-timeout` behind.
+    pub unsent: u64,
 }
 
 impl Publisher {
@@ -69,10 +97,16 @@ impl Publisher {
         start: Instant,
         start_us: u64,
     ) -> PublishOutcome {
+        if self.ordered {
+            return self.run_ordered(plan, slot, start, start_us).await;
+        }
         let window = Arc::new(Semaphore::new(self.max_inflight.max(1)));
         let mut tasks: JoinSet<(bool, u64)> = JoinSet::new();
-        let mut out = PublishOutcome::default();
         let total = plan.total_events();
+        let mut out = PublishOutcome {
+            offered: slot.share(total),
+            ..Default::default()
+        };
         let mut k = slot.index as u64;
         while k < total {
             let offset = plan.event_offset_us(k);
@@ -106,12 +140,82 @@ impl Publisher {
         out
     }
 
+    /// Ordered: one task per topic this process owns, each sending its topic's events
+    /// one at a time. The in-flight window still caps requests across topics.
+    async fn run_ordered(
+        self: Arc<Self>,
+        plan: &Plan,
+        slot: Slot,
+        start: Instant,
+        start_us: u64,
+    ) -> PublishOutcome {
+        let window = Arc::new(Semaphore::new(self.max_inflight.max(1)));
+        let total = plan.total_events();
+        let mut tasks: JoinSet<PublishOutcome> = JoinSet::new();
+        // Each task walks its topic's events lazily: memory does not grow with the
+        // schedule.
+        let shared = Arc::new(plan.clone());
+        for topic in (0..plan.topics.len()).filter(|&t| slot.owns(t as u64)) {
+            let (me, window, plan) = (self.clone(), window.clone(), shared.clone());
+            tasks.spawn(async move {
+                let mut out = PublishOutcome {
+                    offered: plan.topic_events(topic, total).count() as u64,
+                    ..Default::default()
+                };
+                let mut events = plan.topic_events(topic, total);
+                while let Some(k) = events.next() {
+                    let offset = plan.event_offset_us(k);
+                    let due = start + Duration::from_micros(offset);
+                    tokio::time::sleep_until(due).await;
+                    if Instant::now() > due + me.timeout {
+                        out.unsent = 1 + events.count() as u64;
+                        me.errors.add(format!(
+                            "ordered publisher more than --publish-timeout ({:?}) behind: \
+                             the rest of a topic's events were not sent",
+                            me.timeout
+                        ));
+                        break;
+                    }
+                    let stamp = Stamp {
+                        p: plan.event_publisher(k, slot),
+                        s: k,
+                        t: start_us + offset,
+                    };
+                    let permit = window
+                        .acquire()
+                        .await
+                        .expect("the window semaphore is never closed");
+                    let body = Bytes::from(stamp.encode(plan.payload_bytes));
+                    let r = me.publish(k, topic, body, stamp.t).await;
+                    drop(permit);
+                    out.add(Ok(r));
+                }
+                out
+            });
+        }
+        let mut out = PublishOutcome::default();
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(o) => out.merge(&o),
+                Err(e) => self
+                    .errors
+                    .add(format!("ordered publisher task failed: {e}")),
+            }
+        }
+        out
+    }
+
     /// One event with its retries; `(published, retries)`.
     async fn publish(&self, k: u64, topic: usize, body: Bytes, intended_us: u64) -> (bool, u64) {
         let deadline = Instant::now()
             + self
                 .timeout
                 .saturating_sub(Duration::from_micros(now_us().saturating_sub(intended_us)));
+        if let Some(links) = &self.nats {
+            return self
+                .publish_nats(links, k, topic, body, intended_us, deadline)
+                .await;
+        }
         let client = self.net.http(k as usize % PUBLISH_CLIENTS);
         let url = self
             .net
@@ -130,12 +234,10 @@ impl Publisher {
                 .await;
             let (why, pause) = match sent {
                 Ok(resp) if resp.status().is_success() => {
-                    let ack = now_us();
-                    self.recorder.publish(k as usize, ack, intended_us);
-                    LiveStats::inc(&self.stats.published);
+                    self.acked(k, body.len(), intended_us);
                     if let Ok(body) = resp.bytes().await {
                         if let Ok(r) = serde_json::from_slice::<PublishResult>(&body) {
-                            self.note(topic, r);
+                            self.note(topic, &r.epoch, r.offset);
                         }
                     }
                     return (true, retries);
@@ -169,12 +271,60 @@ impl Publisher {
         }
     }
 
-    fn note(&self, topic: usize, r: PublishResult) {
+    /// One event over NATS: `PUB` + `PING`, acknowledged by the `PONG`; retried (a
+    /// broken link is reopened) until the deadline. A retry after a lost `PONG` may
+    /// publish twice; subscribers count that as a duplicate.
+    async fn publish_nats(
+        &self,
+        links: &NatsLinks,
+        k: u64,
+        topic: usize,
+        body: Bytes,
+        intended_us: u64,
+        deadline: Instant,
+    ) -> (bool, u64) {
+        let subject: Arc<str> = Arc::from(self.topics[topic].as_str());
+        let mut backoff = Duration::from_millis(50);
+        let mut retries = 0;
+        loop {
+            let why = match tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                links.publish(topic, &subject, body.clone()),
+            )
+            .await
+            {
+                Ok(Ok(())) => {
+                    self.acked(k, body.len(), intended_us);
+                    let (_, place) = nats::ordinal(k, self.topics.len());
+                    self.note(topic, nats::EPOCH, place);
+                    return (true, retries);
+                }
+                Ok(Err(e)) => format!("publish failed: {e:#}"),
+                Err(_) => format!("NATS publish not acknowledged within {REQUEST_TIMEOUT:?}"),
+            };
+            if Instant::now() + backoff >= deadline {
+                return self.failed(format!("{why} (gave up after {retries} retries)"), retries);
+            }
+            retries += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn acked(&self, k: u64, bytes: usize, intended_us: u64) {
+        let ack = now_us();
+        self.recorder.publish(k as usize, ack, intended_us);
+        LiveStats::inc(&self.stats.published);
+        self.bytes.fetch_add(bytes as u64, Relaxed);
+        self.last_ack_us.fetch_max(ack, Relaxed);
+    }
+
+    fn note(&self, topic: usize, epoch: &str, offset: u64) {
         let mut ends = self.epoch_ends.lock().unwrap_or_else(|p| p.into_inner());
         // Bounded: a topic gets a new epoch only when its history is lost.
         if ends.len() < 1_000_000 {
-            let e = ends.entry((topic, r.epoch)).or_insert(0);
-            *e = (*e).max(r.offset);
+            let e = ends.entry((topic, epoch.to_owned())).or_insert(0);
+            *e = (*e).max(offset);
         }
     }
 
@@ -186,6 +336,14 @@ impl Publisher {
 }
 
 impl PublishOutcome {
+    fn merge(&mut self, o: &PublishOutcome) {
+        self.published += o.published;
+        self.failed += o.failed;
+        self.retries += o.retries;
+        self.offered += o.offered;
+        self.unsent += o.unsent;
+    }
+
     fn add(&mut self, done: Result<(bool, u64), tokio::task::JoinError>) {
         match done {
             Ok((ok, retries)) => {

@@ -22,6 +22,9 @@ pub const REPORT_VERSION: u32 = 1;
 pub struct Report {
     pub version: u32,
     pub scenario: String,
+    /// `weft` or `nats` (`--system`); empty in reports older than the option: Weft.
+    #[serde(default)]
+    pub system: String,
     pub transport: String,
     pub target_url: String,
     /// Where publishers sent, when not `target_url` (`--publish-target`).
@@ -47,6 +50,28 @@ pub struct Report {
     pub publish_errors: u64,
     pub publish_retries: u64,
     pub publish_per_s: f64,
+    /// Events the schedule offered (`rate × duration`, this run's share of it).
+    #[serde(default)]
+    pub offered: u64,
+    /// `offered / duration_s`: what the publishers were asked to do.
+    #[serde(default)]
+    pub offered_per_s: f64,
+    /// `--ordered`: events never sent because their topic's publisher fell more than
+    /// `--publish-timeout` behind.
+    #[serde(default)]
+    pub publish_unsent: u64,
+    /// From the start of the load to the last acknowledgement (at least `duration_s`).
+    #[serde(default)]
+    pub publish_window_s: f64,
+    /// `published / publish_window_s`: publishes per second actually achieved, the
+    /// backlog an ordered publisher worked off after the schedule ended included.
+    #[serde(default)]
+    pub publish_achieved_per_s: f64,
+    /// Event data bytes acknowledged, and per second of `duration_s`.
+    #[serde(default)]
+    pub published_bytes: u64,
+    #[serde(default)]
+    pub publish_bytes_per_s: f64,
 
     /// Deliveries owed to the subscribers (each subscription × each event published to
     /// its topic while it was subscribed; signalled skips excluded).
@@ -75,6 +100,21 @@ pub struct Report {
     /// `lost / expected`.
     pub loss_ratio: f64,
     pub deliveries_per_s: f64,
+    /// Event data bytes of the deliveries, and per second of `window_s`.
+    #[serde(default)]
+    pub delivered_bytes: u64,
+    #[serde(default)]
+    pub delivery_bytes_per_s: f64,
+    /// With `--target-pid`: `delivered / target.cpu_s`, deliveries per CPU second of
+    /// the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries_per_target_cpu_s: Option<f64>,
+    /// CPU seconds the harness's load processes used during the load (a parent of
+    /// `--workers` only coordinates and is not counted), and the cores that is.
+    #[serde(default)]
+    pub harness_cpu_s: f64,
+    #[serde(default)]
+    pub harness_cpu_cores: f64,
     /// Delivery latency: receive time − intended (scheduled) publish time.
     pub latency_us: Percentiles,
     /// Publish latency: acknowledgement time − intended publish time.
@@ -104,6 +144,9 @@ pub struct Report {
     pub target: Option<TargetStats>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartOutcome>,
+    /// `--slo`: each objective, what was measured, whether it held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slo: Vec<SloResult>,
     /// Distinct error messages and how often they occurred.
     pub errors: BTreeMap<String, u64>,
     /// One point per second of the run.
@@ -118,6 +161,12 @@ pub struct Raw {
     pub last_delivery_us: u64,
     pub connect_first_us: u64,
     pub connect_last_us: u64,
+    /// Wall clock of the last publish acknowledgement, µs.
+    #[serde(default)]
+    pub last_ack_us: u64,
+    /// The longest load window over which a process's own CPU was read, seconds.
+    #[serde(default)]
+    pub harness_window_s: f64,
     /// HDR histograms, base64 of the V2 deflate encoding.
     pub latency_hist: String,
     pub publish_hist: String,
@@ -137,6 +186,14 @@ pub struct TimelinePoint {
     pub max_us: u64,
     /// That second's latency histogram (base64), for merging.
     pub hist: String,
+}
+
+/// One checked `--slo` objective.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SloResult {
+    pub objective: String,
+    pub actual: String,
+    pub ok: bool,
 }
 
 /// What `--restart-cmd` did.
@@ -183,17 +240,23 @@ impl Report {
     pub fn merge(&mut self, o: &Report) -> anyhow::Result<()> {
         if self.scenario.is_empty() {
             self.scenario = o.scenario.clone();
+            self.system = o.system.clone();
             self.transport = o.transport.clone();
             self.target_url = o.target_url.clone();
             self.publish_url = o.publish_url.clone();
             self.run_id = o.run_id.clone();
             self.config = o.config.clone();
             self.version = o.version;
-        } else if self.scenario != o.scenario || self.transport != o.transport {
+        } else if self.scenario != o.scenario
+            || self.transport != o.transport
+            || self.system != o.system
+        {
             anyhow::bail!(
-                "cannot merge a {}/{} report into a {}/{} report",
+                "cannot merge a {}/{}/{} report into a {}/{}/{} report",
+                o.system_name(),
                 o.scenario,
                 o.transport,
+                self.system_name(),
                 self.scenario,
                 self.transport
             );
@@ -209,6 +272,11 @@ impl Report {
         self.published += o.published;
         self.publish_errors += o.publish_errors;
         self.publish_retries += o.publish_retries;
+        self.offered += o.offered;
+        self.publish_unsent += o.publish_unsent;
+        self.published_bytes += o.published_bytes;
+        self.delivered_bytes += o.delivered_bytes;
+        self.harness_cpu_s = round3(self.harness_cpu_s + o.harness_cpu_s);
         self.foreign += o.foreign;
         self.connects += o.connects;
         self.connect_failures += o.connect_failures;
@@ -233,6 +301,8 @@ impl Report {
         r.last_delivery_us = r.last_delivery_us.max(o.raw.last_delivery_us);
         r.connect_first_us = min_nonzero(r.connect_first_us, o.raw.connect_first_us);
         r.connect_last_us = r.connect_last_us.max(o.raw.connect_last_us);
+        r.last_ack_us = r.last_ack_us.max(o.raw.last_ack_us);
+        r.harness_window_s = r.harness_window_s.max(o.raw.harness_window_s);
         r.latency_hist = hist::merge_encoded(&r.latency_hist, &o.raw.latency_hist)?;
         r.publish_hist = hist::merge_encoded(&r.publish_hist, &o.raw.publish_hist)?;
         r.connect_hist = hist::merge_encoded(&r.connect_hist, &o.raw.connect_hist)?;
@@ -264,7 +334,22 @@ impl Report {
         };
         self.window_s = round3(self.duration_s.max(since_start));
         self.publish_per_s = rate(self.published, self.duration_s);
+        self.offered_per_s = rate(self.offered, self.duration_s);
+        let acks = if r.last_ack_us > r.start_us && r.start_us > 0 {
+            (r.last_ack_us - r.start_us) as f64 / 1e6
+        } else {
+            0.0
+        };
+        self.publish_window_s = round3(self.duration_s.max(acks));
+        self.publish_achieved_per_s = rate(self.published, self.publish_window_s);
+        self.publish_bytes_per_s = rate(self.published_bytes, self.duration_s);
         self.deliveries_per_s = rate(self.delivered, self.window_s);
+        self.delivery_bytes_per_s = rate(self.delivered_bytes, self.window_s);
+        self.harness_cpu_cores = if r.harness_window_s > 0.0 {
+            round3(self.harness_cpu_s / r.harness_window_s)
+        } else {
+            0.0
+        };
         self.loss_ratio = if self.expected > 0 {
             self.lost as f64 / self.expected as f64
         } else {
@@ -293,7 +378,26 @@ impl Report {
             p.p99_us = pc.p99;
             p.max_us = pc.max;
         }
+        self.derive_target();
         Ok(())
+    }
+
+    /// `weft` unless the report says otherwise (older reports have no `system`).
+    pub fn system_name(&self) -> &str {
+        if self.system.is_empty() {
+            "weft"
+        } else {
+            &self.system
+        }
+    }
+
+    /// Figures derived from the target's sample (set after the run by the conductor).
+    pub fn derive_target(&mut self) {
+        self.deliveries_per_target_cpu_s = self
+            .target
+            .as_ref()
+            .filter(|t| t.cpu_s > 0.0)
+            .map(|t| (self.delivered as f64 / t.cpu_s).round());
     }
 
     /// The human-readable summary printed at the end of a run.
@@ -306,9 +410,10 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "weft-loadtest {} over {} → {}{publish}  (run {}, {} process{}, {:.1}s load, {:.1}s window)",
+            "weft-loadtest {} over {} → {} {}{publish}  (run {}, {} process{}, {:.1}s load, {:.1}s window)",
             self.scenario,
             self.transport,
+            self.system_name(),
             self.target_url,
             self.run_id,
             self.processes,
@@ -355,17 +460,46 @@ impl Report {
             &mut s,
             "published",
             format!(
-                "{} ok ({:.0}/s), {} failed, {} retries",
-                self.published, self.publish_per_s, self.publish_errors, self.publish_retries
+                "{} ok ({:.0}/s, {}/s), {} failed, {} retries{}",
+                self.published,
+                self.publish_per_s,
+                fmt_bytes(self.publish_bytes_per_s as u64),
+                self.publish_errors,
+                self.publish_retries,
+                if self.publish_unsent > 0 {
+                    format!(
+                        ", {} unsent (publisher too far behind)",
+                        self.publish_unsent
+                    )
+                } else {
+                    String::new()
+                }
             ),
         );
+        if self.offered > 0 {
+            row(
+                &mut s,
+                "publishes achieved",
+                format!(
+                    "{:.0}/s of {:.0}/s offered ({} of {} events, last ack at +{:.1}s)",
+                    self.publish_achieved_per_s,
+                    self.offered_per_s,
+                    self.published,
+                    self.offered,
+                    self.publish_window_s
+                ),
+            );
+        }
         row(&mut s, "publish latency", fmt_pct(&self.publish_latency_us));
         row(
             &mut s,
             "delivered",
             format!(
-                "{} of {} expected ({:.0}/s)",
-                self.delivered, self.expected, self.deliveries_per_s
+                "{} of {} expected ({:.0}/s, {}/s)",
+                self.delivered,
+                self.expected,
+                self.deliveries_per_s,
+                fmt_bytes(self.delivery_bytes_per_s as u64)
             ),
         );
         row(&mut s, "delivery latency", fmt_pct(&self.latency_us));
@@ -414,7 +548,25 @@ impl Report {
                     per_conn
                 ),
             );
+            if let Some(d) = self.deliveries_per_target_cpu_s {
+                row(
+                    &mut s,
+                    "deliveries per CPU s",
+                    format!(
+                        "{d:.0} (target), harness {:.2} cores",
+                        self.harness_cpu_cores
+                    ),
+                );
+            }
         }
+        row(
+            &mut s,
+            "harness CPU",
+            format!(
+                "{:.2} CPU s in the load ({:.2} cores)",
+                self.harness_cpu_s, self.harness_cpu_cores
+            ),
+        );
         if let Some(r) = &self.restart {
             row(
                 &mut s,

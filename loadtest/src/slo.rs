@@ -5,8 +5,8 @@
 //! | metric | value |
 //! |---|---|
 //! | `p50` `p90` `p99` `p999` `max` `mean` (delivery latency), `connect_p50` … `connect_max`, `subscribe_p50` … `subscribe_max`, `publish_p50` … `publish_max` | a duration with its unit: `800us`, `10ms`, `1.5s` |
-//! | `loss` (= `lost`), `duplicates`, `reordered`, `resets`, `reset_dropped`, `skipped`, `stale`, `publish_errors`, `connect_failures`, `subscribe_failures` | a count, or a percentage of `expected` (`loss<0.01%`) |
-//! | `deliveries_per_s`, `publish_per_s`, `connect_per_s` | a number, optionally with `k` or `M` |
+//! | `loss` (= `lost`), `duplicates`, `reordered`, `resets`, `reset_dropped`, `skipped`, `stale`, `publish_errors`, `publish_unsent`, `connect_failures`, `subscribe_failures` | a count, or a percentage of `expected` (`loss<0.01%`) |
+//! | `deliveries_per_s`, `publish_per_s`, `publish_achieved_per_s`, `connect_per_s` | a number, optionally with `k` or `M` |
 //!
 //! `op` is one of `<` `<=` `>` `>=` `=` (also `==`). A missed objective makes the run exit
 //! with code 3.
@@ -106,7 +106,7 @@ impl fmt::Display for Verdict {
 }
 
 const LATENCY: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
-const COUNTS: [&str; 11] = [
+const COUNTS: [&str; 12] = [
     "loss",
     "lost",
     "duplicates",
@@ -116,10 +116,16 @@ const COUNTS: [&str; 11] = [
     "skipped",
     "stale",
     "publish_errors",
+    "publish_unsent",
     "connect_failures",
     "subscribe_failures",
 ];
-const RATES: [&str; 3] = ["deliveries_per_s", "publish_per_s", "connect_per_s"];
+const RATES: [&str; 4] = [
+    "deliveries_per_s",
+    "publish_per_s",
+    "publish_achieved_per_s",
+    "connect_per_s",
+];
 
 fn kind_of(metric: &str) -> Option<Kind> {
     let lat = metric
@@ -281,10 +287,12 @@ pub fn check(objectives: &[Objective], r: &Report) -> Vec<Verdict> {
                     "skipped" => r.skipped as f64,
                     "stale" => r.stale as f64,
                     "publish_errors" => r.publish_errors as f64,
+                    "publish_unsent" => r.publish_unsent as f64,
                     "connect_failures" => r.connect_failures as f64,
                     "subscribe_failures" => r.subscribe_failures as f64,
                     "deliveries_per_s" => r.deliveries_per_s,
                     "publish_per_s" => r.publish_per_s,
+                    "publish_achieved_per_s" => r.publish_achieved_per_s,
                     _ => r.connect_per_s,
                 };
                 if o.ratio {
@@ -369,6 +377,16 @@ mod tests {
         assert_eq!(oks, vec![true, false, true, true, false, true]);
         assert!(v[1].to_string().starts_with("FAIL loss=0"), "{}", v[1]);
         assert_eq!(v[2].actual, "0.0300%");
+        let mut slow = report();
+        slow.publish_achieved_per_s = 900.0;
+        slow.publish_unsent = 4;
+        let v = check(
+            &parse("publish_achieved_per_s>=1k,publish_unsent=0,publish_achieved_per_s>800")
+                .unwrap(),
+            &slow,
+        );
+        let oks: Vec<bool> = v.iter().map(|v| v.ok).collect();
+        assert_eq!(oks, vec![false, false, true]);
         let v = check(
             &parse("subscribe_p99<5ms,subscribe_p99<3ms,subscribe_failures=0").unwrap(),
             &r,

@@ -12,6 +12,8 @@ pub struct LiveStats {
     pub published: AtomicU64,
     pub publish_errors: AtomicU64,
     pub delivered: AtomicU64,
+    /// Event data bytes of the deliveries counted in `delivered`.
+    pub delivered_bytes: AtomicU64,
     pub duplicates: AtomicU64,
     pub reordered: AtomicU64,
     /// Offsets seen missing when a later one arrived (some may still come reordered).

@@ -24,7 +24,7 @@ use crate::recorder::Recorder;
 use crate::stamp::{now_us, Stamp};
 use crate::stats::{ErrorLog, LiveStats};
 use crate::tracker::{Counts, TopicTrack, Verdict};
-use crate::transport::{self, Transport};
+use crate::transport::{self, System, Transport};
 
 /// Sessions one subscriber may open in one run.
 pub const MAX_SESSIONS: u64 = 100_000;
@@ -54,6 +54,8 @@ impl Finals {
 /// What every subscriber of a process shares.
 pub struct Shared {
     pub net: Arc<Net>,
+    /// Weft, or a `nats-server` (`--system nats`: WebSocket only).
+    pub system: System,
     pub transport: Transport,
     /// Global topic names by topic number.
     pub topics: Arc<Vec<String>>,
@@ -147,6 +149,9 @@ impl Subscriber {
                 .churn
                 .map(|c| Instant::now() + c.lifetime.mul_f64(0.5 + fastrand::f64()));
             let end = match sh.transport {
+                _ if sh.system == System::Nats => {
+                    transport::nats::session(&mut self, &sh, intended, lifetime).await
+                }
                 Transport::Ws => transport::ws::session(&mut self, &sh, intended, lifetime).await,
                 Transport::Sse => transport::sse::session(&mut self, &sh, intended, lifetime).await,
                 Transport::Longpoll => {
@@ -284,6 +289,9 @@ pub fn account(
     match v {
         Verdict::New | Verdict::Reordered => {
             LiveStats::inc(&sh.stats.delivered);
+            sh.stats
+                .delivered_bytes
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
             if v == Verdict::Reordered {
                 LiveStats::inc(&sh.stats.reordered);
             }

@@ -17,7 +17,7 @@ use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
 use weft_loadtest::subscriber::{Finals, Shared, Subscriber};
-use weft_loadtest::transport::Transport;
+use weft_loadtest::transport::{System, Transport};
 use weft_proto::Cursor;
 
 /// One HTTP/1.1 request: method + path, and the body.
@@ -115,6 +115,10 @@ async fn publisher_is_open_loop_no_coordinated_omission() {
         max_inflight: 1,
         timeout: Duration::from_secs(5),
         epoch_ends: Default::default(),
+        ordered: false,
+        nats: None,
+        bytes: Default::default(),
+        last_ack_us: Default::default(),
     });
     let start_us = now_us() + 50_000;
     let start = Instant::now() + Duration::from_micros(50_000);
@@ -207,6 +211,7 @@ async fn subscribe_once(
     let stats = Arc::new(LiveStats::default());
     let shared = Arc::new(Shared {
         net: Arc::new(Net::new(&format!("http://{addr}"), 0, false).await.unwrap()),
+        system: System::Weft,
         transport: Transport::Sse,
         topics: Arc::new(vec!["t".to_string()]),
         recorder: recorder.clone(),

@@ -6,6 +6,8 @@
 //! - [`sse`]: `GET /v1/topics/{t}/events?watch=true&since=…` for one topic, the
 //!   multi-topic `GET /v1/events?topic=…&watch=true` with `Last-Event-ID` for several.
 //! - [`longpoll`]: `GET /v1/topics/{t}/events?since=…&wait=…` in a loop, one per topic.
+//! - [`nats`]: `--system nats`: a `nats-server` over WebSocket (`SUB` per topic), and
+//!   the publisher's links (`PUB` + `PING`, acknowledged by the `PONG`).
 
 use std::fmt;
 
@@ -15,8 +17,30 @@ use weft_proto::{ErrorBody, TopicState};
 use crate::net::Net;
 
 pub mod longpoll;
+pub mod nats;
 pub mod sse;
 pub mod ws;
+
+/// Which server the harness drives (`--system`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    /// A Weft node: REST publishes, `weft.v1.json` WebSocket (or SSE, long-poll).
+    #[default]
+    Weft,
+    /// A `nats-server`'s WebSocket listener: the NATS text protocol for publishers and
+    /// subscribers (for comparison; see [`nats`]).
+    Nats,
+}
+
+impl fmt::Display for System {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            System::Weft => "weft",
+            System::Nats => "nats",
+        })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
