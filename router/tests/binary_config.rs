@@ -6,13 +6,7 @@
 use std::process::Command;
 
 fn router() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_weft-router"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("WEFT_") {
-            c.env_remove(k);
-        }
-    }
-    c
+    weft_testkit::bin::command(env!("CARGO_BIN_EXE_weft-router"))
 }
 
 #[test]
