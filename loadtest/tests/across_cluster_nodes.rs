@@ -5,170 +5,11 @@
 //! in order, the books add up, and `subscribe` measures a subscribe on a mirror (a node
 //! with no local interest in the topic yet).
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
 use clap::Parser;
-use serde_json::Value;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
 use weft_loadtest::report::Report;
-
-/// The cluster must be joined and linked within this.
-const CONVERGE_WITHIN: Duration = Duration::from_secs(30);
-
-struct ClusterNode {
-    id: &'static str,
-    http: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-struct Cluster {
-    router: Option<weft_router::Router>,
-    nodes: Vec<ClusterNode>,
-    dir: PathBuf,
-}
-
-impl Cluster {
-    async fn start(ids: &[&'static str]) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("weft-loadtest-cluster-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let router = weft_router::Router::start(
-            weft_router::RouterOptions {
-                id: 1,
-                peers: Default::default(),
-                data_dir: dir.join("router"),
-                heartbeat_timeout: Duration::from_secs(3),
-                raft: Default::default(),
-                // In-process on loopback; the TLS paths are proven by weft-node's
-                // process tests.
-                transport: weft_router::tls::Transport::Plaintext,
-            },
-            listener,
-        )
-        .await
-        .expect("router starts");
-        assert!(
-            router
-                .raft()
-                .wait_for_leader(Duration::from_secs(10))
-                .await
-                .is_some(),
-            "the router elects itself"
-        );
-        let router_addr = router.local_addr().to_string();
-        let mut nodes = Vec::new();
-        for &id in ids {
-            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", http.local_addr().unwrap());
-            let mut config = weft_node::Config {
-                node_id: id.into(),
-                router: Some(router_addr.clone()),
-                data_dir: dir.join(id),
-                ..Default::default()
-            };
-            config.timing.shutdown_grace_ms = 1000;
-            config.cluster.insecure = true;
-            let (tx, rx) = oneshot::channel::<()>();
-            let task = tokio::spawn(weft_node::run_with_router(
-                http,
-                None,
-                grpc,
-                config,
-                async move {
-                    let _ = rx.await;
-                },
-            ));
-            nodes.push(ClusterNode {
-                id,
-                http: url,
-                stop: Some(tx),
-                task,
-            });
-        }
-        let cluster = Self {
-            router: Some(router),
-            nodes,
-            dir,
-        };
-        cluster.converge().await;
-        cluster
-    }
-
-    /// Waits until every node sees every member active and has a relay link to each
-    /// other node.
-    async fn converge(&self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + CONVERGE_WITHIN;
-        let ids: Vec<&str> = self.nodes.iter().map(|n| n.id).collect();
-        loop {
-            let mut last = String::new();
-            let mut ok = true;
-            for n in &self.nodes {
-                let view: Value = match client
-                    .get(format!("{}/v1/cluster", n.http))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                {
-                    Ok(r) => serde_json::from_slice(&r.bytes().await.unwrap_or_default())
-                        .unwrap_or_default(),
-                    Err(e) => {
-                        ok = false;
-                        last = e.to_string();
-                        continue;
-                    }
-                };
-                let active = view["members"].as_array().is_some_and(|ms| {
-                    ids.iter()
-                        .all(|id| ms.iter().any(|m| m["id"] == *id && m["state"] == "active"))
-                });
-                let links = view["this_node"]["relay_links"]
-                    .as_array()
-                    .map(|l| l.len())
-                    .unwrap_or(0);
-                if !active || links < ids.len() - 1 {
-                    ok = false;
-                    last = view.to_string();
-                }
-            }
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not converge within {CONVERGE_WITHIN:?}; last view: {last}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn url(&self, id: &str) -> &str {
-        &self.nodes.iter().find(|n| n.id == id).unwrap().http
-    }
-
-    async fn stop(mut self) {
-        for n in &mut self.nodes {
-            if let Some(tx) = n.stop.take() {
-                let _ = tx.send(());
-            }
-        }
-        for n in self.nodes.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(10), n.task).await;
-        }
-        if let Some(r) = self.router.take() {
-            r.shutdown().await;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use weft_testkit::inproc::InProcCluster;
 
 async fn run(args: &[&str]) -> Report {
     let mut argv = vec!["weft-loadtest"];
@@ -201,8 +42,8 @@ fn assert_clean(r: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_on_a_mirror_get_every_event_and_subscribes_are_measured() {
-    let cluster = Cluster::start(&["a", "b"]).await;
-    let (a, b) = (cluster.url("a").to_owned(), cluster.url("b").to_owned());
+    let cluster = InProcCluster::start("loadtest", &["a", "b"]).await;
+    let (a, b) = (cluster.url("a"), cluster.url("b"));
 
     // Publishing to the owner, subscribers on the other node.
     let r = run_fanout(&b, &a, "via-owner").await;

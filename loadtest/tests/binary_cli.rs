@@ -6,41 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use weft_loadtest::report::Report;
+use weft_testkit::TestNode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft-loadtest");
 
-struct Node {
-    target: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn node() -> Node {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = format!("http://{}", listener.local_addr().unwrap());
-    let mut config = weft_node::Config {
-        node_id: format!("loadtest-cli-{}", std::process::id()),
-        ..Default::default()
-    };
-    config.timing.shutdown_grace_ms = 1000;
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(weft_node::run(listener, config, async move {
-        let _ = rx.await;
-    }));
-    Node {
-        target,
-        stop: Some(tx),
-        task,
-    }
-}
-
-impl Node {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
+async fn node() -> TestNode {
+    TestNode::start_with(|c| c.node_id = format!("loadtest-cli-{}", std::process::id())).await
 }
 
 /// A fresh directory per test, removed when dropped.
@@ -101,7 +73,7 @@ async fn workers_merge_into_one_report_and_exit_codes_follow_slo_and_baseline() 
     let out = exec(&[
         "fanout",
         "--target",
-        &node.target,
+        &node.url(""),
         "--workers",
         "2",
         "--subscribers",
@@ -121,7 +93,7 @@ async fn workers_merge_into_one_report_and_exit_codes_follow_slo_and_baseline() 
         "loss=0,duplicates=0,p99<5s",
     ])
     .await;
-    node.stop().await;
+    node.stop_within(Duration::from_secs(10)).await;
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("PASS loss=0"), "{stdout}");
@@ -185,7 +157,7 @@ async fn shards_run_apart_and_merge() {
         vec![
             "chat".to_string(),
             "--target".into(),
-            node.target.clone(),
+            node.url(""),
             "--rooms".into(),
             "2".into(),
             "--members".into(),
@@ -210,7 +182,7 @@ async fn shards_run_apart_and_merge() {
     let a0: Vec<&str> = args0.iter().map(String::as_str).collect();
     let a1: Vec<&str> = args1.iter().map(String::as_str).collect();
     let (o0, o1) = tokio::join!(exec(&a0), exec(&a1));
-    node.stop().await;
+    node.stop_within(Duration::from_secs(10)).await;
     assert_eq!((o0.status.code(), o1.status.code()), (Some(0), Some(0)));
     let (r0, r1) = (report(&a), report(&b));
     assert_eq!((r0.subscribers, r1.subscribers), (3, 3));

@@ -2,77 +2,43 @@
 //! harness must see zero loss and counts that add up (expected = published × the
 //! subscribers of each topic), on every transport.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
 use weft_loadtest::report::Report;
+use weft_testkit::TestNode;
 
-struct TestNode {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-fn config() -> weft_node::Config {
-    let mut c = weft_node::Config {
-        node_id: format!("loadtest-{}", std::process::id()),
-        ..Default::default()
-    };
+/// The node every scenario runs against: the kit's in-process node with the id the
+/// owner-aware scenarios expect, a 1 s grace and a short reconnect jitter.
+fn configure(c: &mut weft_node::Config) {
+    c.node_id = node_id();
     c.timing.shutdown_grace_ms = 1000;
     c.timing.reconnect_jitter_ms = 200;
-    c
 }
 
-impl TestNode {
-    async fn start() -> Self {
-        Self::on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
-    }
+fn node_id() -> String {
+    format!("loadtest-{}", std::process::id())
+}
 
-    fn on(listener: tokio::net::TcpListener) -> Self {
-        Self::on_with(listener, config())
-    }
+async fn start() -> TestNode {
+    TestNode::start_with(configure).await
+}
 
-    fn on_with(listener: tokio::net::TcpListener, config: weft_node::Config) -> Self {
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(weft_node::run(listener, config, async move {
-            let _ = rx.await;
-        }));
-        Self {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    fn target(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("node stops within its grace")
-                .expect("node task")
-                .expect("node exits cleanly");
-        }
-    }
+/// Stops the node; it must exit cleanly within 10 s.
+async fn stop(node: TestNode) {
+    node.stop_within(Duration::from_secs(10)).await
 }
 
 async fn run(node: &TestNode, args: &[&str]) -> Report {
+    run_at(&node.url(""), args).await
+}
+
+async fn run_at(target: &str, args: &[&str]) -> Report {
     let mut argv = vec!["weft-loadtest"];
     argv.extend_from_slice(args);
-    let target = node.target();
-    argv.extend_from_slice(&["--target", &target, "--quiet", "--drain-timeout", "10s"]);
+    argv.extend_from_slice(&["--target", target, "--quiet", "--drain-timeout", "10s"]);
     let cli = Cli::try_parse_from(&argv).expect("arguments parse");
     let report = app::execute(&cli.command)
         .await
@@ -116,7 +82,7 @@ fn assert_clean(r: &Report) {
 }
 
 async fn fanout(transport: &str) {
-    let mut node = TestNode::start().await;
+    let node = start().await;
     let r = run(
         &node,
         &[
@@ -136,7 +102,7 @@ async fn fanout(transport: &str) {
         ],
     )
     .await;
-    node.stop().await;
+    stop(node).await;
     assert_clean(&r);
     assert_eq!(r.published, 300);
     // 4 subscribers per topic, every event owed to each of them.
@@ -154,16 +120,17 @@ async fn fanout(transport: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_against_a_secured_node_with_a_token() {
     const KEY: &str = "loadtest-key-0123456789";
-    let mut c = config();
-    c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
-        name: "loadtest".into(),
-        sha256: weft_node::auth::apikey::sha256_hex(KEY),
-        publish: vec![">".into()],
-        subscribe: vec![">".into()],
-        ..Default::default()
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut node = TestNode::on_with(listener, c);
+    let node = TestNode::start_with(|c| {
+        configure(c);
+        c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
+            name: "loadtest".into(),
+            sha256: weft_node::auth::apikey::sha256_hex(KEY),
+            publish: vec![">".into()],
+            subscribe: vec![">".into()],
+            ..Default::default()
+        }];
+    })
+    .await;
     for transport in ["ws", "sse"] {
         let r = run(
             &node,
@@ -205,7 +172,7 @@ async fn fanout_against_a_secured_node_with_a_token() {
     )
     .await;
     assert_eq!(refused.published, 0, "no publish without credentials");
-    node.stop().await;
+    stop(node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +192,7 @@ async fn fanout_over_longpoll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_rooms_publish_and_receive() {
-    let mut node = TestNode::start().await;
+    let node = start().await;
     let r = run(
         &node,
         &[
@@ -241,7 +208,7 @@ async fn chat_rooms_publish_and_receive() {
         ],
     )
     .await;
-    node.stop().await;
+    stop(node).await;
     assert_clean(&r);
     assert_eq!(r.published, 120);
     // Every message reaches the 4 members of its room, the sender included.
@@ -250,7 +217,7 @@ async fn chat_rooms_publish_and_receive() {
 }
 
 async fn ticker(transport: &str) {
-    let mut node = TestNode::start().await;
+    let node = start().await;
     let args = [
         "ticker",
         "--transport",
@@ -269,7 +236,7 @@ async fn ticker(transport: &str) {
         "tick",
     ];
     let r = run(&node, &args).await;
-    node.stop().await;
+    stop(node).await;
     assert_clean(&r);
     assert_eq!(r.published, 600);
     assert_eq!(r.subscriptions, 6 * 8);
@@ -299,7 +266,7 @@ async fn ticker_over_multi_topic_sse() {
 }
 
 async fn churn(transport: &str) {
-    let mut node = TestNode::start().await;
+    let node = start().await;
     let r = run(
         &node,
         &[
@@ -321,7 +288,7 @@ async fn churn(transport: &str) {
         ],
     )
     .await;
-    node.stop().await;
+    stop(node).await;
     assert_clean(&r);
     assert!(
         r.reconnects >= 8,
@@ -349,7 +316,7 @@ async fn churn_resumes_without_loss_over_longpoll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_measures_rate_latency_and_target_memory() {
-    let mut node = TestNode::start().await;
+    let node = start().await;
     // The node runs in this process, so this process is the target.
     let pid = std::process::id().to_string();
     let r = run(
@@ -367,7 +334,7 @@ async fn connect_measures_rate_latency_and_target_memory() {
         ],
     )
     .await;
-    node.stop().await;
+    stop(node).await;
     assert_eq!(r.connects, 60, "{:?}", r.errors);
     assert_eq!(r.connect_failures, 0);
     assert_eq!(r.connections_open, 60);
@@ -388,8 +355,8 @@ async fn connect_measures_rate_latency_and_target_memory() {
 /// node's own id keeps every name (a standalone node owns all its topics).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_times_every_reply_and_checks_delivery() {
-    let mut node = TestNode::start().await;
-    let owner = config().node_id;
+    let node = start().await;
+    let owner = node_id();
     let r = run(
         &node,
         &[
@@ -403,11 +370,11 @@ async fn subscribe_times_every_reply_and_checks_delivery() {
             "--topic-owner",
             &owner,
             "--publish-target",
-            &node.target(),
+            &node.url(""),
         ],
     )
     .await;
-    node.stop().await;
+    stop(node).await;
     assert_clean(&r);
     assert_eq!(r.scenario, "subscribe");
     // 30 topics over connections of at most 8: 4 connections, each topic once.
@@ -437,7 +404,7 @@ async fn subscribe_is_websocket_only() {
 /// memory) is gone, so every subscription sees a reset — signalled, never silent loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_is_survived() {
-    let mut node = TestNode::start().await;
+    let node = start().await;
     let addr = node.addr;
     let flag = std::env::temp_dir().join(format!("weft-loadtest-restart-{}", std::process::id()));
     let _ = std::fs::remove_file(&flag);
@@ -448,19 +415,15 @@ async fn rolling_restart_is_survived() {
             while !flag.exists() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            node.stop().await;
+            stop(node).await;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .expect("rebind the same port");
-            TestNode::on(listener)
+            TestNode::start_on(listener, configure)
         })
     };
-    let target = TestNode {
-        addr,
-        stop: None,
-        task: None,
-    };
-    let r = run(
+    let target = format!("http://{addr}");
+    let r = run_at(
         &target,
         &[
             "rolling",
@@ -479,8 +442,7 @@ async fn rolling_restart_is_survived() {
         ],
     )
     .await;
-    let mut second = restarter.await.unwrap();
-    second.stop().await;
+    stop(restarter.await.unwrap()).await;
     let _ = std::fs::remove_file(&flag);
 
     let restart = r.restart.clone().expect("restart outcome");

@@ -16,8 +16,6 @@
 //! `tests/browser/node_modules` are installed by `.ci/run`; where one is missing the
 //! test fails when `CI` is set and otherwise says loudly that it did not run.
 
-mod support;
-
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,9 +26,9 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use support::TestNode;
 use weft_node::auth::apikey::sha256_hex;
 use weft_node::config::{ApiKeyConfig, Secret};
+use weft_testkit::TestNode;
 
 const SECRET: &str = "browser-secret-browser-secret-browser!";
 const ADMIN_KEY: &str = "admin-key-browser-0123456789";

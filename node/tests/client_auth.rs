@@ -3,18 +3,16 @@
 //! server that rotates its key; API keys; permissions on every read and write;
 //! WebSocket connect/refresh/expiry; SSE expiry; revocation; origins and CORS.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use support::{subscribe_cmd, HttpStream, TestNode, WsClient, WsIn};
 use weft_node::auth::apikey::sha256_hex;
 use weft_node::config::{ApiKeyConfig, Secret};
 use weft_node::Config;
 use weft_proto::Command;
+use weft_testkit::{subscribe_cmd, HttpStream, TestNode, WsClient, WsIn};
 
 const SECRET: &str = "test-secret-test-secret-test-secret!";
 const ADMIN_KEY: &str = "admin-key-0123456789";

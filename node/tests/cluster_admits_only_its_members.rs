@@ -15,8 +15,6 @@
 //! - secure by default: a node in cluster mode without certificates exits 64 naming
 //!   the fix (so does one whose own certificate names another node or expired); `--cluster-insecure` is said in the log and in `/v1/cluster`.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
@@ -33,7 +31,12 @@ use weft_router::identity::Peer;
 use weft_router::tls::{Expect, TlsFiles, Transport};
 use weft_router::RouterClient;
 
-use support::cluster::{issue_files, tls, NodeApi, ProcCluster, Seen};
+use weft_testkit::api::NodeApi;
+use weft_testkit::bin::{self, Proc};
+use weft_testkit::pki::{issue_files, tls, tls_args};
+use weft_testkit::proc_cluster::ProcCluster;
+use weft_testkit::wait::wait_for;
+use weft_testkit::watch::Seen;
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const REFUSED: &str = "weft_cluster_refused_total";
@@ -201,7 +204,7 @@ async fn intruders_are_refused_and_the_cluster_is_unchanged() {
     let mut published = 0u64;
     publish(&a, &topic, &mut published).await;
     // The registry records c's interest asynchronously: settle it first.
-    let before = support::cluster::wait_for(
+    let before = wait_for(
         Duration::from_secs(10),
         "the registry holds c's interest",
         || async {
@@ -389,7 +392,7 @@ async fn an_admin_certificate_may_drain_any_node() {
     assert_denied("an admin's Leave", r.leave("c").await);
     assert_denied("an admin's Join", r.join("c", "127.0.0.1:1", "", 0).await);
     r.drain("c").await.expect("an admin drains c");
-    support::cluster::wait_for(Duration::from_secs(10), "c is draining", || async {
+    wait_for(Duration::from_secs(10), "c is draining", || async {
         let s = c.router_state().await;
         match s.members.iter().find(|m| m.id == "c") {
             Some(m) if m.state == grpc::MemberState::Draining as i32 => Ok(()),
@@ -400,14 +403,7 @@ async fn an_admin_certificate_may_drain_any_node() {
 }
 
 fn node_bin() -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weft-node"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("WEFT_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
+    bin::command(env!("CARGO_BIN_EXE_weft-node"))
 }
 
 #[test]
@@ -435,14 +431,15 @@ fn cluster_mode_without_certificates_exits_64_naming_the_fix() {
     let dir = std::env::temp_dir().join(format!("weft-node-certs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     weft_router::certs::write_dev_set(&dir, 1, &["n1".into()], Duration::from_secs(3600)).unwrap();
-    let out = node_bin()
+    let mut cmd = node_bin();
+    let n1 = TlsFiles {
+        ca_file: dir.join("ca.crt"),
+        cert_file: dir.join("node-n1.crt"),
+        key_file: dir.join("node-n1.key"),
+    };
+    tls_args(&mut cmd, &n1);
+    let out = cmd
         .args(["--node-id", "n2", "--router", "127.0.0.1:1"])
-        .arg("--cluster-ca-file")
-        .arg(dir.join("ca.crt"))
-        .arg("--cluster-cert-file")
-        .arg(dir.join("node-n1.crt"))
-        .arg("--cluster-key-file")
-        .arg(dir.join("node-n1.key"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -459,14 +456,10 @@ fn cluster_mode_without_certificates_exits_64_naming_the_fix() {
         .issue_between(&Peer::Node("n1".into()), now - 2 * day, now - day)
         .unwrap();
     let files = write_files(&dir, "old-n1", &old.cert_pem, &old.key_pem, ca.cert_pem());
-    let out = node_bin()
+    let mut cmd = node_bin();
+    tls_args(&mut cmd, &files);
+    let out = cmd
         .args(["--node-id", "n1", "--router", "127.0.0.1:1"])
-        .arg("--cluster-ca-file")
-        .arg(&files.ca_file)
-        .arg("--cluster-cert-file")
-        .arg(&files.cert_file)
-        .arg("--cluster-key-file")
-        .arg(&files.key_file)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -482,43 +475,35 @@ async fn cluster_insecure_is_logged_and_shown_in_the_cluster_view() {
     std::fs::create_dir_all(&dir).unwrap();
     let ready = dir.join("ready.json");
     let log = dir.join("stderr.log");
-    let mut child = node_bin()
-        .args(["--node-id", "open-1", "--cluster-insecure"])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--cluster-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let view = loop {
-        assert!(Instant::now() < deadline, "no cluster view within 10 s");
-        if let Some(http) = std::fs::read_to_string(&ready)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["http"].as_str().map(str::to_owned))
-        {
-            if let Ok(resp) = reqwest::get(format!("http://{http}/v1/cluster")).await {
-                if resp.status() == 200 {
-                    break serde_json::from_slice::<serde_json::Value>(
-                        &resp.bytes().await.unwrap(),
-                    )
-                    .unwrap();
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut child = Proc(
+        node_bin()
+            .args(["--node-id", "open-1", "--cluster-insecure"])
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--cluster-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let bound = bin::await_ready_file(&mut child.0, &ready, "node open-1").await;
+    let addr = bound["http"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("ready file without an http address: {bound}"));
+    let api = NodeApi::new("open-1", addr);
+    let view = wait_for(Duration::from_secs(10), "a cluster view", || {
+        api.try_get_json("/v1/cluster")
+    })
+    .await;
+    drop(child);
     assert_eq!(view["insecure"], true, "{view}");
     assert_eq!(view["transport"], "plaintext", "{view}");
     let text = std::fs::read_to_string(&log).unwrap();

@@ -9,8 +9,6 @@
 //! every topic exactly once, in order, in one epoch, with no `reset`; every member
 //! then accepts a new-CA certificate and refuses an old-CA one.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -22,7 +20,9 @@ use weft_router::identity::Peer;
 use weft_router::tls::{Expect, Transport};
 use weft_router::RouterClient;
 
-use support::cluster::{issue_files, tls, wait_for, ProcCluster};
+use weft_testkit::pki::{issue_files, tls};
+use weft_testkit::proc_cluster::ProcCluster;
+use weft_testkit::wait::wait_for;
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const TOPICS: usize = 10;

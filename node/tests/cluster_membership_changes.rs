@@ -20,19 +20,17 @@
 //! picture; the processes' logs are printed with it (`WEFT_TEST_NODE_LOG` sets the
 //! nodes' `RUST_LOG`, e.g. `info,weft_node::cluster::relay=debug`, to see every handoff).
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::cluster::{
-    NodeApi, NodeOptions, Obs, ProcCluster, Roaming, SubLog, Targets, HEARTBEAT_TIMEOUT_MS,
-};
-use support::WsClient;
 use weft_proto::{ServerMessage, SubscribeResult};
+use weft_testkit::api::NodeApi;
+use weft_testkit::proc_cluster::{NodeOptions, ProcCluster, HEARTBEAT_TIMEOUT_MS};
+use weft_testkit::roaming::{Obs, Roaming, SubLog, Targets};
+use weft_testkit::WsClient;
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const TOPICS: usize = 24;
@@ -973,7 +971,10 @@ async fn a_drained_node_closes_sessions_gradually_and_exits_by_the_deadline() {
     for i in 0..SESSIONS {
         let mut ws = WsClient::connect(a.addr).await;
         let reply = ws
-            .request(support::subscribe_cmd(&format!("drain.{}", i % 10), None))
+            .request(weft_testkit::subscribe_cmd(
+                &format!("drain.{}", i % 10),
+                None,
+            ))
             .await;
         assert!(
             reply.result.is_some(),
@@ -993,7 +994,7 @@ async fn a_drained_node_closes_sessions_gradually_and_exits_by_the_deadline() {
                 let mut end = SessionEnd::default();
                 loop {
                     match ws.next().await {
-                        support::WsIn::Msg(m) => {
+                        weft_testkit::WsIn::Msg(m) => {
                             let m: ServerMessage = *m;
                             match m.push.and_then(|p| p.disconnect) {
                                 Some(d) if end.push.is_none() => end.push = Some((t0.elapsed(), d)),
@@ -1003,7 +1004,7 @@ async fn a_drained_node_closes_sessions_gradually_and_exits_by_the_deadline() {
                                 None => {}
                             }
                         }
-                        support::WsIn::Closed(code) => {
+                        weft_testkit::WsIn::Closed(code) => {
                             end.close = Some((t0.elapsed(), code));
                             return end;
                         }

@@ -12,20 +12,19 @@
 //!   subscriber is told with a `reset` before any event of the new epoch, never a gap;
 //! - an owner sends each event once per interested node, not once per subscriber.
 //!
-//! Each test uses its own block of loopback addresses (see `support::cluster`), every
+//! Each test uses its own block of loopback addresses (see `weft_testkit::cluster`), every
 //! wait is bounded, and process logs are printed only when a test fails.
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::cluster::{
-    parse_metric, wait_for, wait_until, NodeApi, ProcCluster, Seen, HEARTBEAT_TIMEOUT_MS,
-    LEADER_WITHIN,
-};
-use support::{assert_contiguous, Delivered};
+use weft_testkit::api::NodeApi;
+use weft_testkit::metrics::parse_metric;
+use weft_testkit::proc_cluster::{ProcCluster, HEARTBEAT_TIMEOUT_MS, LEADER_WITHIN};
+use weft_testkit::wait::{wait_for, wait_until};
+use weft_testkit::watch::Seen;
+use weft_testkit::{assert_contiguous, Delivered};
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 /// Nodes join, heartbeat and activate; the slot table is recomputed per activation.
@@ -666,7 +665,7 @@ async fn an_owner_sends_each_event_once_per_interested_node() {
 
 /// Subscribes to topics that have had no event yet; their epochs, by topic.
 async fn subscribe_fresh(
-    ws: &mut support::cluster::Watcher,
+    ws: &mut weft_testkit::watch::Watcher,
     topics: &[String],
 ) -> BTreeMap<String, String> {
     let mut epochs = BTreeMap::new();

@@ -4,13 +4,11 @@
 //! refused everywhere afterwards, and another user's sessions go on. The same
 //! cluster checks that a reused Idempotency-Key with another body is 422 on every node.
 
-mod support;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use support::cluster::{NodeOptions, ProcCluster};
-use support::{subscribe_cmd, WsClient, WsIn};
+use weft_testkit::proc_cluster::{NodeOptions, ProcCluster};
+use weft_testkit::{subscribe_cmd, WsClient, WsIn};
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const SECRET: &str = "cluster-revocation-secret-0123456789";

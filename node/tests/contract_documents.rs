@@ -2,9 +2,7 @@
 //! every documented path answers on the real router with a documented status, and
 //! every documented error body has the contract's shape.
 
-mod support;
-
-use support::TestNode;
+use weft_testkit::TestNode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_path_is_served_with_a_documented_status() {

@@ -2,11 +2,9 @@
 //! every subscriber, while several publishers publish concurrently. One scenario,
 //! run over WebSocket, SSE, NDJSON and long-poll.
 
-mod support;
-
 use std::collections::HashMap;
 
-use support::{assert_contiguous, Kind, Sub, TestNode};
+use weft_testkit::{assert_contiguous, Kind, Sub, TestNode};
 
 const PUBLISHERS: usize = 4;
 const PER_PUBLISHER: usize = 50;
@@ -99,7 +97,7 @@ async fn all_transports_on_one_topic_see_the_same_sequence() {
     let state = node.state("shared").await;
     let since = format!("{}:0", state.epoch);
     let mut subs = Vec::new();
-    for kind in support::ALL_KINDS {
+    for kind in weft_testkit::ALL_KINDS {
         subs.push(Sub::open(&node, kind, "shared", &since).await);
     }
     for n in 0..30 {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use deploy::{render, text, tool};
+use deploy::{render, run_with_input, text, tool};
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 
@@ -35,23 +35,13 @@ const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 /// kubernetes-validate).
 fn manifests(helm: &Path, python: &Path, set: &[&str]) -> Vec<Value> {
     let yaml = render(helm, None, set).unwrap_or_else(|e| panic!("helm template: {e}"));
-    let mut child = Command::new(python)
-        .args([
+    let out = run_with_input(
+        Command::new(python).args([
             "-c",
             "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        ]),
+        yaml.as_bytes(),
+    );
     assert!(out.status.success(), "YAML to JSON: {}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -218,7 +208,7 @@ impl Cluster {
                 command[0] = match command[0].as_str() {
                     "/usr/local/bin/weft-node" => NODE_BIN.to_owned(),
                     "/usr/local/bin/weft-router" => {
-                        deploy::sibling_bin("weft-router").display().to_string()
+                        weft_testkit::bin::path("weft-router").display().to_string()
                     }
                     other => panic!("{pod}: unexpected command {other}"),
                 };
@@ -496,7 +486,7 @@ fn lifecycle_under_load() {
         done = flag.join("done").display()
     );
     let report = cluster.root.join("report.json");
-    let mut load = Command::new(deploy::sibling_bin("weft-loadtest"))
+    let mut load = Command::new(weft_testkit::bin::path("weft-loadtest"))
         .args([
             "rolling",
             "--target",

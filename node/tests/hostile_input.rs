@@ -3,8 +3,6 @@
 //! else — a well-behaved subscriber connected before each attack still receives an
 //! event published after it.
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft_node::config::NamespaceConfig;
 use weft_proto::{ErrorDetail, PublishResult, ServerMessage, SubscribeResult};
 
-use support::{subscribe_cmd, TestNode, WsClient, WsIn, WAIT};
+use weft_testkit::{page_offsets, subscribe_cmd, TestNode, WsClient, WsIn, WAIT};
 
 type RawWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -833,12 +831,7 @@ async fn http_bad_cursors_and_parameters() {
         .get_json(&format!("/v1/topics/tiny.t/events?since={tiny}:3"))
         .await;
     assert_eq!(status, 200);
-    let offsets: Vec<u64> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["offset"].as_u64().unwrap())
-        .collect();
+    let offsets = page_offsets(&page);
     assert_eq!(offsets, [4, 5]);
 
     by.assert_served().await;

@@ -8,11 +8,12 @@
 mod deploy;
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy::{alert_exprs, block_scalar, document, render, root, run, spec_of, text, tool};
+use deploy::{
+    alert_exprs, block_scalar, document, render, root, run, run_with_input, spec_of, text, tool,
+};
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 
@@ -153,20 +154,10 @@ async fn live_metrics_pass_promtool_check_metrics() {
     };
     let node = LiveNode::start("promtool");
     let page = node.exercised_metrics().await;
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input(
+        Command::new(&promtool).args(["check", "metrics"]),
+        page.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "promtool check metrics:\n{}{}\n--- page ---\n{page}",

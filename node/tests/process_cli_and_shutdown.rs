@@ -5,8 +5,6 @@
 //! temporary directory; only its own PID is ever signalled. A failing test prints the
 //! child's stderr.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -16,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weft_proto::DisconnectPush;
 
-use support::{subscribe_cmd, HttpStream, WsClient, WsIn};
+use weft_testkit::{subscribe_cmd, HttpStream, WsClient, WsIn};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 const GRACE_MS: u64 = 2000;

@@ -2,15 +2,14 @@
 //! SSE keepalives and bookmarks, `Idempotency-Key`, batch publish, presence, and the
 //! WebSocket `history` command.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{subscribe_cmd, HttpStream, TestNode, WsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_node::config::NamespaceConfig;
 use weft_proto::command::{HistoryCmd, PresenceCmd, UnsubscribeCmd};
 use weft_proto::{Command, HistoryResult, PresenceResult};
+use weft_testkit::sse::SseItem;
+use weft_testkit::{subscribe_cmd, HttpStream, TestNode, WsClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_answers_pings_is_dropped_and_a_live_one_is_kept() {
@@ -80,23 +79,24 @@ async fn idle_sse_watchers_get_keepalives_and_bookmarks_with_their_cursor() {
     .await;
     let (mut pings, mut bookmark) = (0, None);
     while bookmark.is_none() || pings == 0 {
-        let line = s.next_line().await.unwrap();
-        if line == ": ping" {
-            pings += 1;
-        }
-        if line == "event: bookmark" {
-            let data = s.next_line().await.unwrap();
-            bookmark = Some(data);
-        } else if let Some(id) = line.strip_prefix("id: ") {
-            assert_eq!(
-                id,
-                format!("{epoch}:2"),
-                "a bookmark carries the watcher's cursor"
-            );
+        match s.next_sse_item().await.unwrap() {
+            SseItem::Comment(c) if c == "ping" => pings += 1,
+            SseItem::Comment(_) => {}
+            SseItem::Event(ev) => {
+                if let Some(id) = &ev.id {
+                    assert_eq!(
+                        *id,
+                        format!("{epoch}:2"),
+                        "a bookmark carries the watcher's cursor"
+                    );
+                }
+                if ev.event == "bookmark" {
+                    bookmark = Some(ev.data);
+                }
+            }
         }
     }
-    let data: serde_json::Value =
-        serde_json::from_str(bookmark.unwrap().trim_start_matches("data: ")).unwrap();
+    let data: serde_json::Value = serde_json::from_str(&bookmark.unwrap()).unwrap();
     assert_eq!(data["cursor"], format!("{epoch}:2"));
     node.stop().await;
 }
@@ -333,7 +333,7 @@ async fn admin_drain_stops_a_standalone_node_within_its_grace() {
     let mut told = false;
     while let Ok(msg) = tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
         match msg {
-            support::WsIn::Msg(m) => {
+            weft_testkit::WsIn::Msg(m) => {
                 if let Some(push) = m.push {
                     told |= push.disconnect.is_some_and(|d| d.reconnect);
                 }

@@ -1,12 +1,10 @@
 //! Reconnect-storm protection: new sessions are admitted at a bounded rate; the excess
 //! gets 503 with Retry-After, and the sessions the node already has keep being served.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{subscribe_cmd, HttpStream, TestNode, WsClient};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use weft_testkit::{subscribe_cmd, HttpStream, TestNode, WsClient};
 
 const RATE: u32 = 20;
 const BURST: u32 = 10;
@@ -126,7 +124,7 @@ async fn raw_get(source: &str, addr: std::net::SocketAddr) -> String {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(support::WAIT, s.read_to_end(&mut buf)).await;
+    let _ = tokio::time::timeout(weft_testkit::WAIT, s.read_to_end(&mut buf)).await;
     String::from_utf8_lossy(&buf)
         .lines()
         .next()

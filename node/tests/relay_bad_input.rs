@@ -3,8 +3,6 @@
 //! node with a raw tonic client: it joins the node's embedded router as a member, then
 //! dials the node's relay the way another node would.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,129 +14,51 @@ use weft_proto::grpc::relay_client::RelayClient;
 use weft_proto::grpc::relay_frame::Kind;
 use weft_proto::grpc::{self, RelayBatch, RelayFrame};
 use weft_router::RouterClient;
+use weft_testkit::inproc::ClusterNode;
 
 const NODE_ID: &str = "relay-node";
 /// A member at an address where nothing listens: the node's own dials to it fail,
 /// so the only link between them is the one the test opens.
 const FAKE: &str = "zz-fake-peer";
 
-struct Clustered {
-    http: std::net::SocketAddr,
-    grpc: std::net::SocketAddr,
-    client: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    dir: std::path::PathBuf,
+/// The node under test, clustered with its embedded router, joined and active.
+async fn start() -> ClusterNode {
+    let node = ClusterNode::start(NODE_ID, |c| c.timing.shutdown_grace_ms = 500).await;
+    node.await_view("the node is active", |v| {
+        v["this_node"]["state"] == "active"
+    })
+    .await;
+    node
 }
 
-impl Clustered {
-    async fn start() -> Self {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("weft-relay-peer-{}-{seq}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (http, grpc) = (http_l.local_addr().unwrap(), grpc_l.local_addr().unwrap());
-        let mut config = weft_node::Config {
-            node_id: NODE_ID.into(),
-            data_dir: dir.clone(),
-            ..Default::default()
-        };
-        config.timing.shutdown_grace_ms = 500;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(weft_node::run_with_router(
-            http_l,
-            None,
-            grpc_l,
-            config,
-            async {
-                let _ = rx.await;
-            },
-        ));
-        let node = Self {
-            http,
-            grpc,
-            client: reqwest::Client::new(),
-            stop: Some(tx),
-            task,
-            dir,
-        };
-        node.wait_for(|v| v["this_node"]["state"] == "active").await;
-        node
-    }
+/// A counter of the node (0 before it is exported).
+async fn metric(node: &ClusterNode, name: &str) -> u64 {
+    node.api.metric(name).await.map_or(0, |v| v as u64)
+}
 
-    async fn get(&self, path: &str) -> serde_json::Value {
-        let resp = self
-            .client
-            .get(format!("http://{}{path}", self.http))
-            .send()
-            .await
-            .unwrap();
-        serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
-    }
-
-    async fn wait_for(&self, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let v = self.get("/v1/cluster").await;
-            if cond(&v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "cluster view never matched: {v}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
+/// Waits for a counter exported once a second to reach at least `min`.
+async fn metric_at_least(node: &ClusterNode, name: &str, min: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = metric(node, name).await;
+        if v >= min || Instant::now() > deadline {
+            return v;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
 
-    async fn metric(&self, name: &str) -> u64 {
-        let text = self
-            .client
-            .get(format!("http://{}/metrics", self.http))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name) && l.contains(&format!("node=\"{NODE_ID}\"")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-
-    /// Waits for a counter exported once a second to reach at least `min`.
-    async fn metric_at_least(&self, name: &str, min: u64) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let v = self.metric(name).await;
-            if v >= min || Instant::now() > deadline {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn publish_http(&self, topic: &str) -> u16 {
-        self.client
-            .post(format!("http://{}/v1/topics/{topic}/events", self.http))
-            .header("content-type", "application/json")
-            .body(r#"{"still":"serving"}"#)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(20), &mut self.task).await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+async fn publish_http(node: &ClusterNode, topic: &str) -> u16 {
+    node.api
+        .http
+        .post(node.api.url(&format!("/v1/topics/{topic}/events")))
+        .header("content-type", "application/json")
+        .body(r#"{"still":"serving"}"#)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 fn frame(kind: Kind) -> Bytes {
@@ -253,8 +173,8 @@ fn publish(req_id: u64, topic: &str, data: &[u8], ring_version: u64) -> Bytes {
 
 /// Joins the node's router as the fake peer and keeps it alive; returns once the
 /// ring gives it slots (the heartbeat task ends with the test).
-async fn join_fake_peer(node: &Clustered) -> (tokio::task::JoinHandle<()>, u64) {
-    let router = RouterClient::new(vec![node.grpc.to_string()]);
+async fn join_fake_peer(node: &ClusterNode) -> (tokio::task::JoinHandle<()>, u64) {
+    let router = RouterClient::new(vec![node.cluster.to_string()]);
     router.join(FAKE, "127.0.0.1:9", "", 0).await.unwrap();
     let beat = tokio::spawn(async move {
         loop {
@@ -263,28 +183,19 @@ async fn join_fake_peer(node: &Clustered) -> (tokio::task::JoinHandle<()>, u64) 
         }
     });
     let view = node
-        .wait_for(|v| v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0)
+        .await_view("the fake peer has slots", |v| {
+            v["ring"]["slots_per_node"][FAKE].as_u64().unwrap_or(0) > 0
+        })
         .await;
     (beat, view["ring"]["version"].as_u64().unwrap())
 }
 
-/// The first of `prefix-0`, `prefix-1`, … that `owner` owns.
-async fn topic_owned_by(node: &Clustered, prefix: &str, owner: &str) -> String {
-    for i in 0..500 {
-        let t = format!("{prefix}-{i}");
-        if node.get(&format!("/v1/cluster/owner/{t}")).await["owner"] == owner {
-            return t;
-        }
-    }
-    panic!("no {prefix}-N topic is owned by {owner}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
-    let node = Clustered::start().await;
+    let mut node = start().await;
 
     // A stranger is refused before anything else.
-    let err = Link::open(node.grpc, hello("stranger")).await.err();
+    let err = Link::open(node.cluster, hello("stranger")).await.err();
     assert_eq!(
         err.map(|s| s.code()),
         Some(tonic::Code::PermissionDenied),
@@ -297,15 +208,15 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
             ring_version: 0,
         }))],
     };
-    let err = Link::open(node.grpc, not_hello).await.err();
+    let err = Link::open(node.cluster, not_hello).await.err();
     assert_eq!(err.map(|s| s.code()), Some(tonic::Code::InvalidArgument));
 
     // Become a member (joined and heartbeating, so it gets slots).
     let (beat, ring_version) = join_fake_peer(&node).await;
-    let mine = topic_owned_by(&node, "relay", NODE_ID).await;
-    let theirs = topic_owned_by(&node, "relay", FAKE).await;
+    let mine = node.api.topic_owned_by("relay", NODE_ID).await;
+    let theirs = node.api.topic_owned_by("relay", FAKE).await;
 
-    let mut link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
+    let mut link = Link::open(node.cluster, hello(FAKE)).await.unwrap();
     link.send(vec![frame(Kind::HandoffDone(grpc::HandoffDone {
         ring_version,
     }))])
@@ -359,7 +270,7 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
             break;
         }
     }
-    let bad_before = node.metric("weft_relay_bad_frames_total").await;
+    let bad_before = metric(&node, "weft_relay_bad_frames_total").await;
 
     // Malformed frames end the link — one link at a time, each counted.
     let malformed: Vec<(&str, Vec<Bytes>)> = vec![
@@ -404,19 +315,17 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
     ];
     for (i, (what, frames)) in malformed.into_iter().enumerate() {
         if i > 0 {
-            link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
+            link = Link::open(node.cluster, hello(FAKE)).await.unwrap();
         }
         link.send(frames).await;
         assert!(link.ended().await, "{what}: the node ends the link");
         assert_eq!(
-            node.publish_http(&mine).await,
+            publish_http(&node, &mine).await,
             201,
             "{what}: node still serves"
         );
     }
-    let bad_after = node
-        .metric_at_least("weft_relay_bad_frames_total", bad_before + 3)
-        .await;
+    let bad_after = metric_at_least(&node, "weft_relay_bad_frames_total", bad_before + 3).await;
     assert!(
         bad_after >= bad_before + 4,
         "malformed frames are counted: {bad_before} → {bad_after}"
@@ -424,10 +333,10 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
 
     // The state is intact: the owned topic has its one relayed event and the
     // bystander publishes after it, nothing else.
-    let state = node.get(&format!("/v1/topics/{mine}")).await;
+    let state = node.api.get_json(&format!("/v1/topics/{mine}")).await;
     assert_eq!(state["offset"], 5, "{state}");
     beat.abort();
-    node.stop().await;
+    let _ = node.shutdown(Duration::from_secs(20)).await;
 }
 
 /// A peer whose link stops reading never stalls the owner: past the link's budget the
@@ -435,10 +344,10 @@ async fn bad_input_on_the_relay_gets_errors_and_the_node_keeps_serving() {
 /// publishing and delivering locally at full speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_peer_never_stalls_the_owner() {
-    let node = Clustered::start().await;
+    let mut node = start().await;
     let (beat, ring_version) = join_fake_peer(&node).await;
-    let mine = topic_owned_by(&node, "lag", NODE_ID).await;
-    let mut link = Link::open(node.grpc, hello(FAKE)).await.unwrap();
+    let mine = node.api.topic_owned_by("lag", NODE_ID).await;
+    let mut link = Link::open(node.cluster, hello(FAKE)).await.unwrap();
     // As a real node does on a new link: it holds nothing the ring gives the node
     // (a node that first sees the ring with the peer in it waits for this).
     link.send(vec![frame(Kind::HandoffDone(grpc::HandoffDone {
@@ -457,14 +366,14 @@ async fn a_lagging_peer_never_stalls_the_owner() {
             Some(other) => seen.push(format!("{other:?}").chars().take(200).collect::<String>()),
             other => panic!(
                 "no Followed for {mine}: {other:?}; frames before: {seen:?}; view: {}",
-                node.get("/v1/cluster").await
+                node.view().await
             ),
         }
     }
     // A local subscriber on the owner, and a peer that stops reading its link.
-    let mut local = support::WsClient::connect(node.http).await;
+    let mut local = weft_testkit::WsClient::connect(node.http).await;
     assert!(local
-        .request(support::subscribe_cmd(&mine, None))
+        .request(weft_testkit::subscribe_cmd(&mine, None))
         .await
         .result
         .is_some());
@@ -485,8 +394,9 @@ async fn a_lagging_peer_never_stalls_the_owner() {
     for _ in 0..n {
         let t0 = Instant::now();
         let status = node
-            .client
-            .post(format!("http://{}/v1/topics/{mine}/events", node.http))
+            .api
+            .http
+            .post(node.api.url(&format!("/v1/topics/{mine}/events")))
             .header("content-type", "application/json")
             .body(payload.clone())
             .send()
@@ -507,7 +417,7 @@ async fn a_lagging_peer_never_stalls_the_owner() {
         (1..=n as u64).collect::<Vec<_>>(),
         "every event, in order"
     );
-    let lagged = node.metric_at_least("weft_relay_lagged_total", 1).await;
+    let lagged = metric_at_least(&node, "weft_relay_lagged_total", 1).await;
     assert!(lagged >= 1, "the lagging peer was counted");
     // Reading again, the peer finds the Lagged notice after the events that fit.
     let mut events = 0u64;
@@ -530,5 +440,5 @@ async fn a_lagging_peer_never_stalls_the_owner() {
         started.elapsed()
     );
     beat.abort();
-    node.stop().await;
+    let _ = node.shutdown(Duration::from_secs(20)).await;
 }

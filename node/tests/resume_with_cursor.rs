@@ -4,11 +4,11 @@
 //! 410 / `recovered:false` / `event: reset` with the current cursor. GET state then
 //! watch since its offset misses nothing and repeats nothing.
 
-mod support;
-
-use support::{assert_contiguous, subscribe_cmd, HttpStream, Kind, Sub, TestNode, WsIn};
 use weft_node::config::NamespaceConfig;
 use weft_proto::{MultiCursor, SubscribeResult};
+use weft_testkit::{
+    assert_contiguous, page_offsets, subscribe_cmd, HttpStream, Kind, Sub, TestNode, WsIn,
+};
 
 async fn publish_n(node: &TestNode, topic: &str, from: usize, n: usize) {
     for i in from..from + n {
@@ -27,7 +27,7 @@ async fn websocket_since_recovers_missed_events() {
     drop(first);
     // Missed while away.
     publish_n(&node, "room", 5, 7).await;
-    let mut c = support::WsClient::connect(node.addr).await;
+    let mut c = weft_testkit::WsClient::connect(node.addr).await;
     let reply = c
         .request(subscribe_cmd("room", Some(&format!("{epoch}:5"))))
         .await;
@@ -86,12 +86,7 @@ async fn long_poll_since_resumes_and_waits() {
         .get_json(&format!("/v1/topics/lp/events?since={epoch}:1&wait=5"))
         .await;
     assert_eq!(status, 200);
-    let offsets: Vec<u64> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["offset"].as_u64().unwrap())
-        .collect();
+    let offsets = page_offsets(&page);
     assert_eq!(offsets, vec![2, 3]);
     assert_eq!(page["next"], format!("{epoch}:3"));
     // Nothing new: the poll waits until an event arrives, then answers with it.
@@ -199,7 +194,7 @@ async fn cursor_out_of_retention_is_gone_everywhere() {
         .await;
     assert_eq!((status, body["events"].as_array().unwrap().len()), (200, 3));
     // WebSocket: recovered:false with the current cursor.
-    let mut c = support::WsClient::connect(node.addr).await;
+    let mut c = weft_testkit::WsClient::connect(node.addr).await;
     let reply = c
         .request(subscribe_cmd("short.t", Some(&format!("{epoch}:2"))))
         .await;
@@ -280,7 +275,7 @@ async fn foreign_epoch_is_gone_and_multi_topic_resets_only_that_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_then_watch_misses_nothing_and_repeats_nothing() {
-    for kind in support::ALL_KINDS {
+    for kind in weft_testkit::ALL_KINDS {
         let node = TestNode::start().await;
         let topic = "live";
         publish_n(&node, topic, 0, 5).await;
@@ -320,7 +315,7 @@ async fn state_then_watch_misses_nothing_and_repeats_nothing() {
 async fn snapshot_subscribe_returns_the_last_event() {
     let node = TestNode::start().await;
     publish_n(&node, "snap", 0, 3).await;
-    let mut c = support::WsClient::connect(node.addr).await;
+    let mut c = weft_testkit::WsClient::connect(node.addr).await;
     let cmd = weft_proto::Command::Subscribe(weft_proto::command::SubscribeCmd {
         topic: "snap".into(),
         since: None,

@@ -6,11 +6,9 @@
 //! - `conflate`: it keeps receiving, newest event last, and every skipped range is
 //!   announced with a `skipped {from,to}` push — never a silent gap.
 
-mod support;
-
-use support::{subscribe_cmd, HttpStream, TestNode, WsClient, WsIn};
 use weft_node::config::{NamespaceConfig, SlowConsumerPolicy};
 use weft_proto::SubscribeResult;
+use weft_testkit::{subscribe_cmd, HttpStream, TestNode, WsClient, WsIn};
 
 const BUDGET: usize = 256 * 1024;
 const EVENTS: u64 = 1500;
@@ -63,7 +61,7 @@ async fn publish_past_a_stalled_reader(node: &TestNode, topic: &str) {
     for i in 0..EVENTS {
         if i > WINDOW {
             let behind = i - WINDOW;
-            tokio::time::timeout(support::WAIT, progress.wait_for(|&got| got >= behind))
+            tokio::time::timeout(weft_testkit::WAIT, progress.wait_for(|&got| got >= behind))
                 .await
                 .expect("fast subscriber stalled")
                 .expect("fast reader ended early");

@@ -2,18 +2,16 @@
 //! rustls client: requests and WebSocket sessions work over TLS, and a certificate
 //! replaced on disk is picked up for new handshakes while a live WSS session goes on.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use support::TestNode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use weft_testkit::TestNode;
 
 fn ca() -> CertifiedIssuer<'static, KeyPair> {
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();

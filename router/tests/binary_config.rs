@@ -6,13 +6,18 @@
 use std::process::Command;
 
 fn router() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_weft-router"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("WEFT_") {
-            c.env_remove(k);
-        }
-    }
-    c
+    weft_testkit::bin::command(env!("CARGO_BIN_EXE_weft-router"))
+}
+
+/// Runs `cmd`, which must exit 0; its output.
+fn succeeds(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 #[test]
@@ -65,15 +70,10 @@ fn without_certificates_or_insecure_the_router_exits_64_naming_the_fix() {
 fn certs_writes_a_set_a_router_accepts_and_a_mismatched_id_is_refused() {
     let dir = std::env::temp_dir().join(format!("weft-certs-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let out = router()
-        .args(["certs", "--out", dir.to_str().unwrap()])
-        .args(["--routers", "2", "--nodes", "n1,n2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        router()
+            .args(["certs", "--out", dir.to_str().unwrap()])
+            .args(["--routers", "2", "--nodes", "n1,n2"]),
     );
     for f in [
         "ca.crt",
@@ -104,15 +104,10 @@ fn certs_writes_a_set_a_router_accepts_and_a_mismatched_id_is_refused() {
         ]
     };
     // Router 1 with its own certificate: valid (printed config names the files, no key).
-    let out = router()
-        .args(["--id", "1", "--print-config"])
-        .args(tls("router-1"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        router()
+            .args(["--id", "1", "--print-config"])
+            .args(tls("router-1")),
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(

@@ -1,176 +1,29 @@
 //! Real `weft-router` processes on 127.0.0.x: election, follower redirects, leader
 //! failover, restart on the data dirs, heartbeat expiry, bad input. Each process's log
 //! goes to a file that is printed only when the test fails; every process is killed by
-//! its PID when the harness drops. (Plaintext: `--cluster-insecure`; see `spawn`.)
+//! its PID when the harness drops. (Plaintext: `--cluster-insecure`; see `start`.)
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
 use weft_proto::grpc;
-use weft_router::RouterClient;
+use weft_testkit::bin::Workdir;
+use weft_testkit::routers::RouterGroup;
 
-struct Proc {
-    child: Child,
+/// A plaintext group of three routers on `127.0.0.{ip_base+1..ip_base+3}`. Raft
+/// behaviour is what these tests prove; they write as many node ids from one client, so
+/// they run plaintext. The mutual-TLS group (routers and nodes with certificates) is
+/// proven by weft-node's process tests.
+async fn start(name: &str, ip_base: u8, heartbeat_timeout_ms: u64) -> (Workdir, RouterGroup) {
+    let dir = Workdir::new("cluster", name);
+    let group = RouterGroup::start(&dir, ip_base, heartbeat_timeout_ms, None).await;
+    (dir, group)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Cluster {
-    name: String,
-    root: PathBuf,
-    addrs: BTreeMap<u64, String>,
-    procs: BTreeMap<u64, Proc>,
-    heartbeat_timeout_ms: u64,
-}
-
-fn free_addr(ip: &str) -> String {
-    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
-    l.local_addr().unwrap().to_string()
-}
-
-impl Cluster {
-    fn start(name: &str, ip_base: u8, heartbeat_timeout_ms: u64) -> Self {
-        let root = std::env::temp_dir().join(format!("weft-cluster-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let addrs = (1..=3u64)
-            .map(|id| (id, free_addr(&format!("127.0.0.{}", ip_base + id as u8))))
-            .collect();
-        let mut c = Self {
-            name: name.into(),
-            root,
-            addrs,
-            procs: BTreeMap::new(),
-            heartbeat_timeout_ms,
-        };
-        for id in 1..=3 {
-            c.spawn(id);
-        }
-        c
-    }
-
-    fn peers(&self) -> String {
-        self.addrs
-            .iter()
-            .map(|(id, a)| format!("{id}={a}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn spawn(&mut self, id: u64) {
-        let ready = self.root.join(format!("ready-{id}.json"));
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join(format!("router-{id}.log")))
-            .unwrap();
-        // Raft behaviour is what these tests prove; they write as many node ids from
-        // one client, so they run plaintext. The mutual-TLS group (routers and nodes
-        // with certificates) is proven by weft-node's process tests.
-        let child = Command::new(env!("CARGO_BIN_EXE_weft-router"))
-            .arg("--cluster-insecure")
-            .args(["--id", &id.to_string()])
-            .args(["--listen", &self.addrs[&id]])
-            .args(["--peers", &self.peers()])
-            .arg("--data-dir")
-            .arg(self.root.join(format!("data-{id}")))
-            .arg("--ready-file")
-            .arg(&ready)
-            .args([
-                "--heartbeat-timeout-ms",
-                &self.heartbeat_timeout_ms.to_string(),
-            ])
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn weft-router");
-        self.procs.insert(id, Proc { child });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
-            assert!(Instant::now() < deadline, "router {id} never became ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let bound: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
-        assert_eq!(bound["listen"], self.addrs[&id]);
-    }
-
-    fn sigkill(&mut self, id: u64) {
-        drop(self.procs.remove(&id));
-    }
-
-    /// SIGTERM and wait: the process must exit cleanly (status 0) within 10 s.
-    fn sigterm(&mut self, id: u64) {
-        let mut p = self.procs.remove(&id).expect("running");
-        let pid = p.child.id().to_string();
-        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(st.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = p.child.try_wait().unwrap() {
-                assert!(status.success(), "router {id} exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "router {id} ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn client(&self) -> RouterClient {
-        RouterClient::new(self.procs.keys().map(|id| self.addrs[id].clone()).collect())
-    }
-
-    fn client_for(&self, id: u64) -> RouterClient {
-        RouterClient::new(vec![self.addrs[&id].clone()])
-    }
-
-    /// Waits until every running router names the same leader; returns its id.
-    async fn leader(&self, within: Duration) -> u64 {
-        let deadline = Instant::now() + within;
-        loop {
-            let mut seen = Vec::new();
-            for id in self.procs.keys() {
-                if let Ok(s) = self.client_for(*id).get_state().await {
-                    seen.push(s.leader_id);
-                }
-            }
-            if seen.len() == self.procs.len() {
-                if let Some(Some(l)) = seen.first() {
-                    if seen.iter().all(|s| *s == Some(*l)) && self.procs.contains_key(l) {
-                        return *l;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "no agreed leader: {seen:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.procs.clear();
-        if std::thread::panicking() {
-            for id in self.addrs.keys() {
-                let log = self.root.join(format!("router-{id}.log"));
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                eprintln!("===== {} router {id} log =====\n{text}", self.name);
-            }
-        } else {
-            let _ = std::fs::remove_dir_all(&self.root);
-        }
-    }
+/// SIGTERM and wait: the process must exit cleanly (status 0) within 10 s.
+async fn sigterm(c: &mut RouterGroup, id: u64) {
+    let status = c.sigterm(id, Duration::from_secs(10)).await;
+    assert!(status.success(), "router {id} exited with {status}");
 }
 
 /// Retries `f` until it succeeds or `within` passes; returns how long it took.
@@ -191,13 +44,13 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_routers_elect_redirect_and_fail_over() {
-    let mut c = Cluster::start("failover", 20, 60_000);
+    let (_dir, mut c) = start("failover", 20, 60_000).await;
     let leader = c.leader(Duration::from_secs(15)).await;
-    let follower = *c.procs.keys().find(|id| **id != leader).unwrap();
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
 
     // A follower refuses a write with UNAVAILABLE and names the leader...
     let mut raw =
-        grpc::router_client::RouterClient::connect(format!("http://{}", c.addrs[&follower]))
+        grpc::router_client::RouterClient::connect(format!("http://{}", c.addr(follower)))
             .await
             .unwrap();
     let err = raw
@@ -212,7 +65,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(
         err.metadata().get("weft-leader").unwrap().to_str().unwrap(),
-        c.addrs[&leader]
+        c.addr(leader)
     );
     // ...and a client that only knows the follower is redirected and applied.
     let via_follower = c.client_for(follower);
@@ -223,7 +76,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
     via_follower.heartbeat("n1", 0, 0).await.unwrap();
 
     // Kill the leader: writes resume under a new leader within a few seconds.
-    c.sigkill(leader);
+    c.kill(leader);
     let client = c.client();
     let (_, took) = eventually(Duration::from_secs(10), || {
         client.update_interest("n1", vec!["after.failover".into()], vec![])
@@ -243,7 +96,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_of_every_router_keeps_membership_slots_and_registry() {
-    let mut c = Cluster::start("restart", 30, 60_000);
+    let (_dir, mut c) = start("restart", 30, 60_000).await;
     c.leader(Duration::from_secs(15)).await;
     let client = c.client();
     for n in ["n1", "n2"] {
@@ -261,10 +114,10 @@ async fn restart_of_every_router_keeps_membership_slots_and_registry() {
     let before = client.get_state().await.unwrap();
 
     for id in [1, 2, 3] {
-        c.sigterm(id);
+        sigterm(&mut c, id).await;
     }
     for id in [1, 2, 3] {
-        c.spawn(id);
+        c.spawn(id).await;
     }
     c.leader(Duration::from_secs(15)).await;
     let client = c.client();
@@ -293,7 +146,7 @@ async fn restart_of_every_router_keeps_membership_slots_and_registry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_member_is_removed_and_bad_input_gets_errors() {
-    let c = Cluster::start("expiry", 40, 1500);
+    let (_dir, c) = start("expiry", 40, 1500).await;
     c.leader(Duration::from_secs(15)).await;
     let client = c.client();
     for n in ["n1", "n2"] {
@@ -311,8 +164,8 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
 
     // Bad input on leader and follower alike: an error status, state unchanged.
     let before = client.get_state().await.unwrap();
-    for id in c.procs.keys() {
-        let r = c.client_for(*id);
+    for id in c.ids() {
+        let r = c.client_for(id);
         let e = r.heartbeat("ghost", 0, 0).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         let e = r
@@ -324,7 +177,7 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
         let e = r.update_interest("n1", many, vec![]).await.unwrap_err();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         // A 4 MB request past the server's decoding cap, from a client without one.
-        let mut raw = grpc::router_client::RouterClient::connect(format!("http://{}", c.addrs[id]))
+        let mut raw = grpc::router_client::RouterClient::connect(format!("http://{}", c.addr(id)))
             .await
             .unwrap()
             .max_encoding_message_size(64 * 1024 * 1024);
@@ -369,7 +222,7 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
         "removal of the member and its interest is one versioned change"
     );
     // Every router processes still running: nothing panicked.
-    for id in c.procs.keys() {
-        c.client_for(*id).get_state().await.unwrap();
+    for id in c.ids() {
+        c.client_for(id).get_state().await.unwrap();
     }
 }

@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -50,6 +50,24 @@ pub fn tool(name: &str, env: &str) -> Option<PathBuf> {
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command with `input` on its stdin, returning its output.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("a piped stdin")
+        .write_all(input)
+        .expect("write the input");
+    child.wait_with_output().expect("wait for the command")
 }
 
 pub fn text(b: &[u8]) -> String {
@@ -178,38 +196,4 @@ pub fn alert_exprs(rule_doc: &str) -> Vec<String> {
         .filter_map(|l| l.trim_start().strip_prefix("expr: "))
         .map(str::to_owned)
         .collect()
-}
-
-/// Another workspace binary (`weft-router`, `weft-loadtest`) from the profile directory
-/// the `weft-node` binary of this test was built into; built there with this test's
-/// cargo when only `weft-node`'s targets were built.
-pub fn sibling_bin(name: &str) -> PathBuf {
-    let node = Path::new(env!("CARGO_BIN_EXE_weft-node"));
-    let dir = node.parent().expect("weft-node sits in a directory");
-    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "-p", name, "--bin", name]);
-        match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(profile) => {
-                cmd.args(["--profile", profile]);
-            }
-        }
-        if let Some(target) = dir.parent() {
-            cmd.arg("--target-dir").arg(target);
-        }
-        let out = run(&mut cmd);
-        assert!(
-            out.status.success(),
-            "building {name}: {}",
-            text(&out.stderr)
-        );
-    }
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
 }
