@@ -44,6 +44,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/topics/{topic}", get(state))
         .route("/v1/topics/{topic}/presence", get(presence))
         .route("/v1/publish", post(batch_publish))
+        .route("/v1/publish/stream", post(publish_stream))
         .route("/v1/events", get(multi_events))
         .route("/v1/ws", get(ws::upgrade))
         .route(
@@ -303,6 +304,22 @@ async fn publish(
         *resp.status_mut() = StatusCode::CREATED;
     }
     Ok(resp)
+}
+
+/// `POST /v1/publish/stream` ([`crate::transport::publish_stream`]): every line is
+/// checked against the caller's permissions like a single publish.
+async fn publish_stream(
+    State(node): State<Arc<Node>>,
+    ext: CallerExt,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let c = who(&node, &ext)?;
+    refuse_while_draining(&node)?;
+    crate::transport::publish_stream::publish_stream(node, headers, body, move |node, topic| {
+        may_publish(node, &c, topic)
+    })
+    .await
 }
 
 async fn batch_publish(

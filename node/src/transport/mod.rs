@@ -8,6 +8,8 @@
 //! - [`ws`]: the WebSocket session (`weft.v1.json`).
 //! - [`stream`]: SSE (one and many topics) and NDJSON watches.
 //! - [`poll`]: history pages and long-poll.
+//! - [`publish_stream`]: the ordered streaming publish for backends (NDJSON in,
+//!   one acknowledgement per event out).
 //! - [`respond`]: the JSON bodies and problem errors the routes share.
 //!
 //! A transport reads a topic through [`crate::topic`] and publishes through the
@@ -18,6 +20,7 @@
 
 pub mod http;
 pub mod poll;
+pub mod publish_stream;
 pub mod respond;
 pub mod server;
 pub mod stream;
