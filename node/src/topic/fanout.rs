@@ -41,6 +41,7 @@ use crate::config::SlowConsumerPolicy;
 use crate::session::event::StoredEvent;
 use crate::session::outbox::{Frame, Outbox, Pushed};
 use crate::stats::Count;
+use crate::topic::Subscriber;
 
 /// Up to this many member deliveries queued, a runner delivers inline on the task
 /// that published (a wake-up and a schedule cost more than a few pushes).
@@ -83,38 +84,57 @@ pub struct FanOutStats {
     pub slow_consumer_closes: Arc<Count>,
 }
 
-/// A topic's members, kept under the topic's lock.
+/// A topic's local sessions (the topic's subscribers), kept under the topic's lock.
 #[derive(Debug, Default)]
 pub struct Members {
     seq: u64,
-    by_id: HashMap<u64, Member>,
+    by_id: HashMap<u64, Joined>,
     /// The member list jobs share, rebuilt at the next enqueue after a change.
     list: Option<Arc<[Member]>>,
 }
 
+#[derive(Debug)]
+struct Joined {
+    sub: Subscriber,
+    joined_at: u64,
+    left: Arc<AtomicBool>,
+}
+
 impl Members {
     /// Adds a session; it is owed every job enqueued from now on.
-    pub fn join(&mut self, id: u64, outbox: Arc<Outbox>, wants_presence: bool) {
-        let m = Member {
-            outbox,
+    pub fn join(&mut self, id: u64, sub: Subscriber) {
+        let j = Joined {
+            sub,
             joined_at: self.seq,
-            wants_presence,
             left: Arc::default(),
         };
-        if let Some(old) = self.by_id.insert(id, m) {
+        if let Some(old) = self.by_id.insert(id, j) {
             old.left.store(true, Ordering::Relaxed);
         }
         self.list = None;
     }
 
-    pub fn leave(&mut self, id: u64) {
-        if let Some(m) = self.by_id.remove(&id) {
-            m.left.store(true, Ordering::Relaxed);
-            self.list = None;
-        }
+    /// Removes a session; it is owed nothing more.
+    pub fn leave(&mut self, id: u64) -> Option<Subscriber> {
+        let j = self.by_id.remove(&id)?;
+        j.left.store(true, Ordering::Relaxed);
+        self.list = None;
         if self.by_id.is_empty() {
             self.by_id = HashMap::new();
         }
+        Some(j.sub)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn subscribers(&self) -> impl Iterator<Item = &Subscriber> {
+        self.by_id.values().map(|j| &j.sub)
     }
 
     /// Queues `item` for every current member (under the topic's lock).
@@ -125,7 +145,17 @@ impl Members {
         self.seq += 1;
         let members = self
             .list
-            .get_or_insert_with(|| self.by_id.values().cloned().collect())
+            .get_or_insert_with(|| {
+                self.by_id
+                    .values()
+                    .map(|j| Member {
+                        outbox: j.sub.outbox.clone(),
+                        joined_at: j.joined_at,
+                        wants_presence: j.sub.wants_presence,
+                        left: j.left.clone(),
+                    })
+                    .collect()
+            })
             .clone();
         queue.push(Job {
             seq: self.seq,
@@ -329,6 +359,15 @@ mod tests {
         )))
     }
 
+    fn sub(outbox: &Arc<Outbox>, wants_presence: bool) -> Subscriber {
+        Subscriber {
+            outbox: outbox.clone(),
+            client: "c".into(),
+            user: None,
+            wants_presence,
+        }
+    }
+
     fn queue() -> Arc<FanQueue> {
         FanQueue::new(SlowConsumerPolicy::Disconnect, Arc::default())
     }
@@ -360,11 +399,11 @@ mod tests {
             Arc::new(Outbox::new(1 << 20)),
             Arc::new(Outbox::new(1 << 20)),
         );
-        members.join(1, early.clone(), false);
+        members.join(1, sub(&early, false));
         members.enqueue(&q, event(1));
         members.enqueue(&q, event(2));
         // Joins while 1 and 2 are still queued (its snapshot covered them).
-        members.join(2, late.clone(), false);
+        members.join(2, sub(&late, false));
         members.enqueue(&q, event(3));
         q.kick();
         let rt = current_thread();
@@ -384,8 +423,8 @@ mod tests {
             Arc::new(Outbox::new(1 << 20)),
             Arc::new(Outbox::new(1 << 20)),
         );
-        members.join(1, stays.clone(), false);
-        members.join(2, leaves.clone(), false);
+        members.join(1, sub(&stays, false));
+        members.join(2, sub(&leaves, false));
         members.enqueue(&q, event(1));
         members.leave(2);
         members.enqueue(&q, event(2));
@@ -403,8 +442,8 @@ mod tests {
             Arc::new(Outbox::new(1 << 20)),
             Arc::new(Outbox::new(1 << 20)),
         );
-        members.join(1, wants.clone(), true);
-        members.join(2, not.clone(), false);
+        members.join(1, sub(&wants, true));
+        members.join(2, sub(&not, false));
         members.enqueue(&q, Item::Presence(Bytes::from_static(b"join")));
         q.kick();
         assert!(wants.queued_bytes() > 0);
@@ -425,7 +464,7 @@ mod tests {
         let outboxes: Vec<_> = (0..3 * CHUNK + 7)
             .map(|i| {
                 let o = Arc::new(Outbox::new(1 << 24));
-                members.join(i as u64, o.clone(), false);
+                members.join(i as u64, sub(&o, false));
                 o
             })
             .collect();
@@ -455,7 +494,7 @@ mod tests {
         let q = FanQueue::new(SlowConsumerPolicy::Disconnect, stats.clone());
         let mut members = Members::default();
         let o = Arc::new(Outbox::new(1 << 30));
-        members.join(1, o.clone(), false);
+        members.join(1, sub(&o, false));
         // No runner drains it (nothing kicks): the queue fills up.
         for k in 1..=MAX_QUEUED as u64 + 1 {
             members.enqueue(&q, event(k));

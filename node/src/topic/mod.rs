@@ -305,8 +305,7 @@ struct TopicState {
     history: VecDeque<Arc<StoredEvent>>,
     history_bytes: usize,
     last_active: Instant,
-    subscribers: HashMap<u64, Subscriber>,
-    /// The same sessions as the fan-out sees them (`fanout`).
+    /// The local subscribers, as the fan-out delivers to them (`fanout`).
     members: Members,
     idempotency: Idempotency,
 }
@@ -400,7 +399,6 @@ impl Topic {
                 history: VecDeque::new(),
                 history_bytes: 0,
                 last_active: Instant::now(),
-                subscribers: HashMap::new(),
                 members: Members::default(),
                 idempotency: Idempotency::default(),
             }),
@@ -996,7 +994,7 @@ impl Topic {
         }
         self.trim(st, now);
         st.last_offset = last_offset;
-        if fresh || st.subscribers.is_empty() {
+        if fresh || st.members.is_empty() {
             (FollowOutcome::Adopted, 0)
         } else {
             self.reset_subscribers(st);
@@ -1037,7 +1035,7 @@ impl Topic {
         st.epoch = epoch;
         st.last_offset = 0;
         st.idempotency = Idempotency::default();
-        if had_state && !st.subscribers.is_empty() {
+        if had_state && !st.members.is_empty() {
             self.reset_subscribers(&mut st);
             stats.relay.resets.inc();
         }
@@ -1236,9 +1234,8 @@ impl Topic {
             self.push_presence(&mut st, join);
         }
         // Owed every fan-out job from here on: exactly the events after `snap`.
-        st.members.join(id, sub.outbox.clone(), sub.wants_presence);
-        st.subscribers.insert(id, sub);
-        if st.subscribers.len() == 1 {
+        st.members.join(id, sub);
+        if st.members.len() == 1 {
             self.interest.changed(&self.name, true);
         }
         st.last_active = Instant::now();
@@ -1249,16 +1246,14 @@ impl Topic {
 
     pub fn unsubscribe(&self, id: u64) {
         let mut st = self.lock();
-        if let Some(sub) = st.subscribers.remove(&id) {
-            st.members.leave(id);
+        if let Some(sub) = st.members.leave(id) {
             st.last_active = Instant::now();
             if self.ns.presence && sub.wants_presence && !st.dead {
                 let leave = presence_push(&self.name, "leave", &sub.client, sub.user.as_deref());
                 self.push_presence(&mut st, leave);
             }
-            if st.subscribers.is_empty() {
+            if st.members.is_empty() {
                 self.interest.changed(&self.name, false);
-                st.subscribers = HashMap::new();
             }
             drop(st);
             self.fan.kick();
@@ -1273,8 +1268,8 @@ impl Topic {
     /// Who is subscribed, at most `max` entries.
     pub fn presence(&self, max: usize) -> Vec<PresenceEntry> {
         let st = self.lock();
-        st.subscribers
-            .values()
+        st.members
+            .subscribers()
             .take(max)
             .map(|s| PresenceEntry {
                 client: s.client.to_string(),
@@ -1284,7 +1279,7 @@ impl Topic {
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.lock().subscribers.len()
+        self.lock().members.len()
     }
 
     /// Periodic upkeep: drops aged history. Returns whether the topic is idle and
@@ -1304,7 +1299,7 @@ impl Topic {
             Role::Mirror { .. } => false,
         };
         let forget = !busy
-            && st.subscribers.is_empty()
+            && st.members.is_empty()
             && (mirror || st.history.is_empty())
             && now.duration_since(st.last_active) >= idle_ttl;
         if forget {

@@ -153,26 +153,10 @@ pub async fn upgrade(
             Ok(parts) => return session.run(parts.io.into_inner(), parts.read_buf).await,
             Err(upgraded) => upgraded,
         };
-        // Over TLS the session talks to one end of a socket pair and a pump task
-        // carries bytes between the other end and the TLS stream, so the session code
-        // stays the same (at the price of the pump's buffers while TLS is on).
-        match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
-            Ok(parts) => {
-                let Ok((session_end, pump_end)) = tokio::net::UnixStream::pair() else {
-                    return;
-                };
-                let mut tls = parts.io.into_inner();
-                let pump = tokio::spawn(async move {
-                    let mut pump_end = pump_end;
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut pump_end).await;
-                });
-                session.run(session_end, parts.read_buf).await;
-                // The pump ends once the session's end is dropped and the TLS close
-                // is written; bound it so a stuck peer cannot keep it.
-                let _ = timeout(Duration::from_secs(5), pump).await;
-            }
-            Err(_) => tracing::error!("upgraded connection is neither TCP nor TLS"),
-        }
+        // Boxed: an idle session's memory is mostly this task, and a TLS stream held
+        // in place (rustls keeps its state inline) would size every session's task
+        // for it, TLS or not — about 2.7 KiB per connection.
+        Box::pin(run_over_tls(session, upgraded)).await;
     });
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -187,6 +171,29 @@ pub async fn upgrade(
         hs.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
     resp
+}
+
+/// Over TLS the session talks to one end of a socket pair and a pump task carries
+/// bytes between the other end and the TLS stream, so the session code stays the same
+/// (at the price of the pump's buffers while TLS is on).
+async fn run_over_tls(session: Session, upgraded: hyper::upgrade::Upgraded) {
+    let Ok(parts) = upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>()
+    else {
+        tracing::error!("upgraded connection is neither TCP nor TLS");
+        return;
+    };
+    let Ok((session_end, pump_end)) = tokio::net::UnixStream::pair() else {
+        return;
+    };
+    let mut tls = parts.io.into_inner();
+    let pump = tokio::spawn(async move {
+        let mut pump_end = pump_end;
+        let _ = tokio::io::copy_bidirectional(&mut tls, &mut pump_end).await;
+    });
+    session.run(session_end, parts.read_buf).await;
+    // The pump ends once the session's end is dropped and the TLS close is written;
+    // bound it so a stuck peer cannot keep it.
+    let _ = timeout(Duration::from_secs(5), pump).await;
 }
 
 struct Session {
