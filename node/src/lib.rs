@@ -139,8 +139,14 @@ pub async fn run_with_router(
     let _ = node.cluster.set(cluster.clone());
     let relay = cluster::relay::Relay::new(cluster.clone());
     let _ = node.relay.set(relay.clone());
-    let _ = relay_slot.set((relay.clone(), node.clone()));
     node.registry.placement.set(relay.placement_fn()).ok();
+    // The first pass before anything can create a topic here: until it has run, the
+    // slots the ring just gave this node are not known to be awaiting their old
+    // owners' handoffs, and a topic a peer's forwarded publish or follow created in
+    // that window would start a new epoch (its sessions elsewhere would see `reset`
+    // after a plain restart). Peers' links are accepted only after it.
+    relay.reconcile(&node);
+    let _ = relay_slot.set((relay.clone(), node.clone()));
     let relay_task = tokio::spawn(relay.clone().run(node.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let membership = tokio::spawn(cluster.run(node.clone(), stopped));
