@@ -5,37 +5,18 @@
 //! in order, the books add up, and `subscribe` measures a subscribe on a mirror (a node
 //! with no local interest in the topic yet).
 
+mod common;
+
 use clap::Parser;
+use common::run;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
 use weft_loadtest::report::Report;
 use weft_testkit::inproc::InProcCluster;
 
-async fn run(args: &[&str]) -> Report {
-    let mut argv = vec!["weft-loadtest"];
-    argv.extend_from_slice(args);
-    argv.extend_from_slice(&["--quiet", "--drain-timeout", "10s"]);
-    let cli = Cli::try_parse_from(&argv).expect("arguments parse");
-    let report = app::execute(&cli.command)
-        .await
-        .expect("scenario runs")
-        .expect("a local run returns its report");
-    eprintln!("{}", report.table());
-    report
-}
-
+/// A clean run, and every subscriber connected and subscribed.
 fn assert_clean(r: &Report) {
-    assert!(r.published > 0, "nothing published");
-    assert_eq!(r.publish_errors, 0, "{:?}", r.errors);
-    assert_eq!(r.lost, 0, "lost events: {:?}", r.errors);
-    assert_eq!(r.duplicates, 0);
-    assert_eq!(r.reordered, 0);
-    assert_eq!(r.resets, 0, "{:?}", r.errors);
-    assert_eq!(r.stale, 0);
-    assert_eq!(r.foreign, 0);
-    assert_eq!(r.unstarted, 0);
-    assert_eq!(r.delivered, r.expected);
-    assert_eq!(r.latency_us.count, r.delivered);
+    common::assert_clean(r);
     assert_eq!(r.connect_failures, 0, "{:?}", r.errors);
     assert_eq!(r.subscribe_failures, 0, "{:?}", r.errors);
 }

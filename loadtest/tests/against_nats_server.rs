@@ -8,6 +8,8 @@
 //! installs it). Missing, the tests fail under `CI=true` and are skipped loudly
 //! otherwise.
 
+mod common;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,8 @@ use clap::Parser;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
 use weft_loadtest::report::Report;
+
+use common::run;
 
 fn nats_server() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("NATS_SERVER").filter(|p| !p.is_empty()) {
@@ -119,19 +123,6 @@ impl Drop for NatsServer {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-async fn run(args: &[&str]) -> Report {
-    let mut argv = vec!["weft-loadtest"];
-    argv.extend_from_slice(args);
-    argv.extend_from_slice(&["--quiet", "--drain-timeout", "10s"]);
-    let cli = Cli::try_parse_from(&argv).expect("arguments parse");
-    let report = app::execute(&cli.command)
-        .await
-        .expect("scenario runs")
-        .expect("a local run returns its report");
-    eprintln!("{}", report.table());
-    report
 }
 
 /// Every publish acknowledged, each delivered once to each of its topic's

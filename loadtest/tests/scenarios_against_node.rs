@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+mod common;
+
 use clap::Parser;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
@@ -36,34 +38,14 @@ async fn run(node: &TestNode, args: &[&str]) -> Report {
 }
 
 async fn run_at(target: &str, args: &[&str]) -> Report {
-    let mut argv = vec!["weft-loadtest"];
-    argv.extend_from_slice(args);
-    argv.extend_from_slice(&["--target", target, "--quiet", "--drain-timeout", "10s"]);
-    let cli = Cli::try_parse_from(&argv).expect("arguments parse");
-    let report = app::execute(&cli.command)
-        .await
-        .expect("scenario runs")
-        .expect("a local run returns its report");
-    eprintln!("{}", report.table());
-    report
+    let mut argv = args.to_vec();
+    argv.extend_from_slice(&["--target", target]);
+    common::run(&argv).await
 }
 
-/// No loss, no duplicates, no reordering, no resets; deliveries add up.
+/// A clean run, with plausible latencies.
 fn assert_clean(r: &Report) {
-    assert!(r.published > 0, "nothing published");
-    assert_eq!(r.publish_errors, 0, "{:?}", r.errors);
-    assert_eq!(r.lost, 0, "lost events: {:?}", r.errors);
-    assert_eq!(r.duplicates, 0);
-    assert_eq!(r.reordered, 0);
-    assert_eq!(r.resets, 0);
-    assert_eq!(r.stale, 0);
-    assert_eq!(r.foreign, 0);
-    assert_eq!(r.unstarted, 0);
-    assert_eq!(r.delivered, r.expected);
-    assert_eq!(
-        r.latency_us.count, r.delivered,
-        "every delivery has a latency"
-    );
+    common::assert_clean(r);
     assert!(
         r.latency_us.p50 > 0 && r.latency_us.p50 < 2_000_000,
         "{:?}",
