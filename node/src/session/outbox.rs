@@ -221,6 +221,15 @@ impl Outbox {
         inner.bytes = 0;
     }
 
+    /// Gives the queue's buffer back if nothing is queued (a session calls this on its
+    /// idle timer).
+    pub fn release_if_idle(&self) {
+        let mut inner = self.lock();
+        if inner.queue.is_empty() && inner.queue.capacity() > 0 {
+            inner.queue = VecDeque::new();
+        }
+    }
+
     /// Closes the session as a slow consumer (its fan-out fell too far behind); false
     /// if it was closed already.
     pub fn close_slow(&self) -> bool {
@@ -267,19 +276,23 @@ impl Outbox {
                 }
                 if !inner.queue.is_empty() {
                     let mut taken = 0;
+                    let mut events = false;
                     while let Some(entry) = inner.queue.front() {
                         if taken > 0 && taken + entry.cost > max_bytes {
                             break;
                         }
                         let entry = inner.queue.pop_front().expect("front exists");
                         taken += entry.cost;
+                        events |= matches!(entry.frame, Frame::Event(_));
                         out.push(entry);
                     }
                     inner.bytes -= taken;
-                    if inner.queue.is_empty() {
-                        // An idle session holds no buffer at all (with 15,000 idle
-                        // sessions, a kept 4-entry queue is ~3.5 MiB); the next push
-                        // allocates one again.
+                    if inner.queue.is_empty() && (!events || inner.queue.capacity() > 64) {
+                        // A session that has just been answered (a subscribe reply)
+                        // usually goes idle: it gives its buffer back (15,000 kept
+                        // 4-entry queues are ~3.5 MiB). One that is receiving events
+                        // keeps a small one, so the fan-out allocates nothing per
+                        // delivery; it gives it back when idle (`release_if_idle`).
                         inner.queue = VecDeque::new();
                     }
                     return Ok(());
@@ -306,6 +319,29 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idle session holds no queue buffer, and the fan-out path allocates none per
+    /// delivery: only a batch without events (a reply) or the idle timer frees it.
+    #[tokio::test]
+    async fn the_queue_buffer_is_freed_when_idle_not_per_delivery() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(1 << 20);
+        o.push_control(Bytes::from_static(b"reply"));
+        o.next_batch_owned(usize::MAX).await.unwrap();
+        assert_eq!(
+            o.lock().queue.capacity(),
+            0,
+            "answered, then idle: no buffer"
+        );
+        o.push_event(&ev(&t, 1, 10), SlowConsumerPolicy::Disconnect);
+        o.next_batch_owned(usize::MAX).await.unwrap();
+        assert!(
+            o.lock().queue.capacity() > 0,
+            "receiving events: the buffer stays"
+        );
+        o.release_if_idle();
+        assert_eq!(o.lock().queue.capacity(), 0, "the idle timer frees it");
+    }
 
     fn ev(topic: &Arc<str>, offset: u64, len: usize) -> Arc<StoredEvent> {
         Arc::new(StoredEvent::new(

@@ -229,13 +229,20 @@ fn publish_result_json(topic: &str, epoch: &str, offset: u64) -> Bytes {
 }
 
 fn write_publish_result(out: &mut BytesMut, topic: &str, epoch: &str, offset: u64) {
-    out.extend_from_slice(b"{\"topic\":\"");
+    out.extend_from_slice(b"{");
+    write_publish_fields(out, topic, epoch, offset);
+    out.extend_from_slice(b"}");
+}
+
+/// `"topic":"…","epoch":"…","offset":N` (a topic and an epoch are checked names that
+/// need no escaping); the streaming publish prefixes its `seq`.
+pub fn write_publish_fields(out: &mut BytesMut, topic: &str, epoch: &str, offset: u64) {
+    out.extend_from_slice(b"\"topic\":\"");
     out.extend_from_slice(topic.as_bytes());
     out.extend_from_slice(b"\",\"epoch\":\"");
     out.extend_from_slice(epoch.as_bytes());
     out.extend_from_slice(b"\",\"offset\":");
     put_u64(out, offset);
-    out.extend_from_slice(b"}");
 }
 
 /// A draining single node must not acknowledge what its in-memory history is about to

@@ -37,6 +37,7 @@ use crate::error::ApiError;
 use crate::input::{event_kind, raw_data};
 use crate::node::Node;
 use crate::session::event::put_u64;
+use crate::transport::http::write_publish_fields;
 
 /// Events started and not yet acknowledged, per stream.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -109,10 +110,13 @@ async fn run(
     let mut pending: VecDeque<Ack> = VecDeque::new();
     let mut seq = 0u64;
     let mut ended = false;
+    // How much of `buf` is known to hold no newline: a long line arriving in small
+    // chunks is searched once, not once per chunk.
+    let mut scanned = 0usize;
     loop {
         // Every complete line is started (in order) before anything is awaited.
         while pending.len() < MAX_IN_FLIGHT {
-            let Some(line) = next_line(&mut buf) else {
+            let Some(line) = next_line(&mut buf, &mut scanned) else {
                 break;
             };
             if line.iter().all(u8::is_ascii_whitespace) {
@@ -128,11 +132,13 @@ async fn run(
             ));
             pending.push_back(ack(node.clone(), seq, Started::Refused(e)));
             buf.clear();
+            scanned = 0;
             ended = true;
         }
         if ended && pending.len() < MAX_IN_FLIGHT && !buf.is_empty() {
             // The body ended without a final newline: the last line still counts.
             let line = std::mem::take(&mut buf);
+            scanned = 0;
             if !line.iter().all(u8::is_ascii_whitespace) {
                 seq += 1;
                 pending.push_back(ack(node.clone(), seq, start(&node, &line, &check)));
@@ -185,9 +191,15 @@ fn ack(node: Arc<Node>, seq: u64, started: Started) -> Ack {
     })
 }
 
-/// Takes one `\n`-terminated line off the front of `buf`.
-fn next_line(buf: &mut BytesMut) -> Option<BytesMut> {
-    let at = buf.iter().position(|&b| b == b'\n')?;
+/// Takes one `\n`-terminated line off the front of `buf`, searching only past
+/// `scanned` (the bytes already known to hold none).
+fn next_line(buf: &mut BytesMut, scanned: &mut usize) -> Option<BytesMut> {
+    let Some(at) = buf[*scanned..].iter().position(|&b| b == b'\n') else {
+        *scanned = buf.len();
+        return None;
+    };
+    let at = *scanned + at;
+    *scanned = 0;
     let mut line = buf.split_to(at + 1);
     line.truncate(at);
     Some(line)
@@ -241,16 +253,8 @@ fn ack_line(seq: u64, topic: &str, result: Result<crate::topic::Published, ApiEr
             let mut out = BytesMut::with_capacity(96 + topic.len());
             out.extend_from_slice(b"{\"seq\":");
             put_u64(&mut out, seq);
-            out.extend_from_slice(b",\"topic\":");
-            out.extend_from_slice(
-                serde_json::to_string(topic)
-                    .expect("a string serialises")
-                    .as_bytes(),
-            );
-            out.extend_from_slice(b",\"epoch\":\"");
-            out.extend_from_slice(p.epoch.as_bytes());
-            out.extend_from_slice(b"\",\"offset\":");
-            put_u64(&mut out, p.offset);
+            out.extend_from_slice(b",");
+            write_publish_fields(&mut out, topic, &p.epoch, p.offset);
             if p.duplicate {
                 out.extend_from_slice(b",\"duplicate\":true");
             }
@@ -275,10 +279,27 @@ mod tests {
     #[test]
     fn lines_are_split_on_newlines_and_keep_partial_tails() {
         let mut buf = BytesMut::from(&b"{\"a\":1}\n{\"b\":2}\n{\"c\""[..]);
-        assert_eq!(&next_line(&mut buf).unwrap()[..], b"{\"a\":1}");
-        assert_eq!(&next_line(&mut buf).unwrap()[..], b"{\"b\":2}");
-        assert!(next_line(&mut buf).is_none(), "an unfinished line waits");
+        let mut scanned = 0;
+        assert_eq!(
+            &next_line(&mut buf, &mut scanned).unwrap()[..],
+            b"{\"a\":1}"
+        );
+        assert_eq!(
+            &next_line(&mut buf, &mut scanned).unwrap()[..],
+            b"{\"b\":2}"
+        );
+        assert!(
+            next_line(&mut buf, &mut scanned).is_none(),
+            "an unfinished line waits"
+        );
         assert_eq!(&buf[..], b"{\"c\"");
+        assert_eq!(scanned, 4, "what was searched is not searched again");
+        buf.extend_from_slice(b":3}\n");
+        assert_eq!(
+            &next_line(&mut buf, &mut scanned).unwrap()[..],
+            b"{\"c\":3}"
+        );
+        assert_eq!(scanned, 0);
     }
 
     #[test]

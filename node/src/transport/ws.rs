@@ -519,6 +519,7 @@ impl Session {
                     Err(CloseReason::Gone) => end = Some(End::Silent),
                 },
                 _ = ping.tick() => {
+                    self.outbox.release_if_idle();
                     // No traffic (pongs included) for two intervals: the peer is gone.
                     let dead = last_seen.elapsed() > 2 * ping_every
                         || timeout(write_timeout, write_frames(&stream, &[Bytes::from_static(&[0x89, 0x00])]))
