@@ -145,9 +145,9 @@ pub async fn run_with_router(
     // owners' handoffs, and a topic a peer's forwarded publish or follow created in
     // that window would start a new epoch (its sessions elsewhere would see `reset`
     // after a plain restart). Peers' links are accepted only after it.
-    relay.reconcile(&node);
-    let _ = relay_slot.set((relay.clone(), node.clone()));
     let relay_task = tokio::spawn(relay.clone().run(node.clone()));
+    relay.pass().await;
+    let _ = relay_slot.set((relay.clone(), node.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let membership = tokio::spawn(cluster.run(node.clone(), stopped));
     // On SIGTERM or `POST /v1/admin/drain`: readiness goes false, the router takes
@@ -160,7 +160,7 @@ pub async fn run_with_router(
             _ = drain_node.drain_requested() => tracing::info!("drain requested"),
         }
         drain_node.mark_unready();
-        drain_relay.drain(&drain_node).await;
+        drain_relay.drain().await;
     };
     let served = transport::server::serve_all(node, http, ops, shutdown).await;
     let _ = stop.send(true);

@@ -154,12 +154,8 @@ impl Node {
         if let Some(relay) = self.relay.get() {
             return relay.start_publish(self, topic, data, kind, key);
         }
-        let window = self.idempotency_window();
         Ticket::done(
-            self.registry
-                .with_topic(topic, |t| {
-                    t.publish(data.clone(), kind.clone(), key, window, &self.stats)
-                })
+            self.publish_here(topic, &data, &kind, key, &mut None)
                 .and_then(|r| {
                     r.map_err(|_| ApiError::Unavailable {
                         message: "another node owns this topic".into(),
@@ -167,6 +163,23 @@ impl Node {
                     })
                 }),
         )
+    }
+
+    /// A publish on this node, through [`Topic::publish`] (the one place that decides
+    /// whether it is sequenced here, held behind the topic's incoming handoff with the
+    /// reply in `hold`, or belongs to another owner), with this node's idempotency window.
+    pub fn publish_here(
+        &self,
+        topic: &str,
+        data: &Bytes,
+        kind: &Option<Arc<str>>,
+        key: Option<&str>,
+        hold: &mut Option<crate::topic::HeldReply>,
+    ) -> Result<Result<Published, crate::topic::Elsewhere>, ApiError> {
+        let window = self.idempotency_window();
+        self.registry.with_topic(topic, |t| {
+            t.publish(data.clone(), kind.clone(), key, window, &self.stats, hold)
+        })
     }
 
     pub async fn finish_publish(&self, ticket: Ticket) -> Result<Published, ApiError> {

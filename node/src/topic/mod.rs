@@ -215,18 +215,14 @@ pub const MAX_HELD: usize = 10_000;
 pub enum Elsewhere {
     /// Another node owns the topic: publish there.
     Owner(Arc<str>),
-    /// Its state is being handed to this node: hold the publish until it lands.
+    /// Its state is being handed to this node, and nothing was given to hold the
+    /// publish with.
     Moving,
-}
-
-/// What [`Topic::hold`] did.
-#[derive(Debug)]
-pub enum Hold {
+    /// Its state is being handed to this node: the publish is held, and its reply
+    /// answers it when the handoff lands (or the ring moves on).
     Held,
-    /// The topic is no longer waiting for a handoff: publish (or follow) again.
-    NotMoving(Held),
-    /// Too much is waiting already.
-    Full(Held),
+    /// Its state is being handed to this node and too much waits for it already.
+    Full,
 }
 
 /// A topic's whole state as its old owner hands it over.
@@ -481,8 +477,11 @@ impl Topic {
         Ok(Cursor::new(&*st.epoch, st.last_offset))
     }
 
-    /// Sequences one event, keeps it in history, fans it out to local subscribers and
-    /// relays it once to every following peer. Not here: `Err(Elsewhere)`.
+    /// The one place a publish on this node is decided: sequenced if this node owns the
+    /// topic (kept in history, fanned out to local subscribers, relayed once to every
+    /// following peer); held with the reply in `hold` (taken) while its handoff is on the way, in the same
+    /// lock section that checks the role, so the handoff cannot land in between;
+    /// otherwise the owner to forward it to.
     pub fn publish(
         &self,
         data: Bytes,
@@ -490,11 +489,26 @@ impl Topic {
         idempotency_key: Option<&str>,
         idem: (Duration, usize),
         stats: &Stats,
+        hold: &mut Option<HeldReply>,
     ) -> Result<Result<Published, Elsewhere>, Dead> {
         let mut st = self.live()?;
-        match &st.role {
+        match &mut st.role {
             Role::Mirror { owner, .. } => return Ok(Err(Elsewhere::Owner(owner.clone()))),
-            Role::Receiving { .. } => return Ok(Err(Elsewhere::Moving)),
+            Role::Receiving { held, .. } => {
+                let Some(reply) = hold.take() else {
+                    return Ok(Err(Elsewhere::Moving));
+                };
+                if held.len() >= MAX_HELD {
+                    return Ok(Err(Elsewhere::Full));
+                }
+                held.push_back(Held::Publish {
+                    data,
+                    kind,
+                    key: idempotency_key.map(Into::into),
+                    reply,
+                });
+                return Ok(Err(Elsewhere::Held));
+            }
             Role::Owner { .. } => {}
         }
         let (published, used) = self.sequence(&mut st, data, kind, idempotency_key, idem, stats);
@@ -576,22 +590,6 @@ impl Topic {
             duplicate: false,
         };
         (published, used)
-    }
-
-    /// Queues a publish or follow behind an incoming handoff.
-    pub fn hold(&self, held: Held) -> Hold {
-        let mut st = self.lock();
-        if st.dead {
-            return Hold::NotMoving(held);
-        }
-        match &mut st.role {
-            Role::Receiving { held: q, .. } if q.len() >= MAX_HELD => Hold::Full(held),
-            Role::Receiving { held: q, .. } => {
-                q.push_back(held);
-                Hold::Held
-            }
-            _ => Hold::NotMoving(held),
-        }
     }
 
     /// Runs what was held, in arrival order, now that this node owns the topic.
@@ -1372,6 +1370,18 @@ fn presence_push(topic: &str, what: &str, client: &str, user: Option<&str>) -> B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One publish with no reply to hold it with (the topic is live).
+    fn publish_one(
+        t: &Topic,
+        data: &'static [u8],
+        key: Option<&str>,
+        idem: (Duration, usize),
+        stats: &Stats,
+    ) -> Result<Published, Elsewhere> {
+        t.publish(Bytes::from_static(data), None, key, idem, stats, &mut None)
+            .expect("the topic is live")
+    }
     use crate::config::SlowConsumerPolicy;
     use crate::session::outbox::Frame;
     use crate::topic::follow::recorder::{Queued, Recorder};
@@ -1403,6 +1413,7 @@ mod tests {
                 None,
                 (Duration::from_secs(60), 100),
                 stats,
+                &mut None,
             )
             .unwrap()
             .unwrap();
@@ -1508,18 +1519,9 @@ mod tests {
         let stats = Stats::detached();
         let t = topic(10);
         let w = (Duration::from_secs(60), 100);
-        let a = t
-            .publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats)
-            .unwrap()
-            .unwrap();
-        let b = t
-            .publish(Bytes::from_static(b"1"), None, Some("k1"), w, &stats)
-            .unwrap()
-            .unwrap();
-        let c = t
-            .publish(Bytes::from_static(b"1"), None, Some("k2"), w, &stats)
-            .unwrap()
-            .unwrap();
+        let a = publish_one(&t, b"1", Some("k1"), w, &stats).unwrap();
+        let b = publish_one(&t, b"1", Some("k1"), w, &stats).unwrap();
+        let c = publish_one(&t, b"1", Some("k2"), w, &stats).unwrap();
         assert_eq!((a.offset, a.duplicate), (1, false));
         assert_eq!((b.offset, b.duplicate), (1, true));
         assert_eq!(c.offset, 2);
@@ -1531,15 +1533,10 @@ mod tests {
         let t = topic(10);
         let w = (Duration::from_secs(60), 3);
         for k in ["a", "b", "c", "d", "e"] {
-            t.publish(Bytes::from_static(b"1"), None, Some(k), w, &stats)
-                .unwrap()
-                .unwrap();
+            publish_one(&t, b"1", Some(k), w, &stats).unwrap();
         }
         // "a" fell out of the 3-key window, so it publishes anew.
-        let again = t
-            .publish(Bytes::from_static(b"1"), None, Some("a"), w, &stats)
-            .unwrap()
-            .unwrap();
+        let again = publish_one(&t, b"1", Some("a"), w, &stats).unwrap();
         assert!(!again.duplicate);
     }
 
@@ -1588,16 +1585,7 @@ mod tests {
     fn slow_subscriber_is_cut_off_and_counted() {
         let stats = Stats::detached();
         let t = topic_counted(100, stats.fanout());
-        let outbox = Arc::new(Outbox::new(1000));
-        let sub = Subscriber {
-            outbox,
-            client: "c".into(),
-            user: None,
-            wants_presence: false,
-        };
-        t.subscribe(1, sub, None, false, usize::MAX, |_| {})
-            .unwrap()
-            .unwrap();
+        let _outbox = subscribe_with_budget(&t, 1000);
         publish(&t, 50, &stats);
         assert_eq!(stats.slow_consumer_closes.get(), 1);
         let _ = SlowConsumerPolicy::Disconnect;
@@ -1646,7 +1634,12 @@ mod tests {
     }
 
     fn subscribe_to(t: &Topic) -> Arc<Outbox> {
-        let outbox = Arc::new(Outbox::new(1 << 20));
+        subscribe_with_budget(t, 1 << 20)
+    }
+
+    /// Subscribes a session whose outbox holds `budget` bytes.
+    fn subscribe_with_budget(t: &Topic, budget: usize) -> Arc<Outbox> {
+        let outbox = Arc::new(Outbox::new(budget));
         let sub = Subscriber {
             outbox: outbox.clone(),
             client: "c".into(),
@@ -1738,17 +1731,13 @@ mod tests {
         let idem = (Duration::from_secs(60), 100);
         let old = topic(100);
         for k in ["k1", "k2", "k3"] {
-            old.publish(Bytes::from_static(b"1"), None, Some(k), idem, &stats)
-                .unwrap()
-                .unwrap();
+            publish_one(&old, b"1", Some(k), idem, &stats).unwrap();
         }
         let link = Recorder::default();
         let to: Arc<str> = "new".into();
         assert!(old.hand_off(&to, &link, 7, 1 << 20).is_some());
         assert_eq!(
-            old.publish(Bytes::from_static(b"1"), None, None, idem, &stats)
-                .unwrap()
-                .unwrap_err(),
+            publish_one(&old, b"1", None, idem, &stats).unwrap_err(),
             Elsewhere::Owner(to.clone()),
             "the old owner sequences nothing after the handoff"
         );
@@ -1772,19 +1761,25 @@ mod tests {
             Arc::default(),
         );
         assert_eq!(
-            new.publish(Bytes::from_static(b"1"), None, None, idem, &stats)
-                .unwrap()
-                .unwrap_err(),
+            publish_one(&new, b"1", None, idem, &stats).unwrap_err(),
             Elsewhere::Moving
         );
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let held = Held::Publish {
-            data: Bytes::from_static(b"2"),
-            kind: None,
-            key: None,
-            reply: HeldReply::Local(tx),
-        };
-        assert!(matches!(new.hold(held), Hold::Held));
+        let mut reply = Some(HeldReply::Local(tx));
+        assert_eq!(
+            new.publish(
+                Bytes::from_static(b"2"),
+                None,
+                None,
+                idem,
+                &stats,
+                &mut reply
+            )
+            .unwrap()
+            .unwrap_err(),
+            Elsewhere::Held
+        );
+        assert!(reply.is_none(), "the reply is kept with the held publish");
         let handover = Handover {
             epoch: h.epoch,
             last_offset: h.last_offset,
@@ -1808,10 +1803,7 @@ mod tests {
             ("ep", 4),
             "same epoch, next offset"
         );
-        let replay = new
-            .publish(Bytes::from_static(b"1"), None, Some("k2"), idem, &stats)
-            .unwrap()
-            .unwrap();
+        let replay = publish_one(&new, b"1", Some("k2"), idem, &stats).unwrap();
         assert_eq!(
             (replay.offset, replay.duplicate),
             (2, true),

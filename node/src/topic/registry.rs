@@ -313,6 +313,7 @@ mod tests {
                     None,
                     (Duration::from_secs(1), 10),
                     stats,
+                    &mut None,
                 )
             })
             .unwrap()

@@ -1,6 +1,5 @@
 //! Keeping one link per peer: which side dials, the cached channel, the `Hello`,
 //! the link's lifetime (up, read loop, down).
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,9 +142,8 @@ impl Relay {
     ) -> Result<(Arc<LinkQueue>, Streaming<RelayBatch>), Status> {
         let channel = self.channel(peer)?;
         let queue = Arc::new(LinkQueue::default());
-        queue.push_control(self.hello());
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(pump(queue.clone(), tx, |b| b));
+        tokio::spawn(pump(queue.clone(), self.hello(), tx, |b| b));
         let mut client = RelayClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let resp = tokio::time::timeout(HELLO_TIMEOUT, client.link(ReceiverStream::new(rx)))
             .await
@@ -190,7 +188,14 @@ impl Relay {
         mut inbound: Streaming<RelayBatch>,
     ) {
         self.link_up(node, peer, &queue);
+        // The control task hears of it after the link is usable: its pass sends
+        // `HandoffDone` and the follows this link can now carry.
+        let _ = self
+            .control
+            .send(control::Msg::LinkUp(peer.id.clone()))
+            .await;
         let mut stop = self.stop.subscribe();
+        let mut to_control = Vec::new();
         loop {
             let msg = tokio::select! {
                 m = inbound.message() => m,
@@ -199,7 +204,13 @@ impl Relay {
             };
             match msg {
                 Ok(Some(batch)) => {
-                    if let Err(e) = self.handle_batch(node, peer, &queue, batch) {
+                    let handled = self.handle_batch(node, peer, &queue, batch, &mut to_control);
+                    // What the control task must hear, in link order; a busy control
+                    // task slows this link's reading, nothing else.
+                    for m in to_control.drain(..) {
+                        let _ = self.control.send(m).await;
+                    }
+                    if let Err(e) = handled {
                         node.stats.relay.bad_frames.inc();
                         warn!(peer = %peer.id, error = %e, "bad relay frame; closing the link");
                         break;
@@ -233,18 +244,7 @@ impl Relay {
         }
         node.stats.relay.links.up();
         peer.generation.send_modify(|g| *g += 1);
-        // A new link hears `HandoffDone` again.
-        lock(&self.done_sent).remove(&peer.id);
         info!(peer = %peer.id, "relay link up");
-        self.kick.notify_one();
-        // Mirrors of this peer's topics follow it again on the new link.
-        for t in node.registry.all_topics() {
-            if let Placement::Mirror { owner, sync, .. } = t.placement() {
-                if owner == peer.id && sync != MirrorSync::Following {
-                    self.refollow(&t, &owner);
-                }
-            }
-        }
     }
 
     pub(super) fn link_down(&self, node: &Node, peer: &Arc<Peer>, queue: &Arc<LinkQueue>) {
@@ -260,7 +260,7 @@ impl Relay {
             peer,
             "the link to the topic's owner was lost; the publish may not have been applied",
         );
-        self.repair.store(true, Ordering::Relaxed);
+        self.flag_repair();
         // What this link delivered can no longer be trusted to continue: detach.
         for t in node.registry.all_topics() {
             if let Placement::Mirror { owner, .. } = t.placement() {

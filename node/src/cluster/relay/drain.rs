@@ -3,14 +3,12 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::node::Node;
-
 use super::*;
 
 impl Relay {
     /// Graceful drain: the router takes this node out of the ring, every topic it
     /// owns is handed to its new owner, and the links are given time to carry it all.
-    pub async fn drain(&self, node: &Node) {
+    pub async fn drain(&self) {
         if let Err(e) = self.cluster.drain().await {
             warn!(error = %e, "the router did not mark this node draining; its topics move only when it leaves");
             return;
@@ -28,8 +26,7 @@ impl Relay {
         }
         // Hand off now, and again while links to new owners come up.
         while tokio::time::Instant::now() < deadline {
-            self.reconcile(node);
-            if self.owned_topics() == 0 {
+            if tokio::time::timeout_at(deadline, self.pass()).await == Ok(0) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -11,8 +11,7 @@ use weft_proto::grpc::{self, RelayBatch, RelayFrame};
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::topic::{
-    Applied, Elsewhere, FollowOutcome, Handover, Held, HeldReply, Hold, MirrorSync, Placement,
-    Published,
+    Applied, Elsewhere, FollowOutcome, Handover, HeldReply, MirrorSync, Placement, Published,
 };
 
 use super::*;
@@ -24,11 +23,12 @@ impl Relay {
         peer: &Arc<Peer>,
         queue: &Arc<LinkQueue>,
         batch: RelayBatch,
+        to_control: &mut Vec<control::Msg>,
     ) -> Result<(), String> {
         for raw in batch.frames {
             let frame = RelayFrame::decode(raw).map_err(|e| format!("undecodable frame: {e}"))?;
             let kind = frame.kind.ok_or("empty frame")?;
-            self.handle_frame(node, peer, queue, kind)?;
+            self.handle_frame(node, peer, queue, kind, to_control)?;
         }
         Ok(())
     }
@@ -39,6 +39,7 @@ impl Relay {
         peer: &Arc<Peer>,
         queue: &Arc<LinkQueue>,
         kind: Kind,
+        to_control: &mut Vec<control::Msg>,
     ) -> Result<(), String> {
         match kind {
             Kind::Hello(_) => Ok(()),
@@ -106,14 +107,21 @@ impl Relay {
                     Applied::Delivered | Applied::Stale | Applied::NotFollowing => {}
                     Applied::Gap => {
                         debug!(topic = %topic, "relay gap; following again");
-                        self.refollow(&t, &peer.id);
+                        if self.refollow(&t, &peer.id) {
+                            to_control.push(control::Msg::Repair);
+                        }
                     }
                 }
                 Ok(())
             }
             Kind::Handoff(h) => self.apply_handoff(node, peer, h),
             Kind::HandoffDone(d) => {
-                self.handoff_done(node, &peer.id, d.ring_version);
+                // After the handoffs before it on this link, which are applied already.
+                self.heard_of_ring(d.ring_version);
+                to_control.push(control::Msg::HandoffDone {
+                    from: peer.id.clone(),
+                    ring: d.ring_version,
+                });
                 Ok(())
             }
             Kind::Revoke(r) => {
@@ -135,7 +143,9 @@ impl Relay {
                     if matches!(t.placement(), Placement::Mirror { owner, .. } if owner == peer.id)
                     {
                         t.set_mirror_sync(MirrorSync::Detached);
-                        self.refollow(&t, &peer.id);
+                        if self.refollow(&t, &peer.id) {
+                            to_control.push(control::Msg::Repair);
+                        }
                     }
                 }
                 Ok(())
@@ -154,7 +164,7 @@ impl Relay {
     pub(super) fn serve_publish(&self, node: &Node, queue: &Arc<LinkQueue>, p: grpc::RelayPublish) {
         let req_id = p.req_id;
         let topic = p.topic.clone();
-        let reply = match self.publish_here(node, queue, p) {
+        let reply = match self.check_and_publish(node, queue, p) {
             Ok(None) => return,
             Ok(Some(published)) => {
                 return {
@@ -184,7 +194,7 @@ impl Relay {
         queue.push_control(encode(Kind::Error(reply)));
     }
 
-    pub(super) fn publish_here(
+    pub(super) fn check_and_publish(
         &self,
         node: &Node,
         queue: &Arc<LinkQueue>,
@@ -207,33 +217,20 @@ impl Relay {
         if self.cluster.owner_of(&p.topic).as_deref() != Some(&*self.me) {
             return Err(Forward::NotOwner(version));
         }
-        let window = node.idempotency_window();
-        let mut held = None;
-        let r = node.registry.with_topic(&p.topic, |t| {
-            let r = t.publish(data.clone(), kind.clone(), key, window, &node.stats)?;
-            if matches!(r, Err(Elsewhere::Moving)) {
-                let h = Held::Publish {
-                    data: data.clone(),
-                    kind: kind.clone(),
-                    key: key.map(Into::into),
-                    reply: HeldReply::Link {
-                        link: queue.clone(),
-                        req_id: p.req_id,
-                    },
-                };
-                held = Some(t.hold(h));
-            }
-            Ok(r)
+        let mut reply = Some(HeldReply::Link {
+            link: queue.clone(),
+            req_id: p.req_id,
         });
-        match (r, held) {
-            (Ok(Ok(published)), _) => Ok(Some(published)),
-            (Ok(Err(_)), Some(Hold::Held)) => Ok(None),
-            (Ok(Err(_)), Some(Hold::Full(_))) => Err(unavailable(
+        let outcome = node.publish_here(&p.topic, &data, &kind, key, &mut reply);
+        match outcome {
+            Ok(Ok(published)) => Ok(Some(published)),
+            Ok(Err(Elsewhere::Held)) => Ok(None),
+            Ok(Err(Elsewhere::Full)) => Err(unavailable(
                 "too many publishes wait for this topic's handoff".into(),
             )),
             // Not converted yet, or the handoff landed meanwhile: the sender retries.
-            (Ok(Err(_)), _) => Err(Forward::NotOwner(version)),
-            (Err(e), _) => Err(Forward::Failed(e)),
+            Ok(Err(Elsewhere::Owner(_) | Elsewhere::Moving)) => Err(Forward::NotOwner(version)),
+            Err(e) => Err(Forward::Failed(e)),
         }
     }
 
@@ -344,47 +341,5 @@ impl Relay {
             Err(e) => warn!(topic = %topic, error = %e, "handoff dropped"),
         }
         Ok(())
-    }
-
-    /// `from` has handed over everything it had for this node: topics still waiting
-    /// on it were not there, and start afresh (nothing of theirs existed to lose).
-    pub(super) fn handoff_done(&self, node: &Node, from: &str, ring_version: u64) {
-        self.heard_of_ring(ring_version);
-        {
-            let mut done = lock(&self.done_from);
-            let v = done.entry(from.into()).or_insert(0);
-            *v = (*v).max(ring_version);
-        }
-        if ring_version > self.cluster.ring_version() {
-            // This node's ring is behind the sender's: what it waits for is settled
-            // by the next reconcile, under the newer ring.
-            return;
-        }
-        // Only waits that began at this ring version or before are settled by it: a
-        // move at a newer ring is the sender's to hand over still.
-        let mut settled = std::collections::HashSet::new();
-        lock(&self.incoming).retain(|slot, a| {
-            let done = &*a.from == from && a.ring <= ring_version;
-            if done {
-                settled.insert(*slot);
-            }
-            !done
-        });
-        if settled.is_empty() {
-            info!(from, ring_version, "handoff complete (nothing was awaited)");
-            return;
-        }
-        for t in node.registry.all_topics() {
-            if matches!(t.placement(), Placement::Receiving { from: f, .. } if &*f == from)
-                && settled.contains(&weft_router::ring::slot_of(&t.name))
-            {
-                t.become_owner(
-                    node.registry.mint_epoch(),
-                    node.idempotency_window(),
-                    &node.stats,
-                );
-            }
-        }
-        info!(from, ring_version, "handoff complete");
     }
 }

@@ -138,7 +138,22 @@ impl LinkQueue {
 }
 
 /// Moves batches from a link's queue into the gRPC stream until either ends.
-pub(super) async fn pump<T>(queue: Arc<LinkQueue>, tx: mpsc::Sender<T>, wrap: fn(RelayBatch) -> T) {
+/// Sends `hello` alone as the link's first batch (the other side takes exactly one
+/// frame, the `Hello`, before anything else: a handoff queued the instant the link
+/// came up must not share its batch), then the queue's batches until either side ends.
+pub(super) async fn pump<T>(
+    queue: Arc<LinkQueue>,
+    hello: Bytes,
+    tx: mpsc::Sender<T>,
+    wrap: fn(RelayBatch) -> T,
+) {
+    let first = RelayBatch {
+        frames: vec![hello],
+    };
+    if tx.send(wrap(first)).await.is_err() {
+        queue.close();
+        return;
+    }
     while let Some(frames) = queue.next_batch().await {
         if tx.send(wrap(RelayBatch { frames })).await.is_err() {
             break;
@@ -190,5 +205,28 @@ impl PeerLink for LinkQueue {
 
     fn is_closed(&self) -> bool {
         LinkQueue::is_closed(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_hello_travels_alone_even_when_frames_were_queued_before_the_pump_ran() {
+        let queue = Arc::new(LinkQueue::default());
+        // A handoff the control task queued the instant the link came up.
+        assert!(queue.push_control(Bytes::from_static(b"handoff")));
+        assert!(queue.push_control(Bytes::from_static(b"done")));
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(pump(queue.clone(), Bytes::from_static(b"hello"), tx, |b| b));
+        let first = rx.recv().await.expect("the hello batch");
+        assert_eq!(first.frames, vec![Bytes::from_static(b"hello")]);
+        let next = rx.recv().await.expect("the queued frames");
+        assert_eq!(
+            next.frames,
+            vec![Bytes::from_static(b"handoff"), Bytes::from_static(b"done")]
+        );
+        queue.close();
     }
 }

@@ -28,10 +28,11 @@
 //! - `Lagged` → the mirror's link fell behind: re-follow.
 //!
 //! # Ownership
-//! The topic's [`Placement`] on this node is the truth the data path uses; a
-//! maintenance task ([`Relay::run`]) brings placements in line with the committed ring
-//! whenever the ring or the members change or a link comes up (and every 10 s; every
-//! second while a mirror waits to be repaired): a topic the ring gives here becomes owned
+//! The topic's [`Placement`] on this node is the truth the data path uses; the control
+//! task ([`Relay::run`], `control.rs`) is the one owner of the handoff state and brings
+//! placements in line with the committed ring, deciding through the pure planner
+//! (`plan.rs`), whenever the ring or the members change or a link comes up (and every
+//! 10 s; every second while a mirror waits to be repaired): a topic the ring gives here becomes owned
 //! (new epoch: without a handoff its old state is gone, so its mirrors see `reset`), a
 //! topic it gives away becomes a mirror of the new owner, and detached mirrors follow
 //! again. A new owner also loads the registry's interest for what it gained and sends
@@ -39,10 +40,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use weft_proto::grpc::relay_frame::Kind;
 use weft_proto::grpc::{self};
@@ -50,11 +51,13 @@ use weft_proto::grpc::{self};
 use crate::cluster::membership::Cluster;
 
 mod codec;
+mod control;
 mod dial;
 mod drain;
 mod inbound;
 mod link;
 mod placement;
+mod plan;
 mod publish;
 mod service;
 
@@ -92,14 +95,17 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new owner waits for the old owner's handoff before starting afresh.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A slot this node waits to receive by handoff.
-#[derive(Debug, Clone)]
-struct Awaited {
-    from: Arc<str>,
-    /// Past this, topics of the slot start afresh.
-    until: Instant,
-    /// The ring version the wait began at.
-    ring: u64,
+/// What a topic created on the data path (a forwarded publish, a follow, a handoff)
+/// starts as: its place under the ring the control task has *acted on*, not the newest
+/// one. A ring the control task has not planned yet must not place a topic: under it,
+/// a slot coming here would look owned with no handoff awaited, and the topic would
+/// start a new epoch that the old owner's handoff can no longer continue. The next pass
+/// moves the topic like any other.
+#[derive(Debug, Default)]
+struct Planned {
+    slots: Arc<weft_router::ring::SlotTable>,
+    /// Slot → the member whose handoff it waits for.
+    awaiting: HashMap<u32, Arc<str>>,
 }
 
 /// A peer node as this node knows it.
@@ -130,52 +136,43 @@ pub struct Relay {
     cluster: Arc<Cluster>,
     peers: Mutex<HashMap<Arc<str>, Arc<Peer>>>,
     next_req: AtomicU64,
-    /// Topics this node owned at the last reconcile (reported in heartbeats).
+    /// The control task's inbox ([`control::Msg`]), and its receiving end until the
+    /// task takes it.
+    control: mpsc::Sender<control::Msg>,
+    inbox: Mutex<Option<mpsc::Receiver<control::Msg>>>,
+    /// Written by the control task only. Topics owned here after its last pass
+    /// (reported in heartbeats).
     owned: AtomicU64,
-    reconciling: Mutex<()>,
-    /// The slot table the last reconcile acted on.
-    prev_slots: Mutex<Arc<weft_router::ring::SlotTable>>,
-    ring_moved_at: Mutex<Instant>,
-    /// Slots the ring moved here from a live node: slot → (old owner, give up at).
-    incoming: Mutex<HashMap<u32, Awaited>>,
-    /// The ring version each old owner last said it had handed everything over at.
-    done_from: Mutex<HashMap<Arc<str>, u64>>,
-    /// The ring version each peer was last told `HandoffDone` for (per link).
-    done_sent: Mutex<HashMap<Arc<str>, u64>>,
-    /// The newest ring version a peer's handoff frames named: while this node's own
-    /// view is older, it moves no topic (it would hand back what it was just given).
-    newest_ring_heard: AtomicU64,
-    ring_heard_at: Mutex<Instant>,
-    /// Wakes the maintenance loop (a link came up).
-    kick: Notify,
-    /// A mirror waits for a follow: the next tick runs a pass.
-    repair: std::sync::atomic::AtomicBool,
+    /// Written by the control task only: where a topic created now starts.
+    planned: RwLock<Planned>,
+    /// The newest ring version a peer's handoff frames named (written by link tasks,
+    /// before the frame is applied; read by each pass): while this node's own view is
+    /// older, it moves no topic (it would hand back what it was just given).
+    heard: Mutex<plan::Heard>,
     stop: watch::Sender<bool>,
 }
 
 impl Relay {
     pub fn new(cluster: Arc<Cluster>) -> Arc<Self> {
+        let (control, inbox) = mpsc::channel(control::INBOX);
         Arc::new(Self {
             me: cluster.node_id.as_str().into(),
             cluster,
             peers: Mutex::default(),
             next_req: AtomicU64::new(1),
+            control,
+            inbox: Mutex::new(Some(inbox)),
             owned: AtomicU64::new(0),
-            reconciling: Mutex::default(),
-            prev_slots: Mutex::default(),
-            ring_moved_at: Mutex::new(Instant::now()),
-            incoming: Mutex::default(),
-            done_sent: Mutex::default(),
-            newest_ring_heard: AtomicU64::new(0),
-            ring_heard_at: Mutex::new(Instant::now()),
-            done_from: Mutex::default(),
-            kick: Notify::new(),
-            repair: std::sync::atomic::AtomicBool::new(false),
+            planned: RwLock::default(),
+            heard: Mutex::new(plan::Heard {
+                version: 0,
+                at: Instant::now(),
+            }),
             stop: watch::channel(false).0,
         })
     }
 
-    /// Topics owned here, as of the last reconcile pass (at most 10 s old).
+    /// Topics owned here, as of the control task's last pass (at most 10 s old).
     pub fn owned_topics(&self) -> u64 {
         self.owned.load(Ordering::Relaxed)
     }

@@ -11,7 +11,7 @@ use weft_proto::grpc::{self};
 
 use crate::error::ApiError;
 use crate::node::Node;
-use crate::topic::{Elsewhere, Held, HeldReply, Hold, Published};
+use crate::topic::{Elsewhere, HeldReply, Published};
 
 use super::*;
 
@@ -46,8 +46,9 @@ pub(super) enum TicketState {
     Sent(Sent),
     /// Waiting behind the topic's incoming handoff.
     Held(oneshot::Receiver<Published>),
-    /// Not sent (no link yet): the slow path waits for one.
-    Retry,
+    /// Not sent (no link to the owner yet, or the topic was moving): the slow path
+    /// waits for the link and tries again.
+    Retry(Option<Arc<str>>),
 }
 
 impl Ticket {
@@ -97,9 +98,9 @@ pub(super) fn fail_pending(peer: &Peer, why: &str) {
 }
 
 impl Relay {
-    /// Starts a publish without waiting: sequenced here if this node owns the topic,
-    /// else pushed onto the owner's link at once, so publishes started in order on one
-    /// link are sequenced in that order. [`Relay::finish`] waits for the outcome.
+    /// Starts a publish without waiting ([`Relay::attempt`]), so publishes started in
+    /// order on one link are sequenced in that order. [`Relay::finish`] waits for the
+    /// outcome.
     pub fn start_publish(
         &self,
         node: &Node,
@@ -108,25 +109,8 @@ impl Relay {
         kind: Option<Arc<str>>,
         key: Option<&str>,
     ) -> Ticket {
-        let window = node.idempotency_window();
-        let state = match node.registry.with_topic(topic, |t| {
-            t.publish(data.clone(), kind.clone(), key, window, &node.stats)
-        }) {
-            Err(e) => TicketState::Done(Err(e)),
-            Ok(Ok(p)) => TicketState::Done(Ok(p)),
-            Ok(Err(Elsewhere::Owner(owner))) => {
-                match self.send_publish(node, &owner, topic, &data, &kind, key) {
-                    Ok(sent) => TicketState::Sent(sent),
-                    Err(_) => TicketState::Retry,
-                }
-            }
-            Ok(Err(Elsewhere::Moving)) => match self.hold_local(node, topic, &data, &kind, key) {
-                Some(rx) => TicketState::Held(rx),
-                None => TicketState::Retry,
-            },
-        };
         Ticket {
-            state,
+            state: self.attempt(node, topic, &data, &kind, key),
             topic: topic.to_owned(),
             data,
             kind,
@@ -134,110 +118,93 @@ impl Relay {
         }
     }
 
-    /// Waits for a started publish; a refused or unsent one takes the slow path.
-    pub async fn finish(&self, node: &Node, ticket: Ticket) -> Result<Published, ApiError> {
-        let Ticket {
-            state,
-            topic,
-            data,
-            kind,
-            key,
-        } = ticket;
-        match state {
-            TicketState::Done(r) => return r,
-            TicketState::Sent(sent) => match self.await_ack(sent).await {
-                Ok(p) => return Ok(p),
-                Err(Forward::Failed(e)) => return Err(e),
-                Err(Forward::NotOwner(v)) => self.catch_up_ring(node, v).await,
-            },
-            TicketState::Held(rx) => {
-                if let Ok(Ok(p)) = tokio::time::timeout(HANDOFF_TIMEOUT * 2, rx).await {
-                    return Ok(p);
-                }
-            }
-            TicketState::Retry => {}
-        }
-        self.publish(node, &topic, data, kind, key.as_deref()).await
-    }
-
-    /// Queues a publish made here behind the topic's incoming handoff; `None` if the
-    /// topic is no longer waiting for one (publish again) or too much waits.
-    pub(super) fn hold_local(
+    /// One try at a publish made on this node, without waiting: sequenced here if this
+    /// node owns the topic, held behind its handoff if one is on the way (both decided
+    /// by [`Node::publish_here`]), else pushed onto the owner's link.
+    fn attempt(
         &self,
         node: &Node,
         topic: &str,
         data: &Bytes,
         kind: &Option<Arc<str>>,
         key: Option<&str>,
-    ) -> Option<oneshot::Receiver<Published>> {
-        let t = node.registry.get(topic)?;
+    ) -> TicketState {
         let (tx, rx) = oneshot::channel();
-        let h = Held::Publish {
-            data: data.clone(),
-            kind: kind.clone(),
-            key: key.map(Into::into),
-            reply: HeldReply::Local(tx),
-        };
-        match t.hold(h) {
-            Hold::Held => Some(rx),
-            Hold::NotMoving(_) | Hold::Full(_) => None,
+        let outcome = node.publish_here(topic, data, kind, key, &mut Some(HeldReply::Local(tx)));
+        match outcome {
+            Err(e) => TicketState::Done(Err(e)),
+            Ok(Ok(p)) => TicketState::Done(Ok(p)),
+            Ok(Err(Elsewhere::Owner(owner))) => {
+                match self.send_publish(node, &owner, topic, data, kind, key) {
+                    Ok(sent) => TicketState::Sent(sent),
+                    Err(_) => TicketState::Retry(Some(owner)),
+                }
+            }
+            Ok(Err(Elsewhere::Held)) => TicketState::Held(rx),
+            Ok(Err(Elsewhere::Full)) => TicketState::Done(Err(ApiError::Unavailable {
+                message: "too many publishes wait for this topic's handoff".into(),
+                retry_after_s: 1,
+            })),
+            // Not reached: a reply was given. Try again.
+            Ok(Err(Elsewhere::Moving)) => TicketState::Retry(None),
         }
     }
 
-    pub(super) async fn catch_up_ring(&self, node: &Node, peer_version: u64) {
-        let v = peer_version.max(self.cluster.ring_version() + 1);
-        self.cluster.wait_ring(v, Duration::from_secs(2)).await;
-        self.reconcile(node);
-    }
-
-    /// Publishes on whichever node owns the topic, waiting (bounded) for a link to
-    /// the owner. A 421 from a peer (its ring differs) waits for that ring version and
-    /// asks the owner it then names.
-    pub(super) async fn publish(
-        &self,
-        node: &Node,
-        topic: &str,
-        data: Bytes,
-        kind: Option<Arc<str>>,
-        key: Option<&str>,
-    ) -> Result<Published, ApiError> {
-        let window = node.idempotency_window();
+    /// Waits for a started publish; what is not settled (a 421, a held publish whose
+    /// handoff did not land, no link yet) is tried again, a bounded number of times.
+    pub async fn finish(&self, node: &Node, ticket: Ticket) -> Result<Published, ApiError> {
+        let Ticket {
+            mut state,
+            topic,
+            data,
+            kind,
+            key,
+        } = ticket;
         for _ in 0..6 {
-            let here = node.registry.with_topic(topic, |t| {
-                t.publish(data.clone(), kind.clone(), key, window, &node.stats)
-            })?;
-            let owner = match here {
-                Ok(published) => return Ok(published),
-                Err(Elsewhere::Owner(owner)) => owner,
-                Err(Elsewhere::Moving) => {
-                    match self.hold_local(node, topic, &data, &kind, key) {
-                        Some(rx) => {
-                            if let Ok(Ok(p)) = tokio::time::timeout(HANDOFF_TIMEOUT * 2, rx).await {
-                                return Ok(p);
-                            }
-                        }
-                        None => tokio::time::sleep(Duration::from_millis(20)).await,
-                    }
-                    continue;
-                }
-            };
-            if let Some(peer) = self.peer(&owner) {
-                wait_for_link(&peer, Duration::from_secs(2)).await;
+            if let Some(result) = self.settle(state).await {
+                return result;
             }
-            let sent = match self.send_publish(node, &owner, topic, &data, &kind, key) {
-                Ok(sent) => self.await_ack(sent).await,
-                Err(e) => Err(e),
-            };
-            match sent {
-                Ok(p) => return Ok(p),
-                Err(Forward::Failed(e)) => return Err(e),
-                Err(Forward::NotOwner(v)) => self.catch_up_ring(node, v).await,
-            }
+            state = self.attempt(node, &topic, &data, &kind, key.as_deref());
         }
         Err(ApiError::Unavailable {
             message: "the topic's ownership is moving; retry".into(),
             retry_after_s: 1,
         })
+    }
+
+    /// Waits for one try's outcome; `None` if it must be tried again (after waiting,
+    /// bounded, for what it lacked: the ring the owner named, the link to the owner).
+    async fn settle(&self, state: TicketState) -> Option<Result<Published, ApiError>> {
+        match state {
+            TicketState::Done(r) => Some(r),
+            TicketState::Sent(sent) => match self.await_ack(sent).await {
+                Ok(p) => Some(Ok(p)),
+                Err(Forward::Failed(e)) => Some(Err(e)),
+                Err(Forward::NotOwner(v)) => {
+                    self.catch_up_ring(v).await;
+                    None
+                }
+            },
+            TicketState::Held(rx) => match tokio::time::timeout(HANDOFF_TIMEOUT * 2, rx).await {
+                Ok(Ok(p)) => Some(Ok(p)),
+                _ => None,
+            },
+            TicketState::Retry(owner) => {
+                match owner.and_then(|o| self.peer(&o)) {
+                    Some(peer) => wait_for_link(&peer, Duration::from_secs(2)).await,
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+                None
+            }
+        }
+    }
+
+    /// A peer answered 421 under `peer_version`: wait (bounded) for that ring here,
+    /// and for the control task's pass under it, before asking again.
+    pub(super) async fn catch_up_ring(&self, peer_version: u64) {
+        let v = peer_version.max(self.cluster.ring_version() + 1);
+        self.cluster.wait_ring(v, Duration::from_secs(2)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.pass()).await;
     }
 
     /// Pushes a publish onto the owner's link (no waiting).

@@ -63,9 +63,8 @@ impl grpc::relay_server::Relay for RelayService {
             }
         };
         let queue = Arc::new(LinkQueue::default());
-        queue.push_control(relay.hello());
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(pump(queue.clone(), tx, Ok));
+        tokio::spawn(pump(queue.clone(), relay.hello(), tx, Ok));
         tokio::spawn(async move { relay.run_link(&node, &peer, queue, inbound).await });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
