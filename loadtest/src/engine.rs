@@ -246,16 +246,7 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
     };
     finals_tx.send_replace(Some(Arc::new(finals)));
     let mut outcomes = Vec::with_capacity(local.len());
-    loop {
-        tokio::select! {
-            r = tasks.join_next() => match r {
-                Some(Ok(o)) => outcomes.push(o),
-                Some(Err(e)) => errors.add(format!("subscriber task failed: {e}")),
-                None => break,
-            },
-            _ = tokio::time::sleep_until(drain_deadline) => break,
-        }
-    }
+    collect_until(&mut tasks, drain_deadline, &mut outcomes, &errors).await;
     if !tasks.is_empty() {
         errors.add(format!(
             "{} subscribers had not caught up at the drain deadline ({:?})",
@@ -264,19 +255,12 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         ));
         stop_tx.send_replace(true);
         let grace = Instant::now() + STOP_GRACE;
-        loop {
-            tokio::select! {
-                r = tasks.join_next() => match r {
-                    Some(Ok(o)) => outcomes.push(o),
-                    Some(Err(e)) => errors.add(format!("subscriber task failed: {e}")),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(grace) => {
-                    errors.add(format!("{} subscribers did not stop; their counts are missing", tasks.len()));
-                    tasks.abort_all();
-                    break;
-                }
-            }
+        if !collect_until(&mut tasks, grace, &mut outcomes, &errors).await {
+            errors.add(format!(
+                "{} subscribers did not stop; their counts are missing",
+                tasks.len()
+            ));
+            tasks.abort_all();
         }
     }
     progress.abort();
@@ -473,6 +457,25 @@ fn ensure_fds(needed: u64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Collects finished subscriber tasks until none is left (true) or `deadline` (false).
+async fn collect_until(
+    tasks: &mut JoinSet<SubscriberOutcome>,
+    deadline: Instant,
+    outcomes: &mut Vec<SubscriberOutcome>,
+    errors: &ErrorLog,
+) -> bool {
+    loop {
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                Some(Ok(o)) => outcomes.push(o),
+                Some(Err(e)) => errors.add(format!("subscriber task failed: {e}")),
+                None => return true,
+            },
+            _ = tokio::time::sleep_until(deadline) => return false,
+        }
+    }
 }
 
 #[cfg(test)]

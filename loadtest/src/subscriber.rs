@@ -104,6 +104,14 @@ pub struct SubscriberOutcome {
     pub unstarted: u64,
 }
 
+/// When a session was meant to start (connect latency is measured from it) and when
+/// churn ends it.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTimes {
+    pub intended: Instant,
+    pub lifetime: Option<Instant>,
+}
+
 pub struct Subscriber {
     pub id: usize,
     /// Global topic numbers, one per subscription.
@@ -148,14 +156,23 @@ impl Subscriber {
             let lifetime = sh
                 .churn
                 .map(|c| Instant::now() + c.lifetime.mul_f64(0.5 + fastrand::f64()));
+            sh.stats.connect_attempt(crate::stamp::now_us());
+            let when = SessionTimes { intended, lifetime };
             let end = match sh.transport {
                 _ if sh.system == System::Nats => {
-                    transport::nats::session(&mut self, &sh, intended, lifetime).await
+                    transport::nats::session(&mut self, &sh, when).await
                 }
-                Transport::Ws => transport::ws::session(&mut self, &sh, intended, lifetime).await,
-                Transport::Sse => transport::sse::session(&mut self, &sh, intended, lifetime).await,
-                Transport::Longpoll => {
-                    transport::longpoll::session(&mut self, &sh, intended, lifetime).await
+                Transport::Ws => transport::ws::session(&mut self, &sh, when).await,
+                // The HTTP transports start from the topics' state (the cursor each
+                // session resumes after, or the current end).
+                Transport::Sse | Transport::Longpoll => {
+                    match transport::start_from_state(&mut self, &sh).await {
+                        Err(end) => end,
+                        Ok(()) if sh.transport == Transport::Sse => {
+                            transport::sse::session(&mut self, &sh, when).await
+                        }
+                        Ok(()) => transport::longpoll::session(&mut self, &sh, when).await,
+                    }
                 }
             };
             let pause = match end {

@@ -19,26 +19,20 @@ use crate::stamp::now_us;
 use crate::stats::LiveStats;
 use crate::subscriber::{
     account, connected, finals_changed, lifetime_over, stopped, Finals, OpenGuard, SessionEnd,
-    Shared, Subscriber,
+    SessionTimes, Shared, Subscriber,
 };
 use crate::tracker::TopicTrack;
-use crate::transport::{error_message, gone_cursor, retry_after, start_from_state};
+use crate::transport::{error_message, gone_cursor, retry_after};
 
 /// Events asked for per poll.
 const LIMIT: u32 = 1000;
 /// Requests one topic's loop may make in a session (with `wait` ≥ 1 s this is hours).
 const MAX_POLLS: u64 = 1_000_000;
 
-pub async fn session(
-    sub: &mut Subscriber,
-    sh: &Shared,
-    intended: Instant,
-    lifetime: Option<Instant>,
-) -> SessionEnd {
-    sh.stats.connect_attempt(now_us());
-    if let Err(end) = start_from_state(sub, sh).await {
-        return end;
-    }
+/// One long-poll session, after `start_from_state` (the caller) set where each topic
+/// resumes.
+pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> SessionEnd {
+    let SessionTimes { intended, lifetime } = when;
     if sub.caught_up() {
         return SessionEnd::CaughtUp;
     }

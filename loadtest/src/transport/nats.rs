@@ -45,7 +45,7 @@ use crate::net::{Net, CONNECT_TIMEOUT};
 use crate::stamp::{now_us, Stamp};
 use crate::stats::LiveStats;
 use crate::subscriber::{
-    connected, finals_changed, lifetime_over, stopped, SessionEnd, Shared, Subscriber,
+    connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
 };
 
 /// The epoch name NATS subscriptions are accounted in (NATS has none).
@@ -136,13 +136,8 @@ struct FrameEffects {
 }
 
 /// One subscriber session against a `nats-server`.
-pub async fn session(
-    sub: &mut Subscriber,
-    sh: &Shared,
-    intended: Instant,
-    lifetime: Option<Instant>,
-) -> SessionEnd {
-    sh.stats.connect_attempt(now_us());
+pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> SessionEnd {
+    let SessionTimes { intended, lifetime } = when;
     let opened = tokio::select! {
         r = timeout(CONNECT_TIMEOUT, open(&sh.net, sub.id)) => r,
         _ = stopped(&mut sub.stop) => return SessionEnd::Stopped,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 use weft_proto::{Cursor, DisconnectPush, Envelope, MultiCursor};
 
 use crate::net::CONNECT_TIMEOUT;
@@ -20,9 +20,9 @@ use crate::sse::{SseEvent, SseParser};
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
 use crate::subscriber::{
-    connected, finals_changed, lifetime_over, stopped, SessionEnd, Shared, Subscriber,
+    connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
 };
-use crate::transport::{error_message, gone_cursor, retry_after, start_from_state};
+use crate::transport::{error_message, gone_cursor, retry_after};
 
 /// Longest SSE line accepted.
 const MAX_LINE: usize = 16 << 20;
@@ -34,17 +34,9 @@ enum Wake {
     Lifetime,
 }
 
-pub async fn session(
-    sub: &mut Subscriber,
-    sh: &Shared,
-    intended: Instant,
-    lifetime: Option<Instant>,
-) -> SessionEnd {
-    sh.stats.connect_attempt(now_us());
-    if let Err(end) = start_from_state(sub, sh).await {
-        return end;
-    }
-
+/// One SSE session, after `start_from_state` (the caller) set where each topic resumes.
+pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> SessionEnd {
+    let SessionTimes { intended, lifetime } = when;
     let multi = sub.topics.len() > 1;
     let client = sh.net.http(sub.id);
     let req = if multi {

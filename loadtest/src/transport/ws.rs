@@ -30,7 +30,7 @@ use crate::net::CONNECT_TIMEOUT;
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
 use crate::subscriber::{
-    connected, finals_changed, lifetime_over, stopped, SessionEnd, Shared, Subscriber,
+    connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
 };
 
 enum Wake {
@@ -116,13 +116,8 @@ struct Got<'a> {
     at: Instant,
 }
 
-pub async fn session(
-    sub: &mut Subscriber,
-    sh: &Shared,
-    intended: Instant,
-    lifetime: Option<Instant>,
-) -> SessionEnd {
-    sh.stats.connect_attempt(now_us());
+pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> SessionEnd {
+    let SessionTimes { intended, lifetime } = when;
     let ws = tokio::select! {
         r = timeout(CONNECT_TIMEOUT, sh.net.ws(sub.id)) => r,
         _ = stopped(&mut sub.stop) => return SessionEnd::Stopped,
