@@ -703,12 +703,8 @@ fn mask_secrets(v: &mut toml::Value) {
     about = "Weft edge node: real-time pub/sub over WebSocket, SSE, HTTP streaming and long-poll"
 )]
 pub struct Cli {
-    /// TOML configuration file.
-    #[arg(long, env = "WEFT_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Print the effective configuration (secrets masked) and exit.
-    #[arg(long)]
-    pub print_config: bool,
+    #[command(flatten)]
+    pub file: weft_router::config::FileFlags,
     #[arg(long, env = "WEFT_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
     /// Reserved for the public gRPC API; not bound by this build.
@@ -797,25 +793,11 @@ pub struct Cli {
 impl Cli {
     /// Builds the effective configuration: defaults < file < env/flags.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut listen_in_file = false;
-        let mut c = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-                listen_in_file = text
-                    .parse::<toml::Table>()
-                    .is_ok_and(|t| t.contains_key("http_listen"));
-                toml::from_str::<Config>(&text).map_err(|e| {
-                    let msg = e.message().to_owned();
-                    let at = e
-                        .span()
-                        .map(|s| format!(" (line {})", text[..s.start].matches('\n').count() + 1))
-                        .unwrap_or_default();
-                    ConfigError(format!("{}{at}: {msg}", path.display()))
-                })?
-            }
-            None => Config::default(),
-        };
+        let (mut c, text) = self.file.read::<Config>().map_err(|e| ConfigError(e.0))?;
+        let listen_in_file = text.is_some_and(|text| {
+            text.parse::<toml::Table>()
+                .is_ok_and(|t| t.contains_key("http_listen"))
+        });
         macro_rules! set {
             ($($field:ident => $($path:ident).+;)*) => {$(
                 if let Some(v) = self.$field.clone() { c.$($path).+ = v; }

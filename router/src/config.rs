@@ -189,6 +189,40 @@ impl Config {
     }
 }
 
+/// The flags `weft-node` and `weft-router` share: the configuration file and
+/// `--print-config`.
+#[derive(Debug, clap::Args)]
+pub struct FileFlags {
+    /// TOML configuration file.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl FileFlags {
+    /// The configuration in the named file (defaults where it names none) and the
+    /// file's text; an error names the file and the line.
+    pub fn read<T: serde::de::DeserializeOwned + Default>(
+        &self,
+    ) -> Result<(T, Option<String>), ConfigError> {
+        let Some(path) = &self.config else {
+            return Ok((T::default(), None));
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let parsed = toml::from_str::<T>(&text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            ConfigError(format!("{}{at}: {}", path.display(), e.message().trim()))
+        })?;
+        Ok((parsed, Some(text)))
+    }
+}
+
 /// Command-line flags; each overrides only what it names.
 #[derive(Debug, Parser)]
 #[command(
@@ -197,12 +231,8 @@ impl Config {
     about = "Weft router: the Raft-backed metadata service"
 )]
 pub struct Cli {
-    /// TOML configuration file.
-    #[arg(long, env = "WEFT_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Print the effective configuration and exit.
-    #[arg(long)]
-    pub print_config: bool,
+    #[command(flatten)]
+    pub file: FileFlags,
     #[arg(long, env = "WEFT_ID")]
     pub id: Option<u64>,
     #[arg(long, env = "WEFT_LISTEN")]
@@ -281,16 +311,7 @@ pub enum Subcommand {
 impl Cli {
     /// Builds the effective configuration: defaults < file < env/flags, validated.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut c = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-                toml::from_str::<Config>(&text).map_err(|e| {
-                    ConfigError(format!("{}: {}", path.display(), e.message().trim()))
-                })?
-            }
-            None => Config::default(),
-        };
+        let (mut c, _) = self.file.read::<Config>()?;
         if self.id.is_some() {
             c.id = self.id;
         }

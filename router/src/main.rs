@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_exit(format!("invalid config: {e}")),
     };
-    if cli.print_config {
+    if cli.file.print_config {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
