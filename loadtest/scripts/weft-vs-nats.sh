@@ -9,7 +9,9 @@
 #              --topics 1 --rate 2000 --payload-bytes 100 --duration 30s
 #     env: BIN (default target/release: weft-node, weft-loadtest), NATS_SERVER
 #          (default: nats-server on PATH, else /usr/sbin/nats-server), RUNS (3),
-#          RUN_TIMEOUT (seconds one harness run may take, default 600)
+#          RUN_TIMEOUT (seconds one harness run may take, default 600),
+#          BEFORE (a directory holding another build's weft-node: that build runs
+#          as system "weft-before" in place of nats-server, for before/after checks)
 #
 # Writes OUT/NAME-<weft|nats>-<run>.json and .txt (the harness's output), appends
 # "NAME-<system>-<run>: exit N" to OUT/runs.txt, and writes the comparison to
@@ -30,6 +32,12 @@ NODE="$BIN/weft-node"
 NATS=${NATS_SERVER:-$(command -v nats-server 2>/dev/null || echo /usr/sbin/nats-server)}
 RUNS=${RUNS:-3}
 RUN_TIMEOUT=${RUN_TIMEOUT:-600}
+if [ -n "${BEFORE:-}" ]; then
+    OTHER=before
+    NATS="$BEFORE/weft-node"
+else
+    OTHER=nats
+fi
 for b in "$LT" "$NODE" "$NATS"; do
     [ -x "$b" ] || { echo "weft-vs-nats.sh: $b is missing (cargo build --release -p weft-node -p weft-loadtest; apt-get install nats-server)" >&2; exit 1; }
 done
@@ -67,6 +75,13 @@ start_weft() { # DIR
     TARGET=http://$(sed 's/.*"http":"\([^"]*\)".*/\1/' "$1/ready.json")
 }
 
+start_before() { # DIR: the BEFORE build, started like BIN's
+    after=$NODE
+    NODE="$BEFORE/weft-node"
+    start_weft "$1"
+    NODE=$after
+}
+
 start_nats() { # DIR
     printf 'listen: "127.0.0.1:-1"\nwebsocket {\n  listen: "127.0.0.1:-1"\n  no_tls: true\n}\n' > "$1/nats.conf"
     "$NATS" -c "$1/nats.conf" -l "$1/nats.log" >/dev/null 2>&1 &
@@ -84,17 +99,24 @@ start_nats() { # DIR
 r=1
 while [ $r -le "$RUNS" ]; do
     # Alternate which system goes first, so a drift on the machine hits both alike.
-    if [ $((r % 2)) -eq 1 ]; then order="weft nats"; else order="nats weft"; fi
+    if [ $((r % 2)) -eq 1 ]; then order="weft $OTHER"; else order="$OTHER weft"; fi
     for system in $order; do
         run="$NAME-$system-$r"
         dir="$OUT/server-$run"
         rm -rf "$dir"; mkdir -p "$dir"
         "start_$system" "$dir"
-        echo "\$ weft-loadtest $* --system $system --target $TARGET --target-pid $SERVER_PID" > "$OUT/$run.txt"
+        as=$system
+        [ "$system" = before ] && as=weft
+        echo "\$ weft-loadtest $* --system $as --target $TARGET --target-pid $SERVER_PID" > "$OUT/$run.txt"
         rc=0
-        timeout --kill-after=10 "$RUN_TIMEOUT" "$LT" "$@" --system "$system" --target "$TARGET" \
+        timeout --kill-after=10 "$RUN_TIMEOUT" "$LT" "$@" --system "$as" --target "$TARGET" \
             --target-pid "$SERVER_PID" --quiet --json "$OUT/$run.json" >> "$OUT/$run.txt" 2>&1 || rc=$?
         stop_server
+        if [ "$system" = before ] && [ -f "$OUT/$run.json" ]; then
+            # The comparison groups by system: name the other build apart.
+            jq '.system = "weft-before"' "$OUT/$run.json" > "$OUT/$run.json.tmp" &&
+                mv "$OUT/$run.json.tmp" "$OUT/$run.json"
+        fi
         rm -rf "$dir/data"
         echo "$run: exit $rc" | tee -a "$OUT/runs.txt"
         [ $rc -eq 0 ] || tail -n 5 "$OUT/$run.txt" >&2
@@ -103,7 +125,7 @@ while [ $r -le "$RUNS" ]; do
 done
 
 reports=
-for f in "$OUT/$NAME"-weft-*.json "$OUT/$NAME"-nats-*.json; do
+for f in "$OUT/$NAME"-weft-*.json "$OUT/$NAME-$OTHER"-*.json; do
     [ -f "$f" ] && reports="$reports $f"
 done
 [ -n "$reports" ] || { echo "weft-vs-nats.sh: no run wrote a report" >&2; exit 1; }

@@ -9,8 +9,10 @@
 //! and env (`$(VAR)` expanded, `fieldRef`s of the pod's name and ordinal resolved), its
 //! ports and probes, and its mounts (ConfigMap files written to a per-pod directory,
 //! the data volume a per-pod directory that survives a restart only if it is a PVC).
-//! Each pod gets its own loopback address (routers 127.0.13.10+i, nodes 127.0.13.20+i):
-//! service DNS names and the pod's own `0.0.0.0` / `127.0.0.1` map to it.
+//! Each pod gets its own loopback address (routers 127.N.13.10+i, nodes 127.N.13.20+i,
+//! N = 100 + the test process's PID mod 100, so a copy of this test running from
+//! another checkout at the same time does not take the same ports): service DNS names
+//! and the pod's own `0.0.0.0` / `127.0.0.1` map to it.
 //!
 //! Rendered with the chart's defaults for the cluster: relay and router traffic on the
 //! cluster listener (`--cluster-listen`), `cluster.tls.mode=none` (`--cluster-insecure`).
@@ -142,7 +144,11 @@ impl Cluster {
                 .unwrap_or_default();
             for i in 0..replicas {
                 let pod = format!("{name}-{i}");
-                let ip = format!("127.0.13.{}", if is_router { 10 } else { 20 } + i);
+                let ip = format!(
+                    "127.{}.13.{}",
+                    100 + std::process::id() % 100,
+                    if is_router { 10 } else { 20 } + i
+                );
                 hosts.push((format!("{pod}.{service}.{namespace}.svc"), ip.clone()));
                 let dir = root.join(&pod);
                 std::fs::create_dir_all(&dir).unwrap();
