@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -217,6 +217,10 @@ impl RawResponse {
 
 /// Reads one HTTP/1.1 response: the head, then `Content-Length` bytes or up to EOF.
 async fn read_raw_response(s: &mut TcpStream) -> RawResponse {
+    read_raw_response_from(s).await
+}
+
+async fn read_raw_response_from<R: AsyncRead + Unpin>(s: &mut R) -> RawResponse {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -966,6 +970,129 @@ async fn http_batch_publish_is_all_or_nothing() {
         node.node.stats.bad_input.get() - bad0 >= 9,
         "9 refused batches, bad_input grew by {}",
         node.node.stats.bad_input.get() - bad0
+    );
+    node.stop().await;
+}
+
+/// Sends `request` on a fresh connection from LOCAL_A and returns the response (the
+/// writer runs apart: the server may answer before it has read everything).
+async fn raw_exchange(addr: SocketAddr, request: Vec<u8>) -> RawResponse {
+    let s = tcp_from(addr, LOCAL_A).await;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(&request).await;
+        w
+    });
+    let resp = read_raw_response_from(&mut r).await;
+    writer.abort();
+    resp
+}
+
+/// Asserts a raw response is the JSON error `{"error":{"code":code,…}}` with status
+/// `code`.
+fn assert_json_error(resp: &RawResponse, code: u16, what: &str) {
+    assert_eq!(resp.status, code, "{what}: {resp:?}");
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{what}: no JSON content-type: {resp:?}"
+    );
+    let body: weft_proto::ErrorBody = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("{what}: body is not the error shape ({e}): {resp:?}"));
+    assert_eq!(body.error.code, code, "{what}: code in the body");
+    assert!(!body.error.message.is_empty(), "{what}: empty message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_refused_before_routing_carry_the_json_error_body() {
+    let node = TestNode::start().await;
+    let mut by = Bystander::join(&node, "bystander").await;
+    let limits = node.node.config.limits.clone();
+    let bad0 = node.node.stats.bad_input.get();
+    let get = |target: &str, headers: &str| {
+        format!("GET {target} HTTP/1.1\r\nhost: weft\r\n{headers}\r\n").into_bytes()
+    };
+    let many_fields: String = (0..101).map(|i| format!("x-f{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        // hyper's own refusals, rewritten with the body.
+        ("garbage request line", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        (
+            "header line without a colon",
+            get("/healthz", "no colon here\r\n"),
+            400,
+        ),
+        (
+            "space in a header name",
+            get("/healthz", "bad name: v\r\n"),
+            400,
+        ),
+        (
+            "control byte in the target",
+            b"GET /he\x01lthz HTTP/1.1\r\nhost: w\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "unknown HTTP version",
+            b"GET /healthz HTTP/9.9\r\nhost: w\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "non-numeric Content-Length",
+            get("/healthz", "content-length: ten\r\n"),
+            400,
+        ),
+        ("101 header fields", get("/healthz", &many_fields), 431),
+        (
+            "target past hyper's 65,534 bytes",
+            get(&format!("/healthz?q={}", "a".repeat(65 * 1024)), ""),
+            414,
+        ),
+        (
+            "head past the read buffer",
+            get(
+                "/healthz",
+                &format!("x-big: {}\r\n", "b".repeat(100 * 1024)),
+            ),
+            431,
+        ),
+        // Our documented limits, under hyper's.
+        (
+            "target past limits.max_uri_bytes",
+            get(
+                &format!("/healthz?q={}", "a".repeat(limits.max_uri_bytes)),
+                "",
+            ),
+            414,
+        ),
+        (
+            "header block past limits.max_header_bytes",
+            get(
+                "/healthz",
+                &format!("x-big: {}\r\n", "b".repeat(limits.max_header_bytes)),
+            ),
+            431,
+        ),
+    ];
+    let n = cases.len() as u64;
+    for (what, request, code) in cases {
+        let resp = raw_exchange(node.addr, request).await;
+        assert_json_error(&resp, code, what);
+    }
+    // Just under the limits is served.
+    let fits = format!("/healthz?q={}", "a".repeat(limits.max_uri_bytes - 20));
+    let resp = raw_exchange(node.addr, get(&fits, "x-ok: 1\r\n")).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    by.assert_served().await;
+    assert_eq!(
+        node.node.stats.bad_input.get() - bad0,
+        n,
+        "every refused head is counted once"
+    );
+    let metrics = node.http.get(node.url("/metrics")).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("weft_bad_input_total")),
+        "weft_bad_input_total is exported"
     );
     node.stop().await;
 }

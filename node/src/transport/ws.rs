@@ -57,6 +57,7 @@ use crate::session::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
 use crate::session::wsframe::{self, FrameError, FrameReader, Incoming};
 use crate::stats::{Stats, Transport};
 use crate::topic::{Published, Subscriber, Topic};
+use crate::transport::head::JsonRefusals;
 use crate::transport::respond::problem_error;
 
 /// What the accept loop attaches to each request.
@@ -147,10 +148,14 @@ pub async fn upgrade(
             return;
         };
         let session = Session::new(task_node, info, caller, user_guard);
-        // The accept loop serves `TokioIo<TcpStream>`; taking the socket back lets the
-        // session wait for readiness with no buffer and write with `writev`.
-        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => return session.run(parts.io.into_inner(), parts.read_buf).await,
+        // The accept loop serves `TokioIo<TcpStream>` (behind `JsonRefusals`); taking
+        // the socket back lets the session wait for readiness with no buffer and write
+        // with `writev`.
+        let upgraded = match upgraded.downcast::<JsonRefusals<TokioIo<TcpStream>>>() {
+            Ok(parts) => {
+                let tcp = parts.io.into_inner().into_inner();
+                return session.run(tcp, parts.read_buf).await;
+            }
             Err(upgraded) => upgraded,
         };
         // Boxed: an idle session's memory is mostly this task, and a TLS stream held
@@ -177,7 +182,8 @@ pub async fn upgrade(
 /// bytes between the other end and the TLS stream, so the session code stays the same
 /// (at the price of the pump's buffers while TLS is on).
 async fn run_over_tls(session: Session, upgraded: hyper::upgrade::Upgraded) {
-    let Ok(parts) = upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>()
+    let Ok(parts) =
+        upgraded.downcast::<JsonRefusals<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>>()
     else {
         tracing::error!("upgraded connection is neither TCP nor TLS");
         return;
@@ -185,7 +191,7 @@ async fn run_over_tls(session: Session, upgraded: hyper::upgrade::Upgraded) {
     let Ok((session_end, pump_end)) = tokio::net::UnixStream::pair() else {
         return;
     };
-    let mut tls = parts.io.into_inner();
+    let mut tls = parts.io.into_inner().into_inner();
     let pump = tokio::spawn(async move {
         let mut pump_end = pump_end;
         let _ = tokio::io::copy_bidirectional(&mut tls, &mut pump_end).await;
