@@ -488,6 +488,105 @@ async fn websocket_refreshed_three_times_keeps_every_event_and_expiry_closes_400
 }
 
 #[tokio::test]
+async fn a_refresh_to_a_narrower_token_ends_the_subscriptions_it_no_longer_allows() {
+    let node = secured_node(|_| {}).await;
+    let narrow = |sub: &str| {
+        let mut c = claims(sub, 60);
+        c["weft"]["sub"] = serde_json::json!(["user.{sub}.>"]);
+        hs256(&c)
+    };
+    let mut ws = WsClient::connect_with(
+        node.addr,
+        &format!("/v1/ws?token={}", hs256(&claims("alice", 60))),
+        &[],
+    )
+    .await
+    .unwrap();
+    for t in ["room.a", "room.b", "user.alice.inbox"] {
+        let r = ws.request(subscribe_cmd(t, None)).await;
+        assert!(r.error.is_none(), "{t}: {r:?}");
+    }
+    node.publish("room.a", "{\"before\":1}").await;
+
+    let id = ws
+        .send(Command::Refresh(weft_proto::command::RefreshCmd {
+            token: narrow("alice"),
+        }))
+        .await;
+    // Everything queued before the refresh, then one `unsubscribed` per topic the new
+    // token refuses, then the refresh's reply.
+    let mut events = Vec::new();
+    let mut ended = Vec::new();
+    loop {
+        let m = ws.next_msg().await;
+        if m.id == Some(id) {
+            assert!(m.error.is_none(), "refresh: {m:?}");
+            break;
+        }
+        let p = m.push.expect("a push before the reply");
+        let topic = p.topic.expect("a topic push");
+        if let Some(u) = p.unsubscribed {
+            assert_eq!(u.code, 403, "{topic}");
+            assert!(!u.reason.is_empty());
+            ended.push(topic);
+        } else if p.event.is_some() {
+            assert!(
+                ended.is_empty(),
+                "an event of {topic} after an unsubscribed push"
+            );
+            events.push(topic);
+        }
+    }
+    ended.sort();
+    assert_eq!(ended, ["room.a", "room.b"]);
+    assert_eq!(
+        events,
+        ["room.a"],
+        "the event before the refresh is delivered"
+    );
+
+    // From now on only what the new token allows arrives.
+    node.publish("room.a", "{\"after\":1}").await;
+    node.publish("room.b", "{\"after\":1}").await;
+    node.publish("user.alice.inbox", "{\"after\":1}").await;
+    let next = ws
+        .next_event()
+        .await
+        .expect("the kept subscription's event");
+    assert_eq!(next.topic, "user.alice.inbox");
+    // Subscribing again is refused 403; the session goes on.
+    let r = ws.request(subscribe_cmd("room.a", None)).await;
+    assert_eq!(r.error.map(|e| e.code), Some(403));
+    // Unsubscribing an ended one: it is no longer a subscription.
+    let r = ws
+        .request(Command::Unsubscribe(weft_proto::command::UnsubscribeCmd {
+            topic: "room.b".into(),
+        }))
+        .await;
+    assert_eq!(r.error.map(|e| e.code), Some(400));
+    node.publish("user.alice.inbox", "{\"again\":1}").await;
+    let next = ws.next_event().await.expect("still served");
+    assert_eq!(next.topic, "user.alice.inbox");
+    assert_eq!(
+        node.node.stats.subscriptions.get(),
+        1,
+        "the ended ones are gone"
+    );
+
+    // A refresh that keeps every topic ends none.
+    let r = ws
+        .request(Command::Refresh(weft_proto::command::RefreshCmd {
+            token: narrow("alice"),
+        }))
+        .await;
+    assert!(r.error.is_none() && r.id.is_some());
+    node.publish("user.alice.inbox", "{\"last\":1}").await;
+    let m = ws.next_msg().await;
+    let p = m.push.expect("push");
+    assert!(p.unsubscribed.is_none() && p.event.is_some(), "{p:?}");
+}
+
+#[tokio::test]
 async fn sse_watch_ends_at_token_expiry_with_a_disconnect_event() {
     let node = secured_node(|_| {}).await;
     let token = hs256(&claims("alice", 2));
