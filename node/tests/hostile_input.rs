@@ -7,8 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -16,6 +15,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft_node::config::NamespaceConfig;
 use weft_proto::{ErrorDetail, PublishResult, ServerMessage, SubscribeResult};
 
+use weft_testkit::raw::{exchange, read_response, tcp_from};
 use weft_testkit::{page_offsets, subscribe_cmd, TestNode, WsClient, WsIn, WAIT};
 
 type RawWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -26,14 +26,6 @@ const LOCAL_C: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3));
 
 // ---------------------------------------------------------------------------------
 // Helpers
-
-/// A TCP connection to `addr` from `local` (any 127.x.y.z works on loopback), so a
-/// per-IP limit on 127.0.0.1 does not count it.
-async fn tcp_from(addr: SocketAddr, local: IpAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(local, 0)).unwrap();
-    socket.connect(addr).await.unwrap()
-}
 
 /// Opens `/v1/ws` from `local`, offering `protocols` (no header when `None`).
 async fn ws_open(
@@ -188,91 +180,6 @@ async fn expect_error(resp: reqwest::Response, code: u16) -> ErrorDetail {
     parsed.error
 }
 
-/// An HTTP response read off a raw socket.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    /// Lower-cased names.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// Reads one HTTP/1.1 response: the head, then `Content-Length` bytes or up to EOF.
-async fn read_raw_response(s: &mut TcpStream) -> RawResponse {
-    read_raw_response_from(s).await
-}
-
-async fn read_raw_response_from<R: AsyncRead + Unpin>(s: &mut R) -> RawResponse {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
-            .await
-            .expect("response head timed out")
-            .expect("read the response head");
-        assert!(
-            n > 0,
-            "connection closed before a response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let length = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .map(|(_, v)| v.parse::<usize>().unwrap());
-    let mut body = buf[head_end + 4..].to_vec();
-    while length.is_none_or(|l| body.len() < l) {
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
-            .await
-            .expect("response body timed out")
-            .unwrap_or(0);
-        if n == 0 {
-            assert!(length.is_none(), "connection closed inside the body");
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    RawResponse {
-        status,
-        headers,
-        body,
-    }
-}
-
 /// Reads until EOF or a reset; panics if the peer keeps the connection open past
 /// `within`. Returns whatever bytes arrived first.
 async fn expect_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
@@ -296,7 +203,7 @@ const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nhost: weft\r\n\r\n";
 /// One `GET /healthz` on a kept-alive raw connection; returns the status.
 async fn healthz_on(s: &mut TcpStream) -> u16 {
     s.write_all(HEALTHZ.as_bytes()).await.unwrap();
-    read_raw_response(s).await.status
+    read_response(s).await.status
 }
 
 fn ns(pattern: &str, f: impl FnOnce(&mut NamespaceConfig)) -> NamespaceConfig {
@@ -636,7 +543,7 @@ async fn ws_upgrade_with_only_an_unsupported_subprotocol_is_400() {
     )
     .await
     .unwrap();
-    let resp = read_raw_response(&mut s).await;
+    let resp = read_response(&mut s).await;
     assert_eq!(resp.status, 400, "{resp:?}");
     assert!(resp
         .header("content-type")
@@ -974,35 +881,6 @@ async fn http_batch_publish_is_all_or_nothing() {
     node.stop().await;
 }
 
-/// Sends `request` on a fresh connection from LOCAL_A and returns the response (the
-/// writer runs apart: the server may answer before it has read everything).
-async fn raw_exchange(addr: SocketAddr, request: Vec<u8>) -> RawResponse {
-    let s = tcp_from(addr, LOCAL_A).await;
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let _ = w.write_all(&request).await;
-        w
-    });
-    let resp = read_raw_response_from(&mut r).await;
-    writer.abort();
-    resp
-}
-
-/// Asserts a raw response is the JSON error `{"error":{"code":code,…}}` with status
-/// `code`.
-fn assert_json_error(resp: &RawResponse, code: u16, what: &str) {
-    assert_eq!(resp.status, code, "{what}: {resp:?}");
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{what}: no JSON content-type: {resp:?}"
-    );
-    let body: weft_proto::ErrorBody = serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("{what}: body is not the error shape ({e}): {resp:?}"));
-    assert_eq!(body.error.code, code, "{what}: code in the body");
-    assert!(!body.error.message.is_empty(), "{what}: empty message");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_refused_before_routing_carry_the_json_error_body() {
     let node = TestNode::start().await;
@@ -1075,12 +953,15 @@ async fn heads_refused_before_routing_carry_the_json_error_body() {
     ];
     let n = cases.len() as u64;
     for (what, request, code) in cases {
-        let resp = raw_exchange(node.addr, request).await;
-        assert_json_error(&resp, code, what);
+        let resp = exchange(node.addr, LOCAL_A, request).await;
+        assert_eq!(resp.status, code, "{what}: {resp:?}");
+        if let Err(e) = resp.check_error_body() {
+            panic!("{what}: {e}");
+        }
     }
     // Just under the limits is served.
     let fits = format!("/healthz?q={}", "a".repeat(limits.max_uri_bytes - 20));
-    let resp = raw_exchange(node.addr, get(&fits, "x-ok: 1\r\n")).await;
+    let resp = exchange(node.addr, LOCAL_A, get(&fits, "x-ok: 1\r\n")).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     by.assert_served().await;
     assert_eq!(
@@ -1188,7 +1069,7 @@ async fn connections_over_the_per_ip_limit_get_a_canned_429() {
     assert_eq!(healthz_on(&mut second).await, 200);
 
     let mut third = tcp_from(node.addr, LOCAL_A).await;
-    let resp = read_raw_response(&mut third).await;
+    let resp = read_response(&mut third).await;
     assert_eq!(resp.status, 429, "{resp:?}");
     assert!(
         resp.header("retry-after").is_some(),
@@ -1220,7 +1101,7 @@ async fn connections_over_the_per_ip_limit_get_a_canned_429() {
                 break;
             }
             Ok(_) => {
-                let resp = read_raw_response(&mut s).await;
+                let resp = read_response(&mut s).await;
                 assert_eq!(resp.status, 429, "{resp:?}");
             }
         }

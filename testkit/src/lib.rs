@@ -15,6 +15,7 @@
 //! | [`metrics`] | reading a series out of a Prometheus text page |
 //! | [`inproc`] | in-process nodes: [`inproc::TestNode`] (no cluster), [`inproc::ClusterNode`] and [`inproc::InProcCluster`] (router and relay) |
 //! | [`ws`] | the one WebSocket client ([`ws::WsClient`]) |
+//! | [`raw`] | raw sockets: HTTP requests and WebSocket frames byte for byte, responses and close codes read back |
 //! | [`sse`] | the one SSE parser ([`sse::SseParser`]) and the streaming HTTP reader over it ([`sse::HttpStream`]) |
 //! | [`sub`] | one subscriber over any transport, read as a sequence of events |
 //! | [`watch`] | cluster readers that judge as they read: [`watch::Watcher`], [`watch::MultiSse`] |
@@ -34,6 +35,7 @@ pub mod inproc;
 pub mod metrics;
 pub mod pki;
 pub mod proc_cluster;
+pub mod raw;
 pub mod roaming;
 pub mod routers;
 pub mod sse;
