@@ -5,37 +5,24 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use weft_node::auth::apikey::sha256_hex;
-use weft_node::config::{ApiKeyConfig, Secret};
 use weft_node::Config;
 use weft_proto::Command;
+use weft_testkit::auth::{self, hs256, now, ADMIN_KEY, SECRET};
 use weft_testkit::{subscribe_cmd, HttpStream, TestNode, WsClient, WsIn};
 
-const SECRET: &str = "test-secret-test-secret-test-secret!";
-const ADMIN_KEY: &str = "admin-key-0123456789";
 const BACKEND_KEY: &str = "backend-key-0123456789";
-/// A backend key that may publish and read everything (the tests' own publisher).
-const HARNESS_KEY: &str = "harness-key-0123456789";
 
-/// A secured test node whose harness calls authenticate with [`HARNESS_KEY`].
+/// A secured test node (this file's config on top of the testkit's) whose harness
+/// calls authenticate with [`auth::HARNESS_KEY`].
 async fn secured_node(f: impl FnOnce(&mut Config)) -> TestNode {
-    let mut node = TestNode::start_with(|c| {
-        secured(c, vec![]);
+    auth::secured_node(|c| {
+        ours(c);
         f(c);
     })
-    .await;
-    node.credential = Some(HARNESS_KEY.into());
-    node
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    .await
 }
 
 fn dir(name: &str) -> PathBuf {
@@ -44,54 +31,28 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// Alice-style claims: may read `room.*` and her own `user.<sub>.>`, publish `room.*`.
 fn claims(sub: &str, exp_in: i64) -> serde_json::Value {
-    serde_json::json!({
-        "sub": sub,
-        "exp": (now() as i64 + exp_in),
-        "iss": "https://idp.test/",
-        "aud": "weft",
-        "weft": {"sub": ["room.*", "user.{sub}.>"], "pub": ["room.*"], "presence": true},
-    })
+    auth::claims(sub, exp_in, &["room.*", "user.{sub}.>"], &["room.*"])
 }
 
-fn hs256(c: &serde_json::Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        c,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// Configures JWT (HS256 + the given PEM public keys), an admin key and a backend key.
+/// The testkit's JWT (HS256 + the given PEM public keys), admin and harness keys, and
+/// this file's own.
 fn secured(c: &mut Config, public_keys: Vec<PathBuf>) {
-    c.auth.hmac_secret = Secret::new(SECRET);
+    auth::secure(c);
     c.auth.public_keys = public_keys;
-    c.auth.issuer = Some("https://idp.test/".into());
-    c.auth.audience = Some("weft".into());
-    c.auth.leeway_s = 0;
-    c.auth.api_keys = vec![
-        ApiKeyConfig {
-            name: "ops".into(),
-            sha256: sha256_hex(ADMIN_KEY),
-            admin: true,
-            ..Default::default()
-        },
-        ApiKeyConfig {
-            name: "harness".into(),
-            sha256: sha256_hex(HARNESS_KEY),
-            publish: vec![">".into()],
-            subscribe: vec![">".into()],
-            ..Default::default()
-        },
-        ApiKeyConfig {
-            name: "backend".into(),
-            sha256: sha256_hex(BACKEND_KEY),
-            publish: vec!["orders.>".into(), "room.*".into()],
-            subscribe: vec!["orders.>".into()],
-            ..Default::default()
-        },
-    ];
+    ours(c);
+}
+
+/// This file's additions: a backend key and a namespace with presence.
+fn ours(c: &mut Config) {
+    c.auth.api_keys.push(auth::api_key(
+        "backend",
+        BACKEND_KEY,
+        &["orders.>", "room.*"],
+        &["orders.>"],
+        false,
+    ));
     c.namespaces = vec![weft_node::config::NamespaceConfig {
         pattern: "room.>".into(),
         presence: true,
@@ -848,8 +809,8 @@ async fn jwks_from_a_url_rotates_keys_without_a_restart() {
     *jwks.lock().unwrap() = serde_json::json!({"keys": [jwk1]});
     let node = TestNode::start_with(|c| {
         c.auth.jwks = Some(url.clone());
-        c.auth.issuer = Some("https://idp.test/".into());
-        c.auth.audience = Some("weft".into());
+        c.auth.issuer = Some(auth::ISSUER.into());
+        c.auth.audience = Some(auth::AUDIENCE.into());
     })
     .await;
     let t1 = sign(&k1, "k1", "alice");

@@ -12,23 +12,19 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::LazyLock;
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
-use weft_node::auth::apikey::sha256_hex;
-use weft_node::config::{ApiKeyConfig, NamespaceConfig, Secret};
+use weft_node::config::NamespaceConfig;
 use weft_node::Config;
 use weft_proto::command::ConnectCmd;
 use weft_proto::Command;
+use weft_testkit::auth::{self, now, sign_hs256, ADMIN_KEY, HARNESS_KEY, ISSUER, SECRET};
 use weft_testkit::raw::{client_frame, exchange, read_close_code, ws_handshake};
-use weft_testkit::{subscribe_cmd, TestNode, WsClient, WsIn};
+use weft_testkit::{subscribe_cmd, WsClient, WsIn};
 
-const SECRET: &str = "catalogue-secret-catalogue-secret!!";
-const ISSUER: &str = "https://idp.test/";
-const ADMIN_KEY: &str = "admin-key-catalogue-0123456789";
-const HARNESS_KEY: &str = "harness-key-catalogue-0123456789";
 const BACKEND_KEY: &str = "backend-key-catalogue-0123456789";
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -63,13 +59,6 @@ struct Case {
     expect: u16,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 fn b64(bytes: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
@@ -84,34 +73,26 @@ fn b64(bytes: &[u8]) -> String {
     out
 }
 
+/// A user who may read `room.*`, `ro.*` and her own `user.<sub>.>`, and publish
+/// `room.*` and `ro.*` (where the namespace lets clients publish).
 fn claims(sub: &str) -> Value {
-    json!({
-        "sub": sub,
-        "exp": now() + 600,
-        "iss": ISSUER,
-        "aud": "weft",
-        "weft": {"sub": ["room.*", "ro.*", "user.{sub}.>"], "pub": ["room.*", "ro.*"], "presence": true},
-    })
-}
-
-fn sign(alg: Algorithm, claims: &Value, secret: &str) -> String {
-    encode(
-        &Header::new(alg),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+    auth::claims(
+        sub,
+        600,
+        &["room.*", "ro.*", "user.{sub}.>"],
+        &["room.*", "ro.*"],
     )
-    .unwrap()
 }
 
 fn token(sub: &str) -> String {
-    sign(Algorithm::HS256, &claims(sub), SECRET)
+    auth::hs256(&claims(sub))
 }
 
 /// `claims("alice")` changed by `f`, signed with the node's secret.
 fn token_with(f: impl FnOnce(&mut Value)) -> String {
     let mut c = claims("alice");
     f(&mut c);
-    sign(Algorithm::HS256, &c, SECRET)
+    auth::hs256(&c)
 }
 
 /// A JWT with this header and payload text, HS256-signed with the node's secret.
@@ -142,11 +123,17 @@ fn http(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Ve
     out
 }
 
-const AS_HARNESS: (&str, &str) = ("authorization", "Bearer harness-key-catalogue-0123456789");
+static HARNESS_BEARER: LazyLock<String> = LazyLock::new(|| bearer(HARNESS_KEY));
+
+/// `Authorization` for the harness's own key.
+fn as_harness() -> (&'static str, &'static str) {
+    ("authorization", &HARNESS_BEARER)
+}
+
 const JSON: (&str, &str) = ("content-type", "application/json");
 
 fn publish(topic: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
-    let mut h = vec![AS_HARNESS, JSON];
+    let mut h = vec![as_harness(), JSON];
     h.extend_from_slice(headers);
     http(
         "POST",
@@ -157,13 +144,18 @@ fn publish(topic: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
 }
 
 fn get_as_harness(target: &str, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut h = vec![AS_HARNESS];
+    let mut h = vec![as_harness()];
     h.extend_from_slice(headers);
     http("GET", target, &h, b"")
 }
 
 fn batch(body: &str) -> Vec<u8> {
-    http("POST", "/v1/publish", &[AS_HARNESS, JSON], body.as_bytes())
+    http(
+        "POST",
+        "/v1/publish",
+        &[as_harness(), JSON],
+        body.as_bytes(),
+    )
 }
 
 /// A read of `room.a` with this `Authorization` value.
@@ -279,7 +271,7 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
         c(HttpParsing, "target past the parser's 65,534 bytes", Input::Http(http("GET", &format!("/healthz?q={}", "a".repeat(65 * 1024)), &[], b"")), 414),
         // --- HTTP requests that parse but are wrong for the route.
         c(HttpRequest, "unknown route", Input::Http(http("GET", "/v1/nope", &[], b"")), 404),
-        c(HttpRequest, "known route, wrong method", Input::Http(http("DELETE", "/v1/topics/room.a/events", &[AS_HARNESS], b"")), 405),
+        c(HttpRequest, "known route, wrong method", Input::Http(http("DELETE", "/v1/topics/room.a/events", &[as_harness()], b"")), 405),
         c(HttpRequest, "unknown method", Input::Http(http("BREW", "/healthz", &[], b"")), 405),
         c(HttpRequest, "lower-case method", Input::Http(http("get", "/healthz", &[], b"")), 405),
         c(HttpRequest, "topic with an encoded slash", Input::Http(get_as_harness("/v1/topics/a%2Fb", &[])), 400),
@@ -311,15 +303,15 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
         c(JsonProtocol, "two JSON values in one body", Input::Http(publish("room.a", &[], "{} {}")), 400),
         c(JsonProtocol, "truncated JSON", Input::Http(publish("room.a", &[], "{\"a\":")), 400),
         c(JsonProtocol, "data nested past max_json_depth", Input::Http(publish("room.a", &[], &json_deep)), 400),
-        c(JsonProtocol, "body that is not UTF-8", Input::Http(http("POST", "/v1/topics/room.a/events", &[AS_HARNESS, JSON], b"\"\xff\xfe\"")), 400),
+        c(JsonProtocol, "body that is not UTF-8", Input::Http(http("POST", "/v1/topics/room.a/events", &[as_harness(), JSON], b"\"\xff\xfe\"")), 400),
         c(JsonProtocol, "lone UTF-16 surrogate escape", Input::Http(publish("room.a", &[], r#""\ud800""#)), 400),
         c(JsonProtocol, "body past max_message_bytes", Input::Http(publish("room.a", &[], &format!("\"{}\"", "x".repeat(5000)))), 413),
         c(JsonProtocol, "Content-Length past the limit, body never sent", Input::Http(head(&format!("POST /v1/topics/room.a/events HTTP/1.1\r\nhost: w\r\nauthorization: Bearer {HARNESS_KEY}\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n"))), 413),
-        c(JsonProtocol, "text/plain body (a cross-site form)", Input::Http(http("POST", "/v1/topics/room.a/events", &[AS_HARNESS, ("content-type", "text/plain")], b"{}")), 415),
-        c(JsonProtocol, "no Content-Type", Input::Http(http("POST", "/v1/topics/room.a/events", &[AS_HARNESS], b"{}")), 415),
-        c(JsonProtocol, "urlencoded body", Input::Http(http("POST", "/v1/topics/room.a/events", &[AS_HARNESS, ("content-type", "application/x-www-form-urlencoded")], b"a=1")), 415),
-        c(JsonProtocol, "multipart body", Input::Http(http("POST", "/v1/topics/room.a/events", &[AS_HARNESS, ("content-type", "multipart/form-data; boundary=x")], b"--x--")), 415),
-        c(JsonProtocol, "a JSON-like media type that is not JSON", Input::Http(http("POST", "/v1/topics/room.a/events", &[AS_HARNESS, ("content-type", "application/json-seq")], b"{}")), 415),
+        c(JsonProtocol, "text/plain body (a cross-site form)", Input::Http(http("POST", "/v1/topics/room.a/events", &[as_harness(), ("content-type", "text/plain")], b"{}")), 415),
+        c(JsonProtocol, "no Content-Type", Input::Http(http("POST", "/v1/topics/room.a/events", &[as_harness()], b"{}")), 415),
+        c(JsonProtocol, "urlencoded body", Input::Http(http("POST", "/v1/topics/room.a/events", &[as_harness(), ("content-type", "application/x-www-form-urlencoded")], b"a=1")), 415),
+        c(JsonProtocol, "multipart body", Input::Http(http("POST", "/v1/topics/room.a/events", &[as_harness(), ("content-type", "multipart/form-data; boundary=x")], b"--x--")), 415),
+        c(JsonProtocol, "a JSON-like media type that is not JSON", Input::Http(http("POST", "/v1/topics/room.a/events", &[as_harness(), ("content-type", "application/json-seq")], b"{}")), 415),
         c(JsonProtocol, "event type with a space", Input::Http(publish("room.a", &[("weft-event-type", "has space")], "{}")), 400),
         c(JsonProtocol, "event type past 64 bytes", Input::Http(publish("room.a", &[("weft-event-type", &"t".repeat(65))], "{}")), 400),
         c(JsonProtocol, "Idempotency-Key past 255 bytes", Input::Http(publish("room.a", &[("idempotency-key", &"k".repeat(256))], "{}")), 400),
@@ -337,7 +329,7 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
         c(JsonProtocol, "batch without the events field", Input::Http(batch(r#"{"evnts":[]}"#)), 400),
         c(JsonProtocol, "batch past max_batch_events", Input::Http(batch(&format!(r#"{{"events":[{}]}}"#, [r#"{"topic":"room.a","data":1}"#; 6].join(",")))), 413),
         c(JsonProtocol, "batch body past max_batch_bytes", Input::Http(batch(&format!(r#"{{"events":[{{"topic":"room.a","data":"{}"}}]}}"#, "x".repeat(20 * 1024)))), 413),
-        c(JsonProtocol, "streaming publish with a non-JSON content type", Input::Http(http("POST", "/v1/publish/stream", &[AS_HARNESS, ("content-type", "text/plain")], b"{}\n")), 415),
+        c(JsonProtocol, "streaming publish with a non-JSON content type", Input::Http(http("POST", "/v1/publish/stream", &[as_harness(), ("content-type", "text/plain")], b"{}\n")), 415),
         c(JsonProtocol, "revoke naming both sub and jti", Input::Http(http("POST", "/v1/admin/revoke", &[("authorization", &bearer(ADMIN_KEY)), JSON], br#"{"sub":"a","jti":"b","until":1}"#)), 400),
         c(JsonProtocol, "revoke with an unknown field", Input::Http(http("POST", "/v1/admin/revoke", &[("authorization", &bearer(ADMIN_KEY)), JSON], br#"{"sub":"a","until":1,"why":"x"}"#)), 400),
         // --- The WebSocket handshake.
@@ -398,7 +390,7 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
         c(Auth, "token with alg none", Input::Http(read_with(&bearer(&alg_none))), 401),
         c(Auth, "token with a tampered payload", Input::Http(read_with(&bearer(&format!("{h}.{wider}.{s}")))), 401),
         c(Auth, "token with a tampered signature", Input::Http(read_with(&bearer(&format!("{h}.{p}.{flipped}")))), 401),
-        c(Auth, "token signed with another secret", Input::Http(read_with(&bearer(&sign(Algorithm::HS256, &claims("alice"), "another-secret-another-secret-!!")))), 401),
+        c(Auth, "token signed with another secret", Input::Http(read_with(&bearer(&sign_hs256(&claims("alice"), "another-secret-another-secret-!!")))), 401),
         c(Auth, "token claiming RS256 over an HMAC signature", Input::Http(read_with(&bearer(&signed_raw(r#"{"alg":"RS256","typ":"JWT"}"#, claims("alice").to_string().as_bytes())))), 401),
         c(Auth, "expired token", Input::Http(read_with(&bearer(&token_with(|c| c["exp"] = json!(now() - 60))))), 401),
         c(Auth, "token not yet valid", Input::Http(read_with(&bearer(&token_with(|c| c["nbf"] = json!(now() + 3600))))), 401),
@@ -444,33 +436,16 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
     ]
 }
 
-fn secured(c: &mut Config) {
-    c.auth.hmac_secret = Secret::new(SECRET);
-    c.auth.issuer = Some(ISSUER.into());
-    c.auth.audience = Some("weft".into());
-    c.auth.leeway_s = 0;
-    c.auth.api_keys = vec![
-        ApiKeyConfig {
-            name: "ops".into(),
-            sha256: sha256_hex(ADMIN_KEY),
-            admin: true,
-            ..Default::default()
-        },
-        ApiKeyConfig {
-            name: "harness".into(),
-            sha256: sha256_hex(HARNESS_KEY),
-            publish: vec![">".into()],
-            subscribe: vec![">".into()],
-            ..Default::default()
-        },
-        ApiKeyConfig {
-            name: "backend".into(),
-            sha256: sha256_hex(BACKEND_KEY),
-            publish: vec!["orders.>".into()],
-            subscribe: vec!["orders.>".into()],
-            ..Default::default()
-        },
-    ];
+/// The testkit's secured config plus a backend key, an allowed origin, a presence
+/// namespace, one where clients may not publish, and small limits.
+fn ours(c: &mut Config) {
+    c.auth.api_keys.push(auth::api_key(
+        "backend",
+        BACKEND_KEY,
+        &["orders.>"],
+        &["orders.>"],
+        false,
+    ));
     c.http.allowed_origins = vec!["https://app.test".into()];
     c.namespaces = vec![
         NamespaceConfig {
@@ -492,8 +467,7 @@ fn secured(c: &mut Config) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_hostile_input_gets_its_documented_code_and_the_node_serves_on() {
-    let mut node = TestNode::start_with(secured).await;
-    node.credential = Some(HARNESS_KEY.into());
+    let node = auth::secured_node(ours).await;
     // What some cases refer to: a topic with events, a used idempotency key, a
     // revoked subject.
     node.publish("room.cur", "{\"n\":1}").await;

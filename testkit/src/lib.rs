@@ -11,6 +11,7 @@
 //! | [`pki`] | a cluster CA and the member certificates of a process cluster |
 //! | [`routers`] | the one spawner of a three-`weft-router` group (plaintext or mutual TLS) |
 //! | [`proc_cluster`] | routers plus `weft-node` processes on their own loopback addresses |
+//! | [`auth`] | client-security fixtures: one HS256 secret, admin and harness API keys, the config that uses them, tokens signed for them, a secured [`inproc::TestNode`] |
 //! | [`api`] | [`api::NodeApi`], the HTTP client of one node (state, publish, owners, drain, metrics) |
 //! | [`metrics`] | reading a series out of a Prometheus text page |
 //! | [`inproc`] | in-process nodes: [`inproc::TestNode`] (no cluster), [`inproc::ClusterNode`] and [`inproc::InProcCluster`] (router and relay) |
@@ -30,6 +31,7 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod bin;
 pub mod inproc;
 pub mod metrics;
