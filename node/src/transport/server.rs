@@ -137,18 +137,21 @@ async fn serve_ops(node: Arc<Node>, listener: TcpListener) {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let app = app.clone();
+        let (app, node) = (app.clone(), node.clone());
         let timeout = Duration::from_millis(node.config.timing.handshake_timeout_ms);
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 app.clone().oneshot(req.map(Body::new))
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout)
                 .serve_connection(JsonRefusals::new(TokioIo::new(stream)), service)
                 .await;
+            if served.is_err_and(|e| e.is_parse()) {
+                node.stats.bad_input.inc();
+            }
         });
     }
 }
