@@ -257,6 +257,11 @@ pub struct Limits {
     pub api_key_publish_burst: u32,
     /// Deepest JSON nesting accepted in event data, on every path.
     pub max_json_depth: usize,
+    /// Longest request target (path and query) accepted; past it `414`.
+    pub max_uri_bytes: usize,
+    /// Largest header block accepted (names, values, `": "` and CRLF of each field);
+    /// past it `431`. More than 100 header fields is `431` too.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -363,6 +368,8 @@ impl Default for Limits {
             api_key_publishes_per_s: 50_000,
             api_key_publish_burst: 100_000,
             max_json_depth: 64,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -449,6 +456,8 @@ impl Config {
             ("limits.max_topics", l.max_topics),
             ("limits.max_topics_per_watch", l.max_topics_per_watch),
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
+            ("limits.max_uri_bytes", l.max_uri_bytes),
+            ("limits.max_header_bytes", l.max_header_bytes),
             (
                 "history.memory_budget_bytes",
                 self.history.memory_budget_bytes,
@@ -576,6 +585,13 @@ impl Config {
         for o in &self.http.allowed_origins {
             crate::auth::origin::OriginPattern::parse(o)
                 .map_err(|e| ConfigError(format!("http.allowed_origins: {e}")))?;
+        }
+        // hyper refuses a request target past 65,534 bytes by itself.
+        if self.limits.max_uri_bytes > 65_534 {
+            return bad(format!(
+                "limits.max_uri_bytes = {} exceeds the HTTP parser's 65534",
+                self.limits.max_uri_bytes
+            ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return bad("set both tls.cert_file and tls.key_file, or neither".into());

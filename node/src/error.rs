@@ -24,12 +24,18 @@ pub enum ApiError {
     Gone { message: String, cursor: String },
     #[error("{0}")]
     TooLarge(String),
+    /// The request target is longer than `limits.max_uri_bytes`.
+    #[error("{0}")]
+    UriTooLong(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// A well-formed request the server will not carry out as asked (an
     /// `Idempotency-Key` reused with another body).
     #[error("{0}")]
     Unprocessable(String),
+    /// The header fields exceed `limits.max_header_bytes` (or hyper's own bounds).
+    #[error("{0}")]
+    HeadersTooLarge(String),
     #[error("{message}")]
     RateLimited { message: String, retry_after_s: u64 },
     #[error("{message}")]
@@ -50,8 +56,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => 405,
             ApiError::Gone { .. } => 410,
             ApiError::TooLarge(_) => 413,
+            ApiError::UriTooLong(_) => 414,
             ApiError::UnsupportedMediaType(_) => 415,
             ApiError::Unprocessable(_) => 422,
+            ApiError::HeadersTooLarge(_) => 431,
             ApiError::RateLimited { .. } => 429,
             ApiError::Unavailable { .. } => 503,
         }

@@ -10,7 +10,9 @@
 //!
 //! One nesting limit (`limits.max_json_depth`) applies on every path, checked by a
 //! byte scan before the parser sees the data, so no parser downstream (the node's or
-//! a subscriber's) meets a document deeper than the limit.
+//! a subscriber's) meets a document deeper than the limit. The same scan refuses a
+//! string escape of half a UTF-16 surrogate pair, which the JSON grammar admits but
+//! strict parsers refuse.
 
 use std::sync::Arc;
 
@@ -45,7 +47,7 @@ pub fn event_data(bytes: &[u8], limits: &Limits) -> Result<Bytes, ApiError> {
             "event data exceeds {max} bytes"
         )));
     }
-    check_depth(bytes, limits.max_json_depth)?;
+    check_shape(bytes, limits.max_json_depth)?;
     let raw: &RawValue = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad(format!("event data is not JSON: {e}")))?;
     Ok(one_line(raw.get().as_bytes()))
@@ -60,7 +62,7 @@ pub fn raw_data(raw: &RawValue, limits: &Limits) -> Result<Bytes, ApiError> {
             "event data exceeds {max} bytes"
         )));
     }
-    check_depth(text, limits.max_json_depth)?;
+    check_shape(text, limits.max_json_depth)?;
     Ok(one_line(text))
 }
 
@@ -78,17 +80,50 @@ fn one_line(text: &[u8]) -> Bytes {
     )
 }
 
-/// `400` when arrays and objects nest deeper than `max` (strings are skipped).
-pub fn check_depth(text: &[u8], max: usize) -> Result<(), ApiError> {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in text {
+/// What the JSON parser lets through but a subscriber's may not, in one byte scan:
+/// `400` when arrays and objects nest deeper than `max` (brackets inside strings do
+/// not count), or when a string holds a `\u` escape of half a UTF-16 surrogate pair
+/// without its other half (`"\ud800"`): RFC 8259's grammar admits it, but it is no
+/// Unicode text, and strict parsers (serde_json into a `String`, I-JSON) refuse the
+/// whole document. Everything else malformed is left to the parser.
+fn check_shape(text: &[u8], max: usize) -> Result<(), ApiError> {
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = std::str::from_utf8(text.get(at..at + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    let lone = || {
+        ApiError::bad("event data holds half a UTF-16 surrogate pair (`\\ud800`-`\\udfff` without its other half)")
+    };
+    let (mut depth, mut in_string, mut i) = (0usize, false, 0usize);
+    while i < text.len() {
+        let b = text[i];
         if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+            match b {
+                b'\\' if text.get(i + 1) == Some(&b'u') => match hex4(i + 2) {
+                    Some(0xD800..=0xDBFF) => {
+                        let low = (text.get(i + 6..i + 8) == Some(&b"\\u"[..]))
+                            .then(|| hex4(i + 8))
+                            .flatten();
+                        if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                            return Err(lone());
+                        }
+                        i += 12;
+                        continue;
+                    }
+                    Some(0xDC00..=0xDFFF) => return Err(lone()),
+                    _ => {
+                        i += 6;
+                        continue;
+                    }
+                },
+                b'\\' => {
+                    i += 2;
+                    continue;
+                }
+                b'"' => in_string = false,
                 _ => {}
             }
+            i += 1;
             continue;
         }
         match b {
@@ -104,6 +139,7 @@ pub fn check_depth(text: &[u8], max: usize) -> Result<(), ApiError> {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -181,6 +217,36 @@ mod tests {
         );
         let in_string = format!("\"{}\\\"{}\"", "[".repeat(100), "{".repeat(100));
         assert!(event_data(in_string.as_bytes(), &l).is_ok());
+    }
+
+    #[test]
+    fn half_a_surrogate_pair_is_refused_and_whole_pairs_pass() {
+        let l = Limits::default();
+        for ok in [
+            r#""\ud83d\ude00""#,
+            r#"{"k":"a\uD83D\uDE00b"}"#,
+            r#""\u00e9\\ud800""#,
+            r#""\\\\ud800""#,
+            r#"["\ud7ff","\ue000"]"#,
+        ] {
+            assert!(event_data(ok.as_bytes(), &l).is_ok(), "{ok}");
+        }
+        for bad in [
+            r#""\ud800""#,
+            r#""\udc00""#,
+            r#""\ud800x""#,
+            r#""\ud800\u0041""#,
+            r#""\ude00\ud83d""#,
+            r#"{"\udbff":1}"#,
+        ] {
+            let e = event_data(bad.as_bytes(), &l).unwrap_err();
+            assert_eq!(e.code(), 400, "{bad}");
+            // serde_json, as a subscriber would use it, refuses it too.
+            assert!(
+                serde_json::from_str::<serde_json::Value>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -181,7 +181,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("weft_queue_drops_total", Kind::Counter, "Queued events replaced under the conflate slow-consumer policy."),
     ("weft_slow_consumer_closes_total", Kind::Counter, "Sessions closed because their outbound queue exceeded its byte budget (WS close 4008)."),
     ("weft_rate_limit_hits_total", Kind::Counter, "Requests and commands refused by a rate limit (429 / 4029)."),
-    ("weft_bad_input_total", Kind::Counter, "Malformed or invalid requests answered with 400, 404, 405, 413, 415 or 422."),
+    ("weft_bad_input_total", Kind::Counter, "Malformed or invalid requests answered with 400, 404, 405, 413, 414, 415, 422 or 431."),
     ("weft_connections_refused_total", Kind::Counter, "Connections refused at accept (limits) or for a handshake that never finished."),
     ("weft_cluster_refused_total", Kind::Counter, "Cluster calls refused for the caller's certificate identity (PERMISSION_DENIED / UNAUTHENTICATED)."),
     ("weft_auth_refusals_total", Kind::Counter, "Requests, sessions and commands refused by client security, by reason (missing, invalid, expired, revoked, forbidden, origin, rate_limited)."),

@@ -20,20 +20,13 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use weft_node::auth::apikey::sha256_hex;
-use weft_node::config::{ApiKeyConfig, Secret};
+use weft_testkit::auth::{self, ADMIN_KEY};
 use weft_testkit::TestNode;
-
-const SECRET: &str = "browser-secret-browser-secret-browser!";
-const ADMIN_KEY: &str = "admin-key-browser-0123456789";
-/// The harness's own key, to read topic state.
-const HARNESS_KEY: &str = "harness-key-browser-0123456789";
 
 const LIVE: &str = "room.live";
 const DENIED: &str = "room.denied";
@@ -116,20 +109,7 @@ async fn serve_page(ip: &str, title: &'static str) -> SocketAddr {
 
 /// A user's token that may read and publish `room.*`.
 fn token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({
-            "sub": sub,
-            "exp": now + 600,
-            "weft": {"sub": ["room.*"], "pub": ["room.*"]},
-        }),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    auth::hs256(&auth::claims(sub, 600, &["room.*"], &["room.*"]))
 }
 
 /// `weft_auth_refusals_total{reason="origin"}` of this node, from `/metrics`.
@@ -193,27 +173,10 @@ async fn a_page_on_an_allowed_origin_uses_every_transport_and_other_pages_change
     };
     let allowed = serve_page("127.0.0.2", "weft: allowed origin").await;
     let denied = serve_page("127.0.0.3", "weft: disallowed origin").await;
-    let mut node = TestNode::start_with(|c| {
-        c.auth.hmac_secret = Secret::new(SECRET);
-        c.auth.leeway_s = 0;
-        c.auth.api_keys = vec![
-            ApiKeyConfig {
-                name: "ops".into(),
-                sha256: sha256_hex(ADMIN_KEY),
-                admin: true,
-                ..Default::default()
-            },
-            ApiKeyConfig {
-                name: "harness".into(),
-                sha256: sha256_hex(HARNESS_KEY),
-                subscribe: vec![">".into()],
-                ..Default::default()
-            },
-        ];
+    let node = auth::secured_node(|c| {
         c.http.allowed_origins = vec![format!("http://{allowed}")];
     })
     .await;
-    node.credential = Some(HARNESS_KEY.into());
     let bad_input_before = node.node.stats.bad_input.get();
     let origin_before = origin_refusals(&node).await;
 
@@ -349,12 +312,7 @@ async fn a_page_on_an_allowed_origin_uses_every_transport_and_other_pages_change
 #[tokio::test]
 async fn admin_routes_refuse_web_pages_whatever_the_credential() {
     let node = TestNode::start_with(|c| {
-        c.auth.api_keys = vec![ApiKeyConfig {
-            name: "ops".into(),
-            sha256: sha256_hex(ADMIN_KEY),
-            admin: true,
-            ..Default::default()
-        }];
+        c.auth.api_keys = vec![auth::api_key("ops", ADMIN_KEY, &[], &[], true)];
         c.http.allowed_origins = vec!["https://app.example.com".into()];
     })
     .await;

@@ -5,37 +5,24 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use weft_node::auth::apikey::sha256_hex;
-use weft_node::config::{ApiKeyConfig, Secret};
 use weft_node::Config;
 use weft_proto::Command;
+use weft_testkit::auth::{self, hs256, now, ADMIN_KEY, SECRET};
 use weft_testkit::{subscribe_cmd, HttpStream, TestNode, WsClient, WsIn};
 
-const SECRET: &str = "test-secret-test-secret-test-secret!";
-const ADMIN_KEY: &str = "admin-key-0123456789";
 const BACKEND_KEY: &str = "backend-key-0123456789";
-/// A backend key that may publish and read everything (the tests' own publisher).
-const HARNESS_KEY: &str = "harness-key-0123456789";
 
-/// A secured test node whose harness calls authenticate with [`HARNESS_KEY`].
+/// A secured test node (this file's config on top of the testkit's) whose harness
+/// calls authenticate with [`auth::HARNESS_KEY`].
 async fn secured_node(f: impl FnOnce(&mut Config)) -> TestNode {
-    let mut node = TestNode::start_with(|c| {
-        secured(c, vec![]);
+    auth::secured_node(|c| {
+        ours(c);
         f(c);
     })
-    .await;
-    node.credential = Some(HARNESS_KEY.into());
-    node
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    .await
 }
 
 fn dir(name: &str) -> PathBuf {
@@ -44,54 +31,28 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// Alice-style claims: may read `room.*` and her own `user.<sub>.>`, publish `room.*`.
 fn claims(sub: &str, exp_in: i64) -> serde_json::Value {
-    serde_json::json!({
-        "sub": sub,
-        "exp": (now() as i64 + exp_in),
-        "iss": "https://idp.test/",
-        "aud": "weft",
-        "weft": {"sub": ["room.*", "user.{sub}.>"], "pub": ["room.*"], "presence": true},
-    })
+    auth::claims(sub, exp_in, &["room.*", "user.{sub}.>"], &["room.*"])
 }
 
-fn hs256(c: &serde_json::Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        c,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// Configures JWT (HS256 + the given PEM public keys), an admin key and a backend key.
+/// The testkit's JWT (HS256 + the given PEM public keys), admin and harness keys, and
+/// this file's own.
 fn secured(c: &mut Config, public_keys: Vec<PathBuf>) {
-    c.auth.hmac_secret = Secret::new(SECRET);
+    auth::secure(c);
     c.auth.public_keys = public_keys;
-    c.auth.issuer = Some("https://idp.test/".into());
-    c.auth.audience = Some("weft".into());
-    c.auth.leeway_s = 0;
-    c.auth.api_keys = vec![
-        ApiKeyConfig {
-            name: "ops".into(),
-            sha256: sha256_hex(ADMIN_KEY),
-            admin: true,
-            ..Default::default()
-        },
-        ApiKeyConfig {
-            name: "harness".into(),
-            sha256: sha256_hex(HARNESS_KEY),
-            publish: vec![">".into()],
-            subscribe: vec![">".into()],
-            ..Default::default()
-        },
-        ApiKeyConfig {
-            name: "backend".into(),
-            sha256: sha256_hex(BACKEND_KEY),
-            publish: vec!["orders.>".into(), "room.*".into()],
-            subscribe: vec!["orders.>".into()],
-            ..Default::default()
-        },
-    ];
+    ours(c);
+}
+
+/// This file's additions: a backend key and a namespace with presence.
+fn ours(c: &mut Config) {
+    c.auth.api_keys.push(auth::api_key(
+        "backend",
+        BACKEND_KEY,
+        &["orders.>", "room.*"],
+        &["orders.>"],
+        false,
+    ));
     c.namespaces = vec![weft_node::config::NamespaceConfig {
         pattern: "room.>".into(),
         presence: true,
@@ -488,6 +449,105 @@ async fn websocket_refreshed_three_times_keeps_every_event_and_expiry_closes_400
 }
 
 #[tokio::test]
+async fn a_refresh_to_a_narrower_token_ends_the_subscriptions_it_no_longer_allows() {
+    let node = secured_node(|_| {}).await;
+    let narrow = |sub: &str| {
+        let mut c = claims(sub, 60);
+        c["weft"]["sub"] = serde_json::json!(["user.{sub}.>"]);
+        hs256(&c)
+    };
+    let mut ws = WsClient::connect_with(
+        node.addr,
+        &format!("/v1/ws?token={}", hs256(&claims("alice", 60))),
+        &[],
+    )
+    .await
+    .unwrap();
+    for t in ["room.a", "room.b", "user.alice.inbox"] {
+        let r = ws.request(subscribe_cmd(t, None)).await;
+        assert!(r.error.is_none(), "{t}: {r:?}");
+    }
+    node.publish("room.a", "{\"before\":1}").await;
+
+    let id = ws
+        .send(Command::Refresh(weft_proto::command::RefreshCmd {
+            token: narrow("alice"),
+        }))
+        .await;
+    // Everything queued before the refresh, then one `unsubscribed` per topic the new
+    // token refuses, then the refresh's reply.
+    let mut events = Vec::new();
+    let mut ended = Vec::new();
+    loop {
+        let m = ws.next_msg().await;
+        if m.id == Some(id) {
+            assert!(m.error.is_none(), "refresh: {m:?}");
+            break;
+        }
+        let p = m.push.expect("a push before the reply");
+        let topic = p.topic.expect("a topic push");
+        if let Some(u) = p.unsubscribed {
+            assert_eq!(u.code, 403, "{topic}");
+            assert!(!u.reason.is_empty());
+            ended.push(topic);
+        } else if p.event.is_some() {
+            assert!(
+                ended.is_empty(),
+                "an event of {topic} after an unsubscribed push"
+            );
+            events.push(topic);
+        }
+    }
+    ended.sort();
+    assert_eq!(ended, ["room.a", "room.b"]);
+    assert_eq!(
+        events,
+        ["room.a"],
+        "the event before the refresh is delivered"
+    );
+
+    // From now on only what the new token allows arrives.
+    node.publish("room.a", "{\"after\":1}").await;
+    node.publish("room.b", "{\"after\":1}").await;
+    node.publish("user.alice.inbox", "{\"after\":1}").await;
+    let next = ws
+        .next_event()
+        .await
+        .expect("the kept subscription's event");
+    assert_eq!(next.topic, "user.alice.inbox");
+    // Subscribing again is refused 403; the session goes on.
+    let r = ws.request(subscribe_cmd("room.a", None)).await;
+    assert_eq!(r.error.map(|e| e.code), Some(403));
+    // Unsubscribing an ended one: it is no longer a subscription.
+    let r = ws
+        .request(Command::Unsubscribe(weft_proto::command::UnsubscribeCmd {
+            topic: "room.b".into(),
+        }))
+        .await;
+    assert_eq!(r.error.map(|e| e.code), Some(400));
+    node.publish("user.alice.inbox", "{\"again\":1}").await;
+    let next = ws.next_event().await.expect("still served");
+    assert_eq!(next.topic, "user.alice.inbox");
+    assert_eq!(
+        node.node.stats.subscriptions.get(),
+        1,
+        "the ended ones are gone"
+    );
+
+    // A refresh that keeps every topic ends none.
+    let r = ws
+        .request(Command::Refresh(weft_proto::command::RefreshCmd {
+            token: narrow("alice"),
+        }))
+        .await;
+    assert!(r.error.is_none() && r.id.is_some());
+    node.publish("user.alice.inbox", "{\"last\":1}").await;
+    let m = ws.next_msg().await;
+    let p = m.push.expect("push");
+    assert!(p.unsubscribed.is_none() && p.event.is_some(), "{p:?}");
+}
+
+#[tokio::test]
 async fn sse_watch_ends_at_token_expiry_with_a_disconnect_event() {
     let node = secured_node(|_| {}).await;
     let token = hs256(&claims("alice", 2));
@@ -749,8 +809,8 @@ async fn jwks_from_a_url_rotates_keys_without_a_restart() {
     *jwks.lock().unwrap() = serde_json::json!({"keys": [jwk1]});
     let node = TestNode::start_with(|c| {
         c.auth.jwks = Some(url.clone());
-        c.auth.issuer = Some("https://idp.test/".into());
-        c.auth.audience = Some("weft".into());
+        c.auth.issuer = Some(auth::ISSUER.into());
+        c.auth.audience = Some(auth::AUDIENCE.into());
     })
     .await;
     let t1 = sign(&k1, "k1", "alice");

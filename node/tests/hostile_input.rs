@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -16,6 +15,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft_node::config::NamespaceConfig;
 use weft_proto::{ErrorDetail, PublishResult, ServerMessage, SubscribeResult};
 
+use weft_testkit::raw::{exchange, read_response, tcp_from};
 use weft_testkit::{page_offsets, subscribe_cmd, TestNode, WsClient, WsIn, WAIT};
 
 type RawWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -26,14 +26,6 @@ const LOCAL_C: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3));
 
 // ---------------------------------------------------------------------------------
 // Helpers
-
-/// A TCP connection to `addr` from `local` (any 127.x.y.z works on loopback), so a
-/// per-IP limit on 127.0.0.1 does not count it.
-async fn tcp_from(addr: SocketAddr, local: IpAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(local, 0)).unwrap();
-    socket.connect(addr).await.unwrap()
-}
 
 /// Opens `/v1/ws` from `local`, offering `protocols` (no header when `None`).
 async fn ws_open(
@@ -188,87 +180,6 @@ async fn expect_error(resp: reqwest::Response, code: u16) -> ErrorDetail {
     parsed.error
 }
 
-/// An HTTP response read off a raw socket.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    /// Lower-cased names.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// Reads one HTTP/1.1 response: the head, then `Content-Length` bytes or up to EOF.
-async fn read_raw_response(s: &mut TcpStream) -> RawResponse {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
-            .await
-            .expect("response head timed out")
-            .expect("read the response head");
-        assert!(
-            n > 0,
-            "connection closed before a response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let length = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .map(|(_, v)| v.parse::<usize>().unwrap());
-    let mut body = buf[head_end + 4..].to_vec();
-    while length.is_none_or(|l| body.len() < l) {
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
-            .await
-            .expect("response body timed out")
-            .unwrap_or(0);
-        if n == 0 {
-            assert!(length.is_none(), "connection closed inside the body");
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    RawResponse {
-        status,
-        headers,
-        body,
-    }
-}
-
 /// Reads until EOF or a reset; panics if the peer keeps the connection open past
 /// `within`. Returns whatever bytes arrived first.
 async fn expect_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
@@ -292,7 +203,7 @@ const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nhost: weft\r\n\r\n";
 /// One `GET /healthz` on a kept-alive raw connection; returns the status.
 async fn healthz_on(s: &mut TcpStream) -> u16 {
     s.write_all(HEALTHZ.as_bytes()).await.unwrap();
-    read_raw_response(s).await.status
+    read_response(s).await.status
 }
 
 fn ns(pattern: &str, f: impl FnOnce(&mut NamespaceConfig)) -> NamespaceConfig {
@@ -632,7 +543,7 @@ async fn ws_upgrade_with_only_an_unsupported_subprotocol_is_400() {
     )
     .await
     .unwrap();
-    let resp = read_raw_response(&mut s).await;
+    let resp = read_response(&mut s).await;
     assert_eq!(resp.status, 400, "{resp:?}");
     assert!(resp
         .header("content-type")
@@ -970,6 +881,103 @@ async fn http_batch_publish_is_all_or_nothing() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_refused_before_routing_carry_the_json_error_body() {
+    let node = TestNode::start().await;
+    let mut by = Bystander::join(&node, "bystander").await;
+    let limits = node.node.config.limits.clone();
+    let bad0 = node.node.stats.bad_input.get();
+    let get = |target: &str, headers: &str| {
+        format!("GET {target} HTTP/1.1\r\nhost: weft\r\n{headers}\r\n").into_bytes()
+    };
+    let many_fields: String = (0..101).map(|i| format!("x-f{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        // hyper's own refusals, rewritten with the body.
+        ("garbage request line", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        (
+            "header line without a colon",
+            get("/healthz", "no colon here\r\n"),
+            400,
+        ),
+        (
+            "space in a header name",
+            get("/healthz", "bad name: v\r\n"),
+            400,
+        ),
+        (
+            "control byte in the target",
+            b"GET /he\x01lthz HTTP/1.1\r\nhost: w\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "unknown HTTP version",
+            b"GET /healthz HTTP/9.9\r\nhost: w\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "non-numeric Content-Length",
+            get("/healthz", "content-length: ten\r\n"),
+            400,
+        ),
+        ("101 header fields", get("/healthz", &many_fields), 431),
+        (
+            "target past hyper's 65,534 bytes",
+            get(&format!("/healthz?q={}", "a".repeat(65 * 1024)), ""),
+            414,
+        ),
+        (
+            "head past the read buffer",
+            get(
+                "/healthz",
+                &format!("x-big: {}\r\n", "b".repeat(100 * 1024)),
+            ),
+            431,
+        ),
+        // Our documented limits, under hyper's.
+        (
+            "target past limits.max_uri_bytes",
+            get(
+                &format!("/healthz?q={}", "a".repeat(limits.max_uri_bytes)),
+                "",
+            ),
+            414,
+        ),
+        (
+            "header block past limits.max_header_bytes",
+            get(
+                "/healthz",
+                &format!("x-big: {}\r\n", "b".repeat(limits.max_header_bytes)),
+            ),
+            431,
+        ),
+    ];
+    let n = cases.len() as u64;
+    for (what, request, code) in cases {
+        let resp = exchange(node.addr, LOCAL_A, request).await;
+        assert_eq!(resp.status, code, "{what}: {resp:?}");
+        if let Err(e) = resp.check_error_body() {
+            panic!("{what}: {e}");
+        }
+    }
+    // Just under the limits is served.
+    let fits = format!("/healthz?q={}", "a".repeat(limits.max_uri_bytes - 20));
+    let resp = exchange(node.addr, LOCAL_A, get(&fits, "x-ok: 1\r\n")).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    by.assert_served().await;
+    assert_eq!(
+        node.node.stats.bad_input.get() - bad0,
+        n,
+        "every refused head is counted once"
+    );
+    let metrics = node.http.get(node.url("/metrics")).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("weft_bad_input_total")),
+        "weft_bad_input_total is exported"
+    );
+    node.stop().await;
+}
+
 // ---------------------------------------------------------------------------------
 // Connections
 
@@ -1061,7 +1069,7 @@ async fn connections_over_the_per_ip_limit_get_a_canned_429() {
     assert_eq!(healthz_on(&mut second).await, 200);
 
     let mut third = tcp_from(node.addr, LOCAL_A).await;
-    let resp = read_raw_response(&mut third).await;
+    let resp = read_response(&mut third).await;
     assert_eq!(resp.status, 429, "{resp:?}");
     assert!(
         resp.header("retry-after").is_some(),
@@ -1093,7 +1101,7 @@ async fn connections_over_the_per_ip_limit_get_a_canned_429() {
                 break;
             }
             Ok(_) => {
-                let resp = read_raw_response(&mut s).await;
+                let resp = read_response(&mut s).await;
                 assert_eq!(resp.status, 429, "{resp:?}");
             }
         }

@@ -130,6 +130,73 @@ async fn idempotency_key_publishes_once() {
     node.stop().await;
 }
 
+/// A key reused with another body is `422` for the whole idempotency window, also
+/// once the first event has left history; the same body still replays the first
+/// result. The event type is part of the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_with_another_body_is_422_after_the_event_left_history() {
+    let node = TestNode::start_with(|c| {
+        c.namespaces.push(NamespaceConfig {
+            pattern: "short.>".into(),
+            history_size: 2,
+            ..Default::default()
+        })
+    })
+    .await;
+    let post = |key: &'static str, body: &'static str, kind: Option<&'static str>| {
+        let mut req = node
+            .http
+            .post(node.url("/v1/topics/short.pay/events"))
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", key)
+            .body(body);
+        if let Some(k) = kind {
+            req = req.header("weft-event-type", k);
+        }
+        req.send()
+    };
+    let first = post("k", r#"{"amount":5}"#, None).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: serde_json::Value = first.json_body().await;
+    assert_eq!(first["offset"], 1);
+    // While the event is in history, and after three more push it out of it.
+    for round in ["in history", "out of history"] {
+        let other = post("k", r#"{"amount":500}"#, None).await.unwrap();
+        assert_eq!(other.status(), 422, "{round}: another body");
+        let e: serde_json::Value = other.json_body().await;
+        assert_eq!(e["error"]["code"], 422);
+        let typed = post("k", r#"{"amount":5}"#, Some("refund")).await.unwrap();
+        assert_eq!(typed.status(), 422, "{round}: same data, another type");
+        let same = post("k", r#"{"amount":5}"#, None).await.unwrap();
+        assert_eq!(same.status(), 200, "{round}: the same body replays");
+        assert_eq!(same.headers()["idempotent-replayed"], "true");
+        let same: serde_json::Value = same.json_body().await;
+        assert_eq!(same, first, "{round}: the first result");
+        if round == "in history" {
+            for i in 0..3 {
+                node.publish("short.pay", &format!(r#"{{"other":{i}}}"#))
+                    .await;
+            }
+            let epoch = node.state("short.pay").await.epoch;
+            let (status, page) = node
+                .get_json(&format!("/v1/topics/short.pay/events?since={epoch}:2"))
+                .await;
+            assert_eq!(status, 200);
+            assert_eq!(weft_testkit::page_offsets(&page), [3, 4]);
+            let (status, _) = node
+                .get_json(&format!("/v1/topics/short.pay/events?since={epoch}:0"))
+                .await;
+            assert_eq!(status, 410, "offset 1 is out of history");
+        }
+    }
+    assert_eq!(
+        node.state("short.pay").await.offset,
+        4,
+        "no refused body was published"
+    );
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_publish_sequences_each_topic() {
     let node = TestNode::start().await;

@@ -167,6 +167,8 @@ pub struct Push {
     pub expiring: Option<ExpiringPush>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnect: Option<DisconnectPush>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsubscribed: Option<UnsubscribedPush>,
 }
 
 /// History was lost: re-read state and continue from this cursor.
@@ -187,6 +189,15 @@ pub struct SkippedPush {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpiringPush {
     pub in_s: u64,
+}
+
+/// The server ended this session's subscription to the push's topic (a `refresh`
+/// to a token that no longer allows it: code 403). As after an `unsubscribe`, an
+/// event that was already being written to the session may still follow it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsubscribedPush {
+    pub code: u16,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,10 +11,12 @@
 //! | [`pki`] | a cluster CA and the member certificates of a process cluster |
 //! | [`routers`] | the one spawner of a three-`weft-router` group (plaintext or mutual TLS) |
 //! | [`proc_cluster`] | routers plus `weft-node` processes on their own loopback addresses |
+//! | [`auth`] | client-security fixtures: one HS256 secret, admin and harness API keys, the config that uses them, tokens signed for them, a secured [`inproc::TestNode`] |
 //! | [`api`] | [`api::NodeApi`], the HTTP client of one node (state, publish, owners, drain, metrics) |
 //! | [`metrics`] | reading a series out of a Prometheus text page |
 //! | [`inproc`] | in-process nodes: [`inproc::TestNode`] (no cluster), [`inproc::ClusterNode`] and [`inproc::InProcCluster`] (router and relay) |
 //! | [`ws`] | the one WebSocket client ([`ws::WsClient`]) |
+//! | [`raw`] | raw sockets: HTTP requests and WebSocket frames byte for byte, responses and close codes read back |
 //! | [`sse`] | the one SSE parser ([`sse::SseParser`]) and the streaming HTTP reader over it ([`sse::HttpStream`]) |
 //! | [`sub`] | one subscriber over any transport, read as a sequence of events |
 //! | [`watch`] | cluster readers that judge as they read: [`watch::Watcher`], [`watch::MultiSse`] |
@@ -29,11 +31,13 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod bin;
 pub mod inproc;
 pub mod metrics;
 pub mod pki;
 pub mod proc_cluster;
+pub mod raw;
 pub mod roaming;
 pub mod routers;
 pub mod sse;

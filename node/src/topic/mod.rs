@@ -30,10 +30,11 @@
 
 pub mod fanout;
 pub mod follow;
+pub mod idempotency;
 pub mod interest;
 pub mod registry;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -49,6 +50,7 @@ use crate::stats::Stats;
 use crate::topic::interest::InterestFeed;
 use fanout::{FanOutStats, FanQueue, Item, Members};
 use follow::{PeerLink, Push};
+use idempotency::{body_digest, Idempotency, KeyUse};
 
 /// The node-wide history memory budget.
 #[derive(Debug)]
@@ -96,8 +98,9 @@ pub struct Published {
     pub epoch: Arc<str>,
     pub offset: u64,
     pub duplicate: bool,
-    /// A duplicate whose key was first used with other data (still in history): the
-    /// caller answers `422` rather than replaying the first result.
+    /// A duplicate whose key was first used with another body (event type and data)
+    /// within the idempotency window: the caller answers `422` rather than replaying
+    /// the first result.
     pub conflict: bool,
 }
 
@@ -231,8 +234,8 @@ pub struct Handover {
     pub epoch: String,
     pub last_offset: u64,
     pub history: Vec<Relayed>,
-    /// (key, offset, age)
-    pub idempotency: Vec<(String, u64, Duration)>,
+    /// (key, offset, age, the body's digest if the old owner sent it)
+    pub idempotency: Vec<(String, u64, Duration, Option<u64>)>,
 }
 
 #[derive(Debug)]
@@ -304,12 +307,6 @@ struct TopicState {
     /// The local subscribers, as the fan-out delivers to them (`fanout`).
     members: Members,
     idempotency: Idempotency,
-}
-
-#[derive(Debug, Default)]
-struct Idempotency {
-    offsets: HashMap<Box<str>, u64>,
-    order: VecDeque<(Instant, Box<str>)>,
 }
 
 pub fn now_ms() -> u64 {
@@ -491,6 +488,8 @@ impl Topic {
         stats: &Stats,
         hold: &mut Option<HeldReply>,
     ) -> Result<Result<Published, Elsewhere>, Dead> {
+        // Hashed before the lock is taken: up to a whole message's bytes.
+        let key = idempotency_key.map(|k| (k, body_digest(kind.as_deref(), &data)));
         let mut st = self.live()?;
         match &mut st.role {
             Role::Mirror { owner, .. } => return Ok(Err(Elsewhere::Owner(owner.clone()))),
@@ -511,7 +510,7 @@ impl Topic {
             }
             Role::Owner { .. } => {}
         }
-        let (published, used) = self.sequence(&mut st, data, kind, idempotency_key, idem, stats);
+        let (published, used) = self.sequence(&mut st, data, kind, key, idem, stats);
         drop(st);
         if !published.duplicate {
             self.after_deliver(used);
@@ -519,29 +518,30 @@ impl Topic {
         Ok(Ok(published))
     }
 
-    /// The owner's publish, under the lock. Returns the outcome and the budget's use.
+    /// The owner's publish, under the lock, with its idempotency key and the body's
+    /// digest. Returns the outcome and the budget's use.
     fn sequence(
         &self,
         st: &mut TopicState,
         data: Bytes,
         kind: Option<Arc<str>>,
-        idempotency_key: Option<&str>,
+        key: Option<(&str, u64)>,
         idem: (Duration, usize),
         stats: &Stats,
     ) -> (Published, usize) {
         let now = Instant::now();
-        if let Some(key) = idempotency_key {
+        if let Some((key, digest)) = key {
             st.idempotency.expire(now, idem.0, idem.1);
-            if let Some(&offset) = st.idempotency.offsets.get(key) {
-                let first = st.history.front().map_or(u64::MAX, |e| e.offset);
-                let conflict = offset >= first
-                    && st
-                        .history
-                        .get((offset - first) as usize)
-                        .is_some_and(|e| e.offset == offset && e.data != data);
+            if let Some(first) = st.idempotency.get(key) {
+                let conflict = match first.digest {
+                    Some(d) => d != digest,
+                    // Handed over without a digest: compare while the event is kept.
+                    None => Self::kept(st, first.offset)
+                        .is_some_and(|e| body_digest(e.kind.as_deref(), &e.data) != digest),
+                };
                 let published = Published {
                     epoch: st.epoch.clone(),
-                    offset,
+                    offset: first.offset,
                     duplicate: true,
                     conflict,
                 };
@@ -558,9 +558,12 @@ impl Topic {
             kind,
             data,
         ));
-        if let Some(key) = idempotency_key {
-            st.idempotency.offsets.insert(key.into(), offset);
-            st.idempotency.order.push_back((now, key.into()));
+        if let Some((key, digest)) = key {
+            let used = KeyUse {
+                offset,
+                digest: Some(digest),
+            };
+            st.idempotency.insert(key, used, now);
         }
         st.last_active = now;
         let used = self.deliver(st, &ev, now);
@@ -609,7 +612,10 @@ impl Topic {
                     key,
                     reply,
                 } => {
-                    let (p, u) = self.sequence(st, data, kind, key.as_deref(), idem, stats);
+                    let key = key
+                        .as_deref()
+                        .map(|k| (k, body_digest(kind.as_deref(), &data)));
+                    let (p, u) = self.sequence(st, data, kind, key, idem, stats);
                     used = used.max(u);
                     reply.send(p);
                 }
@@ -702,6 +708,15 @@ impl Topic {
     }
 
     /// The newest history that fits in `max_bytes`, oldest first, as relay events.
+    /// The event at `offset`, while history keeps it.
+    fn kept(st: &TopicState, offset: u64) -> Option<&Arc<StoredEvent>> {
+        let first = st.history.front()?.offset;
+        let i = offset.checked_sub(first)?;
+        st.history
+            .get(usize::try_from(i).ok()?)
+            .filter(|e| e.offset == offset)
+    }
+
     fn history_tail(st: &TopicState, max_bytes: usize) -> Vec<weft_proto::grpc::RelayEvent> {
         let mut taken = 0;
         let mut bytes = 0;
@@ -733,20 +748,16 @@ impl Topic {
             return None;
         }
         let now = Instant::now();
-        let idempotency =
-            st.idempotency
-                .order
-                .iter()
-                .filter_map(|(at, key)| {
-                    st.idempotency.offsets.get(key).map(|&offset| {
-                        weft_proto::grpc::IdempotencyEntry {
-                            key: key.to_string(),
-                            offset,
-                            age_ms: now.duration_since(*at).as_millis() as u64,
-                        }
-                    })
-                })
-                .collect();
+        let idempotency = st
+            .idempotency
+            .entries()
+            .map(|(key, used, at)| weft_proto::grpc::IdempotencyEntry {
+                key: key.to_owned(),
+                offset: used.offset,
+                age_ms: now.duration_since(at).as_millis() as u64,
+                digest: used.digest,
+            })
+            .collect();
         let handoff = weft_proto::grpc::Handoff {
             topic: self.name.to_string(),
             epoch: st.epoch.to_string(),
@@ -825,10 +836,15 @@ impl Topic {
         };
         let now = Instant::now();
         let mut idempotency = Idempotency::default();
-        for (key, offset, age) in handover.idempotency {
+        for (key, offset, age, sent) in handover.idempotency {
             let at = now.checked_sub(age).unwrap_or(now);
-            idempotency.offsets.insert(key.as_str().into(), offset);
-            idempotency.order.push_back((at, key.into_boxed_str()));
+            // The old owner sends each entry's digest; one that did not (an older
+            // build) has it taken from the handed-over history while the event is
+            // there, else the entry falls back to comparing with history (`sequence`).
+            let digest = sent.or_else(|| {
+                Self::kept(&st, offset).map(|e| body_digest(e.kind.as_deref(), &e.data))
+            });
+            idempotency.insert(&key, KeyUse { offset, digest }, at);
         }
         st.idempotency = idempotency;
         let used = self.release_held(&mut st, held, idem, stats).max(outcome.1);
@@ -1344,19 +1360,6 @@ impl Topic {
     }
 }
 
-impl Idempotency {
-    fn expire(&mut self, now: Instant, ttl: Duration, max_keys: usize) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) <= ttl && self.order.len() < max_keys {
-                break;
-            }
-            if let Some((_, key)) = self.order.pop_front() {
-                self.offsets.remove(&key);
-            }
-        }
-    }
-}
-
 fn presence_push(topic: &str, what: &str, client: &str, user: Option<&str>) -> Bytes {
     let entry = PresenceEntry {
         client: client.to_owned(),
@@ -1750,6 +1753,11 @@ mod tests {
             ("ep", 3, 3)
         );
         assert_eq!(h.idempotency.len(), 3);
+        let digest = idempotency::body_digest(None, b"1");
+        assert!(
+            h.idempotency.iter().all(|e| e.digest == Some(digest)),
+            "each key travels with its body's digest"
+        );
 
         // The new owner was waiting, with a publish held.
         let new = Topic::new_receiving(
@@ -1786,12 +1794,18 @@ mod tests {
             history: h
                 .history
                 .into_iter()
-                .map(|e| relayed("ep", e.offset))
+                .map(|e| Relayed {
+                    epoch: e.epoch,
+                    offset: e.offset,
+                    ts: e.ts,
+                    kind: e.r#type.map(Into::into),
+                    data: e.data,
+                })
                 .collect(),
             idempotency: h
                 .idempotency
                 .into_iter()
-                .map(|e| (e.key, e.offset, Duration::from_millis(e.age_ms)))
+                .map(|e| (e.key, e.offset, Duration::from_millis(e.age_ms), e.digest))
                 .collect(),
         };
         assert!(new.apply_handoff("old", handover, idem, &stats));
@@ -1805,12 +1819,54 @@ mod tests {
         );
         let replay = publish_one(&new, b"1", Some("k2"), idem, &stats).unwrap();
         assert_eq!(
-            (replay.offset, replay.duplicate),
-            (2, true),
+            (replay.offset, replay.duplicate, replay.conflict),
+            (2, true, false),
             "idempotency moved too"
         );
         let page = new.read(Some(&Cursor::new("ep", 0)), 100).unwrap().unwrap();
         assert_eq!(page.events.len(), 4, "history moved with it");
+        // The digests came with the handoff, so a reuse with another body conflicts
+        // even once the event is gone from history.
+        new.clear_history(&mut new.lock());
+        let other = publish_one(&new, b"2", Some("k2"), idem, &stats).unwrap();
+        assert_eq!((other.offset, other.conflict), (2, true));
+    }
+
+    #[test]
+    fn a_handed_over_key_conflicts_by_its_sent_digest_when_its_event_did_not_come_along() {
+        let stats = Stats::detached();
+        let idem = (Duration::from_secs(60), 100);
+        let new = Topic::new_receiving(
+            "t".into(),
+            Arc::new(NamespaceConfig::default()),
+            "old".into(),
+            Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
+            Arc::default(),
+        );
+        // The history did not fit in the handoff; the key's digest did.
+        let handover = Handover {
+            epoch: "ep".into(),
+            last_offset: 5,
+            history: Vec::new(),
+            idempotency: vec![(
+                "k".into(),
+                5,
+                Duration::ZERO,
+                Some(idempotency::body_digest(None, b"x")),
+            )],
+        };
+        assert!(new.apply_handoff("old", handover, idem, &stats));
+        let other = publish_one(&new, b"y", Some("k"), idem, &stats).unwrap();
+        assert_eq!(
+            (other.offset, other.duplicate, other.conflict),
+            (5, true, true)
+        );
+        let same = publish_one(&new, b"x", Some("k"), idem, &stats).unwrap();
+        assert_eq!(
+            (same.offset, same.duplicate, same.conflict),
+            (5, true, false)
+        );
     }
 
     #[test]

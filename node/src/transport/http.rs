@@ -90,6 +90,10 @@ fn finish(r: Router<Arc<Node>>, node: Arc<Node>) -> Router {
             node.clone(),
             edge::middleware,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            crate::transport::head::limits,
+        ))
         .layer(axum::middleware::map_response_with_state(
             node.clone(),
             count_refusals,
@@ -151,7 +155,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// Every refused request is counted in one place, whichever handler refused it.
 async fn count_refusals(State(node): State<Arc<Node>>, resp: Response) -> Response {
     match resp.status().as_u16() {
-        400 | 404 | 405 | 413 | 415 | 422 => node.stats.bad_input.inc(),
+        400 | 404 | 405 | 413 | 414 | 415 | 422 | 431 => node.stats.bad_input.inc(),
         429 => node.stats.rate_limited.inc(),
         _ => {}
     }

@@ -4,6 +4,8 @@
 //! - [`server`]: the accept loop, connection admission, HTTP/1.1 with upgrades, the
 //!   ops listener, graceful shutdown.
 //! - [`tls`]: HTTPS/WSS on the HTTP listener and certificate reload.
+//! - [`head`]: the request head before routing: the URI and header limits, and
+//!   hyper's own 400/414/431 given the JSON error body.
 //! - [`http`]: the REST routes and the choice between a watch route's forms.
 //! - [`ws`]: the WebSocket session (`weft.v1.json`).
 //! - [`stream`]: SSE (one and many topics) and NDJSON watches.
@@ -18,6 +20,7 @@
 //! forwarded. Of the relay it uses only what an operator sees or asks for (linked
 //! peers, cluster-wide revocation, forgetting follows of swept topics).
 
+pub mod head;
 pub mod http;
 pub mod poll;
 pub mod publish_stream;

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::error::ApiError;
 use crate::node::Node;
+use crate::transport::head::{self, JsonRefusals};
 use crate::transport::http::app;
 use crate::transport::ws::ConnInfo;
 
@@ -136,18 +137,21 @@ async fn serve_ops(node: Arc<Node>, listener: TcpListener) {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let app = app.clone();
+        let (app, node) = (app.clone(), node.clone());
         let timeout = Duration::from_millis(node.config.timing.handshake_timeout_ms);
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 app.clone().oneshot(req.map(Body::new))
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(JsonRefusals::new(TokioIo::new(stream)), service)
                 .await;
+            if served.is_err_and(|e| e.is_parse()) {
+                node.stats.bad_input.inc();
+            }
         });
     }
 }
@@ -217,17 +221,23 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(timing.handshake_timeout_ms))
-        .max_buf_size(64 * 1024)
+        .max_buf_size(head::read_buffer_bytes(&node.config.limits))
         .keep_alive(true);
-    let conn = builder.serve_connection(io, service).with_upgrades();
+    // hyper's own refusals of a head it cannot parse get the JSON error body.
+    let conn = builder
+        .serve_connection(JsonRefusals::new(io), service)
+        .with_upgrades();
     tokio::pin!(conn);
     let grace = Duration::from_millis(timing.shutdown_grace_ms);
     let mut shutdown = node.shutdown_signal();
     tokio::select! {
         r = conn.as_mut() => {
-            if r.is_err_and(|e| e.is_timeout()) {
+            match r {
                 // A request that never finished within the handshake timeout.
-                node.stats.connections_refused.inc();
+                Err(e) if e.is_timeout() => node.stats.connections_refused.inc(),
+                // A head hyper could not parse, answered 400/414/431 (`head`).
+                Err(e) if e.is_parse() => node.stats.bad_input.inc(),
+                _ => {}
             }
             return;
         }

@@ -17,9 +17,11 @@
 //! Authentication: the handshake's credential (header, `?token=`, cookie) or, without
 //! one, a `connect {token}` as the first command within the handshake timeout (any
 //! other command first closes 4001). `refresh {token}` replaces the token (same
-//! subject); 30 s before expiry the session gets `expiring`, at expiry
-//! `disconnect{code:4009}` and close 4009; a revoked token closes 4001. A command the
-//! token does not allow is answered `403` and the session goes on.
+//! subject); a subscription the new token no longer allows ends with an
+//! `unsubscribed {code: 403}` push for its topic. 30 s before expiry the session gets
+//! `expiring`, at expiry `disconnect{code:4009}` and close 4009; a revoked token
+//! closes 4001. A command the token does not allow is answered `403` and the session
+//! goes on.
 //!
 //! Close codes: 4400 protocol error (binary frame, broken framing), 4413 message too
 //! big, 4008 slow consumer, 4029 command flood, 4000 shutdown (after a `disconnect`
@@ -57,6 +59,7 @@ use crate::session::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
 use crate::session::wsframe::{self, FrameError, FrameReader, Incoming};
 use crate::stats::{Stats, Transport};
 use crate::topic::{Published, Subscriber, Topic};
+use crate::transport::head::JsonRefusals;
 use crate::transport::respond::problem_error;
 
 /// What the accept loop attaches to each request.
@@ -147,10 +150,14 @@ pub async fn upgrade(
             return;
         };
         let session = Session::new(task_node, info, caller, user_guard);
-        // The accept loop serves `TokioIo<TcpStream>`; taking the socket back lets the
-        // session wait for readiness with no buffer and write with `writev`.
-        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => return session.run(parts.io.into_inner(), parts.read_buf).await,
+        // The accept loop serves `TokioIo<TcpStream>` (behind `JsonRefusals`); taking
+        // the socket back lets the session wait for readiness with no buffer and write
+        // with `writev`.
+        let upgraded = match upgraded.downcast::<JsonRefusals<TokioIo<TcpStream>>>() {
+            Ok(parts) => {
+                let tcp = parts.io.into_inner().into_inner();
+                return session.run(tcp, parts.read_buf).await;
+            }
             Err(upgraded) => upgraded,
         };
         // Boxed: an idle session's memory is mostly this task, and a TLS stream held
@@ -177,7 +184,8 @@ pub async fn upgrade(
 /// bytes between the other end and the TLS stream, so the session code stays the same
 /// (at the price of the pump's buffers while TLS is on).
 async fn run_over_tls(session: Session, upgraded: hyper::upgrade::Upgraded) {
-    let Ok(parts) = upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>()
+    let Ok(parts) =
+        upgraded.downcast::<JsonRefusals<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>>()
     else {
         tracing::error!("upgraded connection is neither TCP nor TLS");
         return;
@@ -185,7 +193,7 @@ async fn run_over_tls(session: Session, upgraded: hyper::upgrade::Upgraded) {
     let Ok((session_end, pump_end)) = tokio::net::UnixStream::pair() else {
         return;
     };
-    let mut tls = parts.io.into_inner();
+    let mut tls = parts.io.into_inner().into_inner();
     let pump = tokio::spawn(async move {
         let mut pump_end = pump_end;
         let _ = tokio::io::copy_bidirectional(&mut tls, &mut pump_end).await;
@@ -810,6 +818,7 @@ impl Session {
                     self.expires_at = caller.expires().map(crate::transport::stream::instant_of);
                     self.expiring_sent = false;
                     self.caller = Some(caller);
+                    self.end_unreadable();
                     self.reply_connected(v.id);
                 }
             }
@@ -833,6 +842,43 @@ impl Session {
             }
         }
         None
+    }
+
+    /// After the token changed: every subscription the new token no longer allows
+    /// ends here, and the client is told so, topic by topic, with
+    /// `{"push":{"topic":"t","unsubscribed":{"code":403,"reason":"…"}}}` ahead of the
+    /// refresh's reply. The events queued before it are still delivered; as after an
+    /// `unsubscribe`, only an event the fan-out was already writing may follow it.
+    fn end_unreadable(&mut self) {
+        let refused: Vec<Arc<str>> = self
+            .subs
+            .keys()
+            .filter(|t| self.allowed(Op::Read(t)).is_err())
+            .cloned()
+            .collect();
+        for name in refused {
+            if let Some(topic) = self.subs.remove(&name) {
+                topic.unsubscribe(self.id);
+                self.node.stats.subscriptions.down();
+            }
+            let push = weft_proto::ServerMessage {
+                id: None,
+                result: None,
+                error: None,
+                push: Some(weft_proto::Push {
+                    topic: Some(name.to_string()),
+                    unsubscribed: Some(weft_proto::UnsubscribedPush {
+                        code: 403,
+                        reason: "the refreshed token does not allow this topic".into(),
+                    }),
+                    ..Default::default()
+                }),
+            };
+            let frame = wsframe::text(&serde_json::to_vec(&push).expect("serialises"));
+            if self.outbox.push_control(frame) == Pushed::Overflow {
+                self.node.stats.slow_consumer_closes.inc();
+            }
+        }
     }
 
     fn reply_connected(&self, id: Option<u64>) {
@@ -867,7 +913,15 @@ impl Session {
     /// A command that came back after waiting for a mirror's snapshot.
     fn on_deferred(&mut self, id: Option<u64>, cmd: Result<Command, ApiError>) {
         self.deferred_in_flight -= 1;
-        let result = cmd.and_then(|cmd| self.dispatch_now(id, cmd));
+        let result = cmd.and_then(|cmd| {
+            // The token may have been refreshed to a narrower one while it waited.
+            match &cmd {
+                Command::Subscribe(s) => self.allowed(Op::Read(&s.topic))?,
+                Command::History(h) => self.allowed(Op::Read(&h.topic))?,
+                _ => {}
+            }
+            self.dispatch_now(id, cmd)
+        });
         if let Err(e) = result {
             self.reply_error(id, &e);
         }

@@ -316,7 +316,7 @@ impl Relay {
             if e.key.is_empty() || e.key.len() > 255 || e.offset == 0 || e.offset > h.last_offset {
                 return Err("handoff: invalid idempotency entry".into());
             }
-            idempotency.push((e.key, e.offset, Duration::from_millis(e.age_ms)));
+            idempotency.push((e.key, e.offset, Duration::from_millis(e.age_ms), e.digest));
         }
         let handover = Handover {
             epoch: h.epoch,
