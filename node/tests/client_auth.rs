@@ -224,60 +224,28 @@ async fn permissions_follow_token_patterns_and_api_keys() {
     let alice = hs256(&claims("alice", 60));
 
     // Reads: the token's `sub` patterns, with {sub} expanded.
-    assert_eq!(get(&node, "/v1/topics/room.a", Some(&alice)).await.0, 200);
-    assert_eq!(
-        get(&node, "/v1/topics/user.alice.inbox", Some(&alice))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        get(&node, "/v1/topics/user.bob.inbox", Some(&alice))
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        get(&node, "/v1/topics/secret.x/events", Some(&alice))
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        get(&node, "/v1/topics/secret.x/events?wait=1", Some(&alice))
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        get(
-            &node,
-            "/v1/events?topic=room.a&topic=secret.x&watch=true",
-            Some(&alice)
-        )
-        .await
-        .0,
-        403
-    );
-    assert_eq!(
-        get(&node, "/v1/topics/room.a/presence", Some(&alice))
-            .await
-            .0,
-        200
-    );
+    for (path, want) in [
+        ("/v1/topics/room.a", 200),
+        ("/v1/topics/user.alice.inbox", 200),
+        ("/v1/topics/user.bob.inbox", 403),
+        ("/v1/topics/secret.x/events", 403),
+        ("/v1/topics/secret.x/events?wait=1", 403),
+        ("/v1/events?topic=room.a&topic=secret.x&watch=true", 403),
+        ("/v1/topics/room.a/presence", 200),
+    ] {
+        assert_eq!(get(&node, path, Some(&alice)).await.0, want, "GET {path}");
+    }
     // Writes: the `pub` patterns.
-    assert_eq!(
-        post(&node, "/v1/topics/room.a/events", Some(&alice), "{}")
-            .await
-            .0,
-        201
-    );
-    assert_eq!(
-        post(&node, "/v1/topics/user.alice.x/events", Some(&alice), "{}")
-            .await
-            .0,
-        403
-    );
+    for (path, want) in [
+        ("/v1/topics/room.a/events", 201),
+        ("/v1/topics/user.alice.x/events", 403),
+    ] {
+        assert_eq!(
+            post(&node, path, Some(&alice), "{}").await.0,
+            want,
+            "POST {path}"
+        );
+    }
     let batch = r#"{"events":[{"topic":"room.a","data":1},{"topic":"orders.x","data":2}]}"#;
     assert_eq!(post(&node, "/v1/publish", Some(&alice), batch).await.0, 403);
     // A user is never an admin.

@@ -1374,6 +1374,18 @@ fn presence_push(topic: &str, what: &str, client: &str, user: Option<&str>) -> B
 mod tests {
     use super::*;
 
+    /// A topic waiting for `old`'s handoff.
+    fn receiving_from_old() -> Topic {
+        Topic::new_receiving(
+            "t".into(),
+            Arc::new(NamespaceConfig::default()),
+            "old".into(),
+            Arc::new(HistoryBudget::new(1 << 30)),
+            Arc::default(),
+            Arc::default(),
+        )
+    }
+
     /// One publish with no reply to hold it with (the topic is live).
     fn publish_one(
         t: &Topic,
@@ -1760,14 +1772,7 @@ mod tests {
         );
 
         // The new owner was waiting, with a publish held.
-        let new = Topic::new_receiving(
-            "t".into(),
-            Arc::new(NamespaceConfig::default()),
-            "old".into(),
-            Arc::new(HistoryBudget::new(1 << 30)),
-            Arc::default(),
-            Arc::default(),
-        );
+        let new = receiving_from_old();
         assert_eq!(
             publish_one(&new, b"1", None, idem, &stats).unwrap_err(),
             Elsewhere::Moving
@@ -1836,14 +1841,7 @@ mod tests {
     fn a_handed_over_key_conflicts_by_its_sent_digest_when_its_event_did_not_come_along() {
         let stats = Stats::detached();
         let idem = (Duration::from_secs(60), 100);
-        let new = Topic::new_receiving(
-            "t".into(),
-            Arc::new(NamespaceConfig::default()),
-            "old".into(),
-            Arc::new(HistoryBudget::new(1 << 30)),
-            Arc::default(),
-            Arc::default(),
-        );
+        let new = receiving_from_old();
         // The history did not fit in the handoff; the key's digest did.
         let handover = Handover {
             epoch: "ep".into(),
