@@ -100,6 +100,18 @@ pub async fn run_with_router(
         .insecure
         .then(|| tokio::spawn(weft_router::tls::warn_insecure_forever("weft-node")));
     let node = Node::new(config);
+    // Revocations outlive a restart (and peers send theirs on every new link, for what
+    // this node missed while it was down).
+    let revocations = node.config.data_dir.join("revocations.json");
+    std::fs::create_dir_all(&node.config.data_dir)
+        .map_err(|e| anyhow::anyhow!("data dir {}: {e}", node.config.data_dir.display()))?;
+    let kept = node
+        .auth
+        .persist_revocations(&revocations)
+        .map_err(|e| anyhow::anyhow!("revocations: {e}"))?;
+    if kept > 0 {
+        tracing::info!(kept, "revocations still in force from before the restart");
+    }
     // The relay service needs the node and its cluster membership, which needs the
     // router; the service is registered first and looks both up per link.
     let relay_slot = cluster::relay::RelaySlot::default();

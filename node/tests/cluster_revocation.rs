@@ -1,8 +1,10 @@
 //! Revocation reaches every node: a 3-router + 3-node cluster over mutual TLS with
 //! client authentication on; a user's WebSocket sessions on all three nodes close
 //! (4001) within a second of `POST /v1/admin/revoke` on one of them, the token is
-//! refused everywhere afterwards, and another user's sessions go on. The same
-//! cluster checks that a reused Idempotency-Key with another body is 422 on every node.
+//! refused everywhere afterwards, and another user's sessions go on. A node that was
+//! down when a user was revoked refuses that user once it is back (its peers send
+//! every revocation in force on each new link). The same cluster checks that a reused
+//! Idempotency-Key with another body is 422 on every node.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,7 +53,7 @@ async fn a_revocation_closes_the_users_sessions_on_every_node() {
         extra_args: vec!["--config".into(), config.to_str().unwrap().into()],
         ..NodeOptions::default()
     };
-    let c = ProcCluster::start_with_options("revoke", 170, &NODES, 3000, options).await;
+    let mut c = ProcCluster::start_with_options("revoke", 170, &NODES, 3000, options).await;
     c.converged(Duration::from_secs(30)).await;
 
     let (alice, bob) = (token("alice"), token("bob"));
@@ -143,5 +145,37 @@ async fn a_revocation_closes_the_users_sessions_on_every_node() {
         assert_eq!(same.status().as_u16(), 200, "replay on {name}");
         let other = publish(name, "{\"n\":2}").await.unwrap();
         assert_eq!(other.status().as_u16(), 422, "another body on {name}");
+    }
+
+    // Carol is revoked while c is down; back, c refuses her (and still alice).
+    let carol = token("carol");
+    c.sigterm_node("c");
+    c.await_exit("c", Duration::from_secs(30)).await;
+    let resp = http
+        .post(c.node("a").url("/v1/admin/revoke"))
+        .bearer_auth(ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sub":"carol","until":{}}}"#, now() + 300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    c.restart_node("c").await;
+    c.converged(Duration::from_secs(30)).await;
+    let back = c.node("c");
+    for (who, t, want) in [
+        ("carol", &carol, 401),
+        ("alice", &alice, 401),
+        ("bob", &bob, 200),
+    ] {
+        let status = http
+            .get(back.url("/v1/topics/room.revoke"))
+            .bearer_auth(t)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(status, want, "{who} on the restarted node");
     }
 }

@@ -341,6 +341,20 @@ impl Auth {
         Ok(())
     }
 
+    /// Keeps revocations in `path` across restarts ([`revoke::Revocations::persist_to`]).
+    pub fn persist_revocations(&self, path: &std::path::Path) -> Result<usize, String> {
+        let n = self.revocations.persist_to(path)?;
+        if n > 0 {
+            self.revoked_gen.send_modify(|g| *g += 1);
+        }
+        Ok(n)
+    }
+
+    /// Every revocation still in force (a peer that links up hears them all).
+    pub fn revocations(&self) -> Vec<(revoke::Target, SystemTime)> {
+        self.revocations.active()
+    }
+
     /// Changes whenever something is revoked; a session then asks
     /// [`Auth::still_valid`].
     pub fn revocation_watch(&self) -> watch::Receiver<u64> {

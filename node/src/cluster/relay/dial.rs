@@ -244,6 +244,7 @@ impl Relay {
         }
         node.stats.relay.links.up();
         peer.generation.send_modify(|g| *g += 1);
+        self.send_revocations(node, queue);
         info!(peer = %peer.id, "relay link up");
     }
 

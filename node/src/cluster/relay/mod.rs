@@ -127,6 +127,19 @@ impl Peer {
     }
 }
 
+/// A client-token revocation as a relay frame.
+fn revoke_frame(target: &crate::auth::revoke::Target, until_s: u64) -> bytes::Bytes {
+    let (sub, jti) = match target {
+        crate::auth::revoke::Target::Sub(s) => (s.clone(), String::new()),
+        crate::auth::revoke::Target::Jti(j) => (String::new(), j.clone()),
+    };
+    encode(Kind::Revoke(grpc::Revoke {
+        sub,
+        jti,
+        until: until_s,
+    }))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -184,21 +197,27 @@ impl Relay {
     /// Sends a client-token revocation to every linked peer (control frames: never
     /// dropped for lag). A peer that is down misses it; revoke again after it rejoins.
     pub fn broadcast_revoke(&self, target: &crate::auth::revoke::Target, until_s: u64) -> usize {
-        let (sub, jti) = match target {
-            crate::auth::revoke::Target::Sub(s) => (s.clone(), String::new()),
-            crate::auth::revoke::Target::Jti(j) => (String::new(), j.clone()),
-        };
-        let frame = encode(Kind::Revoke(grpc::Revoke {
-            sub,
-            jti,
-            until: until_s,
-        }));
+        let frame = revoke_frame(target, until_s);
         let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
         peers
             .iter()
             .filter_map(|p| p.link())
             .filter(|link| link.push_control(frame.clone()))
             .count()
+    }
+
+    /// Sends every revocation in force to a peer whose link just came up: a node that
+    /// was down (or restarted without its data dir) when something was revoked learns
+    /// it now. The receiver takes an entry it already has without writing anything.
+    pub(super) fn send_revocations(&self, node: &crate::node::Node, link: &LinkQueue) {
+        for (target, until) in node.auth.revocations() {
+            let until_s = until
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if !link.push_control(revoke_frame(&target, until_s)) {
+                return;
+            }
+        }
     }
 
     /// Peers with a live link, for `/v1/cluster`.
