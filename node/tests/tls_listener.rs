@@ -156,3 +156,74 @@ async fn https_and_wss_work_and_a_new_certificate_is_picked_up_under_live_sessio
         .unwrap();
     assert!(ev.to_text().unwrap().contains(r#"{"n":2}"#), "{ev:?}");
 }
+
+/// The real binary reloads its certificate on SIGHUP at once (its file poll runs every
+/// 5 s; the reload here must come well before that, and its log names SIGHUP).
+#[tokio::test]
+async fn sighup_makes_the_binary_serve_a_replaced_certificate_at_once() {
+    use weft_testkit::bin;
+    let work = bin::Workdir::new("tls", "sighup");
+    let dir = work.root().to_owned();
+    let authority = ca();
+    let first = write_leaf(&authority, &dir, "first");
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            dir.join("tls.crt").display(),
+            dir.join("tls.key").display()
+        ),
+    )
+    .unwrap();
+    let log = work.log("node", "node.log");
+    let out = bin::log_file(&log);
+    let ready = dir.join("ready.json");
+    let mut child = bin::command(bin::path("weft-node"))
+        .args(["--config", config.to_str().unwrap()])
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data-dir", dir.join("data").to_str().unwrap()])
+        .args(["--ready-file", ready.to_str().unwrap()])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn weft-node");
+    let info = bin::await_ready_file(&mut child, &ready, "weft-node").await;
+    let node = bin::Proc(child);
+    let addr: std::net::SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
+    let client = connector(&authority);
+    let (status, peer) = https_get(&client, addr, "/healthz").await;
+    assert_eq!((status.as_str(), peer), ("HTTP/1.1 200 OK", first));
+
+    let second = write_leaf(&authority, &dir, "second");
+    let sent = std::time::Instant::now();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    loop {
+        let (_, peer) = https_get(&client, addr, "/healthz").await;
+        if peer == second {
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "still the old certificate {:?} after SIGHUP",
+            sent.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("TLS certificate reloaded") && l.contains("SIGHUP")),
+        "the reload is logged as SIGHUP's:\n{text}"
+    );
+    drop(node);
+}
