@@ -7,7 +7,8 @@
 //!   the nodes);
 //! - a node certificate claiming another node's id (Join, Heartbeat, Leave, Drain,
 //!   UpdateInterest, the relay Hello) gets `PERMISSION_DENIED`, and calling Raft with
-//!   it too, while a router certificate passes that gate; nodes do not serve Raft;
+//!   it too, while a router certificate passes that gate; Raft is not served on the
+//!   routers' Router addresses (they have a Raft address of their own), nor by nodes;
 //! - through all of it membership, ring and registry stay as they were, and a
 //!   subscriber sees every event of a cross-node topic once, in order, and nothing
 //!   else;
@@ -320,9 +321,10 @@ async fn intruders_are_refused_and_the_cluster_is_unchanged() {
         "relay Hello as a stranger",
         relay_link(&as_a, &addr_c, "c", "evil").await,
     );
+    let raft1 = c.router_raft_addr(1);
     assert_denied(
         "Raft with a node certificate",
-        raft_vote(&as_a, &router1, true).await,
+        raft_vote(&as_a, &raft1, true).await,
     );
     // The gate is real: a router certificate passes it (and the garbage is refused as
     // such), and reading the metadata is open to members.
@@ -332,8 +334,11 @@ async fn intruders_are_refused_and_the_cluster_is_unchanged() {
         "router-9",
         &Peer::Router("9".into()),
     ));
-    let e = raft_vote(&as_router, &router1, false).await.unwrap_err();
+    let e = raft_vote(&as_router, &raft1, false).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    // Raft is not served on the Router address nodes reach.
+    let e = raft_vote(&as_router, &router1, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{}", e.message());
     assert!(
         r.get_state().await.is_ok(),
         "a member may read the metadata"

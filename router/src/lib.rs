@@ -14,7 +14,8 @@
 //! - [`service`]: the public `weft.v1.Router` gRPC service, group commit, the
 //!   heartbeat reaper.
 //! - [`client`]: [`client::RouterClient`], leader-following with bounded retries.
-//! - [`server`]: [`server::Router`] (everything on one bound listener, bootstrap) and
+//! - [`server`]: [`server::Router`] (the Router API and the Raft service on one bound
+//!   listener or on two, bootstrap) and
 //!   [`server::Embedded`], the single-voter router a node runs in-process.
 //! - [`identity`]: who a cluster caller is (from its certificate's URI SAN) and the
 //!   one permission function every RPC asks. Pure.

@@ -3,7 +3,8 @@
 //! loopback address (127.0.0.x), so several clusters in one test run never collide.
 //!
 //! Layout of one cluster with IP base `b` (a test picks a distinct `b`):
-//! routers `1..=3` on `127.0.0.{b+1..b+3}`, nodes on `127.0.0.{b+11}`, `{b+12}`, … in
+//! routers `1..=3` on `127.0.0.{b+1..b+3}` (Router and, on another port, Raft
+//! addresses, as the Helm chart runs them), nodes on `127.0.0.{b+11}`, `{b+12}`, … in
 //! the order they were added. Every file (data dirs, ready files, logs, certificates)
 //! lives in one [`Workdir`], removed when the test passes; when it fails, every
 //! process's log is printed. Every process is killed by its own PID on drop.
@@ -135,8 +136,9 @@ impl ProcCluster {
         );
         let workdir = Workdir::new("relay", name);
         let pki = Arc::new(Pki::create(workdir.join("certs")));
+        // Raft on addresses of its own, as the Helm chart runs routers.
         let routers =
-            RouterGroup::start(&workdir, base, heartbeat_timeout_ms, Some(pki.clone())).await;
+            RouterGroup::start_split(&workdir, base, heartbeat_timeout_ms, Some(pki.clone())).await;
         let mut c = Self {
             routers,
             nodes: BTreeMap::new(),
@@ -189,9 +191,17 @@ impl ProcCluster {
         self.pki.dir().to_path_buf()
     }
 
-    /// The router group's addresses (id → `host:port`).
+    /// The router group's Router addresses (id → `host:port`), the ones nodes dial.
     pub fn router_addrs(&self) -> BTreeMap<u64, String> {
         self.routers.addrs()
+    }
+
+    /// The Raft address of router `id` (only routers may call it).
+    pub fn router_raft_addr(&self, id: u64) -> String {
+        self.routers
+            .raft_addr(id)
+            .expect("the process cluster's routers serve Raft apart")
+            .to_owned()
     }
 
     /// The cluster listener (relay) address of node `name` once it started.

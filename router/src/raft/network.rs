@@ -2,15 +2,27 @@
 //!
 //! **Only for trusted cluster peers**: the peer service appends to the replicated log,
 //! so it is mounted only on a router that has peers (never on a node, nor on a single
-//! voter) and every RPC is refused unless the caller's certificate names a router
-//! ([`crate::identity`]). Payloads are openraft's own types as JSON, so the wire stays
-//! private to this module.
+//! voter) — on its own `--raft-listen` address when one is set — and every RPC is
+//! refused unless the caller's certificate names a router ([`crate::identity`]).
+//! Payloads are openraft's own types as JSON, so the wire stays private to this
+//! module.
+//!
+//! Peers are dialled at the address the configuration (`--peers`) names for their id,
+//! falling back to the one in the Raft membership: the configuration is what the
+//! operator says now, so moving Raft to another port needs only a restart of every
+//! router, not a membership change.
+//!
+//! `Describe` tells a caller who answers at a Raft address and where that router's
+//! `weft.v1.Router` service is ([`Described`]): the bootstrap asks it of every peer,
+//! and with separate Raft addresses a follower asks it of the leader, so that the
+//! writes it refuses name the leader's Router address, not its Raft one.
 //!
 //! One tonic `Channel` per peer address is cached and shared by every client openraft
 //! creates for that peer (a channel multiplexes requests over one HTTP/2 connection
 //! and reconnects by itself), instead of dialling per RPC.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +38,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use weft_proto::grpc::raft_client::RaftClient;
 use weft_proto::grpc::raft_server::Raft as RaftRpc;
-use weft_proto::grpc::RaftPayload;
+use weft_proto::grpc::{DescribeReply, DescribeRequest, RaftPayload};
 
 use super::TypeConfig;
 use crate::identity::{authorize, caller, Action};
@@ -41,18 +53,77 @@ pub const MAX_RAFT_MESSAGE: usize = 16 * 1024 * 1024;
 #[derive(Clone)]
 pub struct Network {
     transport: Transport,
+    /// The configured Raft address of each peer (`--peers`); preferred to the
+    /// membership's.
+    peers: Arc<BTreeMap<NodeId, String>>,
     /// addr → channel. std mutex: lookups only, never held across an await. Bounded
     /// by the number of distinct peer addresses in the membership.
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
+/// What a router said about itself in answer to `Describe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub id: NodeId,
+    pub initialized: bool,
+    pub leader_id: Option<NodeId>,
+    /// Its `weft.v1.Router` address, as a node dials it (see [`api_addr_at`]).
+    pub api_addr: String,
+}
+
+/// The Router address of a router dialled at `raft_addr` (`host:port`) whose
+/// Router service is bound to `bound` (`ip:port`): `bound` itself, or — when it is
+/// bound to every interface (`0.0.0.0`, `::`) — the host it was dialled at with the
+/// bound port. `None` when `bound` does not parse.
+pub fn api_addr_at(raft_addr: &str, bound: &str) -> Option<String> {
+    let bound: SocketAddr = bound.parse().ok()?;
+    if !bound.ip().is_unspecified() {
+        return Some(bound.to_string());
+    }
+    let (host, _) = raft_addr.rsplit_once(':')?;
+    Some(format!("{host}:{}", bound.port()))
+}
+
 impl Network {
-    /// Peers are dialled over `transport`, expecting a router certificate.
-    pub fn new(transport: Transport) -> Self {
+    /// Peers are dialled over `transport`, expecting a router certificate, at the
+    /// address `peers` names for them (else the membership's).
+    pub fn new(transport: Transport, peers: BTreeMap<NodeId, String>) -> Self {
         Self {
             transport,
+            peers: Arc::new(peers),
             channels: Arc::default(),
         }
+    }
+
+    /// The configured Raft address of `id`, if any.
+    pub fn peer_addr(&self, id: NodeId) -> Option<&str> {
+        self.peers.get(&id).map(String::as_str)
+    }
+
+    /// Asks the router at Raft address `addr` who it is (bounded by `timeout`).
+    pub async fn describe(&self, addr: &str, timeout: Duration) -> Result<Described, String> {
+        let channel = self
+            .channel(addr)
+            .ok_or_else(|| format!("{addr} is not host:port"))?;
+        let mut request = tonic::Request::new(DescribeRequest {});
+        request.set_timeout(timeout);
+        let r = tokio::time::timeout(timeout, RaftClient::new(channel).describe(request))
+            .await
+            .map_err(|_| format!("{addr}: Describe timed out"))?
+            .map_err(|s| format!("{addr}: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let api_addr = api_addr_at(addr, &r.api_addr).ok_or_else(|| {
+            format!(
+                "{addr}: Describe named no usable address ({:?})",
+                r.api_addr
+            )
+        })?;
+        Ok(Described {
+            id: r.id,
+            initialized: r.initialized,
+            leader_id: r.leader_id,
+            api_addr,
+        })
     }
 
     fn channel(&self, addr: &str) -> Option<Channel> {
@@ -73,14 +144,15 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        let addr = self.peer_addr(target).unwrap_or(&node.addr).to_owned();
         PeerClient {
             target,
-            addr: node.addr.clone(),
-            client: self.channel(&node.addr).map(|c| {
+            client: self.channel(&addr).map(|c| {
                 RaftClient::new(c)
                     .max_decoding_message_size(MAX_RAFT_MESSAGE)
                     .max_encoding_message_size(MAX_RAFT_MESSAGE)
             }),
+            addr,
         }
     }
 }
@@ -181,6 +253,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// The server side: hands peer RPCs to the local Raft. Only for trusted cluster peers.
 pub struct PeerService {
     pub(super) raft: openraft::Raft<TypeConfig>,
+    /// Where this router's `weft.v1.Router` service is bound (told by `Describe`).
+    pub(super) api_addr: SocketAddr,
 }
 
 /// Refuses every caller but a router, then decodes.
@@ -220,5 +294,43 @@ impl RaftRpc for PeerService {
     ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
         encode(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn describe(
+        &self,
+        req: tonic::Request<DescribeRequest>,
+    ) -> Result<tonic::Response<DescribeReply>, tonic::Status> {
+        authorize(&caller(&req)?, &Action::Raft)?;
+        let metrics = self.raft.metrics().borrow().clone();
+        let initialized = self.raft.is_initialized().await.unwrap_or(true);
+        Ok(tonic::Response::new(DescribeReply {
+            id: metrics.id,
+            initialized,
+            leader_id: metrics.current_leader,
+            api_addr: self.api_addr.to_string(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api_addr_at;
+
+    #[test]
+    fn router_address_is_the_bound_one_or_the_dialled_host() {
+        assert_eq!(
+            api_addr_at("r1.peers:9401", "0.0.0.0:9400").as_deref(),
+            Some("r1.peers:9400")
+        );
+        assert_eq!(
+            api_addr_at("[::1]:9401", "[::]:9400").as_deref(),
+            Some("[::1]:9400")
+        );
+        assert_eq!(
+            api_addr_at("127.0.0.1:9401", "127.0.0.5:7000").as_deref(),
+            Some("127.0.0.5:7000")
+        );
+        assert_eq!(api_addr_at("r1:9401", "nonsense"), None);
+        assert_eq!(api_addr_at("no-port", "0.0.0.0:1"), None);
     }
 }
