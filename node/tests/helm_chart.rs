@@ -132,7 +132,19 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
         node.contains("value: \"$(POD_NAME).weft-cluster.rt.svc:9100\""),
         "{node}"
     );
-    document(&m, "PrometheusRule", "weft");
+    // The routers' ops listener: probes, a ServiceMonitor, the no-leader alert on
+    // the routers' own metric.
+    assert!(router.contains("value: \"0.0.0.0:9090\""), "{router}");
+    assert!(router.contains("path: /readyz") && router.contains("path: /healthz"));
+    document(&m, "ServiceMonitor", "-router");
+    assert!(document(&m, "Service", "-router-ops").contains("weft.io/ops: \"true\""));
+    let rule = document(&m, "PrometheusRule", "weft");
+    assert!(
+        rule.contains(
+            "sum(weft_router_is_leader{namespace=\"rt\", service=\"weft-router-ops\"}) < 1"
+        ),
+        "{rule}"
+    );
     document(&m, "ServiceMonitor", "-node");
     document(&m, "NetworkPolicy", "-node");
     document(&m, "PodDisruptionBudget", "-router");

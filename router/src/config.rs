@@ -32,6 +32,10 @@ pub struct Config {
     /// `listen` (what a router did before this setting existed, so an initialised
     /// group keeps working; the Helm chart sets it).
     pub raft_listen: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz` over HTTP. Unset: off (a router has no HTTP
+    /// listener to share them with, and a fixed default port would collide between
+    /// routers on one host; the Helm chart sets it).
+    pub ops_listen: Option<SocketAddr>,
     /// Every voter including this one, `id=host:port,...`, each at the address its
     /// Raft service answers (its `raft_listen` if set, else its `listen`); empty =
     /// single voter.
@@ -83,6 +87,7 @@ impl Default for Config {
             id: None,
             listen: "0.0.0.0:9400".parse().expect("literal"),
             raft_listen: None,
+            ops_listen: None,
             peers: String::new(),
             data_dir: PathBuf::from("./weft-data"),
             log_format: LogFormat::Text,
@@ -158,6 +163,13 @@ impl Config {
                 "raft_listen must differ from listen ({}); leave it unset to serve Raft on listen",
                 self.listen
             )));
+        }
+        if let Some(ops) = self.ops_listen.filter(|a| a.port() != 0) {
+            if ops == self.listen || Some(ops) == self.raft_listen {
+                return Err(ConfigError(format!(
+                    "ops_listen ({ops}) must differ from listen and raft_listen"
+                )));
+            }
         }
         if self.heartbeat_timeout_ms == 0 {
             return Err(ConfigError(
@@ -254,6 +266,9 @@ pub struct Cli {
     /// The Raft service alone (other routers only); --peers then names Raft addresses.
     #[arg(long, env = "WEFT_RAFT_LISTEN")]
     pub raft_listen: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz` over HTTP (off unless set).
+    #[arg(long, env = "WEFT_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
     /// Every voter including this one, at its Raft address: `id=host:port,...`.
     #[arg(long, env = "WEFT_PEERS")]
     pub peers: Option<String>,
@@ -337,6 +352,9 @@ impl Cli {
         }
         if self.raft_listen.is_some() {
             c.raft_listen = self.raft_listen;
+        }
+        if self.ops_listen.is_some() {
+            c.ops_listen = self.ops_listen;
         }
         if let Some(v) = &self.peers {
             c.peers.clone_from(v);

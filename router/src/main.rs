@@ -82,6 +82,10 @@ async fn run(
         Some(a) => Some(bind(a).await?),
         None => None,
     };
+    let ops_listener = match config.ops_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let id = opts.id;
     let _reloader = opts.transport.spawn_reloader();
     let insecure = (!opts.transport.is_tls())
@@ -89,7 +93,16 @@ async fn run(
     let router = Router::start_with(opts, listener, raft_listener, Default::default()).await?;
     let addr = router.local_addr();
     let raft_addr = router.raft_addr();
-    info!(%addr, raft = ?raft_addr, id, "weft-router listening");
+    let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let stop_ops = tokio_util::sync::CancellationToken::new();
+    let ops = ops_listener.map(|l| {
+        tokio::spawn(weft_router::ops::serve(
+            l,
+            router.raft().clone(),
+            stop_ops.clone(),
+        ))
+    });
+    info!(%addr, raft = ?raft_addr, ops = ?ops_addr, id, "weft-router listening");
     if let Some(path) = &config.ready_file {
         let mut ready = serde_json::json!({
             "listen": addr.to_string(),
@@ -99,6 +112,9 @@ async fn run(
         if let Some(r) = raft_addr {
             ready["raft_listen"] = r.to_string().into();
         }
+        if let Some(o) = ops_addr {
+            ready["ops_listen"] = o.to_string().into();
+        }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string())
             .and_then(|()| std::fs::rename(&tmp, path))
@@ -107,6 +123,10 @@ async fn run(
     weft_router::cli::shutdown_signal().await;
     if let Some(t) = insecure {
         t.abort();
+    }
+    stop_ops.cancel();
+    if let Some(t) = ops {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
     router.shutdown().await;
     info!("stopped");

@@ -47,7 +47,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::identity::{count_refusal, Peer};
+use crate::identity::{count_refusal, Peer, Refusal};
 
 /// How often the certificate files are checked for a change.
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
@@ -586,6 +586,7 @@ async fn handshake(
         }
         Ok(Err(e)) => {
             count_refusal(
+                Refusal::Handshake,
                 "unauthenticated",
                 Some(remote),
                 &format!("a TLS handshake: {e}"),
@@ -594,6 +595,7 @@ async fn handshake(
         }
         Err(_) => {
             count_refusal(
+                Refusal::Handshake,
                 "unauthenticated",
                 Some(remote),
                 "a TLS handshake: timed out",
@@ -609,11 +611,17 @@ async fn handshake(
     let peer = match leaf.as_deref().map(Peer::from_cert) {
         Some(Ok(p)) => p,
         Some(Err(e)) => {
-            count_refusal("unidentified", Some(remote), &format!("a connection: {e}"));
+            count_refusal(
+                Refusal::NoIdentity,
+                "unidentified",
+                Some(remote),
+                &format!("a connection: {e}"),
+            );
             return None;
         }
         None => {
             count_refusal(
+                Refusal::Handshake,
                 "unauthenticated",
                 Some(remote),
                 "a connection without a client certificate",

@@ -21,6 +21,7 @@
 {{- define "weft.node" -}}{{ include "weft.fullname" . }}-node{{- end -}}
 {{- define "weft.nodeCluster" -}}{{ include "weft.fullname" . }}-cluster{{- end -}}
 {{- define "weft.ops" -}}{{ include "weft.fullname" . }}-ops{{- end -}}
+{{- define "weft.routerOps" -}}{{ include "weft.fullname" . }}-router-ops{{- end -}}
 {{- define "weft.client" -}}{{ include "weft.fullname" . }}{{- end -}}
 
 {{- define "weft.serviceAccountName" -}}

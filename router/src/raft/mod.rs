@@ -14,7 +14,7 @@ pub mod network;
 pub mod node;
 pub mod sm_store;
 
-pub use node::{RaftNode, RaftTiming, StartError, WriteError};
+pub use node::{RaftNode, RaftStatus, RaftTiming, StartError, WriteError};
 
 use std::io::Cursor;
 

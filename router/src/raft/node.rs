@@ -85,8 +85,25 @@ pub struct RaftNode {
     id: u64,
     raft: openraft::Raft<TypeConfig>,
     shared: Arc<Shared>,
+    /// A handle on the log store openraft writes (for the committed index).
+    log: LogStore,
     network: Network,
     api: Arc<ApiAddrs>,
+}
+
+/// This member's Raft figures at one moment (what `/metrics` and the probes show).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub is_leader: bool,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// Voters in the effective membership.
+    pub voters: usize,
+    /// False once Raft stopped on a fatal error (or was shut down).
+    pub running: bool,
 }
 
 /// Where routers' `weft.v1.Router` services answer.
@@ -145,7 +162,7 @@ impl RaftNode {
         let sm = StateMachineStore::open(&raft_dir)?;
         let shared = sm.shared();
         let network = Network::new(transport, peers);
-        let raft = openraft::Raft::new(id, Arc::new(config), network.clone(), log, sm)
+        let raft = openraft::Raft::new(id, Arc::new(config), network.clone(), log.clone(), sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let api = Arc::new(ApiAddrs {
@@ -156,9 +173,25 @@ impl RaftNode {
             id,
             raft,
             shared,
+            log,
             network,
             api,
         })
+    }
+
+    /// The Raft figures now.
+    pub fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow().clone();
+        RaftStatus {
+            term: m.current_term,
+            leader: m.current_leader,
+            is_leader: m.current_leader == Some(self.id),
+            last_log_index: m.last_log_index,
+            committed_index: self.log.committed_index(),
+            applied_index: m.last_applied.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().count(),
+            running: m.running_state.is_ok(),
+        }
     }
 
     pub fn id(&self) -> u64 {
