@@ -557,6 +557,31 @@ impl Transport {
         Ok(self.lazy(endpoint, expect))
     }
 
+    /// Dials `addr` (`host:port`) as [`Transport::channel`] would, expecting `expect`
+    /// there, and returns the certificate the server presented; the connection is
+    /// then closed. What a *new* connection sees now (after a reload, say): for
+    /// diagnostics and tests. Plaintext has none to show.
+    pub async fn presented_certificate(
+        &self,
+        addr: &str,
+        expect: Expect,
+    ) -> io::Result<CertificateDer<'static>> {
+        let Self::MutualTls(certs) = self else {
+            return Err(io::Error::other(
+                "a plaintext connection presents no certificate",
+            ));
+        };
+        let uri: Uri = format!("http://{addr}").parse().map_err(io::Error::other)?;
+        let io = dial(certs.clone(), expect, uri).await?;
+        io.inner()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned())
+            .ok_or_else(|| io::Error::other("the server sent no certificate"))
+    }
+
     /// Connects `endpoint` lazily over this transport.
     pub fn lazy(&self, endpoint: Endpoint, expect: Expect) -> Channel {
         match self {

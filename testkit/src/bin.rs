@@ -171,13 +171,23 @@ impl Proc {
 
     /// Sends SIGTERM to this process (by its PID).
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP to this process (by its PID): Weft binaries reload certificates.
+    pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
+    /// `kill -<sig> <pid>`.
+    fn signal(&self, sig: &str) {
         let pid = self.pid();
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{sig}"), &pid.to_string()])
             .stdin(Stdio::null())
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}: {status}");
+        assert!(status.success(), "kill -{sig} {pid}: {status}");
     }
 
     /// Its exit status if it has exited.

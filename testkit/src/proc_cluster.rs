@@ -213,6 +213,78 @@ impl ProcCluster {
             .clone()
     }
 
+    /// The process id of router `id` (running).
+    pub fn router_pid(&self, id: u64) -> u32 {
+        self.routers
+            .pid(id)
+            .unwrap_or_else(|| panic!("router {id} is not running"))
+    }
+
+    /// The process id of node `name` (running).
+    pub fn node_pid(&self, name: &str) -> u32 {
+        self.nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("node {name} is not running"))
+            .proc
+            .pid()
+    }
+
+    /// Sends SIGHUP to router `id`: it reloads its certificates.
+    pub fn sighup_router(&self, id: u64) {
+        self.routers.sighup(id);
+    }
+
+    /// Sends SIGHUP to node `name`: it reloads its certificates.
+    pub fn sighup_node(&self, name: &str) {
+        self.nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("node {name} is not running"))
+            .proc
+            .sighup();
+    }
+
+    /// The certificate files of member `name` (`router-1`, `node-a`).
+    pub fn member_files(&self, name: &str) -> weft_router::tls::TlsFiles {
+        weft_router::tls::TlsFiles {
+            ca_file: self.pki.dir().join("ca.crt"),
+            cert_file: self.pki.dir().join(format!("{name}.crt")),
+            key_file: self.pki.dir().join(format!("{name}.key")),
+        }
+    }
+
+    /// Waits (at most `within`) until every running router (its Router address) and
+    /// node (its cluster listener) answers `transport`'s handshake as `want`
+    /// ([`crate::probe::handshake_ok`]); panics naming `what` otherwise.
+    pub async fn members_accept(
+        &self,
+        transport: &weft_router::tls::Transport,
+        want: bool,
+        what: &str,
+        within: Duration,
+    ) {
+        let members: Vec<(String, Option<String>)> = self
+            .routers
+            .ids()
+            .into_iter()
+            .map(|id| (self.routers.addr(id).to_owned(), None))
+            .chain(
+                self.nodes
+                    .keys()
+                    .map(|n| (self.cluster_addr(n), Some(n.clone()))),
+            )
+            .collect();
+        let members = &members;
+        wait_for(within, what, || async move {
+            for (addr, node) in members {
+                if crate::probe::handshake_ok(transport, addr, node.as_deref()).await != want {
+                    return Err(format!("{addr} ({node:?}) does not yet"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
     /// Ids of the routers running now.
     pub fn router_ids(&self) -> Vec<u64> {
         self.routers.ids()

@@ -213,6 +213,14 @@ impl RouterGroup {
         self.procs.get(&id).map(Proc::pid)
     }
 
+    /// Sends SIGHUP to router `id`.
+    pub fn sighup(&self, id: u64) {
+        self.procs
+            .get(&id)
+            .unwrap_or_else(|| panic!("router {id} is not running"))
+            .sighup();
+    }
+
     /// Ids of the routers running now.
     pub fn ids(&self) -> Vec<u64> {
         self.procs.keys().copied().collect()
