@@ -3,7 +3,9 @@
 //! `weft.v1.Raft` on `--raft-listen`, `--peers` naming the Raft addresses. They elect
 //! a leader and serve a node; each service answers only where it is mounted
 //! (`UNIMPLEMENTED` elsewhere); a follower's redirect names the leader's *Router*
-//! address; Raft still takes only router certificates; a leader's failure is survived.
+//! address; Raft still takes only router certificates, and malformed Raft messages
+//! are refused `INVALID_ARGUMENT` with the group unharmed; a leader's failure is
+//! survived.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,8 @@ use weft_testkit::pki::{issue_files, tls, Pki};
 use weft_testkit::routers::RouterGroup;
 use weft_testkit::wait::wait_for;
 
-/// `Raft.Vote` at `addr` with bytes that are no vote (what answers says which gate
-/// the call reached).
+/// `Raft.Vote` at `addr` without its vote (what answers says which gate the call
+/// reached).
 async fn raft_call(transport: &Transport, addr: &str) -> tonic::Status {
     let channel = transport
         .channel(addr, Expect::Router, Duration::from_secs(2))
@@ -27,13 +29,76 @@ async fn raft_call(transport: &Transport, addr: &str) -> tonic::Status {
     let mut client = grpc::raft_client::RaftClient::new(channel);
     tokio::time::timeout(
         Duration::from_secs(10),
-        client.vote(grpc::RaftPayload {
-            json: b"not a vote".to_vec(),
-        }),
+        client.vote(grpc::VoteRequest::default()),
     )
     .await
     .expect("answered within 10 s")
     .unwrap_err()
+}
+
+/// Malformed Raft messages a router certificate may send: each is refused
+/// `INVALID_ARGUMENT` (the router checks them before openraft sees them).
+async fn malformed_are_refused(transport: &Transport, addr: &str) {
+    let channel = transport
+        .channel(addr, Expect::Router, Duration::from_secs(2))
+        .unwrap();
+    let mut client = grpc::raft_client::RaftClient::new(channel);
+    let leader = Some(grpc::LeaderId {
+        term: 1,
+        node_id: 9,
+    });
+    let vote = Some(grpc::RaftVote {
+        leader_id: leader,
+        committed: true,
+    });
+    let append = |entries| grpc::AppendEntriesRequest {
+        vote,
+        prev_log_id: None,
+        entries,
+        leader_commit: None,
+    };
+    let no_log_id = grpc::Entry {
+        log_id: None,
+        payload: Some(grpc::entry::Payload::Blank(grpc::Blank {})),
+    };
+    let bad_command = grpc::Entry {
+        log_id: Some(grpc::LogId {
+            leader_id: leader,
+            index: 1,
+        }),
+        payload: Some(grpc::entry::Payload::Normal(b"{no command".to_vec())),
+    };
+    let empty_membership = grpc::Entry {
+        log_id: bad_command.log_id,
+        payload: Some(grpc::entry::Payload::Membership(grpc::Membership::default())),
+    };
+    for (what, req) in [
+        ("an entry without a log id", append(vec![no_log_id])),
+        ("a command that does not parse", append(vec![bad_command])),
+        ("an empty membership", append(vec![empty_membership])),
+        (
+            "an AppendEntries without a vote",
+            grpc::AppendEntriesRequest::default(),
+        ),
+    ] {
+        let e = client.append_entries(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+    }
+    let e = client
+        .install_snapshot(grpc::InstallSnapshotRequest {
+            vote,
+            meta: None,
+            offset: 0,
+            data: vec![],
+            done: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::InvalidArgument,
+        "a snapshot without meta: {e:?}"
+    );
 }
 
 /// A follower's answer to a Join by node n1: UNAVAILABLE and the `weft-leader` it
@@ -122,6 +187,7 @@ async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart
         assert_eq!(e.code(), Code::InvalidArgument, "Raft on {raft}: {e:?}");
         let e = raft_call(&node, &raft).await;
         assert_eq!(e.code(), Code::PermissionDenied, "node on {raft}: {e:?}");
+        malformed_are_refused(&router, &raft).await;
         // The Router API on the Raft address: not there either.
         let e = RouterClient::with_transport(vec![raft.clone()], pki.admin_transport())
             .get_state()
@@ -157,4 +223,62 @@ async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart
     )
     .await;
     assert_eq!(named, g.addr(new_leader));
+}
+
+/// Router 3 is down while more entries are committed than the log keeps (a snapshot
+/// every 1,000, 200 kept): when it comes back, the leader can only send it a snapshot
+/// — InstallSnapshot over the protobuf messages — and it ends with the leader's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let dir = Workdir::new("raft-listener", "snapshot");
+    let pki = Arc::new(Pki::create(dir.join("certs")));
+    let mut g = RouterGroup::start_split(&dir, 56, 600_000, Some(pki.clone())).await;
+    g.leader(Duration::from_secs(20)).await;
+    let node = tls(issue_files(
+        pki.ca(),
+        pki.dir(),
+        "node-n1",
+        &Peer::Node("n1".into()),
+    ));
+    let client =
+        RouterClient::with_transport(vec![g.addr(1).to_owned(), g.addr(2).to_owned()], node);
+    client.join("n1", "127.0.0.1:9000", "", 0).await.unwrap();
+    let behind = if g.leader(Duration::from_secs(5)).await == 3 {
+        2
+    } else {
+        3
+    };
+    g.kill(behind);
+    // One entry per write: a single writer waits for each.
+    for i in 0..1300u64 {
+        client.heartbeat("n1", i, 0).await.unwrap();
+    }
+    client
+        .update_interest("n1", vec!["after.snapshot".into()], vec![])
+        .await
+        .unwrap();
+    let want = g.state(Duration::from_secs(10)).await;
+    g.spawn(behind).await;
+    let caught_up = g.client_for(behind);
+    let got = wait_for(
+        Duration::from_secs(20),
+        "the restarted router catches up",
+        || async {
+            let s = caught_up.get_state().await.map_err(|e| format!("{e:?}"))?;
+            if s.version >= want.version {
+                Ok(s)
+            } else {
+                Err(format!("at version {} of {}", s.version, want.version))
+            }
+        },
+    )
+    .await;
+    assert_eq!(got.members, want.members);
+    assert_eq!(got.interest, want.interest);
+    assert_eq!(got.slots, want.slots);
+    let log = std::fs::read_to_string(dir.join(format!("router-{behind}.log"))).unwrap();
+    assert!(
+        log.contains("installed a snapshot from the leader"),
+        "router {behind} caught up without a snapshot"
+    );
 }

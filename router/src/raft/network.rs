@@ -4,8 +4,11 @@
 //! so it is mounted only on a router that has peers (never on a node, nor on a single
 //! voter) — on its own `--raft-listen` address when one is set — and every RPC is
 //! refused unless the caller's certificate names a router ([`crate::identity`]).
-//! Payloads are openraft's own types as JSON, so the wire stays private to this
-//! module.
+//! The messages are protobuf (`proto/weft/v1/raft.proto`), converted to and from
+//! openraft's types in [`super::wire`], which refuses a malformed one
+//! (`INVALID_ARGUMENT`). A peer whose Raft stopped answers `UNAVAILABLE`; the only
+//! typed error on the wire is InstallSnapshot's chunk mismatch, which makes the
+//! sender restart the snapshot.
 //!
 //! Peers are dialled at the address the configuration (`--peers`) names for their id,
 //! falling back to the one in the Raft membership: the configuration is what the
@@ -26,20 +29,22 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
+use openraft::error::{
+    Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    SnapshotMismatch,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tonic::transport::Channel;
 use weft_proto::grpc::raft_client::RaftClient;
 use weft_proto::grpc::raft_server::Raft as RaftRpc;
-use weft_proto::grpc::{DescribeReply, DescribeRequest, RaftPayload};
+use weft_proto::grpc::{self as pb, DescribeReply, DescribeRequest};
 
+use super::wire::{FromWire, ToWire};
 use super::TypeConfig;
 use crate::identity::{authorize, caller, Action};
 use crate::tls::{Expect, Transport};
@@ -172,53 +177,45 @@ struct PeerError {
     msg: String,
 }
 
+type PeerResult<T, E = Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    fn network<E: std::error::Error>(
+        &self,
+        msg: impl std::fmt::Display,
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        RPCError::Network(NetworkError::new(&PeerError {
+            addr: self.addr.clone(),
+            msg: msg.to_string(),
+        }))
+    }
+
+    /// Sends `req` (converted to its protobuf message) with `rpc` and converts the
+    /// reply back; a failed call, or a reply that does not convert, is a network error.
+    async fn call<Req, Wire, Reply, Resp, E, F, Fut>(
         &mut self,
-        which: Rpc,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+        rpc: F,
+    ) -> PeerResult<Resp, E>
     where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
+        Req: ToWire<Wire = Wire>,
+        Resp: FromWire<Wire = Reply>,
+        E: std::error::Error,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<Wire>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
     {
-        let err = |msg: String| PeerError {
-            addr: self.addr.clone(),
-            msg,
+        let Some(client) = self.client.clone() else {
+            return Err(self.network("invalid address"));
         };
-        let Some(client) = self.client.as_mut() else {
-            return Err(RPCError::Network(NetworkError::new(&err(
-                "invalid address".into(),
-            ))));
-        };
-        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { json });
+        let wire = req.to_wire().map_err(|e| self.network(e))?;
+        let mut request = tonic::Request::new(wire);
         request.set_timeout(option.hard_ttl());
-        let reply = match which {
-            Rpc::Append => client.append_entries(request).await,
-            Rpc::Vote => client.vote(request).await,
-            Rpc::Snapshot => client.install_snapshot(request).await,
-        }
-        .map_err(|s| {
-            RPCError::Network(NetworkError::new(&err(format!(
-                "{:?}: {}",
-                s.code(),
-                s.message()
-            ))))
-        })?;
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply.into_inner().json)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let reply = rpc(client, request)
+            .await
+            .map_err(|s| self.network(format!("{:?}: {}", s.code(), s.message())))?;
+        Resp::from_wire(reply.into_inner()).map_err(|e| self.network(format!("bad reply: {e}")))
     }
-}
-
-enum Rpc {
-    Append,
-    Vote,
-    Snapshot,
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -226,27 +223,38 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Rpc::Append, &rpc, &option).await
+    ) -> PeerResult<AppendEntriesResponse<NodeId>> {
+        self.call(&rpc, &option, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.call(Rpc::Snapshot, &rpc, &option).await
+    ) -> PeerResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let answer: Result<InstallSnapshotResponse<NodeId>, SnapshotMismatch> = self
+            .call(&rpc, &option, |mut c, r| async move {
+                c.install_snapshot(r).await
+            })
+            .await?;
+        answer.map_err(|m| {
+            RPCError::RemoteError(RemoteError::new(
+                self.target,
+                RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m)),
+            ))
+        })
     }
 
     async fn vote(
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Rpc::Vote, &rpc, &option).await
+    ) -> PeerResult<VoteResponse<NodeId>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await })
+            .await
     }
 }
 
@@ -257,43 +265,54 @@ pub struct PeerService {
     pub(super) api_addr: SocketAddr,
 }
 
-/// Refuses every caller but a router, then decodes.
-fn decode<T: DeserializeOwned>(req: tonic::Request<RaftPayload>) -> Result<T, tonic::Status> {
+/// Refuses every caller but a router, then converts the message (`INVALID_ARGUMENT`
+/// when it is malformed).
+fn decode<T: FromWire>(req: tonic::Request<T::Wire>) -> Result<T, tonic::Status> {
     authorize(&caller(&req)?, &Action::Raft)?;
-    serde_json::from_slice(&req.into_inner().json)
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad raft payload: {e}")))
+    Ok(T::from_wire(req.into_inner())?)
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-    serde_json::to_vec(v)
-        .map(|json| tonic::Response::new(RaftPayload { json }))
+fn encode<T: ToWire>(v: &T) -> Result<tonic::Response<T::Wire>, tonic::Status> {
+    v.to_wire()
+        .map(tonic::Response::new)
         .map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+/// Raft on this router stopped (shut down, or a storage failure): the caller retries
+/// elsewhere or later.
+fn stopped<E: std::fmt::Display>(e: E) -> tonic::Status {
+    tonic::Status::unavailable(format!("raft: {e}"))
 }
 
 #[tonic::async_trait]
 impl RaftRpc for PeerService {
     async fn append_entries(
         &self,
-        req: tonic::Request<RaftPayload>,
-    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        req: tonic::Request<pb::AppendEntriesRequest>,
+    ) -> Result<tonic::Response<pb::AppendEntriesReply>, tonic::Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.append_entries(rpc).await)
+        encode(&self.raft.append_entries(rpc).await.map_err(stopped)?)
     }
 
     async fn vote(
         &self,
-        req: tonic::Request<RaftPayload>,
-    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        req: tonic::Request<pb::VoteRequest>,
+    ) -> Result<tonic::Response<pb::VoteReply>, tonic::Status> {
         let rpc: VoteRequest<NodeId> = decode(req)?;
-        encode(&self.raft.vote(rpc).await)
+        encode(&self.raft.vote(rpc).await.map_err(stopped)?)
     }
 
     async fn install_snapshot(
         &self,
-        req: tonic::Request<RaftPayload>,
-    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        req: tonic::Request<pb::InstallSnapshotRequest>,
+    ) -> Result<tonic::Response<pb::InstallSnapshotReply>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.install_snapshot(rpc).await)
+        let answer = match self.raft.install_snapshot(rpc).await {
+            Ok(r) => Ok(r),
+            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m))) => Err(m),
+            Err(e) => return Err(stopped(e)),
+        };
+        encode(&answer)
     }
 
     async fn describe(
