@@ -4,7 +4,8 @@
 //! into `metrics` handles once a second ([`Exporter`]), so the fan-out path never goes
 //! through the recorder. Every `weft_*` series carries a `node` label, so several nodes
 //! in one process (tests) never mix their figures; the `process_*` families describe
-//! the whole process and carry none.
+//! the whole process and carry none (read and rendered by
+//! [`weft_router::prometheus`], which the router's page shares).
 //!
 //! Every family is described once ([`describe`]: `# HELP` and `# TYPE`), so the page
 //! passes `promtool check metrics`; `helm/weft`'s dashboard and alerts name only
@@ -172,9 +173,11 @@ const HTTP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Every metric family a node exports: name, type, help. [`describe`] registers them;
-/// the chart's dashboard and alerts may name only these (checked by a test).
-pub const FAMILIES: &[(&str, Kind, &str)] = &[
+/// Every metric family a node exports but the `process_*` ones
+/// ([`weft_router::prometheus::PROCESS_FAMILIES`], shared with the router): name, type,
+/// help. [`describe`] registers them; the chart's dashboard and alerts may name only
+/// these (checked by a test).
+pub const FAMILIES: &[weft_router::prometheus::Family] = &[
     ("weft_build_info", Kind::Gauge, "Always 1; the labels say which build runs (version, git commit)."),
     ("weft_published_total", Kind::Counter, "Events sequenced by this node as the topic's owner."),
     ("weft_delivered_total", Kind::Counter, "Events written to client sessions on this node."),
@@ -208,31 +211,13 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("weft_http_request_duration_seconds", Kind::Histogram, "HTTP request to response head, by route template and method (for a publish route: the publish latency)."),
     ("weft_http_request_bytes_total", Kind::Counter, "HTTP request body bytes received (by Content-Length), by route template."),
     ("weft_http_response_bytes_total", Kind::Counter, "HTTP response body bytes sent, by route template (SSE and NDJSON streams included; WebSocket frames are not)."),
-    ("process_cpu_seconds_total", Kind::Counter, "User and system CPU time spent by the process, seconds."),
-    ("process_resident_memory_bytes", Kind::Gauge, "Resident set size of the process, bytes."),
-    ("process_virtual_memory_bytes", Kind::Gauge, "Virtual memory size of the process, bytes."),
-    ("process_open_fds", Kind::Gauge, "Open file descriptors of the process."),
-    ("process_max_fds", Kind::Gauge, "The process's limit on open file descriptors."),
-    ("process_threads", Kind::Gauge, "Threads of the process."),
-    ("process_start_time_seconds", Kind::Gauge, "Start time of the process since the Unix epoch, seconds."),
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
+pub use weft_router::prometheus::Kind;
 
 /// Registers `# HELP` / `# TYPE` for every family in [`FAMILIES`].
 pub fn describe() {
-    for &(name, kind, help) in FAMILIES {
-        match kind {
-            Kind::Counter => metrics::describe_counter!(name, help),
-            Kind::Gauge => metrics::describe_gauge!(name, help),
-            Kind::Histogram => metrics::describe_histogram!(name, help),
-        }
-    }
+    weft_router::prometheus::describe(FAMILIES);
 }
 
 /// The process-wide Prometheus recorder, installed on first use, with every family
@@ -361,120 +346,9 @@ impl Exporter {
 }
 
 /// The `/metrics` page: every recorded family, then the `process_*` families read
-/// from `/proc/self` at scrape time (rendered here rather than through the recorder,
-/// whose counters are integers: CPU seconds need their fraction).
+/// from `/proc/self` at scrape time ([`weft_router::prometheus::with_process`]).
 pub fn render() -> String {
-    let mut page = prometheus().render();
-    if let Some(p) = ProcessSample::read() {
-        p.render_into(&mut page);
-    }
-    page
-}
-
-/// One reading of the process's own figures (Linux `/proc`; `None` elsewhere).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProcessSample {
-    pub cpu_seconds: f64,
-    pub rss_bytes: u64,
-    pub vsize_bytes: u64,
-    pub open_fds: u64,
-    pub max_fds: Option<u64>,
-    pub threads: u64,
-    pub start_time_seconds: f64,
-}
-
-impl ProcessSample {
-    pub fn read() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let boot = std::fs::read_to_string("/proc/stat").ok()?;
-        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-        // SAFETY: sysconf only reads a system constant.
-        let (tick, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_CLK_TCK),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
-        if tick <= 0 || page <= 0 {
-            return None;
-        }
-        Self::parse(&stat, &boot, &limits, open_fds, tick as u64, page as u64)
-    }
-
-    /// Builds a sample from the text of `/proc/self/stat`, `/proc/stat` and
-    /// `/proc/self/limits` (pure, so it is unit tested on fixed text).
-    pub fn parse(
-        stat: &str,
-        proc_stat: &str,
-        limits: &str,
-        open_fds: u64,
-        ticks_per_s: u64,
-        page_bytes: u64,
-    ) -> Option<Self> {
-        // The command name (field 2) is in parentheses and may hold spaces: the
-        // numbered fields start after the last ')'. Field 3 is index 0 here.
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let field = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
-        let (utime, stime) = (field(14)?, field(15)?);
-        let threads = field(20)?;
-        let start_ticks = field(22)?;
-        let vsize = field(23)?;
-        let rss_pages = field(24)?;
-        let btime: u64 = proc_stat
-            .lines()
-            .find_map(|l| l.strip_prefix("btime "))?
-            .trim()
-            .parse()
-            .ok()?;
-        let max_fds = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .and_then(|l| l.split_whitespace().nth(3))
-            .and_then(|soft| soft.parse().ok());
-        let tps = ticks_per_s as f64;
-        Some(Self {
-            cpu_seconds: (utime + stime) as f64 / tps,
-            rss_bytes: rss_pages * page_bytes,
-            vsize_bytes: vsize,
-            open_fds,
-            max_fds,
-            threads,
-            start_time_seconds: btime as f64 + start_ticks as f64 / tps,
-        })
-    }
-
-    fn render_into(&self, out: &mut String) {
-        use std::fmt::Write;
-        let mut family = |name: &str, value: String| {
-            let (_, kind, help) = FAMILIES
-                .iter()
-                .find(|(n, _, _)| *n == name)
-                .expect("process families are listed in FAMILIES");
-            let kind = match kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-                Kind::Histogram => "histogram",
-            };
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
-            );
-        };
-        family("process_cpu_seconds_total", format!("{}", self.cpu_seconds));
-        family("process_resident_memory_bytes", self.rss_bytes.to_string());
-        family("process_virtual_memory_bytes", self.vsize_bytes.to_string());
-        family("process_open_fds", self.open_fds.to_string());
-        if let Some(max) = self.max_fds {
-            family("process_max_fds", max.to_string());
-        }
-        family("process_threads", self.threads.to_string());
-        family(
-            "process_start_time_seconds",
-            format!("{}", self.start_time_seconds),
-        );
-    }
+    weft_router::prometheus::with_process(prometheus().render())
 }
 
 /// Counts and times every HTTP request by route template (a `tower` middleware on the
@@ -571,46 +445,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_proc_text() {
-        // A command name with a space and a parenthesis, as the kernel writes it.
-        let stat = "4242 (weft (node) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 1000 123456789 2048 18446744073709551615";
-        let proc_stat = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
-        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1048576              1048576              files\n";
-        let p = ProcessSample::parse(stat, proc_stat, limits, 12, 100, 4096).unwrap();
-        assert_eq!(p.cpu_seconds, 3.0);
-        assert_eq!(p.threads, 7);
-        assert_eq!(p.start_time_seconds, 1_700_000_010.0);
-        assert_eq!(p.vsize_bytes, 123_456_789);
-        assert_eq!(p.rss_bytes, 2048 * 4096);
-        assert_eq!(p.max_fds, Some(1_048_576));
-        assert_eq!(p.open_fds, 12);
-        assert!(ProcessSample::parse("garbage", proc_stat, limits, 1, 100, 4096).is_none());
-    }
-
-    #[test]
-    fn reads_this_process() {
-        let p = ProcessSample::read().expect("/proc is readable on Linux");
-        assert!(p.rss_bytes > 0 && p.open_fds > 0 && p.threads > 0);
-        let mut page = String::new();
-        p.render_into(&mut page);
-        assert!(page.contains("# TYPE process_cpu_seconds_total counter\n"));
-        assert!(page.contains("\nprocess_resident_memory_bytes "));
-    }
-
-    #[test]
     fn every_family_is_described_once() {
-        let mut names: Vec<_> = FAMILIES.iter().map(|f| f.0).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(before, names.len(), "a family is listed twice");
-        for (name, kind, help) in FAMILIES {
-            assert!(!help.is_empty(), "{name} has no help");
-            assert_eq!(
-                *kind == Kind::Counter,
-                name.ends_with("_total"),
-                "{name}: counters and only counters end in _total"
-            );
-        }
+        let all: Vec<_> = FAMILIES
+            .iter()
+            .chain(weft_router::prometheus::PROCESS_FAMILIES)
+            .copied()
+            .collect();
+        weft_router::prometheus::check_families(&all).unwrap();
     }
 }

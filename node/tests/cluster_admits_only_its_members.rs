@@ -7,7 +7,8 @@
 //!   the nodes);
 //! - a node certificate claiming another node's id (Join, Heartbeat, Leave, Drain,
 //!   UpdateInterest, the relay Hello) gets `PERMISSION_DENIED`, and calling Raft with
-//!   it too, while a router certificate passes that gate; nodes do not serve Raft;
+//!   it too, while a router certificate passes that gate; Raft is not served on the
+//!   routers' Router addresses (they have a Raft address of their own), nor by nodes;
 //! - through all of it membership, ring and registry stay as they were, and a
 //!   subscriber sees every event of a cross-node topic once, in order, and nothing
 //!   else;
@@ -99,18 +100,26 @@ async fn relay_link(
 }
 
 /// A Raft Vote: with `forged`, a real request with a huge term (what an intruder
-/// would send to take the group over); else bytes that are not a request at all.
+/// would send to take the group over); else a request without its vote (malformed).
 async fn raft_vote(transport: &Transport, addr: &str, forged: bool) -> Result<(), tonic::Status> {
     let channel = transport
         .channel(addr, Expect::Member, Duration::from_secs(2))
         .expect("channel");
     let mut client = grpc::raft_client::RaftClient::new(channel);
-    let json = if forged {
-        br#"{"vote":{"leader_id":{"term":999999,"node_id":9},"committed":false},"last_log_id":null}"#.to_vec()
+    let req = if forged {
+        grpc::VoteRequest {
+            vote: Some(grpc::RaftVote {
+                leader_id: Some(grpc::LeaderId {
+                    term: 999_999,
+                    node_id: 9,
+                }),
+                committed: false,
+            }),
+            last_log_id: None,
+        }
     } else {
-        b"not a vote".to_vec()
+        grpc::VoteRequest::default()
     };
-    let req = grpc::RaftPayload { json };
     tokio::time::timeout(Duration::from_secs(10), client.vote(req))
         .await
         .expect("answered within 10 s")
@@ -320,20 +329,24 @@ async fn intruders_are_refused_and_the_cluster_is_unchanged() {
         "relay Hello as a stranger",
         relay_link(&as_a, &addr_c, "c", "evil").await,
     );
+    let raft1 = c.router_raft_addr(1);
     assert_denied(
         "Raft with a node certificate",
-        raft_vote(&as_a, &router1, true).await,
+        raft_vote(&as_a, &raft1, true).await,
     );
-    // The gate is real: a router certificate passes it (and the garbage is refused as
-    // such), and reading the metadata is open to members.
+    // The gate is real: a router certificate passes it (and the malformed vote is
+    // refused as such), and reading the metadata is open to members.
     let as_router = tls(issue_files(
         c.ca(),
         &tmp,
         "router-9",
         &Peer::Router("9".into()),
     ));
-    let e = raft_vote(&as_router, &router1, false).await.unwrap_err();
+    let e = raft_vote(&as_router, &raft1, false).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    // Raft is not served on the Router address nodes reach.
+    let e = raft_vote(&as_router, &router1, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{}", e.message());
     assert!(
         r.get_state().await.is_ok(),
         "a member may read the metadata"

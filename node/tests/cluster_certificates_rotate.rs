@@ -13,16 +13,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tonic::Code;
-use weft_proto::grpc::{self, relay_frame::Kind, RelayBatch, RelayFrame};
 use weft_router::certs::DevCa;
 use weft_router::identity::Peer;
-use weft_router::tls::{Expect, Transport};
-use weft_router::RouterClient;
+use weft_router::tls::Transport;
 
 use weft_testkit::pki::{issue_files, tls};
 use weft_testkit::proc_cluster::ProcCluster;
-use weft_testkit::wait::wait_for;
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const TOPICS: usize = 10;
@@ -31,66 +27,9 @@ const RATE: u64 = 200;
 /// Members poll their files every 2 s; a step is given this long to be picked up.
 const STEP: Duration = Duration::from_secs(5);
 
-/// Whether a member at `addr` completes a handshake with `transport`: a node is asked
-/// for a relay link as a stranger (refused *after* the handshake, PERMISSION_DENIED),
-/// a router for its state.
-async fn handshake_ok(transport: &Transport, addr: &str, node: Option<&str>) -> bool {
-    use prost::Message;
-    match node {
-        Some(id) => {
-            let ch = transport
-                .channel(addr, Expect::Node(id.into()), Duration::from_secs(2))
-                .expect("channel");
-            let mut client = grpc::relay_client::RelayClient::new(ch);
-            let frame = RelayFrame {
-                kind: Some(Kind::Hello(grpc::Hello {
-                    node: "prober".into(),
-                    ring_version: 0,
-                })),
-            };
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            tx.send(RelayBatch {
-                frames: vec![frame.encode_to_vec().into()],
-            })
-            .await
-            .expect("queue");
-            let r = tokio::time::timeout(
-                Duration::from_secs(10),
-                client.link(tokio_stream::wrappers::ReceiverStream::new(rx)),
-            )
-            .await
-            .expect("answered");
-            matches!(r, Err(s) if s.code() == Code::PermissionDenied)
-        }
-        None => RouterClient::with_transport(vec![addr.into()], transport.clone())
-            .get_state()
-            .await
-            .is_ok(),
-    }
-}
-
 /// Every member (routers, nodes) answers `transport`'s handshake as `want`.
 async fn all_members_accept(c: &ProcCluster, transport: &Transport, want: bool, what: &str) {
-    let members: Vec<(String, Option<String>)> = c
-        .router_addrs()
-        .values()
-        .map(|a| (a.clone(), None))
-        .chain(
-            NODES
-                .iter()
-                .map(|n| (c.cluster_addr(n), Some(n.to_string()))),
-        )
-        .collect();
-    let members = &members;
-    wait_for(STEP * 2, what, || async move {
-        for (addr, node) in members {
-            if handshake_ok(transport, addr, node.as_deref()).await != want {
-                return Err(format!("{addr} ({node:?}) does not yet"));
-            }
-        }
-        Ok(())
-    })
-    .await;
+    c.members_accept(transport, want, what, STEP * 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -107,10 +107,22 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
     assert!(router.contains("podManagementPolicy: Parallel"));
     assert!(router.contains("fieldPath: metadata.labels['apps.kubernetes.io/pod-index']"));
     assert!(router.contains("volumeClaimTemplates:"));
-    let peers = "0=weft-router-0.weft-router-peers.rt.svc:9400,\
-                 1=weft-router-1.weft-router-peers.rt.svc:9400,\
-                 2=weft-router-2.weft-router-peers.rt.svc:9400";
+    // Peers are named by their Raft port, which has a listener of its own.
+    let peers = "0=weft-router-0.weft-router-peers.rt.svc:9401,\
+                 1=weft-router-1.weft-router-peers.rt.svc:9401,\
+                 2=weft-router-2.weft-router-peers.rt.svc:9401";
     assert!(router.contains(peers), "{router}");
+    assert!(router.contains("value: \"0.0.0.0:9401\""), "{router}");
+    // Only routers may reach the Raft port.
+    let policy = document(&m, "NetworkPolicy", "-router");
+    let raft_rule = policy
+        .split("- ports:")
+        .find(|r| r.contains("port: 9401"))
+        .expect("a rule for the Raft port");
+    assert!(
+        raft_rule.contains("app.kubernetes.io/component: router"),
+        "{policy}"
+    );
     let node = document(&m, "StatefulSet", "-node");
     // 10 s handoff + 10 s shutdown grace + 5 s margin.
     assert!(node.contains("terminationGracePeriodSeconds: 25"), "{node}");
@@ -120,7 +132,19 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
         node.contains("value: \"$(POD_NAME).weft-cluster.rt.svc:9100\""),
         "{node}"
     );
-    document(&m, "PrometheusRule", "weft");
+    // The routers' ops listener: probes, a ServiceMonitor, the no-leader alert on
+    // the routers' own metric.
+    assert!(router.contains("value: \"0.0.0.0:9090\""), "{router}");
+    assert!(router.contains("path: /readyz") && router.contains("path: /healthz"));
+    document(&m, "ServiceMonitor", "-router");
+    assert!(document(&m, "Service", "-router-ops").contains("weft.io/ops: \"true\""));
+    let rule = document(&m, "PrometheusRule", "weft");
+    assert!(
+        rule.contains(
+            "sum(weft_router_is_leader{namespace=\"rt\", service=\"weft-router-ops\"}) < 1"
+        ),
+        "{rule}"
+    );
     document(&m, "ServiceMonitor", "-node");
     document(&m, "NetworkPolicy", "-node");
     document(&m, "PodDisruptionBudget", "-router");
@@ -131,7 +155,7 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
 
     let m = render(&helm, Some(&values("five-routers")), &[]).unwrap();
     let router = document(&m, "StatefulSet", "-router");
-    assert!(router.contains("4=weft-router-4.weft-router-peers.rt.svc:9400"));
+    assert!(router.contains("4=weft-router-4.weft-router-peers.rt.svc:9401"));
     assert!(router.contains("requiredDuringSchedulingIgnoredDuringExecution"));
 
     let m = render(&helm, Some(&values("cert-manager")), &[]).unwrap();

@@ -3,7 +3,8 @@
 //! family, counter names, units), the process and build families are there, HTTP
 //! requests are counted by route template; the chart's PrometheusRule passes
 //! `promtool check rules`; and every query of the Grafana dashboard, the alerts and
-//! the prometheus-adapter rule names a metric family the node really exports.
+//! the prometheus-adapter rule names a metric family the node (or, for the router
+//! alerts, a live `weft-router`) really exports.
 
 mod deploy;
 
@@ -106,6 +107,42 @@ impl Drop for LiveNode {
     }
 }
 
+/// The `/metrics` page of a live single-voter `weft-router` (`--ops-listen`), once it
+/// leads.
+async fn live_router_metrics() -> String {
+    use weft_testkit::bin::{self, Proc, Workdir};
+    let dir = Workdir::new("metrics", "router");
+    let ready = dir.join("ready.json");
+    let mut proc = Proc(
+        bin::command(bin::path("weft-router"))
+            .args(["--cluster-insecure", "--id", "1"])
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weft-router"),
+    );
+    let bound = bin::await_ready_file(&mut proc.0, &ready, "weft-router").await;
+    let url = format!("http://{}/metrics", bound["ops_listen"].as_str().unwrap());
+    weft_testkit::wait::wait_for(Duration::from_secs(15), "the router leads", || async {
+        let page = reqwest::get(&url)
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        if page.contains("weft_router_is_leader{router=\"1\"} 1") {
+            Ok(page)
+        } else {
+            Err("not leading yet".into())
+        }
+    })
+    .await
+}
+
 /// Family names declared by `# TYPE` lines, with the sample names a histogram adds.
 fn exported_names(page: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -165,7 +202,11 @@ async fn live_metrics_pass_promtool_check_metrics() {
         text(&out.stderr)
     );
     let names = exported_names(&page);
-    for family in weft_node::stats::FAMILIES.iter().map(|f| f.0) {
+    for family in weft_node::stats::FAMILIES
+        .iter()
+        .chain(weft_router::prometheus::PROCESS_FAMILIES)
+        .map(|f| f.0)
+    {
         assert!(
             page.contains(&format!("# HELP {family} ")),
             "{family} has no HELP line"
@@ -215,7 +256,7 @@ fn rendered_prometheus_rule_passes_promtool_check_rules() {
         text(&out.stderr)
     );
     let said = text(&out.stdout);
-    assert!(said.contains("SUCCESS: 8 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
 }
 
 #[tokio::test]
@@ -224,7 +265,8 @@ async fn dashboard_alert_and_adapter_queries_name_exported_metrics() {
         return;
     };
     let node = LiveNode::start("names");
-    let exported = exported_names(&node.exercised_metrics().await);
+    let mut exported = exported_names(&node.exercised_metrics().await);
+    exported.extend(exported_names(&live_router_metrics().await));
 
     let mut queries: Vec<(String, String)> = Vec::new();
     let dashboard: serde_json::Value = serde_json::from_str(
@@ -288,14 +330,14 @@ async fn dashboard_alert_and_adapter_queries_name_exported_metrics() {
             );
         }
     }
-    // Only the scrape-health alert may use Prometheus' own `up`.
+    // Only the scrape-health alerts (nodes, routers) may use Prometheus' own `up`.
     assert_eq!(
         without_metric.len(),
-        1,
+        2,
         "queries naming no Weft metric: {without_metric:?}"
     );
     assert!(
-        without_metric[0].starts_with("alert: up{"),
+        without_metric.iter().all(|q| q.starts_with("alert: up{")),
         "{without_metric:?}"
     );
 }

@@ -26,9 +26,19 @@ pub const EXIT_USAGE: u8 = 64;
 pub struct Config {
     /// This router's Raft id; required, unique in the group.
     pub id: Option<u64>,
-    /// Public router API and the peer Raft service (one port).
+    /// The Router API nodes and admins call (and Raft too, unless `raft_listen`).
     pub listen: SocketAddr,
-    /// Every voter including this one, `id=host:port,...`; empty = single voter.
+    /// The Raft service alone, called by the other routers only. Unset: Raft shares
+    /// `listen` (what a router did before this setting existed, so an initialised
+    /// group keeps working; the Helm chart sets it).
+    pub raft_listen: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz` over HTTP. Unset: off (a router has no HTTP
+    /// listener to share them with, and a fixed default port would collide between
+    /// routers on one host; the Helm chart sets it).
+    pub ops_listen: Option<SocketAddr>,
+    /// Every voter including this one, `id=host:port,...`, each at the address its
+    /// Raft service answers (its `raft_listen` if set, else its `listen`); empty =
+    /// single voter.
     pub peers: String,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
@@ -76,6 +86,8 @@ impl Default for Config {
         Self {
             id: None,
             listen: "0.0.0.0:9400".parse().expect("literal"),
+            raft_listen: None,
+            ops_listen: None,
             peers: String::new(),
             data_dir: PathBuf::from("./weft-data"),
             log_format: LogFormat::Text,
@@ -145,6 +157,19 @@ impl Config {
             return Err(ConfigError(format!(
                 "--peers must include this router's own id {id}"
             )));
+        }
+        if self.raft_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(ConfigError(format!(
+                "raft_listen must differ from listen ({}); leave it unset to serve Raft on listen",
+                self.listen
+            )));
+        }
+        if let Some(ops) = self.ops_listen.filter(|a| a.port() != 0) {
+            if ops == self.listen || Some(ops) == self.raft_listen {
+                return Err(ConfigError(format!(
+                    "ops_listen ({ops}) must differ from listen and raft_listen"
+                )));
+            }
         }
         if self.heartbeat_timeout_ms == 0 {
             return Err(ConfigError(
@@ -235,9 +260,16 @@ pub struct Cli {
     pub file: FileFlags,
     #[arg(long, env = "WEFT_ID")]
     pub id: Option<u64>,
+    /// The Router API (nodes, admins; Raft too unless --raft-listen).
     #[arg(long, env = "WEFT_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Every voter including this one: `id=host:port,...`.
+    /// The Raft service alone (other routers only); --peers then names Raft addresses.
+    #[arg(long, env = "WEFT_RAFT_LISTEN")]
+    pub raft_listen: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz` over HTTP (off unless set).
+    #[arg(long, env = "WEFT_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
+    /// Every voter including this one, at its Raft address: `id=host:port,...`.
     #[arg(long, env = "WEFT_PEERS")]
     pub peers: Option<String>,
     #[arg(long, env = "WEFT_DATA_DIR")]
@@ -318,6 +350,12 @@ impl Cli {
         if let Some(v) = self.listen {
             c.listen = v;
         }
+        if self.raft_listen.is_some() {
+            c.raft_listen = self.raft_listen;
+        }
+        if self.ops_listen.is_some() {
+            c.ops_listen = self.ops_listen;
+        }
         if let Some(v) = &self.peers {
             c.peers.clone_from(v);
         }
@@ -383,6 +421,10 @@ mod tests {
         bad.cluster.ca_file = Some("ca.crt".into());
         let e = bad.options().unwrap_err().to_string();
         assert!(e.contains("all three"), "{e}");
+        let mut bad = c.clone();
+        bad.raft_listen = Some(bad.listen);
+        let e = bad.options().unwrap_err().to_string();
+        assert!(e.contains("raft_listen must differ"), "{e}");
         let mut bad = c.clone();
         bad.peers = "1=a:1,2=b:2".into();
         let e = bad.options().unwrap_err().to_string();

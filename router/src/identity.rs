@@ -18,7 +18,7 @@
 //!   anything, as before this module existed.
 //!
 //! Every refusal is answered `PERMISSION_DENIED`, logged with the peer's identity and
-//! counted ([`refusals`]).
+//! counted by [`Refusal`] reason ([`refusals`], [`refusals_for`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -162,19 +162,66 @@ pub fn permits(peer: &Peer, action: &Action<'_>) -> bool {
     }
 }
 
-static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Why a cluster caller was refused (the `reason` label of the routers'
+/// `weft_router_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The TLS handshake failed: no client certificate, another CA, expired, or too
+    /// slow.
+    Handshake,
+    /// The certificate names no single valid `weft://` identity.
+    NoIdentity,
+    /// A verified member asked for what it may not do ([`authorize`]).
+    PermissionDenied,
+    /// A request that did not come through a cluster listener ([`caller`]).
+    Unauthenticated,
+}
 
-/// Cluster requests refused since the process started (exported by the node as
-/// `weft_cluster_refused_total`).
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::Handshake,
+        Refusal::NoIdentity,
+        Refusal::PermissionDenied,
+        Refusal::Unauthenticated,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Handshake => "handshake",
+            Refusal::NoIdentity => "no_identity",
+            Refusal::PermissionDenied => "permission_denied",
+            Refusal::Unauthenticated => "unauthenticated",
+        }
+    }
+}
+
+static REFUSED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+fn count(reason: Refusal) {
+    REFUSED[reason as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Cluster requests refused since the process started, for every reason (exported by
+/// the node as `weft_cluster_refused_total`).
 pub fn refusals() -> u64 {
-    REFUSED.load(Ordering::Relaxed)
+    Refusal::ALL.iter().map(|r| refusals_for(*r)).sum()
+}
+
+/// Refusals for one reason since the process started.
+pub fn refusals_for(reason: Refusal) -> u64 {
+    REFUSED[reason as usize].load(Ordering::Relaxed)
 }
 
 /// Counts and logs a refusal at the edge (a handshake or an identity that did not
 /// resolve); `what` says what was refused.
-pub fn count_refusal(peer: &str, remote: Option<std::net::SocketAddr>, what: &str) {
-    REFUSED.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(peer, remote = ?remote, "cluster: refused {what}");
+pub fn count_refusal(
+    reason: Refusal,
+    peer: &str,
+    remote: Option<std::net::SocketAddr>,
+    what: &str,
+) {
+    count(reason);
+    tracing::warn!(peer, remote = ?remote, reason = reason.label(), "cluster: refused {what}");
 }
 
 /// [`permits`], answered as the gRPC status the caller gets: `PERMISSION_DENIED`,
@@ -183,7 +230,7 @@ pub fn authorize(peer: &Peer, action: &Action<'_>) -> Result<(), tonic::Status> 
     if permits(peer, action) {
         return Ok(());
     }
-    REFUSED.fetch_add(1, Ordering::Relaxed);
+    count(Refusal::PermissionDenied);
     tracing::warn!(peer = %peer, action = ?action, "cluster: request refused");
     Err(tonic::Status::permission_denied(format!(
         "{peer} may not {}{}",
@@ -207,7 +254,7 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<Peer, tonic::Status> {
         .get::<crate::tls::ClusterConn>()
         .map(|c| c.peer.clone())
         .ok_or_else(|| {
-            REFUSED.fetch_add(1, Ordering::Relaxed);
+            count(Refusal::Unauthenticated);
             tonic::Status::unauthenticated("no cluster identity on this connection")
         })
 }
@@ -286,9 +333,11 @@ mod tests {
     #[test]
     fn refusals_are_permission_denied_and_counted() {
         let before = refusals();
+        let denied = refusals_for(Refusal::PermissionDenied);
         let e = authorize(&Peer::Node("n1".into()), &Action::Drain("n2")).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("weft://node/n1"), "{}", e.message());
         assert!(refusals() > before);
+        assert!(refusals_for(Refusal::PermissionDenied) > denied);
     }
 }

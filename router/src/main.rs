@@ -56,7 +56,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config.listen, config.ready_file, opts)) {
+    match rt.block_on(run(&config, opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-router: {e:#}");
@@ -65,28 +65,56 @@ fn main() -> ExitCode {
     }
 }
 
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind {addr}"))
+}
+
 async fn run(
-    listen: std::net::SocketAddr,
-    ready_file: Option<std::path::PathBuf>,
+    config: &weft_router::config::Config,
     opts: weft_router::server::RouterOptions,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot bind {listen}"))?;
+    let listener = bind(config.listen).await?;
+    let raft_listener = match config.raft_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let ops_listener = match config.ops_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let id = opts.id;
     let _reloader = opts.transport.spawn_reloader();
     let insecure = (!opts.transport.is_tls())
         .then(|| tokio::spawn(weft_router::tls::warn_insecure_forever("weft-router")));
-    let router = Router::start(opts, listener).await?;
+    let router = Router::start_with(opts, listener, raft_listener, Default::default()).await?;
     let addr = router.local_addr();
-    info!(%addr, id, "weft-router listening");
-    if let Some(path) = &ready_file {
-        let ready = serde_json::json!({
+    let raft_addr = router.raft_addr();
+    let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let stop_ops = tokio_util::sync::CancellationToken::new();
+    let ops = ops_listener.map(|l| {
+        tokio::spawn(weft_router::ops::serve(
+            l,
+            router.raft().clone(),
+            stop_ops.clone(),
+        ))
+    });
+    info!(%addr, raft = ?raft_addr, ops = ?ops_addr, id, "weft-router listening");
+    if let Some(path) = &config.ready_file {
+        let mut ready = serde_json::json!({
             "listen": addr.to_string(),
             "id": id,
             "pid": std::process::id(),
         });
+        if let Some(r) = raft_addr {
+            ready["raft_listen"] = r.to_string().into();
+        }
+        if let Some(o) = ops_addr {
+            ready["ops_listen"] = o.to_string().into();
+        }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string())
             .and_then(|()| std::fs::rename(&tmp, path))
@@ -95,6 +123,10 @@ async fn run(
     weft_router::cli::shutdown_signal().await;
     if let Some(t) = insecure {
         t.abort();
+    }
+    stop_ops.cancel();
+    if let Some(t) = ops {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
     router.shutdown().await;
     info!("stopped");

@@ -1,17 +1,28 @@
-//! Assembles a running router on a bound listener: Raft, the public gRPC service (and
-//! the Raft peer service where there are peers to call it) on one port, group commit,
-//! the heartbeat reaper and the bootstrap.
+//! Assembles a running router on bound listeners: Raft, the public gRPC service, the
+//! Raft peer service where there are peers to call it, group commit, the heartbeat
+//! reaper and the bootstrap.
+//!
+//! ```text
+//!  nodes, admins ──► listener (--listen)       weft.v1.Router  [+ weft.v1.Raft when
+//!                                                               there is no raft_listener]
+//!  other routers ──► raft_listener (--raft-listen)  weft.v1.Raft only
+//! ```
 //!
 //! Every connection is accepted through [`crate::tls::Transport::incoming`]: with
 //! mutual TLS the caller's identity is resolved at the handshake and each RPC is
-//! authorised with it ([`crate::identity`]). The Raft peer service is mounted only on
-//! a router with peers, and answers only router certificates; a single voter (the
-//! embedded router) has no caller for it and does not serve it.
+//! authorised with it ([`crate::identity`]). The Raft peer service answers only router
+//! certificates. With a Raft listener it is mounted only there and the Router service
+//! only on the main listener (a call on the wrong one is answered `UNIMPLEMENTED`), so
+//! a network policy can keep nodes off the Raft port altogether; without one, both
+//! share the main listener, and the Raft service is mounted only on a router with
+//! peers (a single voter — the embedded router — has no caller for it).
 //!
 //! Bootstrap (the same on a laptop and in a StatefulSet): on a fresh store the router
 //! with the lowest id initialises the cluster with every peer as a voter, once every
-//! peer answers and none knows a leader. A store that holds any membership is never
-//! initialised again, so restarts keep the cluster they belonged to.
+//! peer answers `Describe` at its Raft address and none belongs to a group yet (none
+//! is initialised or knows a leader). A store that
+//! holds any membership is never initialised again, so restarts keep the cluster they
+//! belonged to.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +36,7 @@ use tonic::service::Routes;
 use weft_proto::grpc::router_server::RouterServer;
 
 use crate::client::RouterClient;
+use crate::raft::network::api_addr_at;
 use crate::raft::{RaftNode, RaftTiming, StartError};
 use crate::service::{reap_dead, Committer, RouterService, MAX_REQUEST_BYTES};
 use crate::tls::Transport;
@@ -33,8 +45,9 @@ use crate::tls::Transport;
 #[derive(Debug, Clone)]
 pub struct RouterOptions {
     pub id: u64,
-    /// Every voter including this one (id → `host:port`); empty = a single voter
-    /// reachable at the bound address.
+    /// Every voter including this one (id → the `host:port` its Raft service answers
+    /// at: its Raft listener if it has one, else its main listener); empty = a single
+    /// voter reachable at the bound address.
     pub peers: BTreeMap<u64, String>,
     pub data_dir: PathBuf,
     pub heartbeat_timeout: Duration,
@@ -43,43 +56,82 @@ pub struct RouterOptions {
     pub transport: Transport,
 }
 
+type Serving = JoinHandle<Result<(), tonic::transport::Error>>;
+
 /// A running router. Drop does not stop it: call [`Router::shutdown`].
 pub struct Router {
     raft: RaftNode,
     addr: SocketAddr,
+    raft_addr: Option<SocketAddr>,
     stop: CancellationToken,
-    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    serve: Vec<Serving>,
     tasks: Vec<JoinHandle<()>>,
 }
 
+fn bound(l: &TcpListener) -> Result<SocketAddr, StartError> {
+    l.local_addr()
+        .map_err(|e| StartError::Raft(format!("listener: {e}")))
+}
+
 impl Router {
-    /// Starts serving on `listener` at once; bootstrap continues in the background.
+    /// Starts serving on `listener` at once (Raft on the same listener); bootstrap
+    /// continues in the background.
     pub async fn start(opts: RouterOptions, listener: TcpListener) -> Result<Self, StartError> {
-        Self::start_with(opts, listener, Routes::default()).await
+        Self::start_with(opts, listener, None, Routes::default()).await
     }
 
-    /// Like [`Router::start`], also serving `extra` gRPC services on the same listener
-    /// (an embedding node's relay service).
+    /// Like [`Router::start`], with the Raft peer service on `raft_listener` alone
+    /// when one is given (`--raft-listen`; `opts.peers` then names the routers' Raft
+    /// addresses), and `extra` gRPC services (an embedding node's relay service) on
+    /// `listener`.
     pub async fn start_with(
         opts: RouterOptions,
         listener: TcpListener,
+        raft_listener: Option<TcpListener>,
         extra: Routes,
     ) -> Result<Self, StartError> {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| StartError::Raft(format!("listener: {e}")))?;
-        let raft =
-            RaftNode::start(opts.id, &opts.data_dir, &opts.raft, opts.transport.clone()).await?;
+        let addr = bound(&listener)?;
+        let raft_addr = raft_listener.as_ref().map(bound).transpose()?;
+        // With a Raft listener of its own this router learns where the others' Router
+        // services are; its own is at its Raft host, on the main listener's port.
+        let own_api = raft_addr.map(|r| {
+            let dialled = opts
+                .peers
+                .get(&opts.id)
+                .cloned()
+                .unwrap_or_else(|| r.to_string());
+            api_addr_at(&dialled, &addr.to_string()).unwrap_or_else(|| addr.to_string())
+        });
+        let raft = RaftNode::start(
+            opts.id,
+            &opts.data_dir,
+            &opts.raft,
+            opts.transport.clone(),
+            opts.peers.clone(),
+            own_api,
+        )
+        .await?;
         let committer = Committer::spawn(raft.clone());
         let router = RouterServer::new(RouterService::new(raft.clone(), committer.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let stop = CancellationToken::new();
         let has_peers = opts.peers.keys().any(|id| *id != opts.id);
         let mut routes = extra;
-        if has_peers {
-            routes = routes.add_service(raft.peer_service());
+        let mut serve = Vec::new();
+        match raft_listener {
+            Some(l) => serve.push(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .add_service(raft.peer_service(addr))
+                    .serve_with_incoming_shutdown(
+                        opts.transport.incoming(l),
+                        stop.clone().cancelled_owned(),
+                    ),
+            )),
+            None if has_peers => routes = routes.add_service(raft.peer_service(addr)),
+            None => {}
         }
-        let serve = tokio::spawn(
+        serve.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_routes(routes)
@@ -88,34 +140,36 @@ impl Router {
                     opts.transport.incoming(listener),
                     stop.clone().cancelled_owned(),
                 ),
-        );
-        let mut tasks = vec![tokio::spawn(reap_dead(
-            raft.clone(),
-            committer,
-            opts.heartbeat_timeout,
-        ))];
+        ));
+        let mut tasks = vec![
+            tokio::spawn(reap_dead(raft.clone(), committer, opts.heartbeat_timeout)),
+            tokio::spawn(raft.clone().learn_leader_api()),
+        ];
         let voters = if opts.peers.is_empty() {
-            BTreeMap::from([(opts.id, addr.to_string())])
+            BTreeMap::from([(opts.id, raft_addr.unwrap_or(addr).to_string())])
         } else {
             opts.peers.clone()
         };
-        tasks.push(tokio::spawn(bootstrap(
-            raft.clone(),
-            voters,
-            opts.transport.clone(),
-        )));
-        tracing::info!(id = opts.id, %addr, transport = ?opts.transport, "router serving");
+        tasks.push(tokio::spawn(bootstrap(raft.clone(), voters)));
+        tracing::info!(id = opts.id, %addr, raft = ?raft_addr, transport = ?opts.transport, "router serving");
         Ok(Self {
             raft,
             addr,
+            raft_addr,
             stop,
             serve,
             tasks,
         })
     }
 
+    /// The address the Router service is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the Raft service alone is bound to, when it has its own listener.
+    pub fn raft_addr(&self) -> Option<SocketAddr> {
+        self.raft_addr
     }
 
     pub fn raft(&self) -> &RaftNode {
@@ -128,12 +182,16 @@ impl Router {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.serve).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::future::join_all(self.serve),
+        )
+        .await;
         self.raft.shutdown().await;
     }
 }
 
-async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>, transport: Transport) {
+async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>) {
     if raft.is_initialized().await {
         tracing::info!("existing raft state found; not initialising");
         return;
@@ -146,24 +204,30 @@ async fn bootstrap(raft: RaftNode, voters: BTreeMap<u64, String>, transport: Tra
         );
         return;
     }
-    let others: Vec<RouterClient> = voters
+    let others: Vec<(u64, String)> = voters
         .iter()
         .filter(|(id, _)| **id != raft.id())
-        .map(|(_, addr)| RouterClient::with_transport(vec![addr.clone()], transport.clone()))
+        .map(|(id, addr)| (*id, addr.clone()))
         .collect();
     loop {
         if raft.is_initialized().await || raft.leader().is_some() {
             return;
         }
         let mut ready = true;
-        for c in &others {
-            match tokio::time::timeout(Duration::from_secs(1), c.get_state()).await {
-                Ok(Ok(s)) if s.leader_id.is_none() => {}
-                Ok(Ok(_)) => {
-                    tracing::warn!("a peer already follows a leader; not initialising");
+        for (id, addr) in &others {
+            match raft.describe(*id, addr).await {
+                Ok(d) if d.leader_id.is_none() && !d.initialized => {}
+                Ok(_) => {
+                    tracing::warn!(
+                        peer = id,
+                        "a peer already belongs to a group; not initialising"
+                    );
                     return;
                 }
-                _ => ready = false,
+                Err(e) => {
+                    tracing::debug!(peer = id, error = %e, "peer not ready for bootstrap");
+                    ready = false;
+                }
             }
         }
         if ready {
@@ -210,7 +274,7 @@ impl Embedded {
             raft: RaftTiming::default(),
             transport: transport.clone(),
         };
-        let router = Router::start_with(opts, listener, extra).await?;
+        let router = Router::start_with(opts, listener, None, extra).await?;
         if router
             .raft()
             .wait_for_leader(Duration::from_secs(10))

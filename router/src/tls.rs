@@ -47,7 +47,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::identity::{count_refusal, Peer};
+use crate::identity::{count_refusal, Peer, Refusal};
 
 /// How often the certificate files are checked for a change.
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
@@ -557,6 +557,31 @@ impl Transport {
         Ok(self.lazy(endpoint, expect))
     }
 
+    /// Dials `addr` (`host:port`) as [`Transport::channel`] would, expecting `expect`
+    /// there, and returns the certificate the server presented; the connection is
+    /// then closed. What a *new* connection sees now (after a reload, say): for
+    /// diagnostics and tests. Plaintext has none to show.
+    pub async fn presented_certificate(
+        &self,
+        addr: &str,
+        expect: Expect,
+    ) -> io::Result<CertificateDer<'static>> {
+        let Self::MutualTls(certs) = self else {
+            return Err(io::Error::other(
+                "a plaintext connection presents no certificate",
+            ));
+        };
+        let uri: Uri = format!("http://{addr}").parse().map_err(io::Error::other)?;
+        let io = dial(certs.clone(), expect, uri).await?;
+        io.inner()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned())
+            .ok_or_else(|| io::Error::other("the server sent no certificate"))
+    }
+
     /// Connects `endpoint` lazily over this transport.
     pub fn lazy(&self, endpoint: Endpoint, expect: Expect) -> Channel {
         match self {
@@ -586,6 +611,7 @@ async fn handshake(
         }
         Ok(Err(e)) => {
             count_refusal(
+                Refusal::Handshake,
                 "unauthenticated",
                 Some(remote),
                 &format!("a TLS handshake: {e}"),
@@ -594,6 +620,7 @@ async fn handshake(
         }
         Err(_) => {
             count_refusal(
+                Refusal::Handshake,
                 "unauthenticated",
                 Some(remote),
                 "a TLS handshake: timed out",
@@ -609,11 +636,17 @@ async fn handshake(
     let peer = match leaf.as_deref().map(Peer::from_cert) {
         Some(Ok(p)) => p,
         Some(Err(e)) => {
-            count_refusal("unidentified", Some(remote), &format!("a connection: {e}"));
+            count_refusal(
+                Refusal::NoIdentity,
+                "unidentified",
+                Some(remote),
+                &format!("a connection: {e}"),
+            );
             return None;
         }
         None => {
             count_refusal(
+                Refusal::Handshake,
                 "unauthenticated",
                 Some(remote),
                 "a connection without a client certificate",

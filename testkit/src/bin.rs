@@ -87,6 +87,30 @@ fn build(name: &str, dir: &Path) {
     );
 }
 
+/// An external tool (helm, promtool, …): its path from `$<env>` or `PATH`; `None`
+/// (after a loud note) when it is not installed and `CI` is not set. Panics in CI:
+/// there a missing tool is a broken setup.
+pub fn tool(name: &str, env: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{name} is not installed (set {env} or put it on PATH; .ci/run installs it)");
+        }
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: {name} is not installed, so this check did not run.\n\
+             !!!!!!!! Install it as .ci/run does (or set {env}); in CI this is a failure.\n"
+        );
+    }
+    found
+}
+
 /// A command for `bin` with no `WEFT_*` variable inherited from the test's environment
 /// and stdin closed.
 pub fn command(bin: impl AsRef<Path>) -> Command {
@@ -147,13 +171,23 @@ impl Proc {
 
     /// Sends SIGTERM to this process (by its PID).
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP to this process (by its PID): Weft binaries reload certificates.
+    pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
+    /// `kill -<sig> <pid>`.
+    fn signal(&self, sig: &str) {
         let pid = self.pid();
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{sig}"), &pid.to_string()])
             .stdin(Stdio::null())
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}: {status}");
+        assert!(status.success(), "kill -{sig} {pid}: {status}");
     }
 
     /// Its exit status if it has exited.

@@ -9,6 +9,7 @@
 //! | [`bin`] | finding (building once if missing) the workspace binaries, spawning them without inherited `WEFT_*`, ready files, log files printed on failure, kill by PID on drop |
 //! | [`wait`] | bounded polling: [`wait::wait_for`], [`wait::wait_until`] |
 //! | [`pki`] | a cluster CA and the member certificates of a process cluster |
+//! | [`probe`] | members seen from outside: handshakes, the certificate a new connection is shown, a process's established TCP connections |
 //! | [`routers`] | the one spawner of a three-`weft-router` group (plaintext or mutual TLS) |
 //! | [`proc_cluster`] | routers plus `weft-node` processes on their own loopback addresses |
 //! | [`auth`] | client-security fixtures: one HS256 secret, admin and harness API keys, the config that uses them, tokens signed for them, a secured [`inproc::TestNode`] |
@@ -36,6 +37,7 @@ pub mod bin;
 pub mod inproc;
 pub mod metrics;
 pub mod pki;
+pub mod probe;
 pub mod proc_cluster;
 pub mod raw;
 pub mod roaming;

@@ -1,10 +1,17 @@
-//! Reading a node's Prometheus page. Every node labels its series `node="<id>"`; a
-//! test asks for one series of one node, summed over its other labels.
+//! Reading a Prometheus page. Every node labels its series `node="<id>"`, every router
+//! `router="<id>"`; a test asks for one series of one member, summed over its other
+//! labels.
 
 /// Sums the samples of `name` carrying `node="<node>"` in a Prometheus text page, or
 /// `None` when there is no such series.
 pub fn parse_metric(text: &str, name: &str, node: &str) -> Option<f64> {
-    let label = format!("node=\"{node}\"");
+    parse_labelled(text, name, "node", node)
+}
+
+/// Sums the samples of `name` carrying the label `key="<value>"`, or `None` when there
+/// is no such series.
+pub fn parse_labelled(text: &str, name: &str, key: &str, value: &str) -> Option<f64> {
+    let label = format!("{key}=\"{value}\"");
     let mut sum = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (series, rest) = match line.find('{') {

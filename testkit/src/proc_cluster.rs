@@ -3,7 +3,8 @@
 //! loopback address (127.0.0.x), so several clusters in one test run never collide.
 //!
 //! Layout of one cluster with IP base `b` (a test picks a distinct `b`):
-//! routers `1..=3` on `127.0.0.{b+1..b+3}`, nodes on `127.0.0.{b+11}`, `{b+12}`, … in
+//! routers `1..=3` on `127.0.0.{b+1..b+3}` (Router and, on another port, Raft
+//! addresses, as the Helm chart runs them), nodes on `127.0.0.{b+11}`, `{b+12}`, … in
 //! the order they were added. Every file (data dirs, ready files, logs, certificates)
 //! lives in one [`Workdir`], removed when the test passes; when it fails, every
 //! process's log is printed. Every process is killed by its own PID on drop.
@@ -135,8 +136,9 @@ impl ProcCluster {
         );
         let workdir = Workdir::new("relay", name);
         let pki = Arc::new(Pki::create(workdir.join("certs")));
+        // Raft on addresses of its own, as the Helm chart runs routers.
         let routers =
-            RouterGroup::start(&workdir, base, heartbeat_timeout_ms, Some(pki.clone())).await;
+            RouterGroup::start_split(&workdir, base, heartbeat_timeout_ms, Some(pki.clone())).await;
         let mut c = Self {
             routers,
             nodes: BTreeMap::new(),
@@ -189,9 +191,17 @@ impl ProcCluster {
         self.pki.dir().to_path_buf()
     }
 
-    /// The router group's addresses (id → `host:port`).
+    /// The router group's Router addresses (id → `host:port`), the ones nodes dial.
     pub fn router_addrs(&self) -> BTreeMap<u64, String> {
         self.routers.addrs()
+    }
+
+    /// The Raft address of router `id` (only routers may call it).
+    pub fn router_raft_addr(&self, id: u64) -> String {
+        self.routers
+            .raft_addr(id)
+            .expect("the process cluster's routers serve Raft apart")
+            .to_owned()
     }
 
     /// The cluster listener (relay) address of node `name` once it started.
@@ -201,6 +211,78 @@ impl ProcCluster {
             .unwrap_or_else(|| panic!("node {name} was never added"))
             .cluster
             .clone()
+    }
+
+    /// The process id of router `id` (running).
+    pub fn router_pid(&self, id: u64) -> u32 {
+        self.routers
+            .pid(id)
+            .unwrap_or_else(|| panic!("router {id} is not running"))
+    }
+
+    /// The process id of node `name` (running).
+    pub fn node_pid(&self, name: &str) -> u32 {
+        self.nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("node {name} is not running"))
+            .proc
+            .pid()
+    }
+
+    /// Sends SIGHUP to router `id`: it reloads its certificates.
+    pub fn sighup_router(&self, id: u64) {
+        self.routers.sighup(id);
+    }
+
+    /// Sends SIGHUP to node `name`: it reloads its certificates.
+    pub fn sighup_node(&self, name: &str) {
+        self.nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("node {name} is not running"))
+            .proc
+            .sighup();
+    }
+
+    /// The certificate files of member `name` (`router-1`, `node-a`).
+    pub fn member_files(&self, name: &str) -> weft_router::tls::TlsFiles {
+        weft_router::tls::TlsFiles {
+            ca_file: self.pki.dir().join("ca.crt"),
+            cert_file: self.pki.dir().join(format!("{name}.crt")),
+            key_file: self.pki.dir().join(format!("{name}.key")),
+        }
+    }
+
+    /// Waits (at most `within`) until every running router (its Router address) and
+    /// node (its cluster listener) answers `transport`'s handshake as `want`
+    /// ([`crate::probe::handshake_ok`]); panics naming `what` otherwise.
+    pub async fn members_accept(
+        &self,
+        transport: &weft_router::tls::Transport,
+        want: bool,
+        what: &str,
+        within: Duration,
+    ) {
+        let members: Vec<(String, Option<String>)> = self
+            .routers
+            .ids()
+            .into_iter()
+            .map(|id| (self.routers.addr(id).to_owned(), None))
+            .chain(
+                self.nodes
+                    .keys()
+                    .map(|n| (self.cluster_addr(n), Some(n.clone()))),
+            )
+            .collect();
+        let members = &members;
+        wait_for(within, what, || async move {
+            for (addr, node) in members {
+                if crate::probe::handshake_ok(transport, addr, node.as_deref()).await != want {
+                    return Err(format!("{addr} ({node:?}) does not yet"));
+                }
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// Ids of the routers running now.

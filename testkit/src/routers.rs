@@ -3,7 +3,10 @@
 //! never collide), with data dirs, ready files and logs in the harness's [`Workdir`].
 //! A group runs mutual TLS with the certificates of a [`Pki`] — as in production and
 //! as the process cluster does — or plaintext (`--cluster-insecure`) for the tests of
-//! Raft behaviour itself, which write as many node ids from one client.
+//! Raft behaviour itself, which write as many node ids from one client. Its routers
+//! serve Raft on their Router address, or — [`RouterGroup::start_split`], as the Helm
+//! chart runs them — on a `--raft-listen` address of their own, which `--peers` then
+//! names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{ExitStatus, Stdio};
@@ -25,6 +28,8 @@ pub struct RouterGroup {
     base: u8,
     heartbeat_timeout_ms: u64,
     addrs: BTreeMap<u64, String>,
+    /// Each router's `--raft-listen` address, when Raft has its own.
+    raft_addrs: Option<BTreeMap<u64, String>>,
     procs: BTreeMap<u64, Proc>,
     /// One client per router, kept across its restarts (the address does not change).
     clients: BTreeMap<u64, RouterClient>,
@@ -44,9 +49,35 @@ impl RouterGroup {
         heartbeat_timeout_ms: u64,
         pki: Option<Arc<Pki>>,
     ) -> Self {
-        let addrs: BTreeMap<u64, String> = (1..=3u64)
-            .map(|id| (id, bin::free_addr(&format!("127.0.0.{}", base + id as u8))))
-            .collect();
+        Self::start_layout(workdir, base, heartbeat_timeout_ms, pki, false).await
+    }
+
+    /// [`RouterGroup::start`], each router serving Raft on a `--raft-listen` address
+    /// of its own (on its IP, another port) and `--peers` naming those.
+    pub async fn start_split(
+        workdir: &Workdir,
+        base: u8,
+        heartbeat_timeout_ms: u64,
+        pki: Option<Arc<Pki>>,
+    ) -> Self {
+        Self::start_layout(workdir, base, heartbeat_timeout_ms, pki, true).await
+    }
+
+    async fn start_layout(
+        workdir: &Workdir,
+        base: u8,
+        heartbeat_timeout_ms: u64,
+        pki: Option<Arc<Pki>>,
+        split: bool,
+    ) -> Self {
+        let ip = |id: u64| format!("127.0.0.{}", base + id as u8);
+        let addrs: BTreeMap<u64, String> =
+            (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
+        let raft_addrs = split.then(|| {
+            (1..=3u64)
+                .map(|id| (id, bin::free_addr(&ip(id))))
+                .collect::<BTreeMap<_, _>>()
+        });
         let transport = match &pki {
             Some(p) => p.admin_transport(),
             None => Transport::Plaintext,
@@ -65,6 +96,7 @@ impl RouterGroup {
             base,
             heartbeat_timeout_ms,
             addrs,
+            raft_addrs,
             procs: BTreeMap::new(),
             clients,
             transport,
@@ -81,9 +113,11 @@ impl RouterGroup {
         self.base
     }
 
-    /// `1=host:port,2=…`, as `--peers` takes it.
+    /// `1=host:port,2=…`, as `--peers` takes it (the Raft addresses).
     pub fn peers(&self) -> String {
-        self.addrs
+        self.raft_addrs
+            .as_ref()
+            .unwrap_or(&self.addrs)
             .iter()
             .map(|(id, a)| format!("{id}={a}"))
             .collect::<Vec<_>>()
@@ -112,6 +146,13 @@ impl RouterGroup {
         let child = cmd
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id]])
+            .args(
+                self.raft_addrs
+                    .as_ref()
+                    .map(|r| ["--raft-listen".to_owned(), r[&id].clone()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--peers", &self.peers()])
             .arg("--data-dir")
             .arg(self.workdir.join(format!("router-{id}")))
@@ -130,6 +171,9 @@ impl RouterGroup {
         let mut proc = Proc(child);
         let bound = bin::await_ready_file(&mut proc.0, &ready, &format!("router {id}")).await;
         assert_eq!(bound["listen"], self.addrs[&id], "router {id} address");
+        if let Some(r) = &self.raft_addrs {
+            assert_eq!(bound["raft_listen"], r[&id], "router {id} Raft address");
+        }
         self.procs.insert(id, proc);
     }
 
@@ -154,9 +198,27 @@ impl RouterGroup {
         self.addrs.clone()
     }
 
-    /// The address of router `id`.
+    /// The Router address of router `id`.
     pub fn addr(&self, id: u64) -> &str {
         &self.addrs[&id]
+    }
+
+    /// The Raft address of router `id` when Raft has its own listener.
+    pub fn raft_addr(&self, id: u64) -> Option<&str> {
+        self.raft_addrs.as_ref().map(|r| r[&id].as_str())
+    }
+
+    /// The process id of router `id`, if it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.procs.get(&id).map(Proc::pid)
+    }
+
+    /// Sends SIGHUP to router `id`.
+    pub fn sighup(&self, id: u64) {
+        self.procs
+            .get(&id)
+            .unwrap_or_else(|| panic!("router {id} is not running"))
+            .sighup();
     }
 
     /// Ids of the routers running now.

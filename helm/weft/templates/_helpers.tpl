@@ -21,6 +21,7 @@
 {{- define "weft.node" -}}{{ include "weft.fullname" . }}-node{{- end -}}
 {{- define "weft.nodeCluster" -}}{{ include "weft.fullname" . }}-cluster{{- end -}}
 {{- define "weft.ops" -}}{{ include "weft.fullname" . }}-ops{{- end -}}
+{{- define "weft.routerOps" -}}{{ include "weft.fullname" . }}-router-ops{{- end -}}
 {{- define "weft.client" -}}{{ include "weft.fullname" . }}{{- end -}}
 
 {{- define "weft.serviceAccountName" -}}
@@ -64,12 +65,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-%d.%s.%s.svc" (include "weft.router" .ctx) (int .i) (include "weft.routerHeadless" .ctx) .ctx.Release.Namespace -}}
 {{- end -}}
 
-{{/* --peers of weft-router: id=host:port for every voter (id = pod ordinal). */}}
+{{/* --peers of weft-router: id=host:raftPort for every voter (id = pod ordinal). */}}
 {{- define "weft.routerPeers" -}}
 {{- $ctx := . -}}
 {{- $out := list -}}
 {{- range $i := until (int .Values.router.replicas) -}}
-{{- $out = append $out (printf "%d=%s:%d" $i (include "weft.routerHost" (dict "ctx" $ctx "i" $i)) (int $ctx.Values.router.port)) -}}
+{{- $out = append $out (printf "%d=%s:%d" $i (include "weft.routerHost" (dict "ctx" $ctx "i" $i)) (int $ctx.Values.router.raftPort)) -}}
 {{- end -}}
 {{- join "," $out -}}
 {{- end -}}

@@ -25,26 +25,7 @@ pub fn chart() -> PathBuf {
 
 /// The tool's path, from `$<ENV>` or `PATH`; `None` (after a loud note) when it is not
 /// installed and `CI` is not set. Panics in CI: there a missing tool is a broken setup.
-pub fn tool(name: &str, env: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{name} is not installed (set {env} or put it on PATH; .ci/run installs it)");
-        }
-        eprintln!(
-            "\n!!!!!!!! SKIPPED: {name} is not installed, so this deployment check did not run.\n\
-             !!!!!!!! Install it as .ci/run does (or set {env}); in CI this is a failure.\n"
-        );
-    }
-    found
-}
+pub use weft_testkit::bin::tool;
 
 /// Runs a command, returning its output; panics if it cannot be started.
 pub fn run(cmd: &mut Command) -> Output {

@@ -188,6 +188,11 @@ impl LogStore {
         })
     }
 
+    /// The last committed log index openraft reported (`save_committed`), if any.
+    pub fn committed_index(&self) -> Option<u64> {
+        self.lock().committed.map(|c| c.index)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock means a panic mid-write; the in-memory view may be ahead of
         // the file, but every mutation re-derives from the file on the next open.

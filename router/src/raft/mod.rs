@@ -6,6 +6,7 @@
 //! - [`sm_store`]: the state machine, snapshots, and the change feed for watchers.
 //! - [`disk`]: fsync/atomic-replace helpers.
 //! - [`network`]: the peer gRPC service and cached per-peer channels.
+//! - [`wire`]: openraft's messages ↔ the `weft.v1` Raft protobuf messages, checked.
 //! - [`node`]: [`RaftNode`], the handle the rest of the crate uses.
 
 pub mod disk;
@@ -13,8 +14,9 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod sm_store;
+pub mod wire;
 
-pub use node::{RaftNode, RaftTiming, StartError, WriteError};
+pub use node::{RaftNode, RaftStatus, RaftTiming, StartError, WriteError};
 
 use std::io::Cursor;
 

@@ -301,6 +301,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             w.floor = version;
         }
         self.shared.version_tx.send_replace(version);
+        tracing::info!(
+            last_log = ?meta.last_log_id.map(|l| l.index),
+            version,
+            "installed a snapshot from the leader"
+        );
         Ok(())
     }
 
