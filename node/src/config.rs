@@ -804,6 +804,52 @@ pub struct Cli {
     pub tls_cert_file: Option<PathBuf>,
     #[arg(long, env = "WEFT_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Tool>,
+}
+
+/// `weft-node <tool>`: operator tools that run instead of the node and exit.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Tool {
+    /// Sign this member's cluster certificate with a CA and write ca.crt, tls.crt and
+    /// tls.key into --out (the Helm chart's init container; see
+    /// `cluster::member_cert`).
+    ClusterCert {
+        /// The CA certificate (PEM).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// The CA's key (PEM, PKCS#8 or PKCS#1 RSA).
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// The member: weft://node/<node-id> or weft://router/<id>.
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days (never past the CA's expiry).
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Print an HS256 client token signed with this node's HMAC secret
+    /// (`auth.hmac_secret` or `auth.hmac_secret_file` of the effective configuration),
+    /// with its `auth.issuer` and `auth.audience`.
+    Token {
+        /// The token's subject (`sub`).
+        #[arg(long)]
+        subject: String,
+        /// Patterns it may subscribe to (comma-separated; `{sub}` = the subject).
+        #[arg(long, value_delimiter = ',')]
+        subscribe: Vec<String>,
+        /// Patterns it may publish to (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        publish: Vec<String>,
+        /// It may read and join presence.
+        #[arg(long)]
+        presence: bool,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_s: u64,
+    },
 }
 
 impl Cli {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use tracing::info;
-use weft_node::config::{Cli, Config, LogFormat};
+use weft_node::config::{Cli, Config, LogFormat, Tool};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ExitCode {
     weft_router::cli::usage_exit("weft-node", msg)
@@ -14,6 +14,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if let Some(tool) = &cli.command {
+        return run_tool(&cli, tool);
+    }
     let config = match cli.load() {
         Ok(c) => c,
         Err(e) => return usage_exit(format!("invalid config: {e}")),
@@ -49,6 +52,101 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The operator tools: each prints what it made on stdout, or one line and exits 64.
+fn run_tool(cli: &Cli, tool: &Tool) -> ExitCode {
+    let done = match tool {
+        Tool::ClusterCert {
+            ca_cert,
+            ca_key,
+            identity,
+            out,
+            days,
+        } => cluster_cert(ca_cert, ca_key, identity, out, *days),
+        Tool::Token {
+            subject,
+            subscribe,
+            publish,
+            presence,
+            ttl_s,
+        } => token(
+            cli,
+            weft_node::auth::mint::TokenSpec {
+                subject: subject.clone(),
+                subscribe: subscribe.clone(),
+                publish: publish.clone(),
+                presence: *presence,
+                ttl: std::time::Duration::from_secs(*ttl_s),
+                ..Default::default()
+            },
+        ),
+    };
+    match done {
+        Ok(said) => {
+            print!("{said}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => usage_exit(e),
+    }
+}
+
+fn read(p: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// `weft-node cluster-cert`: the member's certificate, signed with the CA.
+fn cluster_cert(
+    ca_cert: &std::path::Path,
+    ca_key: &std::path::Path,
+    identity: &str,
+    out: &std::path::Path,
+    days: u64,
+) -> Result<String, String> {
+    use weft_node::cluster::member_cert;
+    let peer = weft_router::identity::Peer::from_uri(identity)
+        .map_err(|e| format!("cluster-cert --identity: {e}"))?;
+    let (ca_pem, key_pem) = (read(ca_cert)?, read(ca_key)?);
+    let validity = std::time::Duration::from_secs(days.saturating_mul(24 * 3600));
+    let issued = member_cert::issue(
+        &ca_pem,
+        &key_pem,
+        &peer,
+        validity,
+        std::time::SystemTime::now(),
+    )
+    .map_err(|e| format!("cluster-cert: {e}"))?;
+    let files = member_cert::write_files(out, &ca_pem, &issued)
+        .map_err(|e| format!("cluster-cert: {e}"))?;
+    let mut said = format!("{peer}: valid until {}\n", issued.not_after);
+    for f in files {
+        said.push_str(&format!("{}\n", f.display()));
+    }
+    Ok(said)
+}
+
+/// `weft-node token`: a client token signed with the effective configuration's HMAC
+/// secret, carrying its issuer and audience.
+fn token(cli: &Cli, mut spec: weft_node::auth::mint::TokenSpec) -> Result<String, String> {
+    use weft_node::auth::mint;
+    let config = cli.load().map_err(|e| format!("invalid config: {e}"))?;
+    let a = &config.auth;
+    let from_file;
+    let secret: &[u8] = if !a.hmac_secret.is_empty() {
+        a.hmac_secret.expose().as_bytes()
+    } else if let Some(path) = &a.hmac_secret_file {
+        from_file = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        mint::secret_from_file(&from_file).map_err(|e| format!("token: {e}"))?
+    } else {
+        return Err(
+            "token: no HMAC secret configured (auth.hmac_secret or auth.hmac_secret_file)".into(),
+        );
+    };
+    spec.issuer = a.issuer.clone();
+    spec.audience = a.audience.clone();
+    let token = mint::mint_hs256(secret, &spec, std::time::SystemTime::now())
+        .map_err(|e| format!("token: {e}"))?;
+    Ok(format!("{token}\n"))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -15,6 +15,11 @@
 //! concrete path, so the label set stays bounded) in [`track_http`]. Its duration is the
 //! time to the response head: for a publish that is the publish latency, for a watch
 //! (SSE, NDJSON) or a WebSocket upgrade it is the time to the stream's start.
+//!
+//! Bytes in and out are counted per [`Traffic`] (`ws`, `sse`, `ndjson`, `http`): the
+//! protocol's bytes (WebSocket frames as written and read, HTTP bodies), before TLS.
+//! Relay lag is what each peer link holds queued (bytes and frames, by `peer`), read
+//! from the links at every export.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -77,6 +82,40 @@ impl Transport {
     }
 }
 
+/// What client bytes travel as, for `weft_bytes_received_total` / `_sent_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// WebSocket frames (after the upgrade).
+    Ws,
+    /// SSE response bodies.
+    Sse,
+    /// NDJSON bodies: watch streams out, the streaming publish in.
+    Ndjson,
+    /// Every other HTTP body (REST, history pages, long-poll).
+    Http,
+}
+
+impl Traffic {
+    pub const ALL: [Traffic; 4] = [Traffic::Ws, Traffic::Sse, Traffic::Ndjson, Traffic::Http];
+    pub fn label(self) -> &'static str {
+        match self {
+            Traffic::Ws => "ws",
+            Traffic::Sse => "sse",
+            Traffic::Ndjson => "ndjson",
+            Traffic::Http => "http",
+        }
+    }
+
+    /// The traffic an HTTP body of this `Content-Type` is.
+    pub fn of_content_type(content_type: Option<&str>) -> Self {
+        match content_type.map(|c| c.split(';').next().unwrap_or("").trim()) {
+            Some(c) if c.eq_ignore_ascii_case("text/event-stream") => Traffic::Sse,
+            Some(c) if c.eq_ignore_ascii_case("application/x-ndjson") => Traffic::Ndjson,
+            _ => Traffic::Http,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Stats {
     pub published: Count,
@@ -96,6 +135,9 @@ pub struct Stats {
     /// Publish → socket write, sampled once per written batch.
     pub delivery_latency: Histogram,
     pub relay: RelayStats,
+    /// Client bytes read and written, by [`Traffic`].
+    pub bytes_received: [Count; 4],
+    pub bytes_sent: [Count; 4],
 }
 
 /// The relay between nodes (one set per node).
@@ -149,6 +191,8 @@ impl Stats {
             max_session_queue_bytes: AtomicU64::new(0),
             delivery_latency: Histogram::noop(),
             relay: RelayStats::default(),
+            bytes_received: Default::default(),
+            bytes_sent: Default::default(),
         }
     }
 
@@ -160,6 +204,14 @@ impl Stats {
 
     pub fn connection(&self, t: Transport) -> &Level {
         &self.connections[t as usize]
+    }
+
+    pub fn received(&self, t: Traffic) -> &Count {
+        &self.bytes_received[t as usize]
+    }
+
+    pub fn sent(&self, t: Traffic) -> &Count {
+        &self.bytes_sent[t as usize]
     }
 }
 
@@ -209,8 +261,12 @@ pub const FAMILIES: &[weft_router::prometheus::Family] = &[
     ("weft_delivery_latency_seconds", Kind::Histogram, "Publish to socket write, sampled once per written batch."),
     ("weft_http_requests_total", Kind::Counter, "HTTP requests answered, by route template, method and status."),
     ("weft_http_request_duration_seconds", Kind::Histogram, "HTTP request to response head, by route template and method (for a publish route: the publish latency)."),
-    ("weft_http_request_bytes_total", Kind::Counter, "HTTP request body bytes received (by Content-Length), by route template."),
+    ("weft_http_request_bytes_total", Kind::Counter, "HTTP request body bytes read, by route template."),
     ("weft_http_response_bytes_total", Kind::Counter, "HTTP response body bytes sent, by route template (SSE and NDJSON streams included; WebSocket frames are not)."),
+    ("weft_bytes_received_total", Kind::Counter, "Bytes read from clients, by transport: ws (WebSocket frames), ndjson (the streaming publish), http (other request bodies); before TLS."),
+    ("weft_bytes_sent_total", Kind::Counter, "Bytes written to clients, by transport: ws (WebSocket frames), sse and ndjson (watch streams), http (other response bodies); before TLS."),
+    ("weft_relay_link_queued_bytes", Kind::Gauge, "Relay lag: bytes queued on the link to each peer, not yet handed to gRPC (past 16 MiB of events the peer is dropped as lagging), by peer."),
+    ("weft_relay_link_queued_frames", Kind::Gauge, "Relay lag: frames queued on the link to each peer, by peer."),
 ];
 
 pub use weft_router::prometheus::Kind;
@@ -271,6 +327,13 @@ pub struct Exporter {
     members: [Gauge; 3],
     ring_version: Gauge,
     heartbeat_age: Gauge,
+    /// `weft_bytes_received_total` and `weft_bytes_sent_total`, by [`Traffic::ALL`].
+    bytes: Vec<(Counter, Counter)>,
+    /// Relay lag gauges (queued bytes, frames) of each peer linked at the last round.
+    /// A peer whose link is gone is set to 0 once and dropped from the map, so the map
+    /// holds the current links only.
+    links: std::sync::Mutex<std::collections::HashMap<Arc<str>, (Gauge, Gauge)>>,
+    node: String,
 }
 
 impl Exporter {
@@ -311,6 +374,17 @@ impl Exporter {
                 .map(|s| metrics::gauge!("weft_cluster_members", "node" => n(), "state" => s)),
             ring_version: g("weft_ring_version"),
             heartbeat_age: g("weft_router_heartbeat_age_seconds"),
+            bytes: Traffic::ALL
+                .iter()
+                .map(|t| {
+                    (
+                        metrics::counter!("weft_bytes_received_total", "node" => n(), "transport" => t.label()),
+                        metrics::counter!("weft_bytes_sent_total", "node" => n(), "transport" => t.label()),
+                    )
+                })
+                .collect(),
+            links: Default::default(),
+            node: n(),
         }
     }
 
@@ -322,6 +396,13 @@ impl Exporter {
         }
         for (gauge, level) in self.connections.iter().zip(&stats.connections) {
             gauge.set(level.get() as f64);
+        }
+        for ((received, sent), t) in self.bytes.iter().zip(Traffic::ALL) {
+            received.absolute(stats.received(t).get());
+            sent.absolute(stats.sent(t).get());
+        }
+        if let Some(relay) = node.relay.get() {
+            self.export_links(relay.link_backlogs());
         }
         self.subscriptions.set(stats.subscriptions.get() as f64);
         self.relay_links.set(stats.relay.links.get() as f64);
@@ -345,19 +426,63 @@ impl Exporter {
     }
 }
 
+impl Exporter {
+    /// Sets each linked peer's lag gauges; zeroes and forgets peers no longer linked.
+    fn export_links(&self, backlogs: Vec<(Arc<str>, usize, usize)>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let live: std::collections::HashSet<&str> =
+            backlogs.iter().map(|(peer, _, _)| &**peer).collect();
+        links.retain(|peer, (bytes, frames)| {
+            let keep = live.contains(&**peer);
+            if !keep {
+                bytes.set(0.0);
+                frames.set(0.0);
+            }
+            keep
+        });
+        for (peer, queued_bytes, queued_frames) in &backlogs {
+            let (bytes, frames) = links.entry(peer.clone()).or_insert_with(|| {
+                let label = || peer.to_string();
+                (
+                    metrics::gauge!("weft_relay_link_queued_bytes", "node" => self.node.clone(), "peer" => label()),
+                    metrics::gauge!("weft_relay_link_queued_frames", "node" => self.node.clone(), "peer" => label()),
+                )
+            });
+            bytes.set(*queued_bytes as f64);
+            frames.set(*queued_frames as f64);
+        }
+    }
+}
+
 /// The `/metrics` page: every recorded family, then the `process_*` families read
 /// from `/proc/self` at scrape time ([`weft_router::prometheus::with_process`]).
+///
+/// A family with no series yet (the relay lag of a node without peers, the bytes of a
+/// transport nobody used) is still declared with its `# HELP` and `# TYPE`, so what a
+/// node exports does not depend on its traffic.
 pub fn render() -> String {
-    weft_router::prometheus::with_process(prometheus().render())
+    let mut page = prometheus().render();
+    for &(name, kind, help) in FAMILIES {
+        if name.starts_with("process_") || page.contains(&format!("# TYPE {name} ")) {
+            continue;
+        }
+        page.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {}\n\n",
+            kind.name()
+        ));
+    }
+    weft_router::prometheus::with_process(page)
 }
 
 /// Counts and times every HTTP request by route template (a `tower` middleware on the
-/// node's router). The concrete path never becomes a label: topics are unbounded.
+/// node's router), and counts its body bytes both ways by route and by [`Traffic`]. The
+/// concrete path never becomes a label: topics are unbounded.
 pub async fn track_http(
     axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::Node>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::http::header::CONTENT_TYPE;
     let started = std::time::Instant::now();
     let route: String = req
         .extensions()
@@ -375,16 +500,19 @@ pub async fn track_http(
         _ => "other",
     };
     let node_id = node.config.node_id.clone();
-    let request_bytes = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    if request_bytes > 0 {
-        metrics::counter!("weft_http_request_bytes_total", "node" => node_id.clone(), "route" => route.clone())
-            .increment(request_bytes);
-    }
+    let content_type = |h: &axum::http::HeaderMap| {
+        Traffic::of_content_type(h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()))
+    };
+    let traffic_in = content_type(req.headers());
+    let received = metrics::counter!("weft_http_request_bytes_total", "node" => node_id.clone(), "route" => route.clone());
+    let req = req.map(|body| {
+        axum::body::Body::new(CountedBody {
+            body,
+            route: received,
+            node: node.clone(),
+            count: Direction::Received(traffic_in),
+        })
+    });
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
     metrics::counter!(
@@ -402,16 +530,35 @@ pub async fn track_http(
         "method" => method,
     )
     .record(started.elapsed().as_secs_f64());
+    let traffic_out = content_type(resp.headers());
     let sent =
         metrics::counter!("weft_http_response_bytes_total", "node" => node_id, "route" => route);
     let (parts, body) = resp.into_parts();
-    axum::response::Response::from_parts(parts, axum::body::Body::new(CountedBody { body, sent }))
+    axum::response::Response::from_parts(
+        parts,
+        axum::body::Body::new(CountedBody {
+            body,
+            route: sent,
+            node,
+            count: Direction::Sent(traffic_out),
+        }),
+    )
 }
 
-/// A response body that adds the size of every data frame it yields to a counter.
+/// Which of the node's byte counters a [`CountedBody`] adds to.
+#[derive(Clone, Copy)]
+enum Direction {
+    Received(Traffic),
+    Sent(Traffic),
+}
+
+/// A body that adds the size of every data frame it yields to its route's counter and
+/// to the node's per-traffic count.
 struct CountedBody {
     body: axum::body::Body,
-    sent: Counter,
+    route: Counter,
+    node: std::sync::Arc<crate::Node>,
+    count: Direction,
 }
 
 impl http_body::Body for CountedBody {
@@ -425,7 +572,13 @@ impl http_body::Body for CountedBody {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                self.sent.increment(data.len() as u64);
+                let n = data.len() as u64;
+                self.route.increment(n);
+                let stats = &self.node.stats;
+                match self.count {
+                    Direction::Received(t) => stats.received(t).add(n),
+                    Direction::Sent(t) => stats.sent(t).add(n),
+                }
             }
         }
         polled

@@ -661,6 +661,13 @@ async fn an_owner_sends_each_event_once_per_interested_node() {
             "{m} receives each event once for its {SUBSCRIBERS_PER_NODE} subscribers"
         );
     }
+    // Relay lag, per peer link: the owner exports what its links hold, and once every
+    // event is delivered they hold nothing.
+    let queued = owner
+        .settled_metric("weft_relay_link_queued_bytes", Duration::from_secs(10))
+        .await
+        .expect("the owner exports its links' backlog");
+    assert_eq!(queued, 0.0, "bytes still queued after every event arrived");
 }
 
 /// Subscribes to topics that have had no event yet; their epochs, by topic.

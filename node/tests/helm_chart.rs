@@ -39,7 +39,7 @@ fn every_values_file_lints_renders_and_validates() {
     };
     let dir = temp("matrix");
     let files = yaml_files("helm/tests/values");
-    assert!(files.len() >= 7, "the matrix lost files: {files:?}");
+    assert!(files.len() >= 9, "the matrix lost files: {files:?}");
     for values in &files {
         let name = values.file_stem().unwrap().to_string_lossy();
         let lint = run(Command::new(&helm)
@@ -148,6 +148,28 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
     document(&m, "ServiceMonitor", "-node");
     document(&m, "NetworkPolicy", "-node");
     document(&m, "PodDisruptionBudget", "-router");
+    // Secure by default: client auth with generated keys, cluster mTLS from the
+    // chart's CA, each pod's certificate signed by its init container.
+    for sts in [node, router] {
+        assert!(sts.contains("command: [\"/usr/local/bin/weft-node\", \"cluster-cert\"]"));
+        assert!(sts.contains("value: /etc/weft/cluster/tls.crt"), "{sts}");
+        assert!(!sts.contains("WEFT_CLUSTER_INSECURE") && !sts.contains("ALLOW_ANONYMOUS"));
+        assert!(sts.contains("secretName: weft-cluster-signer"));
+    }
+    assert!(
+        node.contains("- weft://node/$(POD_NAME)") && router.contains("- weft://router/$(WEFT_ID)")
+    );
+    assert!(
+        node.contains("WEFT_AUTH_HMAC_SECRET_FILE") && node.contains("mountPath: /etc/weft/admin")
+    );
+    document(&m, "Secret", "-cluster-signer");
+    let test_pod = document(&m, "Pod", "-loadtest");
+    assert!(test_pod.contains("name: weft-auth") && test_pod.contains("key: loadtest-key"));
+
+    let m = render(&helm, Some(&values("development")), &[]).unwrap();
+    let node = document(&m, "StatefulSet", "-node");
+    assert!(node.contains("WEFT_CLUSTER_INSECURE") && node.contains("WEFT_AUTH_ALLOW_ANONYMOUS"));
+    assert!(!node.contains("initContainers:") && !m.contains("kind: Secret"));
 
     // The grace period follows the node's shutdown grace.
     let m = render(&helm, None, &["node.config.timing.shutdown_grace_ms=30500"]).unwrap();
@@ -352,4 +374,78 @@ fn dockerfile_passes_hadolint() {
         body.contains("USER 10001"),
         "the runtime image runs as non-root"
     );
+}
+
+/// A Secret's value in a rendered manifest stream, decoded (`base64 -d`).
+fn secret_value(manifests: &str, name: &str, key: &str) -> Vec<u8> {
+    let doc = document(manifests, "Secret", name);
+    let b64 = doc
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in\n{doc}"));
+    let out = deploy::run_with_input(Command::new("base64").arg("-d"), b64.as_bytes());
+    assert!(out.status.success(), "base64 -d: {}", text(&out.stderr));
+    out.stdout
+}
+
+/// The default install's secrets hang together: the CA Helm generates (`genCA`, an
+/// RSA PKCS#1 key) signs, through the rendered init container's command, certificates
+/// that the real TLS loader accepts as the member they name; and the hashes in
+/// `weft.toml` are those of the generated keys in the Secret (one value per render,
+/// shared by every template).
+#[test]
+fn generated_secrets_sign_member_certificates_and_match_the_config() {
+    let Some(helm) = helm() else { return };
+    let dir = temp("generated");
+    let m = render(&helm, None, &[]).unwrap();
+    let signer = dir.join("signer");
+    std::fs::create_dir_all(&signer).unwrap();
+    for key in ["ca.crt", "ca.key"] {
+        std::fs::write(signer.join(key), secret_value(&m, "-cluster-signer", key)).unwrap();
+    }
+    for (identity, peer) in [
+        (
+            "weft://router/1",
+            weft_router::identity::Peer::Router("1".into()),
+        ),
+        (
+            "weft://node/weft-node-2",
+            weft_router::identity::Peer::Node("weft-node-2".into()),
+        ),
+    ] {
+        let out_dir = dir.join(identity.replace('/', "_"));
+        let out = run(Command::new(NODE_BIN)
+            .env_clear()
+            .args(["cluster-cert", "--ca-cert"])
+            .arg(signer.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(signer.join("ca.key"))
+            .args(["--identity", identity, "--days", "30", "--out"])
+            .arg(&out_dir));
+        assert!(out.status.success(), "cluster-cert: {}", text(&out.stderr));
+        let certs = weft_router::tls::Certs::load_member(weft_router::tls::TlsFiles {
+            ca_file: out_dir.join("ca.crt"),
+            cert_file: out_dir.join("tls.crt"),
+            key_file: out_dir.join("tls.key"),
+        })
+        .unwrap_or_else(|e| panic!("{identity}: {e}"));
+        assert_eq!(certs.identity(), peer);
+    }
+
+    let toml = block_scalar(document(&m, "ConfigMap", "-node-config"), "weft.toml");
+    for key in ["admin-key", "loadtest-key"] {
+        use sha2::Digest;
+        let value = secret_value(&m, "weft-auth", key);
+        assert!(value.len() >= 32, "{key} is too short");
+        let hash: String = sha2::Sha256::digest(&value)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            toml.contains(&format!("sha256 = \"{hash}\"")),
+            "{key}:\n{toml}"
+        );
+    }
+    assert!(secret_value(&m, "weft-auth", "hmac-secret").len() >= 32);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -5,17 +5,23 @@
 //! every node in turn (highest ordinal first, as a StatefulSet rolls) under load with
 //! nothing lost, duplicated, reordered or reset.
 //!
-//! From each StatefulSet's pod template the test takes the container's command, args
-//! and env (`$(VAR)` expanded, `fieldRef`s of the pod's name and ordinal resolved), its
-//! ports and probes, and its mounts (ConfigMap files written to a per-pod directory,
-//! the data volume a per-pod directory that survives a restart only if it is a PVC).
+//! From each StatefulSet's pod template the test takes every container's command, args
+//! and env (`$(VAR)` expanded, `fieldRef`s of the pod's name and ordinal resolved), the
+//! main container's ports and probes, and the mounts (ConfigMap and Secret files —
+//! the rendered Secrets, with their `items` — written to a per-pod directory, each
+//! emptyDir a per-pod directory emptied whenever the pod starts, the data volume kept
+//! across a restart only if it is a PVC). The init containers run to completion before
+//! the main one, on every start, as the kubelet runs them for a new pod.
 //! Each pod gets its own loopback address (routers 127.N.13.10+i, nodes 127.N.13.20+i,
 //! N = 100 + the test process's PID mod 100, so a copy of this test running from
 //! another checkout at the same time does not take the same ports): service DNS names
 //! and the pod's own `0.0.0.0` / `127.0.0.1` map to it.
 //!
-//! Rendered with the chart's defaults for the cluster: relay and router traffic on the
-//! cluster listener (`--cluster-listen`), `cluster.tls.mode=none` (`--cluster-insecure`).
+//! Rendered with the chart's secure defaults: client auth on (the generated HMAC secret
+//! and API keys — the preStop drain sends the admin key, the load test the `loadtest`
+//! key from the `helm test` pod's `secretKeyRef`), and mutual TLS on the cluster
+//! listener with `cluster.tls.mode=generated`: each router and node pod's init
+//! container signs its own certificate with the chart's CA (`weft-node cluster-cert`).
 
 mod deploy;
 
@@ -33,15 +39,21 @@ use deploy::{render, run_with_input, text, tool};
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 
+const YAML_TO_JSON: &str = r#"
+import sys, json, yaml, base64
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+for d in docs:
+    if d["kind"] == "Secret":
+        d["stringData"] = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+print(json.dumps(docs))
+"#;
+
 /// The rendered manifests as JSON values (PyYAML converts; it comes with
-/// kubernetes-validate).
+/// kubernetes-validate). A Secret's `data` is decoded into `stringData`.
 fn manifests(helm: &Path, python: &Path, set: &[&str]) -> Vec<Value> {
     let yaml = render(helm, None, set).unwrap_or_else(|e| panic!("helm template: {e}"));
     let out = run_with_input(
-        Command::new(python).args([
-            "-c",
-            "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
-        ]),
+        Command::new(python).args(["-c", YAML_TO_JSON]),
         yaml.as_bytes(),
     );
     assert!(out.status.success(), "YAML to JSON: {}", text(&out.stderr));
@@ -53,17 +65,36 @@ struct Pod {
     name: String,
     ip: String,
     dir: PathBuf,
-    command: Vec<String>,
-    env: Vec<(String, String)>,
+    /// The init containers, in order, then the main container.
+    init: Vec<Proc>,
+    main: Proc,
     /// Container port by name.
     ports: BTreeMap<String, u16>,
     readiness: Value,
     pre_stop: Option<Vec<String>>,
     grace: Duration,
-    /// The data volume is a PVC (kept across restarts) rather than an emptyDir.
-    data_persists: bool,
-    data_dir: PathBuf,
+    /// emptyDir volumes: emptied whenever the pod starts (a new pod gets new ones).
+    scratch: Vec<PathBuf>,
     running: Option<Running>,
+}
+
+/// One container's process: its command line and environment, localised.
+struct Proc {
+    container: String,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Proc {
+    fn command(&self, log: &std::fs::File) -> Command {
+        let mut cmd = Command::new(&self.command[0]);
+        cmd.args(&self.command[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log.try_clone().unwrap());
+        cmd
+    }
 }
 
 struct Running {
@@ -115,16 +146,14 @@ struct Cluster {
 impl Cluster {
     fn from_manifests(docs: &[Value], root: PathBuf) -> Self {
         let namespace = "rt";
-        let config_maps: BTreeMap<String, &Value> = docs
-            .iter()
-            .filter(|d| d["kind"] == "ConfigMap")
-            .map(|d| {
-                (
-                    d["metadata"]["name"].as_str().unwrap().to_owned(),
-                    &d["data"],
-                )
-            })
-            .collect();
+        let by_kind = |kind: &str| -> BTreeMap<String, &Value> {
+            docs.iter()
+                .filter(|d| d["kind"] == kind)
+                .map(|d| (d["metadata"]["name"].as_str().unwrap().to_owned(), d))
+                .collect()
+        };
+        let config_maps = by_kind("ConfigMap");
+        let secrets = by_kind("Secret");
         let mut pods = Vec::new();
         let mut hosts = Vec::new();
         for sts in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
@@ -132,16 +161,19 @@ impl Cluster {
             let service = sts["spec"]["serviceName"].as_str().unwrap();
             let replicas = sts["spec"]["replicas"].as_u64().expect("replicas rendered");
             let spec = &sts["spec"]["template"]["spec"];
-            let c = &spec["containers"][0];
             let is_router = name.ends_with("-router");
-            let pvc = sts["spec"]["volumeClaimTemplates"]
+            let pvc: Vec<String> = sts["spec"]["volumeClaimTemplates"]
                 .as_array()
-                .map(|v| {
-                    v.iter()
-                        .map(|t| t["metadata"]["name"].as_str().unwrap().to_owned())
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .map(|t| t["metadata"]["name"].as_str().unwrap().to_owned())
+                .collect();
+            let containers: Vec<&Value> = spec["initContainers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(spec["containers"].as_array().unwrap().first())
+                .collect();
             for i in 0..replicas {
                 let pod = format!("{name}-{i}");
                 let ip = format!(
@@ -152,72 +184,123 @@ impl Cluster {
                 hosts.push((format!("{pod}.{service}.{namespace}.svc"), ip.clone()));
                 let dir = root.join(&pod);
                 std::fs::create_dir_all(&dir).unwrap();
-                // Mounts: ConfigMaps become files; the data volume a directory.
+                // Every volume a container mounts becomes a per-pod directory.
                 let mut mounts: Vec<(String, PathBuf)> = Vec::new();
-                let mut data_dir = None;
-                let mut data_persists = false;
-                for m in c["volumeMounts"].as_array().unwrap() {
-                    let vol_name = m["name"].as_str().unwrap();
-                    let mount = m["mountPath"].as_str().unwrap().to_owned();
-                    let local = dir.join(format!("vol-{vol_name}"));
-                    std::fs::create_dir_all(&local).unwrap();
-                    let vol = spec["volumes"]
-                        .as_array()
-                        .and_then(|vs| vs.iter().find(|v| v["name"] == vol_name));
-                    if let Some(cm) = vol.and_then(|v| v["configMap"]["name"].as_str()) {
-                        let data = config_maps[cm].as_object().unwrap();
-                        for (file, body) in data {
-                            // The pod's localhost is its own address here.
-                            let body = body.as_str().unwrap().replace("127.0.0.1", &ip);
-                            std::fs::write(local.join(file), body).unwrap();
+                let mut files: Vec<(PathBuf, String)> = Vec::new();
+                let mut scratch = Vec::new();
+                let mut seen = std::collections::BTreeSet::new();
+                for c in &containers {
+                    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+                        let vol_name = m["name"].as_str().unwrap();
+                        let local = dir.join(format!("vol-{vol_name}"));
+                        mounts.push((m["mountPath"].as_str().unwrap().to_owned(), local.clone()));
+                        if !seen.insert(vol_name.to_owned()) {
+                            continue;
                         }
-                    } else if vol_name == "data" {
-                        data_persists = pvc.iter().any(|p| p == "data");
-                        data_dir = Some(local.clone());
-                    } else {
-                        panic!("{pod}: volume {vol_name} has no local stand-in (render with security off)");
+                        std::fs::create_dir_all(&local).unwrap();
+                        let vol = spec["volumes"]
+                            .as_array()
+                            .and_then(|vs| vs.iter().find(|v| v["name"] == vol_name));
+                        if let Some(vol) = vol.filter(|v| v["configMap"].is_object()) {
+                            let cm = vol["configMap"]["name"].as_str().unwrap();
+                            for (file, body) in config_maps[cm]["data"].as_object().unwrap() {
+                                files.push((local.join(file), body.as_str().unwrap().to_owned()));
+                            }
+                        } else if let Some(vol) = vol.filter(|v| v["secret"].is_object()) {
+                            let name = vol["secret"]["secretName"].as_str().unwrap();
+                            let data = secrets
+                                .get(name)
+                                .unwrap_or_else(|| panic!("{pod}: Secret {name} is not rendered"))
+                                ["stringData"]
+                                .as_object()
+                                .unwrap();
+                            let items: Vec<(String, String)> =
+                                match vol["secret"]["items"].as_array() {
+                                    Some(items) => items
+                                        .iter()
+                                        .map(|it| {
+                                            (
+                                                it["key"].as_str().unwrap().to_owned(),
+                                                it["path"].as_str().unwrap().to_owned(),
+                                            )
+                                        })
+                                        .collect(),
+                                    None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+                                };
+                            for (key, path) in items {
+                                let body = data[&key].as_str().unwrap();
+                                std::fs::write(local.join(&path), body).unwrap();
+                            }
+                        } else if vol.is_some_and(|v| v["emptyDir"].is_object()) {
+                            scratch.push(local.clone());
+                        } else if pvc.iter().any(|p| p == vol_name) {
+                            // A PVC: kept across restarts.
+                        } else {
+                            panic!("{pod}: volume {vol_name} has no local stand-in");
+                        }
                     }
-                    mounts.push((mount, local));
                 }
+                // Paths under a mount point are the mount's local directory, and the
+                // pod's localhost is its own address.
                 let localise = |v: &str| -> String {
                     let mut v = v.replace("0.0.0.0:", &format!("{ip}:"));
                     for (mount, local) in &mounts {
-                        if let Some(rest) = v.strip_prefix(mount.as_str()) {
-                            v = format!("{}{rest}", local.display());
+                        if v == *mount || v.starts_with(&format!("{mount}/")) {
+                            v = format!("{}{}", local.display(), &v[mount.len()..]);
                         }
                     }
                     v
                 };
-                let mut env: Vec<(String, String)> = Vec::new();
-                for e in c["env"].as_array().unwrap() {
-                    let key = e["name"].as_str().unwrap().to_owned();
-                    let value = if let Some(v) = e["value"].as_str() {
-                        localise(&expand(v, &env))
-                    } else {
-                        match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                            Some("metadata.name") => pod.clone(),
-                            Some("metadata.labels['apps.kubernetes.io/pod-index']") => {
-                                i.to_string()
-                            }
-                            other => panic!("{pod}: env {key} from {other:?} has no stand-in"),
-                        }
-                    };
-                    env.push((key, value));
-                }
-                let mut command: Vec<String> = c["command"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .chain(c["args"].as_array().into_iter().flatten())
-                    .map(|a| localise(&expand(a.as_str().unwrap(), &env)))
-                    .collect();
-                command[0] = match command[0].as_str() {
-                    "/usr/local/bin/weft-node" => NODE_BIN.to_owned(),
-                    "/usr/local/bin/weft-router" => {
-                        weft_testkit::bin::path("weft-router").display().to_string()
+                for (path, body) in files {
+                    let mut body = body.replace("127.0.0.1", &ip);
+                    for (mount, local) in &mounts {
+                        body = body.replace(&format!("{mount}/"), &format!("{}/", local.display()));
                     }
-                    other => panic!("{pod}: unexpected command {other}"),
-                };
+                    std::fs::write(path, body).unwrap();
+                }
+                let procs: Vec<Proc> = containers
+                    .iter()
+                    .map(|c| {
+                        let mut env: Vec<(String, String)> = Vec::new();
+                        for e in c["env"].as_array().into_iter().flatten() {
+                            let key = e["name"].as_str().unwrap().to_owned();
+                            let value = if let Some(v) = e["value"].as_str() {
+                                localise(&expand(v, &env))
+                            } else {
+                                match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                                    Some("metadata.name") => pod.clone(),
+                                    Some("metadata.labels['apps.kubernetes.io/pod-index']") => {
+                                        i.to_string()
+                                    }
+                                    other => {
+                                        panic!("{pod}: env {key} from {other:?} has no stand-in")
+                                    }
+                                }
+                            };
+                            env.push((key, value));
+                        }
+                        let mut command: Vec<String> = c["command"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .chain(c["args"].as_array().into_iter().flatten())
+                            .map(|a| localise(&expand(a.as_str().unwrap(), &env)))
+                            .collect();
+                        command[0] = match command[0].as_str() {
+                            "/usr/local/bin/weft-node" => NODE_BIN.to_owned(),
+                            "/usr/local/bin/weft-router" => {
+                                weft_testkit::bin::path("weft-router").display().to_string()
+                            }
+                            other => panic!("{pod}: unexpected command {other}"),
+                        };
+                        Proc {
+                            container: c["name"].as_str().unwrap().to_owned(),
+                            command,
+                            env,
+                        }
+                    })
+                    .collect();
+                let c = containers.last().unwrap();
                 let ports = c["ports"]
                     .as_array()
                     .unwrap()
@@ -232,29 +315,33 @@ impl Cluster {
                 let pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
                     .as_array()
                     .map(|cmd| cmd.iter().map(|a| localise(a.as_str().unwrap())).collect());
+                let mut procs = procs;
+                let main = procs.pop().unwrap();
                 pods.push(Pod {
                     name: pod.clone(),
                     ip,
                     dir,
-                    command,
-                    env,
+                    init: procs,
+                    main,
                     ports,
                     readiness: c["readinessProbe"].clone(),
                     pre_stop,
                     grace: Duration::from_secs(
                         spec["terminationGracePeriodSeconds"].as_u64().unwrap(),
                     ),
-                    data_persists,
-                    data_dir: data_dir.expect("a data volume"),
+                    scratch,
                     running: None,
                 });
             }
         }
         // Service names resolve to the pods' addresses.
         for pod in &mut pods {
-            for (_, v) in pod.env.iter_mut() {
-                for (host, ip) in &hosts {
-                    *v = v.replace(host.as_str(), ip);
+            for proc in pod.init.iter_mut().chain([&mut pod.main]) {
+                let values = proc.env.iter_mut().map(|(_, v)| v);
+                for v in values.chain(proc.command.iter_mut()) {
+                    for (host, ip) in &hosts {
+                        *v = v.replace(host.as_str(), ip);
+                    }
                 }
             }
         }
@@ -267,22 +354,45 @@ impl Cluster {
 }
 
 impl Pod {
+    /// Starts the pod as the kubelet starts a new one: fresh emptyDirs, every init
+    /// container to completion (bounded), then the main container.
     fn start(&mut self) {
-        if !self.data_persists {
-            let _ = std::fs::remove_dir_all(&self.data_dir);
-            std::fs::create_dir_all(&self.data_dir).unwrap();
+        for d in &self.scratch {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).unwrap();
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("log"))
             .unwrap();
-        let child = Command::new(&self.command[0])
-            .args(&self.command[1..])
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+        for init in &self.init {
+            let mut child = init
+                .command(&log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("{}/{}: cannot start: {e}", self.name, init.container));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    panic!("{}/{}: still running after 30 s", self.name, init.container);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(
+                status.success(),
+                "{}/{} failed ({status}):\n{}",
+                self.name,
+                init.container,
+                self.log()
+            );
+        }
+        let child = self
+            .main
+            .command(&log)
             .spawn()
             .unwrap_or_else(|e| panic!("{}: cannot start: {e}", self.name));
         self.running = Some(Running::spawn(child));
@@ -443,9 +553,9 @@ fn lifecycle_under_load() {
         &[
             "node.config.timing.shutdown_grace_ms=3000",
             "logging.format=text",
-            "test.enabled=false",
         ],
     );
+    let token = loadtest_token(&docs);
     let root = std::env::temp_dir().join(format!("weft-chart-cluster-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let mut cluster = Cluster::from_manifests(&docs, root);
@@ -457,13 +567,27 @@ fn lifecycle_under_load() {
         .hosts
         .iter()
         .any(|(h, _)| h == "weft-router-0.weft-router-peers.rt.svc"));
-    // What the rendered env says, resolved: the router id is the ordinal.
+    // What the rendered env says, resolved: the router id is the ordinal, and the
+    // secure defaults are on (mutual TLS from the init container's files, client auth).
     let r2 = cluster.pod("weft-router-2");
     assert!(
-        r2.env.contains(&("WEFT_ID".into(), "2".into())),
+        r2.main.env.contains(&("WEFT_ID".into(), "2".into())),
         "{:?}",
-        r2.env
+        r2.main.env
     );
+    assert!(r2.init[0].command.contains(&"weft://router/2".to_owned()));
+    for pod in &cluster.pods {
+        let env = |k: &str| pod.main.env.iter().any(|(name, _)| name == k);
+        assert!(
+            env("WEFT_CLUSTER_CERT_FILE") && !env("WEFT_CLUSTER_INSECURE"),
+            "{}: {:?}",
+            pod.name,
+            pod.main.env
+        );
+        if pod.name.contains("-node-") {
+            assert!(env("WEFT_AUTH_HMAC_SECRET_FILE") && !env("WEFT_AUTH_ALLOW_ANONYMOUS"));
+        }
+    }
 
     for r in &routers {
         cluster.pod(r).start();
@@ -479,6 +603,8 @@ fn lifecycle_under_load() {
         format!("http://{}:{}", p.ip, p.ports["http"])
     };
     let (sub_url, pub_url) = (url(&mut cluster, &nodes[0]), url(&mut cluster, &nodes[1]));
+    assert_members_speak_mutual_tls(&mut cluster, &nodes[0]);
+    assert_clients_must_authenticate(&pub_url, &token);
 
     let flag = cluster.root.join("lifecycle");
     std::fs::create_dir_all(&flag).unwrap();
@@ -489,6 +615,7 @@ fn lifecycle_under_load() {
     );
     let report = cluster.root.join("report.json");
     let mut load = Command::new(weft_testkit::bin::path("weft-loadtest"))
+        .env("WEFT_LOADTEST_TOKEN", &token)
         .args([
             "rolling",
             "--target",
@@ -598,4 +725,74 @@ fn lifecycle_under_load() {
         field("delivered"),
         field("reconnects")
     );
+}
+
+/// The API key the rendered `helm test` pod sends: its `WEFT_LOADTEST_TOKEN` is a
+/// `secretKeyRef` into a rendered Secret.
+fn loadtest_token(docs: &[Value]) -> String {
+    let test_pod = docs
+        .iter()
+        .find(|d| d["kind"] == "Pod" && d["metadata"]["annotations"]["helm.sh/hook"] == "test")
+        .expect("a helm test pod");
+    let env = test_pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "WEFT_LOADTEST_TOKEN"))
+        .expect("the test pod sends a token (auth is on by default)");
+    let sel = &env["valueFrom"]["secretKeyRef"];
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == sel["name"])
+        .unwrap_or_else(|| panic!("Secret {} is not rendered", sel["name"]));
+    secret["stringData"][sel["key"].as_str().unwrap()]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The cluster port answers only TLS: a plaintext HTTP/2 preface gets no HTTP/2
+/// answer, and the node's log says its relay and router links are mutual TLS.
+fn assert_members_speak_mutual_tls(cluster: &mut Cluster, node: &str) {
+    let pod = cluster.pod(node);
+    let addr: SocketAddr = format!("{}:{}", pod.ip, pod.ports["cluster"])
+        .parse()
+        .unwrap();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    // An HTTP/2 server answers the preface with a SETTINGS frame (type 4 at byte 3).
+    assert!(
+        !(n >= 9 && buf[3] == 4),
+        "{node}: the cluster port spoke plaintext HTTP/2"
+    );
+    let log = pod.log();
+    assert!(
+        !log.contains("--cluster-insecure"),
+        "{node} runs insecure:\n{log}"
+    );
+}
+
+/// Without a credential the client API refuses; with the rendered key it serves.
+fn assert_clients_must_authenticate(url: &str, token: &str) {
+    let publish = |auth: Option<&str>| -> u16 {
+        let addr = url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let body = r#"{"n":1}"#;
+        let auth = auth
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "POST /v1/topics/lt.auth-check/events HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+    };
+    assert_eq!(publish(None), 401, "an anonymous publish was not refused");
+    let ok = publish(Some(token));
+    assert!((200..300).contains(&ok), "the rendered API key got {ok}");
 }

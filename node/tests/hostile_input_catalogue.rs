@@ -290,7 +290,9 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
             r.extend_from_slice(b"\xff\xfe\r\n\r\n");
             Input::Http(r)
         }, 400),
+        c(HttpRequest, "Last-Event-ID that is no cursor, on a history page", Input::Http(get_as_harness("/v1/topics/room.cur/events", &[("last-event-id", "wmTnco%r~]-&")])), 400),
         c(HttpRequest, "multi-topic watch without a topic", Input::Http(get_as_harness("/v1/events?watch=true", &[])), 400),
+        c(HttpRequest, "multi-topic watch repeating one topic past max_topics_per_watch", Input::Http(get_as_harness("/v1/events?watch=true&topic=room.a&topic=room.a&topic=room.a&topic=room.a&topic=room.a", &[])), 400),
         c(HttpRequest, "multi-topic watch past max_topics_per_watch", Input::Http(get_as_harness("/v1/events?watch=true&topic=room.a&topic=room.b&topic=room.c&topic=room.d&topic=room.e", &[])), 400),
         c(HttpRequest, "multi-topic watch naming an invalid topic", Input::Http(get_as_harness("/v1/events?watch=true&topic=a/b", &[])), 400),
         c(HttpRequest, "multi-topic read that is not a watch", Input::Http(get_as_harness("/v1/events?topic=room.a", &[])), 400),

@@ -1,7 +1,8 @@
 //! What `/metrics` promises, checked with Prometheus' own tool against a live
 //! `weft-node`: `promtool check metrics` accepts the page (HELP and TYPE for every
 //! family, counter names, units), the process and build families are there, HTTP
-//! requests are counted by route template; the chart's PrometheusRule passes
+//! requests are counted by route template, bytes in and out by transport; the chart's
+//! PrometheusRule passes
 //! `promtool check rules`; and every query of the Grafana dashboard, the alerts and
 //! the prometheus-adapter rule names a metric family the node (or, for the router
 //! alerts, a live `weft-router`) really exports.
@@ -66,6 +67,18 @@ impl LiveNode {
     /// exporter has copied the counters (once a second).
     async fn exercised_metrics(&self) -> String {
         let c = reqwest::Client::new();
+        // A WebSocket session and an SSE watch, so every transport has moved bytes.
+        let mut ws = weft_testkit::ws::WsClient::connect(self.http.parse().unwrap()).await;
+        ws.send_text(r#"{"id":1,"subscribe":{"topic":"metrics.check"}}"#)
+            .await;
+        let reply = ws.next_msg().await;
+        assert!(reply.error.is_none(), "{reply:?}");
+        let mut sse = c
+            .get(self.url("/v1/topics/metrics.check/events?watch=true"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sse.status(), 200);
         for i in 0..3 {
             let r = c
                 .post(self.url("/v1/topics/metrics.check/events"))
@@ -92,7 +105,17 @@ impl LiveNode {
                 .status(),
             404
         );
+        let chunk = tokio::time::timeout(Duration::from_secs(5), sse.chunk())
+            .await
+            .expect("the SSE watch delivers")
+            .unwrap();
+        assert!(chunk.is_some_and(|c| !c.is_empty()));
+        assert!(
+            ws.next_event().await.is_some(),
+            "the WebSocket session delivers"
+        );
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop((ws, sse));
         let r = c.get(self.url("/metrics")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         r.text().await.unwrap()
@@ -233,6 +256,33 @@ async fn live_metrics_pass_promtool_check_metrics() {
         page.contains("weft_published_total{node=\"metrics-test\"} 3"),
         "{page}"
     );
+    // Bytes in and out, per transport: every one this test used has moved some.
+    let bytes = |family: &str, transport: &str| -> f64 {
+        let series = format!("{family}{{node=\"metrics-test\",transport=\"{transport}\"}} ");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in:\n{page}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    for (family, transport) in [
+        ("weft_bytes_received_total", "http"),
+        ("weft_bytes_received_total", "ws"),
+        ("weft_bytes_sent_total", "http"),
+        ("weft_bytes_sent_total", "ws"),
+        ("weft_bytes_sent_total", "sse"),
+    ] {
+        assert!(bytes(family, transport) > 0.0, "{family} {transport} is 0");
+    }
+    assert_eq!(bytes("weft_bytes_sent_total", "ndjson"), 0.0);
+    // A standalone node has no relay links: the lag families are declared, empty.
+    for family in [
+        "weft_relay_link_queued_bytes",
+        "weft_relay_link_queued_frames",
+    ] {
+        assert!(page.contains(&format!("# TYPE {family} gauge\n")), "{page}");
+    }
 }
 
 #[test]
@@ -256,7 +306,7 @@ fn rendered_prometheus_rule_passes_promtool_check_rules() {
         text(&out.stderr)
     );
     let said = text(&out.stdout);
-    assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 10 rules found"), "{said}");
 }
 
 #[tokio::test]
@@ -290,6 +340,23 @@ async fn dashboard_alert_and_adapter_queries_name_exported_metrics() {
         }
     }
     assert!(queries.len() > 20, "the dashboard lost its panels");
+    // The panels for what the issue asked to see: HTTP by route, bytes by transport,
+    // relay lag per peer link.
+    for must in [
+        "weft_http_requests_total",
+        "weft_http_request_duration_seconds_bucket",
+        "weft_bytes_received_total",
+        "weft_bytes_sent_total",
+        "weft_relay_link_queued_bytes",
+        "weft_relay_link_queued_frames",
+    ] {
+        assert!(
+            queries
+                .iter()
+                .any(|(_, q)| metric_names(q).iter().any(|n| n == must)),
+            "no dashboard panel shows {must}"
+        );
+    }
 
     let m = render(
         &helm,

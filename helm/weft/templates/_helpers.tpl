@@ -167,8 +167,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- range $f := .Values.auth.publicKeys.files -}}{{- $files = append $files (printf "/etc/weft/jwt/%s" $f) -}}{{- end -}}
 {{- $_ := set $auth "public_keys" $files -}}
 {{- end -}}
-{{- if .Values.auth.apiKeys -}}
-{{- $_ := set $auth "api_keys" .Values.auth.apiKeys -}}
+{{- $keys := include "weft.apiKeys" . | fromJsonArray -}}
+{{- if $keys -}}
+{{- $_ := set $auth "api_keys" $keys -}}
 {{- end -}}
 {{- if $auth -}}{{- $_ := set $cfg "auth" $auth -}}{{- end -}}
 {{- end -}}
@@ -185,7 +186,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if eq $mode "none" }}
 - name: WEFT_CLUSTER_INSECURE
   value: "true"
-{{- else if and (eq $mode "certManager") (eq .component "node") .ctx.Values.cluster.tls.certManager.csiDriver }}
+{{- else if or (eq $mode "generated") (and (eq $mode "certManager") (eq .component "node") .ctx.Values.cluster.tls.certManager.csiDriver) }}
 - name: WEFT_CLUSTER_CA_FILE
   value: /etc/weft/cluster/ca.crt
 - name: WEFT_CLUSTER_CERT_FILE
@@ -262,4 +263,155 @@ tolerations:
 {{- end -}}
 {{- define "weft.issuerKind" -}}
 {{- default "Issuer" .Values.cluster.tls.certManager.issuerRef.kind -}}
+{{- end -}}
+
+{{/* The Secret the chart creates for client auth (HMAC secret, generated API keys). */}}
+{{- define "weft.authSecret" -}}{{ include "weft.fullname" . }}-auth{{- end -}}
+
+{{/* The Secret holding the CA that signs members' certificates (cluster.tls.mode=generated). */}}
+{{- define "weft.signerSecret" -}}
+{{- default (printf "%s-cluster-signer" (include "weft.fullname" .)) .Values.cluster.tls.generated.caSecret -}}
+{{- end -}}
+
+{{/* A generated secret value of the auth Secret, by its key there: (dict "ctx" $ "key"
+     "admin-key"). Made once per render (templates share the cache, so the Secret and
+     the hash in weft.toml agree) and kept across upgrades: an existing value of the
+     installed Secret is reused (lookup; empty under `helm template`). */}}
+{{- define "weft.generatedKey" -}}
+{{- $ctx := .ctx -}}
+{{- if not (hasKey $ctx.Values "__weftGenerated") -}}
+{{- $_ := set $ctx.Values "__weftGenerated" (dict) -}}
+{{- end -}}
+{{- $cache := $ctx.Values.__weftGenerated -}}
+{{- if not (hasKey $cache .key) -}}
+{{- $old := "" -}}
+{{- $s := lookup "v1" "Secret" $ctx.Release.Namespace (include "weft.authSecret" $ctx) -}}
+{{- if and $s $s.data (hasKey $s.data .key) -}}
+{{- $old = index $s.data .key | b64dec -}}
+{{- end -}}
+{{- $_ := set $cache .key (default (randAlphaNum 48) $old) -}}
+{{- end -}}
+{{- index $cache .key -}}
+{{- end -}}
+
+{{/* Whether the chart supplies the HS256 secret (a value or a generated one). */}}
+{{- define "weft.hmacFromChart" -}}
+{{- $h := .Values.auth.hmacSecret -}}
+{{- if and .Values.auth.enabled (not $h.existingSecret) (or $h.value $h.generate) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether the node reads an HS256 secret file. */}}
+{{- define "weft.hmacMounted" -}}
+{{- if and .Values.auth.enabled (or .Values.auth.hmacSecret.existingSecret (include "weft.hmacFromChart" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether the chart generates the admin key. */}}
+{{- define "weft.adminKeyGenerated" -}}
+{{- if and .Values.auth.enabled .Values.auth.adminKey.generate (not .Values.auth.adminKey.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether the chart generates the load tests' API key (publish and subscribe lt.>). */}}
+{{- define "weft.loadtestKeyGenerated" -}}
+{{- if and .Values.auth.enabled (or (and .Values.test.enabled (not .Values.test.token.existingSecret)) (and .Values.loadJob.enabled (not .Values.loadJob.token.existingSecret))) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The load-test token env var: (dict "ctx" $ "token" .Values.test.token). */}}
+{{- define "weft.loadtestTokenEnv" -}}
+{{- $ctx := .ctx -}}
+{{- if .token.existingSecret }}
+- name: WEFT_LOADTEST_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .token.existingSecret }}
+      key: {{ .token.key }}
+{{- else if $ctx.Values.auth.enabled }}
+- name: WEFT_LOADTEST_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "weft.authSecret" $ctx }}
+      key: loadtest-key
+{{- end }}
+{{- end -}}
+
+{{/* The API keys weft.toml lists: auth.apiKeys plus the generated ones (hashes only). */}}
+{{- define "weft.apiKeys" -}}
+{{- $keys := list -}}
+{{- range .Values.auth.apiKeys -}}{{- $keys = append $keys . -}}{{- end -}}
+{{- if include "weft.adminKeyGenerated" . -}}
+{{- $keys = append $keys (dict "name" "admin" "sha256" (include "weft.generatedKey" (dict "ctx" . "key" "admin-key") | sha256sum) "admin" true) -}}
+{{- end -}}
+{{- if include "weft.loadtestKeyGenerated" . -}}
+{{- $keys = append $keys (dict "name" "loadtest" "sha256" (include "weft.generatedKey" (dict "ctx" . "key" "loadtest-key") | sha256sum) "publish" (list "lt.>") "subscribe" (list "lt.>")) -}}
+{{- end -}}
+{{- toJson $keys -}}
+{{- end -}}
+
+{{/* cluster.tls.mode=generated: the init container that signs this pod's certificate
+     with the chart's CA (weft-node cluster-cert). The CA key is mounted here only; the
+     member container gets ca.crt, tls.crt and tls.key in a memory-backed emptyDir.
+     (dict "ctx" $ "component" "node"|"router"). */}}
+{{- define "weft.clusterCertInit" -}}
+{{- $ctx := .ctx -}}
+{{- if eq $ctx.Values.cluster.tls.mode "generated" }}
+initContainers:
+  - name: cluster-cert
+    image: {{ include "weft.image" $ctx }}
+    imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+    command: ["/usr/local/bin/weft-node", "cluster-cert"]
+    args:
+      - --ca-cert
+      - /etc/weft/signer/ca.crt
+      - --ca-key
+      - /etc/weft/signer/ca.key
+      - --identity
+      {{- if eq .component "router" }}
+      - weft://router/$(WEFT_ID)
+      {{- else }}
+      - weft://node/$(POD_NAME)
+      {{- end }}
+      - --days
+      - {{ $ctx.Values.cluster.tls.generated.certValidityDays | int | quote }}
+      - --out
+      - /etc/weft/cluster
+    env:
+      {{- if eq .component "router" }}
+      - name: WEFT_ID
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+      {{- else }}
+      - name: POD_NAME
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.name
+      {{- end }}
+    resources:
+      requests: {cpu: 10m, memory: 16Mi}
+      limits: {memory: 64Mi}
+    securityContext:
+      {{- toYaml $ctx.Values.containerSecurityContext | nindent 6 }}
+    volumeMounts:
+      - name: cluster-signer
+        mountPath: /etc/weft/signer
+        readOnly: true
+      - name: cluster-tls
+        mountPath: /etc/weft/cluster
+{{- end }}
+{{- end -}}
+
+{{/* cluster.tls.mode=generated: the CA Secret (init container only) and the pod's own
+     certificate volume. */}}
+{{- define "weft.clusterCertVolumes" -}}
+- name: cluster-signer
+  secret:
+    secretName: {{ include "weft.signerSecret" . }}
+    defaultMode: 0440
+    items:
+      - {key: ca.crt, path: ca.crt}
+      - {key: ca.key, path: ca.key}
+# This pod's key and certificate: in memory, gone with the pod.
+- name: cluster-tls
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
 {{- end -}}

@@ -27,6 +27,7 @@ pub mod apikey;
 pub mod credentials;
 pub mod edge;
 pub mod jwt;
+pub mod mint;
 pub mod origin;
 pub mod revoke;
 

@@ -28,17 +28,13 @@ use crate::node::Node;
 use crate::session::event::put_u64;
 use crate::transport::respond::json_ok;
 use crate::transport::stream::{self, Format};
-use crate::transport::{poll, ws};
-
-/// The REST contract (OpenAPI 3.1) and the WebSocket protocol (AsyncAPI 3.0), served
-/// as written; `tests/contract_documents.rs` holds them to the routes.
-pub const OPENAPI: &str = include_str!("../../contract/openapi.json");
-pub const ASYNCAPI: &str = include_str!("../../contract/asyncapi.json");
+use crate::transport::{contract, poll, ws};
 
 /// The client listener's routes. Probes and metrics are here too unless the node has
 /// its own ops listener (`ops.listen`), in which case they are served only there.
 pub fn app(node: Arc<Node>) -> Router {
     let with_ops = node.config.ops.listen.is_none();
+    let openapi = contract::openapi(&node.config.limits);
     let mut r = Router::new()
         .route("/v1/topics/{topic}/events", post(publish).get(events))
         .route("/v1/topics/{topic}", get(state))
@@ -49,11 +45,14 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/ws", get(ws::upgrade))
         .route(
             "/v1/openapi.json",
-            get(|| async { json_ok(Bytes::from_static(OPENAPI.as_bytes())) }),
+            get(move || {
+                let doc = openapi.clone();
+                async move { json_ok(doc) }
+            }),
         )
         .route(
             "/v1/asyncapi.json",
-            get(|| async { json_ok(Bytes::from_static(ASYNCAPI.as_bytes())) }),
+            get(|| async { json_ok(Bytes::from_static(contract::ASYNCAPI.as_bytes())) }),
         );
     r = admin_routes(r);
     if with_ops {
@@ -478,9 +477,15 @@ async fn events(
     let ndjson = accepts(&headers, "application/x-ndjson");
     let sse = !ndjson && (watch || accepts(&headers, "text/event-stream"));
     // On an SSE reconnect the browser repeats the original URL and sends the newer
-    // position as Last-Event-ID, so the header wins over `since`.
-    let since_text = match (sse, last_event_id(&headers)?) {
-        (true, Some(id)) if !id.is_empty() => Some(id),
+    // position as Last-Event-ID, so the header wins over `since`. A malformed one is
+    // refused on every form of the route (it is a cursor wherever it is sent), an
+    // empty one is no cursor (what EventSource sends before its first id).
+    let resume = last_event_id(&headers)?.filter(|id| !id.is_empty());
+    if let Some(id) = resume {
+        crate::input::parse_cursor(id, "Last-Event-ID")?;
+    }
+    let since_text = match (sse, resume) {
+        (true, Some(id)) => Some(id),
         _ => param(&q, "since"),
     };
     let since = parse_since(since_text)?;
@@ -511,14 +516,18 @@ async fn multi_events(
     let c = who(&node, &ext)?;
     let q = query(&uri);
     let max = node.config.limits.max_topics_per_watch;
+    // The limit counts `topic` parameters, repeats included, as the contract says: a
+    // request cannot make the node scan an unbounded list by repeating one name.
     let mut topics: Vec<String> = Vec::new();
+    let mut named = 0;
     for (k, v) in &q {
         if k == "topic" {
+            named += 1;
+            if named > max {
+                return Err(ApiError::bad(format!("at most {max} topics per watch")));
+            }
             validate_topic(v).map_err(|e| ApiError::bad(format!("invalid topic `{v}`: {e}")))?;
             if !topics.iter().any(|t| t == v) {
-                if topics.len() == max {
-                    return Err(ApiError::bad(format!("at most {max} topics per watch")));
-                }
                 topics.push(v.to_string());
             }
         }

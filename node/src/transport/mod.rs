@@ -13,6 +13,7 @@
 //! - [`publish_stream`]: the ordered streaming publish for backends (NDJSON in,
 //!   one acknowledgement per event out).
 //! - [`respond`]: the JSON bodies and problem errors the routes share.
+//! - [`contract`]: the OpenAPI and AsyncAPI documents, served with the node's limits.
 //!
 //! A transport reads a topic through [`crate::topic`] and publishes through the
 //! node ([`crate::node::Node::publish`], or `start_publish`/`finish_publish` to keep
@@ -20,6 +21,7 @@
 //! forwarded. Of the relay it uses only what an operator sees or asks for (linked
 //! peers, cluster-wide revocation, forgetting follows of swept topics).
 
+pub mod contract;
 pub mod head;
 pub mod http;
 pub mod poll;

@@ -57,7 +57,7 @@ use crate::rate::TokenBucket;
 use crate::session::event::{put_u64, write_event_array};
 use crate::session::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
 use crate::session::wsframe::{self, FrameError, FrameReader, Incoming};
-use crate::stats::{Stats, Transport};
+use crate::stats::{Count, Stats, Traffic, Transport};
 use crate::topic::{Published, Subscriber, Topic};
 use crate::transport::head::JsonRefusals;
 use crate::transport::respond::problem_error;
@@ -338,8 +338,13 @@ macro_rules! socket_impl {
 socket_impl!(TcpStream);
 socket_impl!(tokio::net::UnixStream);
 
-/// Writes whole frames with vectored writes, resuming after partial writes.
-async fn write_frames<S: Socket, F: Wire>(stream: &S, frames: &[F]) -> std::io::Result<()> {
+/// Writes whole frames with vectored writes, resuming after partial writes; every byte
+/// written is added to `sent` (`weft_bytes_sent_total{transport="ws"}`).
+async fn write_frames<S: Socket, F: Wire>(
+    stream: &S,
+    frames: &[F],
+    sent: &Count,
+) -> std::io::Result<()> {
     const MAX_IOV: usize = 64;
     let (mut idx, mut off) = (0usize, 0usize);
     while idx < frames.len() {
@@ -353,6 +358,7 @@ async fn write_frames<S: Socket, F: Wire>(stream: &S, frames: &[F]) -> std::io::
         match stream.try_write_vectored(&slices[..n]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(mut written) => {
+                sent.add(written as u64);
                 while written > 0 && idx < frames.len() {
                     let left = frames[idx].wire().len() - off;
                     if written >= left {
@@ -435,6 +441,10 @@ impl Session {
         let node = self.node.clone();
         let gauge = node.stats.connection(Transport::Ws);
         gauge.up();
+        let (received, sent) = (
+            node.stats.received(Traffic::Ws),
+            node.stats.sent(Traffic::Ws),
+        );
         let limits = &node.config.limits;
         let mut reader = FrameReader::new(limits.max_frame_bytes, limits.max_message_bytes);
         let timing = &node.config.timing;
@@ -448,6 +458,7 @@ impl Session {
         // Bytes the client sent right behind its upgrade request. `early` may share
         // hyper's whole connection read buffer, so it is copied out and dropped here
         // rather than kept alive for the session's lifetime.
+        received.add(early.len() as u64);
         let mut end = if early.is_empty() {
             None
         } else {
@@ -484,7 +495,7 @@ impl Session {
                 _ = sleep_opt(expires_at) => {
                     node.auth.count(Refusal::Expired);
                     let push = wsframe::text(&node.disconnect_push(close::TOKEN_EXPIRED, "token expired", 0));
-                    let _ = timeout(write_timeout, write_frames(&stream, &[push])).await;
+                    let _ = timeout(write_timeout, write_frames(&stream, &[push], sent)).await;
                     end = Some(End::Close(close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token".into()));
                 }
                 r = self.revoked.changed() => {
@@ -504,6 +515,7 @@ impl Session {
                             Ok(0) => Some(End::Silent),
                             Ok(n) => {
                                 last_seen = Instant::now();
+                                received.add(n as u64);
                                 self.on_bytes(&mut reader, &mut buf[..n])
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -515,13 +527,13 @@ impl Session {
                 r = self.outbox.next_batch_owned(MAX_BATCH) => match r {
                     Ok(mut batch) => {
                         self.prepare(&mut batch);
-                        if timeout(write_timeout, write_frames(&stream, &batch)).await.map_or(true, |r| r.is_err()) {
+                        if timeout(write_timeout, write_frames(&stream, &batch, sent)).await.map_or(true, |r| r.is_err()) {
                             end = Some(End::Silent);
                         }
                     }
                     Err(CloseReason::SlowConsumer) => {
                         let push = wsframe::text(&node.disconnect_push(close::SLOW_CONSUMER, "slow consumer", 0));
-                        let _ = timeout(write_timeout, write_frames(&stream, &[push])).await;
+                        let _ = timeout(write_timeout, write_frames(&stream, &[push], sent)).await;
                         end = Some(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with your cursors".into()));
                     }
                     Err(CloseReason::Gone) => end = Some(End::Silent),
@@ -530,7 +542,7 @@ impl Session {
                     self.outbox.release_if_idle();
                     // No traffic (pongs included) for two intervals: the peer is gone.
                     let dead = last_seen.elapsed() > 2 * ping_every
-                        || timeout(write_timeout, write_frames(&stream, &[Bytes::from_static(&[0x89, 0x00])]))
+                        || timeout(write_timeout, write_frames(&stream, &[Bytes::from_static(&[0x89, 0x00])], sent))
                             .await
                             .map_or(true, |r| r.is_err());
                     if dead {
@@ -544,7 +556,7 @@ impl Session {
                 }
                 _ = sleep_opt(close_at) => {
                     let push = wsframe::text(&node.disconnect_push(close::RECONNECT, "shutdown", node.reconnect_after_ms()));
-                    let _ = timeout(write_timeout, write_frames(&stream, &[push])).await;
+                    let _ = timeout(write_timeout, write_frames(&stream, &[push], sent)).await;
                     end = Some(End::Close(close::RECONNECT, "shutdown".into()));
                 }
             }
@@ -553,7 +565,7 @@ impl Session {
             Some(End::Close(code, reason)) => {
                 let _ = timeout(
                     write_timeout,
-                    write_frames(&stream, &[wsframe::close(code, &reason)]),
+                    write_frames(&stream, &[wsframe::close(code, &reason)], sent),
                 )
                 .await;
                 // Let the peer answer the close before the socket is dropped.
@@ -564,7 +576,7 @@ impl Session {
                 .await;
             }
             Some(End::Answer(frame)) => {
-                let _ = timeout(write_timeout, write_frames(&stream, &[frame])).await;
+                let _ = timeout(write_timeout, write_frames(&stream, &[frame], sent)).await;
             }
             _ => {}
         }

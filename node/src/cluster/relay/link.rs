@@ -91,6 +91,12 @@ impl LinkQueue {
         self.lock().closed
     }
 
+    /// What the link holds queued now: (bytes, frames). Its growth is the peer's lag.
+    pub fn backlog(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.bytes, q.frames.len())
+    }
+
     /// Resolves once everything queued has been handed to gRPC (or the link closed).
     pub(super) async fn flushed(&self) {
         loop {
@@ -211,6 +217,20 @@ impl PeerLink for LinkQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_is_what_the_pump_has_not_taken() {
+        let queue = LinkQueue::default();
+        assert_eq!(queue.backlog(), (0, 0));
+        assert!(queue.push_control(Bytes::from_static(b"abc")));
+        assert!(queue.push_control(Bytes::from_static(b"de")));
+        assert_eq!(queue.backlog(), (5, 2));
+        let batch = futures_util::FutureExt::now_or_never(queue.next_batch())
+            .flatten()
+            .expect("queued frames");
+        assert_eq!(batch.len(), 2);
+        assert_eq!(queue.backlog(), (0, 0));
+    }
 
     #[tokio::test]
     async fn the_hello_travels_alone_even_when_frames_were_queued_before_the_pump_ran() {

@@ -220,6 +220,18 @@ impl Relay {
         }
     }
 
+    /// What each live link holds queued, (peer, bytes, frames): the relay lag the
+    /// exporter reports as `weft_relay_link_queued_bytes` / `_frames`.
+    pub fn link_backlogs(&self) -> Vec<(Arc<str>, usize, usize)> {
+        lock(&self.peers)
+            .values()
+            .filter_map(|p| {
+                let (bytes, frames) = p.link()?.backlog();
+                Some((p.id.clone(), bytes, frames))
+            })
+            .collect()
+    }
+
     /// Peers with a live link, for `/v1/cluster`.
     pub fn linked_peers(&self) -> Vec<String> {
         let mut v: Vec<String> = lock(&self.peers)

@@ -1,0 +1,170 @@
+//! The server keeps the OpenAPI document it serves: a bounded `schemathesis run
+//! --checks all` against a real `weft-node` (issue 13). Schemathesis generates
+//! schema-valid requests (which must be accepted) and schema-violating ones (which must
+//! be refused), and checks every status, content type, header and body against
+//! `/v1/openapi.json`, including the SSE events of the watches.
+//!
+//! The node runs in development mode on loopback, with `limits.max_wait_s = 1` (the
+//! served document then says `wait` ≤ 1, so a long-poll answers within the request
+//! timeout) and presence on for every topic. The exclusions and the statuses the
+//! contract gives to well-formed requests whose answer depends on state (410 for a
+//! cursor of another epoch, 422 for a reused Idempotency-Key) are in
+//! `tests/schemathesis/schemathesis.toml`, each with its reason.
+//!
+//! Bounded: `--max-examples` per operation, a 1.5 s request timeout (SSE watches are
+//! read that long), one worker (hypothesis has raced itself with two), a fixed seed
+//! (`WEFT_SCHEMATHESIS_SEED` to explore another), and the whole run killed after
+//! [`RUN_BOUND`]. Schemathesis comes from PyPI (`.ci/run` installs it); without it the
+//! test skips loudly, and fails when `CI` is set.
+
+mod deploy;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deploy::{root, tool};
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
+/// The longest the schemathesis run may take (it takes well under a minute).
+const RUN_BOUND: Duration = Duration::from_secs(300);
+const MAX_EXAMPLES: &str = "10";
+const DEFAULT_SEED: &str = "1313";
+
+#[test]
+fn schemathesis_finds_no_request_the_server_answers_against_its_document() {
+    let Some(schemathesis) = tool("schemathesis", "SCHEMATHESIS") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("weft-schemathesis-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("weft.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_wait_s = 1\n\n[[namespaces]]\npattern = \">\"\npresence = true\n",
+    )
+    .unwrap();
+    let ready = dir.join("ready.json");
+    let log = std::fs::File::create(dir.join("node.log")).unwrap();
+    let mut node = Command::new(NODE_BIN)
+        .env_clear()
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start weft-node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(
+            node.try_wait().unwrap().is_none(),
+            "weft-node exited:\n{}",
+            node_log(&dir)
+        );
+        assert!(Instant::now() < deadline, "weft-node never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bound: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let base = format!("http://{}", bound["http"].as_str().unwrap());
+
+    let here: PathBuf = root().join("node/tests/schemathesis");
+    let seed = std::env::var("WEFT_SCHEMATHESIS_SEED").unwrap_or_else(|_| DEFAULT_SEED.into());
+    let out_file = dir.join("schemathesis.txt");
+    let out = std::fs::File::create(&out_file).unwrap();
+    // In its own directory: schemathesis and hypothesis write state where they run.
+    let mut run = Command::new(&schemathesis)
+        .current_dir(&dir)
+        .env("SCHEMATHESIS_HOOKS", here.join("hooks.py"))
+        .arg("--config-file")
+        .arg(here.join("schemathesis.toml"))
+        .args(["run", &format!("{base}/v1/openapi.json")])
+        .args(["--checks", "all", "--max-examples", MAX_EXAMPLES])
+        .args([
+            "--request-timeout",
+            "1.5",
+            "--workers",
+            "1",
+            "--seed",
+            &seed,
+        ])
+        .args(["--generation-database", "none", "--no-color"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("start schemathesis");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > RUN_BOUND {
+            let _ = run.kill();
+            let _ = run.wait();
+            stop(&mut node);
+            panic!(
+                "schemathesis ran past {RUN_BOUND:?}:\n{}",
+                std::fs::read_to_string(&out_file).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let said = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let alive = node.try_wait().unwrap().is_none();
+    stop(&mut node);
+    assert!(
+        alive,
+        "weft-node died under schemathesis:\n{}",
+        node_log(&dir)
+    );
+    assert!(
+        status.success(),
+        "schemathesis (seed {seed}) found requests the server answers against its document \
+         ({status}):\n{said}\nnode log:\n{}",
+        node_log(&dir)
+    );
+    // The run really tested the API, not just loaded the document.
+    let tested = said
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Tested: "))
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no `Tested:` line in:\n{said}"));
+    assert!(tested >= 12, "only {tested} operations tested:\n{said}");
+    let summary: Vec<&str> = said.lines().rev().take(12).collect();
+    eprintln!(
+        "{}",
+        summary.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn node_log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+}
+
+/// SIGTERM, then the node's own grace period; SIGKILL if it outlives it.
+fn stop(node: &mut std::process::Child) {
+    // SAFETY: signals only the process this test started.
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            let _ = node.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
