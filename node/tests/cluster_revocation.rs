@@ -36,6 +36,20 @@ fn token(sub: &str) -> String {
     .unwrap()
 }
 
+/// Revokes `sub` for five minutes through `url` with the admin key; the answer is 200.
+async fn revoke(http: &reqwest::Client, url: &str, sub: &str) -> reqwest::Response {
+    let resp = http
+        .post(url)
+        .bearer_auth(ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sub":"{sub}","until":{}}}"#, now() + 300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "revoking {sub}");
+    resp
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_closes_the_users_sessions_on_every_node() {
     let dir = std::env::temp_dir().join(format!("weft-revoke-{}", std::process::id()));
@@ -74,15 +88,7 @@ async fn a_revocation_closes_the_users_sessions_on_every_node() {
     let http = reqwest::Client::new();
     let a = c.node("a");
     let t0 = Instant::now();
-    let resp = http
-        .post(a.url("/v1/admin/revoke"))
-        .bearer_auth(ADMIN_KEY)
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"sub":"alice","until":{}}}"#, now() + 300))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    let resp = revoke(&http, &a.url("/v1/admin/revoke"), "alice").await;
     let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
     assert_eq!(body["peers"], 2, "sent to both other nodes: {body}");
     for (name, ws) in alices.iter_mut() {
@@ -151,15 +157,7 @@ async fn a_revocation_closes_the_users_sessions_on_every_node() {
     let carol = token("carol");
     c.sigterm_node("c");
     c.await_exit("c", Duration::from_secs(30)).await;
-    let resp = http
-        .post(c.node("a").url("/v1/admin/revoke"))
-        .bearer_auth(ADMIN_KEY)
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"sub":"carol","until":{}}}"#, now() + 300))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    revoke(&http, &c.node("a").url("/v1/admin/revoke"), "carol").await;
     c.restart_node("c").await;
     c.converged(Duration::from_secs(30)).await;
     let back = c.node("c");

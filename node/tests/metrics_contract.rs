@@ -89,22 +89,10 @@ impl LiveNode {
                 .unwrap();
             assert_eq!(r.status(), 201);
         }
-        assert_eq!(
-            c.get(self.url("/v1/topics/metrics.check"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-        assert_eq!(
-            c.get(self.url("/no/such/route"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            404
-        );
+        for (path, want) in [("/v1/topics/metrics.check", 200), ("/no/such/route", 404)] {
+            let status = c.get(self.url(path)).send().await.unwrap().status();
+            assert_eq!(status, want, "GET {path}");
+        }
         let chunk = tokio::time::timeout(Duration::from_secs(5), sse.chunk())
             .await
             .expect("the SSE watch delivers")
