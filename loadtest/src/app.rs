@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::baseline;
 use crate::cli::{Cli, Cmd, Common, Load, Outputs};
 use crate::compare;
-use crate::coord::{Conductor, Role, WorkerLink, WorkerMsg};
+use crate::coord::{Conductor, Role, WorkerLink};
 use crate::engine::{self, Settings};
 use crate::html;
 use crate::placement;
@@ -78,7 +78,7 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
 
     // The process that runs the plan picks its topics (workers and shards each draw
     // the same names: the choice is a pure function of the run id and the ring).
-    let runs_plan = worker.is_some() || common.workers <= 1;
+    let runs_plan = worker.is_some() || (common.workers <= 1 && common.coordinate.is_none());
     if let (Some(owner), true) = (&common.topic_owner, runs_plan) {
         plan.topics = placement::topics_owned_by(
             &common.target,
@@ -91,11 +91,15 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
         .await?;
     }
 
-    if worker.is_some() {
-        let mut role = Role::Worker(WorkerLink::new());
+    if let Some(slot) = worker {
+        let link = match &common.coordinator {
+            Some(addr) => WorkerLink::connect(addr, &slot.to_string(), &run_id).await?,
+            None => WorkerLink::new(),
+        };
+        let mut role = Role::Worker(link);
         let report = engine::run(&plan, &settings, &mut role).await?;
-        if let Role::Worker(link) = &role {
-            link.send(&WorkerMsg::Report(Box::new(report)));
+        if let Role::Worker(link) = role {
+            link.finish(report).await;
         }
         return Ok(None);
     }
@@ -108,7 +112,7 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
     // A restart command runs once per run: in the only process, or in shard 0.
     let restart = plan.restart.clone().filter(|_| root.index == 0);
     let conductor = Conductor::new(common.target_pid, restart, progress, settle)?;
-    let report = if common.workers > 1 {
+    let report = if common.workers > 1 || common.coordinate.is_some() {
         let ramp = settings.ramp_timeout.unwrap_or_else(|| {
             Duration::from_secs_f64(
                 plan.subscribers as f64 / settings.connect_rate / root.count as f64,
@@ -128,7 +132,21 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
                 + Duration::from_secs(30),
             drain: settings.drain_timeout + Duration::from_secs(30),
         };
-        workers::run(common.workers, root, &run_id, conductor, limits).await?
+        match common.coordinate {
+            Some(listen) => {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("--coordinate {listen}"))?;
+                eprintln!(
+                    "weft-loadtest: coordinating run {run_id}: waiting for {} workers on {}",
+                    common.workers,
+                    listener.local_addr()?
+                );
+                workers::run_remote(listener, common.workers, root, &run_id, conductor, limits)
+                    .await?
+            }
+            None => workers::run(common.workers, root, &run_id, conductor, limits).await?,
+        }
     } else {
         let mut role = Role::Local(conductor);
         let mut report = engine::run(&plan, &settings, &mut role).await?;
@@ -160,6 +178,19 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
     }
     if common.workers == 0 || common.workers > 256 {
         bail!("--workers must be between 1 and 256");
+    }
+    if common.coordinator.is_some() && common.worker_slot.is_none() {
+        bail!("--coordinator needs --worker-slot i/n (this worker's slot of the run)");
+    }
+    if common.coordinator.is_some() && common.run_id.is_none() {
+        bail!("--coordinator needs --run-id (the coordinator's, so every worker uses the same topics)");
+    }
+    if common.coordinate.is_some() && (common.coordinator.is_some() || common.worker_slot.is_some())
+    {
+        bail!("--coordinate runs the coordinator: it takes no --coordinator or --worker-slot");
+    }
+    if common.coordinate.is_some() && common.run_id.is_none() {
+        bail!("--coordinate needs --run-id (the same on every worker)");
     }
     if common.connect_rate <= 0.0 || common.max_inflight == 0 {
         bail!("--connect-rate and --max-inflight must be positive");

@@ -130,9 +130,20 @@ pub struct Common {
     /// with --shard, else 0).
     #[arg(long, value_parser = parse_duration)]
     pub settle: Option<Duration>,
-    /// Internal: the slot a worker process runs (set by the parent).
-    #[arg(long, env = "WEFT_LOADTEST_WORKER_SLOT", hide = true)]
+    /// The slot this process runs as a worker (`i/n`): set by the parent for
+    /// `--workers`; with `--coordinator`, this pod's slot of the distributed run.
+    #[arg(long, env = "WEFT_LOADTEST_WORKER_SLOT")]
     pub worker_slot: Option<Slot>,
+    /// Coordinate a distributed run: listen here for the `--workers N` remote worker
+    /// processes (`--coordinator`), start them together, merge their reports (the
+    /// `--slo` gate applies to the whole run). The coordinator itself opens no
+    /// connection to the target.
+    #[arg(long, env = "WEFT_LOADTEST_COORDINATE")]
+    pub coordinate: Option<std::net::SocketAddr>,
+    /// Run as a remote worker of the coordinator at HOST:PORT, in `--worker-slot`
+    /// (retried for 3 minutes while the coordinator starts).
+    #[arg(long, env = "WEFT_LOADTEST_COORDINATOR")]
+    pub coordinator: Option<String>,
     #[command(flatten)]
     pub out: Outputs,
 }

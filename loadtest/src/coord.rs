@@ -7,11 +7,14 @@
 //! ```
 //!
 //! A process runs as [`Role::Local`] (alone, or one shard of many pods) or as
-//! [`Role::Worker`] of a parent process (`--workers N`). Alone, its own [`Conductor`]
-//! decides the start time, samples the target, runs `--restart-cmd` and shows
-//! progress. As a worker it tells its parent when it is ready and loaded (one JSON line
-//! each on stdout, [`WorkerMsg`]) and waits for the parent's `go` and `drain`
-//! ([`ParentMsg`] on stdin); the parent's conductor does the rest for all workers.
+//! [`Role::Worker`] of a parent process (`--workers N`) or of a coordinator on the
+//! network (`--coordinator HOST:PORT`, one pod of a distributed run). Alone, its own
+//! [`Conductor`] decides the start time, samples the target, runs `--restart-cmd` and
+//! shows progress. As a worker it tells its parent when it is ready and loaded (one
+//! JSON line each, [`WorkerMsg`]: on stdout, or on the TCP connection after a
+//! `hello` naming its slot and run id) and waits for the parent's `go` and `drain`
+//! ([`ParentMsg`], on stdin or the connection); the parent's conductor does the rest
+//! for all workers.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,6 +43,11 @@ const START_LEAD: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerMsg {
+    /// A remote worker's first line: which slot of which run it runs.
+    Hello {
+        slot: String,
+        run_id: String,
+    },
     Ready {
         subscribed: u64,
     },
@@ -240,8 +248,19 @@ pub async fn run_restart(r: Restart, start: Instant) -> RestartOutcome {
 
 /// A worker's side of the line protocol.
 pub struct WorkerLink {
-    lines: Lines<BufReader<Stdin>>,
-    out: Arc<Mutex<std::io::Stdout>>,
+    lines: Lines<BufReader<Box<dyn AsyncRead + Unpin + Send>>>,
+    out: Out,
+    /// The task writing `out`'s lines to the coordinator's connection.
+    writer: Option<JoinHandle<()>>,
+}
+
+/// Where a worker's lines go: its stdout (a child of `--workers`), or the task that
+/// writes them to the coordinator's TCP connection (`--coordinator`). That channel is
+/// unbounded, but a worker sends one progress line a second and four more per run.
+#[derive(Clone)]
+pub enum Out {
+    Stdout(Arc<Mutex<std::io::Stdout>>),
+    Connection(tokio::sync::mpsc::UnboundedSender<String>),
 }
 
 impl Default for WorkerLink {
@@ -250,16 +269,72 @@ impl Default for WorkerLink {
     }
 }
 
+/// How long a remote worker keeps trying to reach its coordinator (pods start in any
+/// order).
+pub const COORDINATOR_CONNECT: Duration = Duration::from_secs(180);
+
 impl WorkerLink {
+    /// The link to the parent process, over stdin and stdout.
     pub fn new() -> Self {
         Self {
-            lines: BufReader::new(tokio::io::stdin()).lines(),
-            out: Arc::new(Mutex::new(std::io::stdout())),
+            lines:
+                BufReader::new(Box::new(tokio::io::stdin()) as Box<dyn AsyncRead + Unpin + Send>)
+                    .lines(),
+            out: Out::Stdout(Arc::new(Mutex::new(std::io::stdout()))),
+            writer: None,
         }
+    }
+
+    /// The link to a coordinator at `addr` (retried for [`COORDINATOR_CONNECT`]),
+    /// announced with this worker's slot and run id.
+    pub async fn connect(addr: &str, slot: &str, run_id: &str) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + COORDINATOR_CONNECT;
+        let stream = loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => anyhow::bail!("cannot reach the coordinator {addr}: {e}"),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(line) = rx.recv().await {
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            let _ = write.shutdown().await;
+        });
+        let link = Self {
+            lines: BufReader::new(Box::new(read) as Box<dyn AsyncRead + Unpin + Send>).lines(),
+            out: Out::Connection(tx),
+            writer: Some(writer),
+        };
+        link.send(&WorkerMsg::Hello {
+            slot: slot.to_owned(),
+            run_id: run_id.to_owned(),
+        });
+        Ok(link)
     }
 
     pub fn send(&self, msg: &WorkerMsg) {
         send_line(&self.out, msg);
+    }
+
+    /// Sends `report` and waits until it has left (the process exits next).
+    pub async fn finish(mut self, report: Report) {
+        self.send(&WorkerMsg::Report(Box::new(report)));
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        // Closing the channel ends the writer once it has written every line.
+        drop(self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
     }
 
     async fn recv(&mut self) -> anyhow::Result<ParentMsg> {
@@ -273,12 +348,20 @@ impl WorkerLink {
     }
 }
 
-fn send_line(out: &Mutex<std::io::Stdout>, msg: &WorkerMsg) {
+fn send_line(out: &Out, msg: &WorkerMsg) {
     let line = serde_json::to_string(msg).expect("worker messages serialise");
-    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
-    // A closed stdout means the parent is gone; the next barrier notices.
-    let _ = writeln!(o, "{line}");
-    let _ = o.flush();
+    match out {
+        Out::Stdout(o) => {
+            let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
+            // A closed stdout means the parent is gone; the next barrier notices.
+            let _ = writeln!(o, "{line}");
+            let _ = o.flush();
+        }
+        // A closed connection: the next barrier notices too.
+        Out::Connection(tx) => {
+            let _ = tx.send(line + "\n");
+        }
+    }
 }
 
 /// How one process takes part in a run.
@@ -291,7 +374,7 @@ pub enum Role {
 #[derive(Clone)]
 pub enum ProgressSink {
     Local(Arc<Mutex<Progress>>, Option<Arc<Mutex<Sampler>>>),
-    Parent(Arc<Mutex<std::io::Stdout>>),
+    Parent(Out),
 }
 
 impl ProgressSink {

@@ -8,12 +8,20 @@
 //! partial reports. It shows one progress line summed over the workers. A worker that
 //! dies, or a phase that overruns its time limit, fails the run (the other workers are
 //! killed when their handles drop).
+//!
+//! `--coordinate ADDR --workers N` is the same parent for workers that are separate
+//! processes elsewhere (pods of a distributed run): it listens on `ADDR` and takes N
+//! connections from `weft-loadtest … --coordinator ADDR --worker-slot i/N`, each
+//! opening with a `hello` that names its slot and run id (every slot of the run once,
+//! the coordinator's run id), then drives the same barriers over the connections. The
+//! merged report, and so the `--slo` gate, is the whole run's.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use tokio::io::AsyncWrite;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -41,8 +49,11 @@ enum Event {
 }
 
 struct Workers {
+    /// Local worker processes (none for remote workers).
     children: Vec<Child>,
-    stdins: Vec<ChildStdin>,
+    /// Where each worker reads the parent's messages: a child's stdin, or a remote
+    /// worker's connection.
+    inputs: Vec<Box<dyn AsyncWrite + Unpin + Send>>,
     rx: mpsc::Receiver<Event>,
     stats: Vec<StatsSnapshot>,
     window: hdrhistogram::Histogram<u64>,
@@ -56,14 +67,14 @@ pub async fn run(
     count: usize,
     root: Slot,
     run_id: &str,
-    mut conductor: Conductor,
+    conductor: Conductor,
     limits: PhaseLimits,
 ) -> anyhow::Result<Report> {
     let exe = std::env::current_exe().context("cannot find this executable to start workers")?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let (tx, rx) = mpsc::channel(4096);
     let mut children = Vec::with_capacity(count);
-    let mut stdins = Vec::with_capacity(count);
+    let mut inputs = Vec::with_capacity(count);
     for w in 0..count {
         let mut child = tokio::process::Command::new(&exe)
             .args(&args)
@@ -76,41 +87,15 @@ pub async fn run(
             .spawn()
             .with_context(|| format!("starting worker {w}"))?;
         let stdout = child.stdout.take().expect("piped");
-        stdins.push(child.stdin.take().expect("piped"));
+        inputs.push(
+            Box::new(child.stdin.take().expect("piped")) as Box<dyn AsyncWrite + Unpin + Send>
+        );
         children.push(child);
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            loop {
-                match lines.next_line().await {
-                    Ok(Some(line)) => match serde_json::from_str::<WorkerMsg>(&line) {
-                        Ok(m) => {
-                            if tx.send(Event::Msg(w, m)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx
-                                .send(Event::Gone(w, format!("sent an unreadable line ({e})")))
-                                .await;
-                            return;
-                        }
-                    },
-                    Ok(None) => {
-                        let _ = tx.send(Event::Gone(w, "closed its output".into())).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Event::Gone(w, format!("output failed: {e}"))).await;
-                        return;
-                    }
-                }
-            }
-        });
+        read_worker(w, BufReader::new(stdout).lines(), tx.clone());
     }
-    let mut ws = Workers {
+    let ws = Workers {
         children,
-        stdins,
+        inputs,
         rx,
         stats: vec![StatsSnapshot::default(); count],
         window: new_hist(SIGFIG),
@@ -118,7 +103,122 @@ pub async fn run(
         epoch_ends: EpochEnds::new(),
         last_show: Instant::now(),
     };
+    drive(ws, conductor, limits).await
+}
 
+/// Coordinates `count` remote workers of the run `run_id` that connect to `listener`
+/// (within [`crate::coord::COORDINATOR_CONNECT`]), each in its own slot of `root`;
+/// returns the merged report.
+pub async fn run_remote(
+    listener: tokio::net::TcpListener,
+    count: usize,
+    root: Slot,
+    run_id: &str,
+    conductor: Conductor,
+    limits: PhaseLimits,
+) -> anyhow::Result<Report> {
+    let (tx, rx) = mpsc::channel(4096);
+    let mut inputs: Vec<Option<Box<dyn AsyncWrite + Unpin + Send>>> =
+        (0..count).map(|_| None).collect();
+    let expected: Vec<String> = (0..count)
+        .map(|w| root.split(w, count).to_string())
+        .collect();
+    // Pods start in any order and may wait for a node and an image: as long as the
+    // workers keep trying to reach the coordinator.
+    let connect_within = crate::coord::COORDINATOR_CONNECT;
+    let deadline = Instant::now() + connect_within;
+    while inputs.iter().any(Option::is_none) {
+        let missing: Vec<&String> = expected
+            .iter()
+            .zip(&inputs)
+            .filter(|(_, i)| i.is_none())
+            .map(|(s, _)| s)
+            .collect();
+        let (stream, peer) = tokio::time::timeout_at(deadline, listener.accept())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("workers {missing:?} did not connect within {connect_within:?}")
+            })?
+            .context("accepting a worker")?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let hello = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| anyhow::anyhow!("{peer} sent no hello"))??;
+        let Some(WorkerMsg::Hello {
+            slot,
+            run_id: theirs,
+        }) = hello.as_deref().and_then(|l| serde_json::from_str(l).ok())
+        else {
+            bail!("{peer} did not open with a hello: {hello:?}");
+        };
+        if theirs != run_id {
+            bail!("{peer} runs {theirs}, this coordinator runs {run_id}: check --run-id");
+        }
+        let Some(w) = expected.iter().position(|s| *s == slot) else {
+            bail!("{peer} runs slot {slot}; this run's slots are {expected:?}");
+        };
+        if inputs[w].is_some() {
+            bail!("two workers run slot {slot} (the second from {peer})");
+        }
+        inputs[w] = Some(Box::new(write));
+        read_worker(w, lines, tx.clone());
+    }
+    drop(tx);
+    let ws = Workers {
+        children: Vec::new(),
+        inputs: inputs.into_iter().flatten().collect(),
+        rx,
+        stats: vec![StatsSnapshot::default(); count],
+        window: new_hist(SIGFIG),
+        reports: vec![None; count],
+        epoch_ends: EpochEnds::new(),
+        last_show: Instant::now(),
+    };
+    drive(ws, conductor, limits).await
+}
+
+/// Forwards worker `w`'s lines to the parent as events, until they end.
+fn read_worker<R>(w: usize, mut lines: tokio::io::Lines<R>, tx: mpsc::Sender<Event>)
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => match serde_json::from_str::<WorkerMsg>(&line) {
+                    Ok(m) => {
+                        if tx.send(Event::Msg(w, m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Event::Gone(w, format!("sent an unreadable line ({e})")))
+                            .await;
+                        return;
+                    }
+                },
+                Ok(None) => {
+                    let _ = tx.send(Event::Gone(w, "closed its output".into())).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Gone(w, format!("output failed: {e}"))).await;
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// The barriers of a run, for every worker; the merged report.
+async fn drive(
+    mut ws: Workers,
+    mut conductor: Conductor,
+    limits: PhaseLimits,
+) -> anyhow::Result<Report> {
     ws.wait(&conductor, "ramp", limits.ramp, |m| {
         matches!(m, WorkerMsg::Ready { .. })
     })
@@ -159,7 +259,7 @@ impl Workers {
         until: impl Fn(&WorkerMsg) -> bool,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
-        let mut done = vec![false; self.children.len()];
+        let mut done = vec![false; self.inputs.len()];
         while done.iter().any(|d| !d) {
             let ev = tokio::select! {
                 ev = self.rx.recv() => ev,
@@ -194,7 +294,10 @@ impl Workers {
                 }
                 Some(Event::Gone(w, why)) => {
                     if self.reports[w].is_none() {
-                        let status = self.children[w].try_wait().ok().flatten();
+                        let status = self
+                            .children
+                            .get_mut(w)
+                            .and_then(|c| c.try_wait().ok().flatten());
                         bail!(
                             "worker {w} {why}{}",
                             status.map(|s| format!(" ({s})")).unwrap_or_default()
@@ -223,12 +326,12 @@ impl Workers {
     async fn broadcast(&mut self, msg: &ParentMsg) -> anyhow::Result<()> {
         let mut line = serde_json::to_string(msg)?;
         line.push('\n');
-        for (w, stdin) in self.stdins.iter_mut().enumerate() {
-            stdin
+        for (w, input) in self.inputs.iter_mut().enumerate() {
+            input
                 .write_all(line.as_bytes())
                 .await
                 .with_context(|| format!("telling worker {w} to proceed"))?;
-            stdin.flush().await?;
+            input.flush().await?;
         }
         Ok(())
     }

@@ -60,6 +60,11 @@ async fn exec(args: &[&str]) -> Output {
     out
 }
 
+async fn exec_owned(args: Vec<String>) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    exec(&args).await
+}
+
 fn report(path: &Path) -> Report {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -202,6 +207,97 @@ async fn shards_run_apart_and_merge() {
     assert_eq!(m.published, 120);
     // Every message reaches the 3 members of its room.
     assert_eq!((m.expected, m.delivered, m.lost), (360, 360, 0));
+}
+
+/// A distributed run as the Helm chart's load Job runs it: a coordinator
+/// (`--coordinate ADDR --workers 2`) and two remote workers (`--coordinator ADDR
+/// --worker-slot i/2`, separate processes) start together and make one report,
+/// gated once; a worker of another run is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_and_remote_workers_make_one_run() {
+    let node = node().await;
+    let dir = TmpDir::new("coordinated");
+    let json = dir.file("run.json");
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let target = node.url("");
+    let load = |run: &str| -> Vec<String> {
+        [
+            "fanout",
+            "--target",
+            &target,
+            "--run-id",
+            run,
+            "--subscribers",
+            "10",
+            "--topics",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let with = |mut base: Vec<String>, more: &[&str]| {
+        base.extend(more.iter().map(|s| s.to_string()));
+        base
+    };
+    let coordinator = with(
+        load("coordtest"),
+        &[
+            "--coordinate",
+            &addr,
+            "--workers",
+            "2",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    let coordinator = with(coordinator, &["--slo", "loss=0,duplicates=0,reordered=0"]);
+    let worker = |slot: &str| {
+        with(
+            load("coordtest"),
+            &["--coordinator", &addr, "--worker-slot", slot],
+        )
+    };
+    let (w0, w1) = (worker("0/2"), worker("1/2"));
+    let (c, a, b) = tokio::join!(exec_owned(coordinator), exec_owned(w0), exec_owned(w1));
+    assert_eq!(
+        (c.status.code(), a.status.code(), b.status.code()),
+        (Some(0), Some(0), Some(0))
+    );
+    assert!(String::from_utf8_lossy(&c.stdout).contains("PASS loss=0"));
+    let r = report(&json);
+    assert_eq!(r.processes, 2, "both workers' reports merged");
+    assert_eq!(r.published, 200);
+    assert_eq!(
+        (r.delivered, r.lost, r.duplicates, r.reordered),
+        (1000, 0, 0, 0)
+    );
+
+    // A worker of another run is refused, and the coordinator says why.
+    let lone = with(
+        load("coordtest"),
+        &["--coordinate", &addr, "--workers", "1"],
+    );
+    let stray = with(
+        load("another"),
+        &["--coordinator", &addr, "--worker-slot", "0/1"],
+    );
+    let (c, _) = tokio::join!(exec_owned(lone), exec_owned(stray));
+    node.stop_within(Duration::from_secs(10)).await;
+    assert_ne!(c.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&c.stderr).contains("runs another"),
+        "{}",
+        String::from_utf8_lossy(&c.stderr)
+    );
 }
 
 #[tokio::test]

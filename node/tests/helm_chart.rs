@@ -449,3 +449,159 @@ fn generated_secrets_sign_member_certificates_and_match_the_config() {
     assert!(secret_value(&m, "weft-auth", "hmac-secret").len() >= 32);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The distributed load test as rendered: a coordinator Job behind a Service, and an
+/// Indexed Job of workers that dial that Service, all with the same run id and load.
+/// The rendered commands, run as local processes against a real node (the Service's
+/// DNS name mapped to 127.0.0.1, each pod's completion index as its slot), make one
+/// coordinated run whose merged report passes the rendered SLO gate.
+#[test]
+fn load_job_is_a_coordinator_and_workers_that_make_one_run() {
+    let Some(helm) = helm() else { return };
+    let Some(python) = tool("python3", "PYTHON3") else {
+        return;
+    };
+    let dir = temp("load-job");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let values = dir.join("load.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "auth: {{enabled: false}}\n\
+             loadJob:\n  enabled: true\n  workers: 2\n  port: {port}\n  runId: chart-load\n\
+             \x20 args: [\"--subscribers\", \"10\", \"--topics\", \"2\", \"--rate\", \"100\", \"--duration\", \"2s\"]\n"
+        ),
+    )
+    .unwrap();
+    let yaml = render(&helm, Some(&values), &[]).unwrap();
+    let docs = deploy::manifests_json(&python, &yaml);
+    let named = |kind: &str, suffix: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == kind && d["metadata"]["name"].as_str().unwrap().ends_with(suffix)
+            })
+            .unwrap_or_else(|| panic!("no {kind} *{suffix}"))
+    };
+    let service = named("Service", "-load-1");
+    let coordinator = named("Job", "-load-1-coordinator");
+    let workers = named("Job", "-load-1-workers");
+    assert_eq!(workers["spec"]["completionMode"], "Indexed");
+    assert_eq!(workers["spec"]["completions"], 2);
+    assert_eq!(service["spec"]["ports"][0]["port"], port);
+    let pod_labels = &coordinator["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "the Service selects the coordinator pod");
+    }
+    let svc_host = format!("{}.rt.svc", service["metadata"]["name"].as_str().unwrap());
+    let coordinator_args =
+        deploy::strings(&coordinator["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let worker_args =
+        deploy::strings(&workers["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(coordinator_args.windows(2).any(|w| w == ["--workers", "2"]));
+    assert!(worker_args
+        .windows(2)
+        .any(|w| w[0] == "--coordinator" && w[1] == format!("{svc_host}:{port}")));
+    for args in [&coordinator_args, &worker_args] {
+        assert!(args.windows(2).any(|w| w == ["--run-id", "chart-load"]));
+        assert!(args.windows(2).any(|w| w == ["--subscribers", "10"]));
+    }
+
+    // A node for the run, in development mode on loopback (the render has auth off).
+    let ready = dir.join("ready.json");
+    let mut node = Command::new(NODE_BIN)
+        .env_clear()
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start weft-node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "weft-node never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bound: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let target = format!("http://{}", bound["http"].as_str().unwrap());
+    let report = dir.join("report.json");
+    let localise = |args: &[String], slot: Option<usize>| -> Vec<String> {
+        args.iter()
+            .map(|a| {
+                let a = if a.starts_with("http://weft.rt.svc") {
+                    target.clone()
+                } else {
+                    a.replace(&svc_host, "127.0.0.1")
+                        .replace("0.0.0.0:", "127.0.0.1:")
+                };
+                let a = match slot {
+                    Some(i) => a.replace("$(SLOT)", &i.to_string()),
+                    None => a,
+                };
+                if a == "/dev/stderr" {
+                    report.display().to_string()
+                } else {
+                    a
+                }
+            })
+            .collect()
+    };
+    let loadtest = weft_testkit::bin::path("weft-loadtest");
+    let spawn = |args: Vec<String>| {
+        Command::new(&loadtest)
+            .env_clear()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start weft-loadtest")
+    };
+    let mut procs = vec![spawn(localise(&coordinator_args, None))];
+    for i in 0..2 {
+        procs.push(spawn(localise(&worker_args, Some(i))));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut outs = Vec::new();
+    for mut p in procs {
+        while p.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = p.kill();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        outs.push(p.wait_with_output().unwrap());
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+    for (i, out) in outs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "process {i} (0 = coordinator) exited {}:\n{}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["processes"], 2, "{r}");
+    assert!(
+        r["delivered"].as_u64().unwrap() > 0 && r["delivered"] == r["expected"],
+        "{r}"
+    );
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicates"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

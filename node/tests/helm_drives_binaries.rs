@@ -35,29 +35,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use deploy::{render, run_with_input, text, tool};
+use deploy::{render, text, tool};
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 
-const YAML_TO_JSON: &str = r#"
-import sys, json, yaml, base64
-docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
-for d in docs:
-    if d["kind"] == "Secret":
-        d["stringData"] = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
-print(json.dumps(docs))
-"#;
-
-/// The rendered manifests as JSON values (PyYAML converts; it comes with
-/// kubernetes-validate). A Secret's `data` is decoded into `stringData`.
+/// The rendered manifests as JSON values, Secrets decoded.
 fn manifests(helm: &Path, python: &Path, set: &[&str]) -> Vec<Value> {
     let yaml = render(helm, None, set).unwrap_or_else(|e| panic!("helm template: {e}"));
-    let out = run_with_input(
-        Command::new(python).args(["-c", YAML_TO_JSON]),
-        yaml.as_bytes(),
-    );
-    assert!(out.status.success(), "YAML to JSON: {}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    deploy::manifests_json(python, &yaml)
 }
 
 /// One pod of a StatefulSet, as the test runs it.

@@ -178,3 +178,32 @@ pub fn alert_exprs(rule_doc: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+const YAML_TO_JSON: &str = r#"
+import sys, json, yaml, base64
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+for d in docs:
+    if d["kind"] == "Secret":
+        d["stringData"] = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+print(json.dumps(docs))
+"#;
+
+/// Rendered manifests as JSON values (PyYAML converts; it comes with
+/// kubernetes-validate). A Secret's `data` is decoded into `stringData`.
+pub fn manifests_json(python: &Path, yaml: &str) -> Vec<serde_json::Value> {
+    let out = run_with_input(
+        Command::new(python).args(["-c", YAML_TO_JSON]),
+        yaml.as_bytes(),
+    );
+    assert!(out.status.success(), "YAML to JSON: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The strings of a JSON array of strings (a container's `command` or `args`).
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a.as_str().expect("a string").to_owned())
+        .collect()
+}
