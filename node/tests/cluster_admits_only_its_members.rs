@@ -489,18 +489,8 @@ async fn cluster_insecure_is_logged_and_shown_in_the_cluster_view() {
     let ready = dir.join("ready.json");
     let log = dir.join("stderr.log");
     let mut child = Proc(
-        node_bin()
+        bin::loopback_node(&dir)
             .args(["--node-id", "open-1", "--cluster-insecure"])
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--cluster-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -304,11 +304,7 @@ fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start weft-node");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "weft-node never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    weft_testkit::bin::wait_ready_file(&mut node, &ready, "weft-node");
     let pid = node.id();
     // Reap the node as soon as it exits, so `kill -0` in the hook sees it gone.
     let waiter = std::thread::spawn(move || {
@@ -510,29 +506,11 @@ fn load_job_is_a_coordinator_and_workers_that_make_one_run() {
     }
 
     // A node for the run, in development mode on loopback (the render has auth off).
-    let ready = dir.join("ready.json");
-    let mut node = Command::new(NODE_BIN)
-        .env_clear()
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--cluster-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--ready-file")
-        .arg(&ready)
+    let mut node = weft_testkit::bin::loopback_node(&dir)
         .stderr(Stdio::null())
         .spawn()
         .expect("start weft-node");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "weft-node never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let bound: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let bound = weft_testkit::bin::wait_ready_file(&mut node, &dir.join("ready.json"), "weft-node");
     let target = format!("http://{}", bound["http"].as_str().unwrap());
     let report = dir.join("report.json");
     let localise = |args: &[String], slot: Option<usize>| -> Vec<String> {

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use deploy::{root, tool};
 
-const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
 /// The longest the schemathesis run may take (it takes well under a minute).
 const RUN_BOUND: Duration = Duration::from_secs(300);
 const MAX_EXAMPLES: &str = "10";
@@ -45,38 +44,15 @@ fn schemathesis_finds_no_request_the_server_answers_against_its_document() {
         "[limits]\nmax_wait_s = 1\n\n[[namespaces]]\npattern = \">\"\npresence = true\n",
     )
     .unwrap();
-    let ready = dir.join("ready.json");
     let log = std::fs::File::create(dir.join("node.log")).unwrap();
-    let mut node = Command::new(NODE_BIN)
-        .env_clear()
+    let mut node = weft_testkit::bin::loopback_node(&dir)
         .arg("--config")
         .arg(&config)
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--cluster-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--ready-file")
-        .arg(&ready)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .expect("start weft-node");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(
-            node.try_wait().unwrap().is_none(),
-            "weft-node exited:\n{}",
-            node_log(&dir)
-        );
-        assert!(Instant::now() < deadline, "weft-node never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let bound: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let bound = weft_testkit::bin::wait_ready_file(&mut node, &dir.join("ready.json"), "weft-node");
     let base = format!("http://{}", bound["http"].as_str().unwrap());
 
     let here: PathBuf = root().join("node/tests/schemathesis");

@@ -179,16 +179,8 @@ async fn sighup_makes_the_binary_serve_a_replaced_certificate_at_once() {
     let log = work.log("node", "node.log");
     let out = bin::log_file(&log);
     let ready = dir.join("ready.json");
-    let mut child = bin::command(bin::path("weft-node"))
+    let mut child = bin::loopback_node(&dir)
         .args(["--config", config.to_str().unwrap()])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--cluster-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--data-dir", dir.join("data").to_str().unwrap()])
-        .args(["--ready-file", ready.to_str().unwrap()])
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .spawn()

@@ -94,19 +94,7 @@ impl DevCa {
             ));
         }
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, peer.uri());
-        let uri = rcgen::string::Ia5String::try_from(peer.uri())
-            .map_err(|e| CertsError::Invalid(e.to_string()))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        let mut params = member_params(peer).map_err(CertsError::Invalid)?;
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -115,6 +103,26 @@ impl DevCa {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// What every member certificate holds, whoever issues it (`weft-router certs`, or a
+/// pod's own init step, `weft-node cluster-cert`): its identity as the common name and
+/// as the one URI SAN (`weft://<role>/<id>`, [`crate::identity`]), signing only, for
+/// both ends of a TLS connection. The validity is the issuer's to set.
+pub fn member_params(peer: &Peer) -> Result<CertificateParams, String> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, peer.uri());
+    let uri = rcgen::string::Ia5String::try_from(peer.uri()).map_err(|e| e.to_string())?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<(), CertsError> {

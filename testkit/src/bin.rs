@@ -140,24 +140,62 @@ pub fn log_file(path: &Path) -> std::fs::File {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
+/// `weft-node` for a single-node process test: loopback listeners on ports the OS
+/// picks, its data dir and ready file under `dir` (`data/`, `ready.json`). The test adds
+/// its own flags and output, then waits with [`await_ready_file`] or [`wait_ready_file`].
+pub fn loopback_node(dir: &Path) -> Command {
+    let mut cmd = command(path("weft-node"));
+    cmd.args([
+        "--http-listen",
+        "127.0.0.1:0",
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir.join("data"))
+    .arg("--ready-file")
+    .arg(dir.join("ready.json"));
+    cmd
+}
+
+/// One look at a starting process: its ready file parsed, or `None` to look again.
+/// Panics if the process exited or the deadline passed.
+fn ready_yet(child: &mut Child, path: &Path, what: &str, deadline: Instant) -> Option<Value> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            return Some(v);
+        }
+    }
+    if let Some(status) = child.try_wait().expect("poll the child") {
+        panic!("{what} exited before it was ready: {status}");
+    }
+    assert!(
+        Instant::now() < deadline,
+        "{what} wrote no ready file within {START_WITHIN:?}"
+    );
+    None
+}
+
 /// Waits for a process's ready file and returns it parsed; panics if the process exits
 /// first or the file never appears within [`START_WITHIN`].
 pub async fn await_ready_file(child: &mut Child, path: &Path, what: &str) -> Value {
     let deadline = Instant::now() + START_WITHIN;
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                return v;
-            }
+        if let Some(v) = ready_yet(child, path, what, deadline) {
+            return v;
         }
-        if let Some(status) = child.try_wait().expect("poll the child") {
-            panic!("{what} exited before it was ready: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} wrote no ready file within {START_WITHIN:?}"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`await_ready_file`] for a test without a runtime.
+pub fn wait_ready_file(child: &mut Child, path: &Path, what: &str) -> Value {
+    let deadline = Instant::now() + START_WITHIN;
+    loop {
+        if let Some(v) = ready_yet(child, path, what, deadline) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -18,10 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{
-    CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose,
-    PublicKeyData, SanType,
-};
+use rcgen::{Issuer, KeyPair, PublicKeyData};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
@@ -82,19 +79,7 @@ pub fn issue(
     let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key)?;
 
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, peer.uri());
-    let uri = rcgen::string::Ia5String::try_from(peer.uri())
-        .map_err(|e| MemberCertError::Invalid(e.to_string()))?;
-    params.subject_alt_names = vec![SanType::URI(uri)];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    let mut params = weft_router::certs::member_params(peer).map_err(MemberCertError::Invalid)?;
     let now = OffsetDateTime::from(now);
     let wanted = now + validity;
     params.not_before = now - time::Duration::hours(1);
