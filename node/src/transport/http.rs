@@ -10,8 +10,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -104,18 +104,63 @@ fn finish(r: Router<Arc<Node>>, node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// The request's caller, as the edge middleware resolved it.
-type CallerExt = Option<axum::Extension<Caller>>;
+/// Extractor: the caller the edge middleware resolved (`401` when there is none).
+struct Who(Caller);
 
-fn who(node: &Node, ext: &CallerExt) -> Result<Caller, ApiError> {
-    caller(node, ext.as_ref().map(|e| &e.0))
+/// Extractor: a caller who may publish somewhere, on a node that takes publishes now
+/// (see [`refuse_while_draining`]); the topic's own check stays with the handler.
+struct Publisher(Caller);
+
+/// Extractor: an admin caller, not a web page (see [`require_admin`]).
+struct Admin;
+
+/// Extractor: a caller who may see the cluster's layout: admin only, unless
+/// `ops.public_cluster_view`.
+struct ClusterViewer;
+
+impl FromRequestParts<Arc<Node>> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        caller(node, parts.extensions.get::<Caller>()).map(Self)
+    }
+}
+
+impl FromRequestParts<Arc<Node>> for Publisher {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let Who(c) = Who::from_request_parts(parts, node).await?;
+        refuse_while_draining(node)?;
+        Ok(Self(c))
+    }
+}
+
+impl FromRequestParts<Arc<Node>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let Who(c) = Who::from_request_parts(parts, node).await?;
+        require_admin(node, &c, &parts.headers).map(|()| Self)
+    }
+}
+
+impl FromRequestParts<Arc<Node>> for ClusterViewer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        if node.auth.public_cluster_view() {
+            return Ok(Self);
+        }
+        Admin::from_request_parts(parts, node)
+            .await
+            .map(|Admin| Self)
+    }
 }
 
 /// A read of `topic` (state, history, long-poll, watches).
-fn may_read(node: &Node, ext: &CallerExt, topic: &str) -> Result<Caller, ApiError> {
-    let c = who(node, ext)?;
-    require(node, &c, Op::Read(topic), true)?;
-    Ok(c)
+fn may_read(node: &Node, c: &Caller, topic: &str) -> Result<(), ApiError> {
+    require(node, c, Op::Read(topic), true)
 }
 
 /// A REST publish. The namespace's `client_publish` binds clients (tokens); backends
@@ -161,10 +206,19 @@ async fn count_refusals(State(node): State<Arc<Node>>, resp: Response) -> Respon
     resp
 }
 
-fn topic_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let Path(topic) = path.map_err(|e| ApiError::bad(format!("bad path: {e}")))?;
-    check_topic(&topic)?;
-    Ok(topic)
+/// Extractor: the route's `{topic}`, a valid topic name (`400` otherwise).
+struct Topic(String);
+
+impl FromRequestParts<Arc<Node>> for Topic {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let Path(topic) = Path::<String>::from_request_parts(parts, node)
+            .await
+            .map_err(|e| ApiError::bad(format!("bad path: {e}")))?;
+        check_topic(&topic)?;
+        Ok(Self(topic))
+    }
 }
 
 /// The query string as decoded pairs (repeated keys kept, as `topic=a&topic=b`).
@@ -265,14 +319,11 @@ pub fn refuse_while_draining(node: &Node) -> Result<(), ApiError> {
 
 async fn publish(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    path: Result<Path<String>, PathRejection>,
+    Publisher(c): Publisher,
+    Topic(topic): Topic,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let c = who(&node, &ext)?;
-    refuse_while_draining(&node)?;
-    let topic = topic_from(path)?;
     may_publish(&node, &c, &topic)?;
     require_json(&headers)?;
     let kind = event_kind(
@@ -320,12 +371,10 @@ async fn publish(
 /// checked against the caller's permissions like a single publish.
 async fn publish_stream(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
+    Publisher(c): Publisher,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let c = who(&node, &ext)?;
-    refuse_while_draining(&node)?;
     crate::transport::publish_stream::publish_stream(node, headers, body, move |node, topic| {
         may_publish(node, &c, topic)
     })
@@ -334,12 +383,10 @@ async fn publish_stream(
 
 async fn batch_publish(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
+    Publisher(c): Publisher,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let c = who(&node, &ext)?;
-    refuse_while_draining(&node)?;
     require_json(&headers)?;
     let limits = &node.config.limits;
     let bytes = read_body(&headers, body, limits.max_batch_bytes).await?;
@@ -390,11 +437,10 @@ async fn batch_publish(
 
 async fn state(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    path: Result<Path<String>, PathRejection>,
+    Topic(topic): Topic,
+    Who(c): Who,
 ) -> Result<Response, ApiError> {
-    let topic = topic_from(path)?;
-    may_read(&node, &ext, &topic)?;
+    may_read(&node, &c, &topic)?;
     node.ready_topic(&topic, None).await?;
     let (cursor, last) = node.registry.with_topic(&topic, |t| t.state())?;
     let mut out = BytesMut::with_capacity(128);
@@ -415,11 +461,9 @@ async fn state(
 
 async fn presence(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    path: Result<Path<String>, PathRejection>,
+    Topic(topic): Topic,
+    Who(c): Who,
 ) -> Result<Response, ApiError> {
-    let topic = topic_from(path)?;
-    let c = who(&node, &ext)?;
     require(&node, &c, Op::Presence(&topic), true)?;
     let ns = node.registry.namespaces.lookup(&topic);
     if !ns.presence {
@@ -440,13 +484,12 @@ async fn presence(
 
 async fn events(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    path: Result<Path<String>, PathRejection>,
+    Topic(topic): Topic,
+    Who(c): Who,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let topic = topic_from(path)?;
-    let c = may_read(&node, &ext, &topic)?;
+    may_read(&node, &c, &topic)?;
     let q = query(&uri);
     let limits = &node.config.limits;
     let limit = match param(&q, "limit") {
@@ -509,11 +552,10 @@ async fn events(
 
 async fn multi_events(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
+    Who(c): Who,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let c = who(&node, &ext)?;
     let q = query(&uri);
     let max = node.config.limits.max_topics_per_watch;
     // The limit counts `topic` parameters, repeats included, as the contract says: a
@@ -575,21 +617,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     }
 }
 
-/// `/v1/cluster` and `/v1/cluster/owner/…` show the cluster's layout: admin only,
-/// unless `ops.public_cluster_view`.
-fn may_view_cluster(node: &Node, ext: &CallerExt, headers: &HeaderMap) -> Result<(), ApiError> {
-    if node.auth.public_cluster_view() {
-        return Ok(());
-    }
-    require_admin(node, &who(node, ext)?, headers)
-}
-
-async fn cluster(
-    State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    may_view_cluster(&node, &ext, &headers)?;
+async fn cluster(State(node): State<Arc<Node>>, _: ClusterViewer) -> Result<Response, ApiError> {
     let body = match node.cluster.get() {
         Some(c) => {
             let mut body = c.describe();
@@ -605,12 +633,7 @@ async fn cluster(
 
 /// `POST /v1/admin/drain`: drain as on SIGTERM — readiness false, topics handed to
 /// their new owners, sessions closed gradually over the grace period — then exit.
-async fn admin_drain(
-    State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    require_admin(&node, &who(&node, &ext)?, &headers)?;
+async fn admin_drain(State(node): State<Arc<Node>>, _: Admin) -> Result<Response, ApiError> {
     node.request_drain();
     let mut resp = json_ok(Bytes::from_static(b"{\"draining\":true}"));
     *resp.status_mut() = StatusCode::ACCEPTED;
@@ -631,11 +654,10 @@ struct RevokeRequest {
 /// until `until`.
 async fn admin_revoke(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
+    _: Admin,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&node, &who(&node, &ext)?, &headers)?;
     require_json(&headers)?;
     let bytes = read_body(&headers, body, 4096).await?;
     let r: RevokeRequest = serde_json::from_slice(&bytes)
@@ -662,12 +684,9 @@ async fn admin_revoke(
 /// `GET /v1/cluster/owner/{topic}`: the topic's owner under this node's ring.
 async fn cluster_owner(
     State(node): State<Arc<Node>>,
-    ext: CallerExt,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
+    _: ClusterViewer,
+    Topic(topic): Topic,
 ) -> Result<Response, ApiError> {
-    may_view_cluster(&node, &ext, &headers)?;
-    let topic = topic_from(path)?;
     let body = match node.cluster.get() {
         Some(c) => c.describe_owner(&topic),
         None => serde_json::json!({
