@@ -21,6 +21,7 @@ NODES=${2:-2}
 BIN=${BIN:-target/release}
 BASE=${IP_BASE:-220}
 HB=${HEARTBEAT_TIMEOUT_MS:-3000}
+. "$(dirname "$0")/cluster-lib.sh"
 
 mkdir -p "$DIR"
 if [ -s "$DIR/pids" ]; then
@@ -36,52 +37,27 @@ else
     "$BIN/weft-router" certs --out "$CERTS" --routers 1 \
         --nodes "$(seq -s, -f 'n%g' 1 "$NODES")" >/dev/null
 fi
-# The cluster flags of member $1 (router-1, n1, …).
-member_tls() {
-    if [ -z "$CERTS" ]; then
-        echo "--cluster-insecure"
-    else
-        f=$1
-        case $f in n*) f=node-$f ;; esac
-        echo "--cluster-ca-file $CERTS/ca.crt --cluster-cert-file $CERTS/$f.crt --cluster-key-file $CERTS/$f.key"
-    fi
-}
-
-# Waits (bounded) for a ready file.
-wait_file() {
-    n=0
-    while [ ! -s "$1" ]; do
-        n=$((n + 1))
-        if [ "$n" -gt 300 ]; then
-            echo "cluster-up: $1 did not appear within 30 s; see $DIR/*.log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-}
-
 # shellcheck disable=SC2046 # member_tls is a list of flags
-"$BIN/weft-router" $(member_tls router-1) --id 1 --listen "127.0.0.$BASE:0" --data-dir "$DIR/router" \
+"$BIN/weft-router" $(member_tls "$CERTS" router-1) --id 1 --listen "127.0.0.$BASE:0" --data-dir "$DIR/router" \
     --ready-file "$DIR/router.ready" --heartbeat-timeout-ms "$HB" >"$DIR/router.log" 2>&1 &
 echo $! >>"$DIR/pids"
 echo "ROUTER_PID=$!" >"$DIR/cluster.env"
 echo "CERTS=$CERTS" >>"$DIR/cluster.env"
-wait_file "$DIR/router.ready"
+wait_until 300 "cluster-up: $DIR/router.ready did not appear within 30 s; see $DIR/*.log" \
+    test -s "$DIR/router.ready"
 ROUTER=$(jq -r .listen "$DIR/router.ready")
 
 i=1
 while [ "$i" -le "$NODES" ]; do
     ip=127.0.0.$((BASE + i))
-    # shellcheck disable=SC2046
-    "$BIN/weft-node" $(member_tls "n$i") --node-id "n$i" --http-listen "$ip:0" --cluster-listen "$ip:0" \
-        --router "$ROUTER" --data-dir "$DIR/n$i" --ready-file "$DIR/n$i.ready" \
-        >"$DIR/n$i.log" 2>&1 &
+    start_node "$DIR" "$i" "$CERTS" "$ip:0" "$ip:0" "$ROUTER"
     echo $! >>"$DIR/pids"
     i=$((i + 1))
 done
 i=1
 while [ "$i" -le "$NODES" ]; do
-    wait_file "$DIR/n$i.ready"
+    wait_until 300 "cluster-up: $DIR/n$i.ready did not appear within 30 s; see $DIR/*.log" \
+        test -s "$DIR/n$i.ready"
     echo "N${i}_URL=http://$(jq -r .http "$DIR/n$i.ready")" >>"$DIR/cluster.env"
     echo "N${i}_PID=$(jq -r .pid "$DIR/n$i.ready")" >>"$DIR/cluster.env"
     i=$((i + 1))
@@ -90,25 +66,5 @@ echo "NODES=$NODES" >>"$DIR/cluster.env"
 
 # Converged: all members active, links to every other node, on every node.
 . "$DIR/cluster.env"
-n=0
-while :; do
-    ok=1
-    i=1
-    while [ "$i" -le "$NODES" ]; do
-        url=$(eval echo "\$N${i}_URL")
-        if ! curl -sf --max-time 2 "$url/v1/cluster" | jq -e --argjson n "$NODES" \
-            '([.members[] | select(.state == "active")] | length) == $n
-             and ((.this_node.relay_links // []) | length) == $n - 1' >/dev/null; then
-            ok=0
-        fi
-        i=$((i + 1))
-    done
-    [ "$ok" = 1 ] && break
-    n=$((n + 1))
-    if [ "$n" -gt 600 ]; then
-        echo "cluster-up: not converged within 60 s; see $DIR/*.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
+wait_until 600 "cluster-up: not converged within 60 s; see $DIR/*.log" converged "$NODES"
 cat "$DIR/cluster.env"

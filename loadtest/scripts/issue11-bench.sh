@@ -20,38 +20,22 @@ RUNS=${RUNS:-2}
 HERE=$(dirname "$0")
 LT="$BIN/weft-loadtest"
 mkdir -p "$OUT"
-CLUSTER=
-trap '[ -z "$CLUSTER" ] || "$HERE/cluster-down.sh" "$CLUSTER"' EXIT
-trap 'exit 130' INT TERM
+. "$HERE/cluster-lib.sh"
+stop_cluster_on_exit
+QUIET_LIMIT=${QUIET:+600}
 
 # run NAME MODE SUBSCRIBERS -- weft-loadtest arguments… (publishers on n1)
 run() {
     name=$1
-    mode=$2
+    NOTE=$2
     subs=$3
     shift 4
-    CLUSTER="$OUT/cluster-$name"
-    rm -rf "$CLUSTER"
-    if [ "$mode" = plain ]; then
-        CLUSTER_INSECURE=1 BIN=$BIN "$HERE/cluster-up.sh" "$CLUSTER" 2 >/dev/null
+    if [ "$NOTE" = plain ]; then
+        export CLUSTER_INSECURE=1
     else
-        BIN=$BIN "$HERE/cluster-up.sh" "$CLUSTER" 2 >/dev/null
+        unset CLUSTER_INSECURE
     fi
-    . "$CLUSTER/cluster.env"
-    target=$(eval echo "\$N${subs}_URL")
-    pid=$(eval echo "\$N${subs}_PID")
-    : >"$OUT/$name.txt"
-    if [ -n "${QUIET:-}" ]; then
-        "$HERE/wait-quiet.sh" 10 600 >>"$OUT/$name.txt" || true
-    fi
-    echo "\$ weft-loadtest $* --target \$N${subs}_URL --publish-target \$N1_URL ($mode)" \
-        >>"$OUT/$name.txt"
-    "$HERE/relay-cost.sh" "$CLUSTER" -- "$LT" "$@" --target "$target" \
-        --publish-target "$N1_URL" --target-pid "$pid" --quiet \
-        --json "$OUT/$name.json" >>"$OUT/$name.txt" 2>&1 || true
-    "$HERE/cluster-down.sh" "$CLUSTER"
-    CLUSTER=
-    cat "$OUT/$name.txt"
+    bench_cluster "$name" "$subs" 1 -- "$@"
 }
 
 cost="fanout --transport ws --topics 100 --subscribers 100 --rate 2000 --payload-bytes 100 --duration 20s --topic-owner n1"

@@ -22,9 +22,9 @@ BIN=${BIN:-target/release}
 HERE=$(dirname "$0")
 LT="$BIN/weft-loadtest"
 mkdir -p "$OUT"
-CLUSTER=
-trap '[ -z "$CLUSTER" ] || "$HERE/cluster-down.sh" "$CLUSTER"' EXIT
-trap 'exit 130' INT TERM
+. "$HERE/cluster-lib.sh"
+stop_cluster_on_exit
+QUIET_LIMIT=900
 
 # run NAME SUBSCRIBERS PUBLISHERS -- weft-loadtest arguments…
 # SUBSCRIBERS and PUBLISHERS are 1 or 2 (node n1 or n2; n1 owns the topics unless the
@@ -33,28 +33,10 @@ trap 'exit 130' INT TERM
 # NAME.disturbed-N.txt and run again, at most 3 times.
 run() {
     name=$1
-    subs=$2
-    pubs=$3
-    shift 4
     case "$name" in "${ONLY:-}"*) ;; *) return 0 ;; esac
     try=1
     while :; do
-        CLUSTER="$OUT/cluster-$name"
-        rm -rf "$CLUSTER"
-        BIN=$BIN "$HERE/cluster-up.sh" "$CLUSTER" 2 >/dev/null
-        . "$CLUSTER/cluster.env"
-        target=$(eval echo "\$N${subs}_URL")
-        publish=$(eval echo "\$N${pubs}_URL")
-        pid=$(eval echo "\$N${subs}_PID")
-        "$HERE/wait-quiet.sh" 10 900 >"$OUT/$name.txt"
-        echo "\$ weft-loadtest $* --target \$N${subs}_URL --publish-target \$N${pubs}_URL" \
-            >>"$OUT/$name.txt"
-        "$HERE/relay-cost.sh" "$CLUSTER" -- "$LT" "$@" --target "$target" \
-            --publish-target "$publish" --target-pid "$pid" --quiet \
-            --json "$OUT/$name.json" >>"$OUT/$name.txt" 2>&1 || true
-        "$HERE/cluster-down.sh" "$CLUSTER"
-        CLUSTER=
-        cat "$OUT/$name.txt"
+        bench_cluster "$@"
         share=$(awk -v cpus="$(nproc)" '/during the command/ {
             gsub(/[()]/, ""); secs = $4
             for (i = 1; i <= NF; i++) if ($i == "other") other = $(i + 1)
