@@ -42,23 +42,10 @@ async fn subscribers_on_a_mirror_get_every_event_and_subscribes_are_measured() {
     assert!(r.publish_url.is_empty(), "same target: {}", r.publish_url);
 
     // Fresh topics owned by `a`, subscribed on `b` at a fixed rate; then one event each.
-    let r = run(&[
-        "subscribe",
-        "--target",
-        &b,
-        "--publish-target",
-        &a,
-        "--topic-owner",
-        "a",
-        "--topics",
-        "40",
-        "--rate",
-        "40",
-        "--per-connection",
-        "10",
-        "--run-id",
-        "sub-mirror",
-    ])
+    let r = run(&format!(
+        "subscribe --target {b} --publish-target {a} --topic-owner a \
+         --topics 40 --rate 40 --per-connection 10 --run-id sub-mirror"
+    ))
     .await;
     assert_clean(&r);
     assert_eq!((r.subscribers, r.subscriptions), (4, 40));
@@ -93,24 +80,9 @@ async fn subscribers_on_a_mirror_get_every_event_and_subscribes_are_measured() {
 }
 
 async fn run_fanout(target: &str, publish: &str, run_id: &str) -> Report {
-    run(&[
-        "fanout",
-        "--target",
-        target,
-        "--publish-target",
-        publish,
-        "--topic-owner",
-        "a",
-        "--subscribers",
-        "8",
-        "--topics",
-        "2",
-        "--rate",
-        "100",
-        "--duration",
-        "2s",
-        "--run-id",
-        run_id,
-    ])
+    run(&format!(
+        "fanout --target {target} --publish-target {publish} --topic-owner a \
+         --subscribers 8 --topics 2 --rate 100 --duration 2s --run-id {run_id}"
+    ))
     .await
 }

@@ -163,25 +163,10 @@ async fn fanout_against_nats_server_adds_up() {
     let Some(bin) = nats_server() else { return };
     let server = NatsServer::start(&bin);
     let (target, pid) = (server.target(), server.pid());
-    let r = run(&[
-        "fanout",
-        "--system",
-        "nats",
-        "--target",
-        &target,
-        "--target-pid",
-        &pid,
-        "--subscribers",
-        "40",
-        "--topics",
-        "2",
-        "--rate",
-        "200",
-        "--payload-bytes",
-        "100",
-        "--duration",
-        "2s",
-    ])
+    let r = run(&format!(
+        "fanout --system nats --target {target} --target-pid {pid} --subscribers \
+         40 --topics 2 --rate 200 --payload-bytes 100 --duration 2s"
+    ))
     .await;
     assert_eq!(r.published, 400);
     assert_books(&r, 20, 100);
@@ -199,19 +184,9 @@ async fn connect_against_nats_server() {
     let Some(bin) = nats_server() else { return };
     let server = NatsServer::start(&bin);
     let target = server.target();
-    let r = run(&[
-        "connect",
-        "--system",
-        "nats",
-        "--target",
-        &target,
-        "--connections",
-        "200",
-        "--rate",
-        "1000",
-        "--duration",
-        "1s",
-    ])
+    let r = run(&format!(
+        "connect --system nats --target {target} --connections 200 --rate 1000 --duration 1s"
+    ))
     .await;
     assert_eq!(r.connects, 200, "{:?}", r.errors);
     assert_eq!(r.connections_open, 200);

@@ -2,7 +2,7 @@
 //! processes and their merged report, shards merged with `merge`, the JSON and HTML
 //! outputs, and the exit codes of `--slo` and `--baseline`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
@@ -21,13 +21,18 @@ struct TmpDir(PathBuf);
 impl TmpDir {
     fn new(test: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("weft-loadtest-{test}-{}", std::process::id()));
+        assert!(
+            !dir.to_string_lossy().contains(char::is_whitespace),
+            "the tests put paths into command lines"
+        );
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
 
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+    /// `name` in the directory, as a string for a command line.
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
     }
 }
 
@@ -37,11 +42,14 @@ impl Drop for TmpDir {
     }
 }
 
-async fn exec(args: &[&str]) -> Output {
+/// Runs the binary with the command line `args` (split at white space: the paths in
+/// it are [`TmpDir`] files, which have none).
+async fn exec(args: impl Into<String>) -> Output {
+    let args = args.into();
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(BIN)
-            .args(args)
+            .args(args.split_whitespace())
             .env_remove("WEFT_LOADTEST_TARGET")
             .env_remove("WEFT_LOADTEST_RUN_ID")
             .env_remove("WEFT_LOADTEST_WORKER_SLOT")
@@ -52,20 +60,14 @@ async fn exec(args: &[&str]) -> Output {
     .expect("the binary finishes by itself")
     .unwrap();
     eprintln!(
-        "$ weft-loadtest {}\n{}{}",
-        args.join(" "),
+        "$ weft-loadtest {args}\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     out
 }
 
-async fn exec_owned(args: Vec<String>) -> Output {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    exec(&args).await
-}
-
-fn report(path: &Path) -> Report {
+fn report(path: &str) -> Report {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -75,28 +77,11 @@ async fn workers_merge_into_one_report_and_exit_codes_follow_slo_and_baseline() 
     let dir = TmpDir::new("workers");
     let json = dir.file("workers.json");
     let html = dir.file("workers.html");
-    let out = exec(&[
-        "fanout",
-        "--target",
-        &node.url(""),
-        "--workers",
-        "2",
-        "--subscribers",
-        "10",
-        "--topics",
-        "2",
-        "--rate",
-        "100",
-        "--duration",
-        "2s",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-        "--html",
-        html.to_str().unwrap(),
-        "--slo",
-        "loss=0,duplicates=0,p99<5s",
-    ])
+    let out = exec(&format!(
+        "fanout --target {} --workers 2 --subscribers 10 --topics 2 --rate 100 --duration 2s \
+         --quiet --json {json} --html {html} --slo loss=0,duplicates=0,p99<5s",
+        node.url("")
+    ))
     .await;
     node.stop_within(Duration::from_secs(10)).await;
     assert_eq!(out.status.code(), Some(0));
@@ -135,19 +120,19 @@ async fn workers_merge_into_one_report_and_exit_codes_follow_slo_and_baseline() 
     assert!(page.contains("<svg") && page.contains("fanout over ws"));
 
     // The same report against objectives it misses: exit 3.
-    let j = json.to_str().unwrap();
-    let out = exec(&["merge", j, "--slo", "p99<1us"]).await;
+    let j = &json;
+    let out = exec(&format!("merge {j} --slo p99<1us")).await;
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL p99<1us"));
 
     // Against itself as the baseline: no regression. Against a baseline twice as fast: 4.
-    let out = exec(&["merge", j, "--baseline", j]).await;
+    let out = exec(&format!("merge {j} --baseline {j}")).await;
     assert_eq!(out.status.code(), Some(0));
     let mut better = r.clone();
     better.deliveries_per_s *= 2.0;
     let better_path = dir.file("better.json");
     std::fs::write(&better_path, serde_json::to_string(&better).unwrap()).unwrap();
-    let out = exec(&["merge", j, "--baseline", better_path.to_str().unwrap()]).await;
+    let out = exec(&format!("merge {j} --baseline {better_path}")).await;
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stdout).contains("REGRESSED"));
 }
@@ -158,49 +143,21 @@ async fn shards_run_apart_and_merge() {
     let dir = TmpDir::new("shards");
     let a = dir.file("shard0.json");
     let b = dir.file("shard1.json");
-    let common = |shard: &'static str, path: &Path| {
-        vec![
-            "chat".to_string(),
-            "--target".into(),
-            node.url(""),
-            "--rooms".into(),
-            "2".into(),
-            "--members".into(),
-            "3".into(),
-            "--rate".into(),
-            "60".into(),
-            "--duration".into(),
-            "2s".into(),
-            "--shard".into(),
-            shard.into(),
-            "--run-id".into(),
-            "shardtest".into(),
-            "--settle".into(),
-            "300ms".into(),
-            "--quiet".into(),
-            "--json".into(),
-            path.to_str().unwrap().into(),
-        ]
+    let shard = |shard: &str, json: &str| {
+        format!(
+            "chat --target {} --rooms 2 --members 3 --rate 60 --duration 2s --shard {shard} \
+             --run-id shardtest --settle 300ms --quiet --json {json}",
+            node.url("")
+        )
     };
-    let args0 = common("0/2", &a);
-    let args1 = common("1/2", &b);
-    let a0: Vec<&str> = args0.iter().map(String::as_str).collect();
-    let a1: Vec<&str> = args1.iter().map(String::as_str).collect();
-    let (o0, o1) = tokio::join!(exec(&a0), exec(&a1));
+    let (o0, o1) = tokio::join!(exec(shard("0/2", &a)), exec(shard("1/2", &b)));
     node.stop_within(Duration::from_secs(10)).await;
     assert_eq!((o0.status.code(), o1.status.code()), (Some(0), Some(0)));
     let (r0, r1) = (report(&a), report(&b));
     assert_eq!((r0.subscribers, r1.subscribers), (3, 3));
 
     let merged = dir.file("merged.json");
-    let out = exec(&[
-        "merge",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--json",
-        merged.to_str().unwrap(),
-    ])
-    .await;
+    let out = exec(&format!("merge {a} {b} --json {merged}")).await;
     assert_eq!(out.status.code(), Some(0));
     let m = report(&merged);
     assert_eq!(m.processes, 2);
@@ -222,52 +179,24 @@ async fn a_coordinator_and_remote_workers_make_one_run() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let target = node.url("");
-    let load = |run: &str| -> Vec<String> {
-        [
-            "fanout",
-            "--target",
-            &target,
-            "--run-id",
-            run,
-            "--subscribers",
-            "10",
-            "--topics",
-            "2",
-            "--rate",
-            "100",
-            "--duration",
-            "2s",
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let with = |mut base: Vec<String>, more: &[&str]| {
-        base.extend(more.iter().map(|s| s.to_string()));
-        base
-    };
-    let coordinator = with(
-        load("coordtest"),
-        &[
-            "--coordinate",
-            &addr,
-            "--workers",
-            "2",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-    );
-    let coordinator = with(coordinator, &["--slo", "loss=0,duplicates=0,reordered=0"]);
-    let worker = |slot: &str| {
-        with(
-            load("coordtest"),
-            &["--coordinator", &addr, "--worker-slot", slot],
+    let load = |run: &str| {
+        format!(
+            "fanout --target {} --run-id {run} --subscribers 10 --topics 2 --rate 100 \
+             --duration 2s --quiet",
+            node.url("")
         )
     };
-    let (w0, w1) = (worker("0/2"), worker("1/2"));
-    let (c, a, b) = tokio::join!(exec_owned(coordinator), exec_owned(w0), exec_owned(w1));
+    let coordinator = format!(
+        "{} --coordinate {addr} --workers 2 --json {json} --slo loss=0,duplicates=0,reordered=0",
+        load("coordtest")
+    );
+    let worker = |slot: &str| {
+        format!(
+            "{} --coordinator {addr} --worker-slot {slot}",
+            load("coordtest")
+        )
+    };
+    let (c, a, b) = tokio::join!(exec(&coordinator), exec(worker("0/2")), exec(worker("1/2")));
     assert_eq!(
         (c.status.code(), a.status.code(), b.status.code()),
         (Some(0), Some(0), Some(0))
@@ -282,15 +211,9 @@ async fn a_coordinator_and_remote_workers_make_one_run() {
     );
 
     // A worker of another run is refused, and the coordinator says why.
-    let lone = with(
-        load("coordtest"),
-        &["--coordinate", &addr, "--workers", "1"],
-    );
-    let stray = with(
-        load("another"),
-        &["--coordinator", &addr, "--worker-slot", "0/1"],
-    );
-    let (c, _) = tokio::join!(exec_owned(lone), exec_owned(stray));
+    let lone = format!("{} --coordinate {addr} --workers 1", load("coordtest"));
+    let stray = format!("{} --coordinator {addr} --worker-slot 0/1", load("another"));
+    let (c, _) = tokio::join!(exec(&lone), exec(&stray));
     node.stop_within(Duration::from_secs(10)).await;
     assert_ne!(c.status.code(), Some(0));
     assert!(
@@ -302,15 +225,15 @@ async fn a_coordinator_and_remote_workers_make_one_run() {
 
 #[tokio::test]
 async fn usage_errors_are_clear() {
-    let out = exec(&["fanout", "--slo", "p99<10"]).await;
+    let out = exec("fanout --slo p99<10").await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a unit"));
-    let out = exec(&["fanout", "--shard", "0/2", "--target", "http://127.0.0.1:9"]).await;
+    let out = exec("fanout --shard 0/2 --target http://127.0.0.1:9").await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--shard needs --run-id"));
-    let out = exec(&["fanout", "--target", "https://127.0.0.1:9"]).await;
+    let out = exec("fanout --target https://127.0.0.1:9").await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
-    let out = exec(&["merge", "/nonexistent/report.json"]).await;
+    let out = exec("merge /nonexistent/report.json").await;
     assert_eq!(out.status.code(), Some(1));
 }

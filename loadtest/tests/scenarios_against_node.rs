@@ -33,14 +33,9 @@ async fn stop(node: TestNode) {
     node.stop_within(Duration::from_secs(10)).await
 }
 
-async fn run(node: &TestNode, args: &[&str]) -> Report {
-    run_at(&node.url(""), args).await
-}
-
-async fn run_at(target: &str, args: &[&str]) -> Report {
-    let mut argv = args.to_vec();
-    argv.extend_from_slice(&["--target", target]);
-    common::run(&argv).await
+/// Runs the harness against `node` with the command line `args`.
+async fn run(node: &TestNode, args: &str) -> Report {
+    common::run(&format!("{args} --target {}", node.url(""))).await
 }
 
 /// A clean run, with plausible latencies.
@@ -67,21 +62,10 @@ async fn fanout(transport: &str) {
     let node = start().await;
     let r = run(
         &node,
-        &[
-            "fanout",
-            "--transport",
-            transport,
-            "--subscribers",
-            "12",
-            "--topics",
-            "3",
-            "--rate",
-            "150",
-            "--payload-bytes",
-            "200",
-            "--duration",
-            "2s",
-        ],
+        &format!(
+            "fanout --transport {transport} --subscribers 12 --topics \
+             3 --rate 150 --payload-bytes 200 --duration 2s"
+        ),
     )
     .await;
     stop(node).await;
@@ -116,21 +100,10 @@ async fn fanout_against_a_secured_node_with_a_token() {
     for transport in ["ws", "sse"] {
         let r = run(
             &node,
-            &[
-                "fanout",
-                "--transport",
-                transport,
-                "--subscribers",
-                "6",
-                "--topics",
-                "2",
-                "--rate",
-                "100",
-                "--duration",
-                "1s",
-                "--token",
-                KEY,
-            ],
+            &format!(
+                "fanout --transport {transport} --subscribers 6 --topics \
+                 2 --rate 100 --duration 1s --token {KEY}"
+            ),
         )
         .await;
         assert_clean(&r);
@@ -138,19 +111,7 @@ async fn fanout_against_a_secured_node_with_a_token() {
     }
     let refused = run(
         &node,
-        &[
-            "fanout",
-            "--subscribers",
-            "2",
-            "--topics",
-            "1",
-            "--rate",
-            "20",
-            "--duration",
-            "1s",
-            "--ramp-timeout",
-            "2s",
-        ],
+        "fanout --subscribers 2 --topics 1 --rate 20 --duration 1s --ramp-timeout 2s",
     )
     .await;
     assert_eq!(refused.published, 0, "no publish without credentials");
@@ -175,21 +136,7 @@ async fn fanout_over_longpoll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_rooms_publish_and_receive() {
     let node = start().await;
-    let r = run(
-        &node,
-        &[
-            "chat",
-            "--rooms",
-            "3",
-            "--members",
-            "4",
-            "--rate",
-            "60",
-            "--duration",
-            "2s",
-        ],
-    )
-    .await;
+    let r = run(&node, "chat --rooms 3 --members 4 --rate 60 --duration 2s").await;
     stop(node).await;
     assert_clean(&r);
     assert_eq!(r.published, 120);
@@ -200,32 +147,18 @@ async fn chat_rooms_publish_and_receive() {
 
 async fn ticker(transport: &str) {
     let node = start().await;
-    let args = [
-        "ticker",
-        "--transport",
-        transport,
-        "--topics",
-        "40",
-        "--subscribers",
-        "6",
-        "--topics-per-subscriber",
-        "8",
-        "--rate",
-        "300",
-        "--duration",
-        "2s",
-        "--run-id",
-        "tick",
-    ];
+    let args = format!(
+        "ticker --transport {transport} --topics 40 --subscribers 6 --topics-per-subscriber 8 \
+         --rate 300 --duration 2s --run-id tick"
+    );
     let r = run(&node, &args).await;
     stop(node).await;
     assert_clean(&r);
     assert_eq!(r.published, 600);
     assert_eq!(r.subscriptions, 6 * 8);
     // Each subscription is owed exactly the events published to its topic.
-    let mut argv = vec!["weft-loadtest"];
-    argv.extend_from_slice(&args);
-    let (plan, _) = app::build(&Cli::try_parse_from(&argv).unwrap().command).unwrap();
+    let argv = std::iter::once("weft-loadtest").chain(args.split_whitespace());
+    let (plan, _) = app::build(&Cli::try_parse_from(argv).unwrap().command).unwrap();
     let mut per_topic = vec![0u64; plan.topics.len()];
     for k in 0..plan.total_events() {
         per_topic[plan.event_topic(k)] += 1;
@@ -251,23 +184,10 @@ async fn churn(transport: &str) {
     let node = start().await;
     let r = run(
         &node,
-        &[
-            "churn",
-            "--transport",
-            transport,
-            "--subscribers",
-            "8",
-            "--topics",
-            "2",
-            "--rate",
-            "100",
-            "--duration",
-            "3s",
-            "--lifetime",
-            "600ms",
-            "--reconnect-gap",
-            "50ms",
-        ],
+        &format!(
+            "churn --transport {transport} --subscribers 8 --topics 2 --rate \
+             100 --duration 3s --lifetime 600ms --reconnect-gap 50ms"
+        ),
     )
     .await;
     stop(node).await;
@@ -303,17 +223,7 @@ async fn connect_measures_rate_latency_and_target_memory() {
     let pid = std::process::id().to_string();
     let r = run(
         &node,
-        &[
-            "connect",
-            "--connections",
-            "60",
-            "--rate",
-            "300",
-            "--duration",
-            "1s",
-            "--target-pid",
-            &pid,
-        ],
+        &format!("connect --connections 60 --rate 300 --duration 1s --target-pid {pid}"),
     )
     .await;
     stop(node).await;
@@ -341,19 +251,11 @@ async fn subscribe_times_every_reply_and_checks_delivery() {
     let owner = node_id();
     let r = run(
         &node,
-        &[
-            "subscribe",
-            "--topics",
-            "30",
-            "--rate",
-            "60",
-            "--per-connection",
-            "8",
-            "--topic-owner",
-            &owner,
-            "--publish-target",
-            &node.url(""),
-        ],
+        &format!(
+            "subscribe --topics 30 --rate 60 --per-connection 8 --topic-owner \
+             {owner} --publish-target {}",
+            node.url("")
+        ),
     )
     .await;
     stop(node).await;
@@ -405,23 +307,12 @@ async fn rolling_restart_is_survived() {
         })
     };
     let target = format!("http://{addr}");
-    let r = run_at(
-        &target,
-        &[
-            "rolling",
-            "--subscribers",
-            "6",
-            "--topics",
-            "2",
-            "--rate",
-            "50",
-            "--duration",
-            "4s",
-            "--restart-cmd",
-            &cmd,
-            "--restart-after",
-            "1s",
-        ],
+    let r = common::run_with(
+        &format!(
+            "rolling --subscribers 6 --topics 2 --rate 50 --duration \
+             4s --restart-after 1s --target {target}"
+        ),
+        &["--restart-cmd", &cmd],
     )
     .await;
     stop(restarter.await.unwrap()).await;

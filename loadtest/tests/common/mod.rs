@@ -7,10 +7,17 @@ use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
 use weft_loadtest::report::Report;
 
-/// Runs `weft-loadtest ARGS --quiet --drain-timeout 10s` in process; prints its table.
-pub async fn run(args: &[&str]) -> Report {
+/// Runs `weft-loadtest ARGS --quiet --drain-timeout 10s` in process, ARGS a command
+/// line split at white space; prints its table.
+pub async fn run(args: &str) -> Report {
+    run_with(args, &[]).await
+}
+
+/// [`run`], with `extra` arguments that may hold white space.
+pub async fn run_with(args: &str, extra: &[&str]) -> Report {
     let mut argv = vec!["weft-loadtest"];
-    argv.extend_from_slice(args);
+    argv.extend(args.split_whitespace());
+    argv.extend_from_slice(extra);
     argv.extend_from_slice(&["--quiet", "--drain-timeout", "10s"]);
     let cli = Cli::try_parse_from(&argv).expect("arguments parse");
     let report = app::execute(&cli.command)
