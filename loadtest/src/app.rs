@@ -229,20 +229,28 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
         bail!("--ordered publishes each topic from one task: use it with connect, fanout, churn, rolling or subscribe");
     }
     let names = |n: usize| topic_names(&common.topic_prefix, &run_id, kind, n);
+    // A plan with `n` topics and no churn, restarts or subscribe schedule.
+    let plain = |n: usize, subscribers: usize, layout: Layout, rate: f64, payload_bytes| Plan {
+        kind,
+        topics: names(n),
+        subscribers,
+        layout,
+        rate,
+        duration: common.duration,
+        payload_bytes,
+        churn: None,
+        restart: None,
+        subscribe: None,
+    };
     let base = |load: &Load| -> anyhow::Result<Plan> {
         check_load(load.subscribers, load.topics, load.rate)?;
-        Ok(Plan {
-            kind,
-            topics: names(load.topics),
-            subscribers: load.subscribers,
-            layout: Layout::RoundRobin,
-            rate: load.rate,
-            duration: common.duration,
-            payload_bytes: load.payload_bytes,
-            churn: None,
-            restart: None,
-            subscribe: None,
-        })
+        Ok(plain(
+            load.topics,
+            load.subscribers,
+            Layout::RoundRobin,
+            load.rate,
+            load.payload_bytes,
+        ))
     };
     let plan = match cmd {
         Cmd::Connect(a) => {
@@ -250,57 +258,31 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
             if a.rate <= 0.0 {
                 bail!("--rate (connects per second) must be positive");
             }
-            Plan {
-                kind,
-                topics: names(a.topics),
-                subscribers: a.connections,
-                layout: Layout::RoundRobin,
-                rate: 0.0,
-                duration: common.duration,
-                payload_bytes: 0,
-                churn: None,
-                restart: None,
-                subscribe: None,
-            }
+            plain(a.topics, a.connections, Layout::RoundRobin, 0.0, 0)
         }
         Cmd::Fanout(a) => base(&a.load)?,
         Cmd::Chat(a) => {
             check_load(a.rooms * a.members, a.rooms, a.rate)?;
-            Plan {
-                kind,
-                topics: names(a.rooms),
-                subscribers: a.rooms * a.members,
-                layout: Layout::Rooms { members: a.members },
-                rate: a.rate,
-                duration: common.duration,
-                payload_bytes: a.payload_bytes,
-                churn: None,
-                restart: None,
-                subscribe: None,
-            }
+            plain(
+                a.rooms,
+                a.rooms * a.members,
+                Layout::Rooms { members: a.members },
+                a.rate,
+                a.payload_bytes,
+            )
         }
         Cmd::Ticker(a) => {
             check_load(a.subscribers, a.topics, a.rate)?;
             if a.topics_per_subscriber == 0 {
                 bail!("--topics-per-subscriber must be at least 1");
             }
-            Plan {
-                kind,
-                topics: names(a.topics),
-                subscribers: a.subscribers,
-                layout: Layout::Random {
-                    per_subscriber: a.topics_per_subscriber,
-                    seed: run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                        (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
-                    }),
-                },
-                rate: a.rate,
-                duration: common.duration,
-                payload_bytes: a.payload_bytes,
-                churn: None,
-                restart: None,
-                subscribe: None,
-            }
+            let layout = Layout::Random {
+                per_subscriber: a.topics_per_subscriber,
+                seed: run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
+                }),
+            };
+            plain(a.topics, a.subscribers, layout, a.rate, a.payload_bytes)
         }
         Cmd::Churn(a) => {
             if a.lifetime < Duration::from_millis(10) {
@@ -345,17 +327,17 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
                 bail!("--topics / --rate must stay under 12 hours of subscribes");
             }
             let duration = Duration::from_secs_f64(secs);
+            let subscribers = a.topics.div_ceil(a.per_connection);
             Plan {
-                kind,
-                topics: names(a.topics),
-                subscribers: a.topics.div_ceil(a.per_connection),
-                layout: Layout::Dealt,
-                rate: a.rate,
                 duration,
-                payload_bytes: a.payload_bytes,
-                churn: None,
-                restart: None,
                 subscribe: Some(schedule),
+                ..plain(
+                    a.topics,
+                    subscribers,
+                    Layout::Dealt,
+                    a.rate,
+                    a.payload_bytes,
+                )
             }
         }
         Cmd::Merge(_) | Cmd::Compare(_) => unreachable!("handled above"),

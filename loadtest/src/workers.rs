@@ -93,17 +93,7 @@ pub async fn run(
         children.push(child);
         read_worker(w, BufReader::new(stdout).lines(), tx.clone());
     }
-    let ws = Workers {
-        children,
-        inputs,
-        rx,
-        stats: vec![StatsSnapshot::default(); count],
-        window: new_hist(SIGFIG),
-        reports: vec![None; count],
-        epoch_ends: EpochEnds::new(),
-        last_show: Instant::now(),
-    };
-    drive(ws, conductor, limits).await
+    drive(Workers::new(children, inputs, rx), conductor, limits).await
 }
 
 /// Coordinates `count` remote workers of the run `run_id` that connect to `listener`
@@ -166,17 +156,8 @@ pub async fn run_remote(
         read_worker(w, lines, tx.clone());
     }
     drop(tx);
-    let ws = Workers {
-        children: Vec::new(),
-        inputs: inputs.into_iter().flatten().collect(),
-        rx,
-        stats: vec![StatsSnapshot::default(); count],
-        window: new_hist(SIGFIG),
-        reports: vec![None; count],
-        epoch_ends: EpochEnds::new(),
-        last_show: Instant::now(),
-    };
-    drive(ws, conductor, limits).await
+    let inputs = inputs.into_iter().flatten().collect();
+    drive(Workers::new(Vec::new(), inputs, rx), conductor, limits).await
 }
 
 /// Forwards worker `w`'s lines to the parent as events, until they end.
@@ -250,6 +231,25 @@ async fn drive(
 }
 
 impl Workers {
+    /// One worker per input, none heard from yet.
+    fn new(
+        children: Vec<Child>,
+        inputs: Vec<Box<dyn AsyncWrite + Unpin + Send>>,
+        rx: mpsc::Receiver<Event>,
+    ) -> Self {
+        let count = inputs.len();
+        Self {
+            children,
+            inputs,
+            rx,
+            stats: vec![StatsSnapshot::default(); count],
+            window: new_hist(SIGFIG),
+            reports: vec![None; count],
+            epoch_ends: EpochEnds::new(),
+            last_show: Instant::now(),
+        }
+    }
+
     /// Handles messages until every worker has sent one matching `until`.
     async fn wait(
         &mut self,
