@@ -88,13 +88,8 @@ impl DevCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Issued, CertsError> {
-        if matches!(peer, Peer::Unverified) {
-            return Err(CertsError::Invalid(
-                "an unverified peer has no certificate".into(),
-            ));
-        }
-        let key = KeyPair::generate()?;
         let mut params = member_params(peer).map_err(CertsError::Invalid)?;
+        let key = KeyPair::generate()?;
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -108,8 +103,12 @@ impl DevCa {
 /// What every member certificate holds, whoever issues it (`weft-router certs`, or a
 /// pod's own init step, `weft-node cluster-cert`): its identity as the common name and
 /// as the one URI SAN (`weft://<role>/<id>`, [`crate::identity`]), signing only, for
-/// both ends of a TLS connection. The validity is the issuer's to set.
+/// both ends of a TLS connection. The validity is the issuer's to set. An unverified
+/// peer has no identity to certify.
 pub fn member_params(peer: &Peer) -> Result<CertificateParams, String> {
+    if matches!(peer, Peer::Unverified) {
+        return Err("an unverified peer has no certificate".into());
+    }
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -126,26 +125,28 @@ pub fn member_params(peer: &Peer) -> Result<CertificateParams, String> {
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<(), CertsError> {
-    let err = |e: std::io::Error| CertsError::Write {
+    write_atomic(path, text, private).map_err(|e| CertsError::Write {
         path: path.display().to_string(),
         msg: e.to_string(),
-    };
+    })
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so a watcher (the
+/// members' certificate reload) never sees a half-written file; `private` files are
+/// owner-only (0600).
+pub fn write_atomic(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if private { 0o600 } else { 0o644 })
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(text.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-    }
-    // Rename: a watcher never sees a half-written file.
-    std::fs::rename(&tmp, path).map_err(err)
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Writes `<name>.crt` and `<name>.key` for `peer` into `dir`.

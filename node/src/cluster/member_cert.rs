@@ -53,11 +53,7 @@ pub fn issue(
     validity: Duration,
     now: SystemTime,
 ) -> Result<Issued, MemberCertError> {
-    if matches!(peer, Peer::Unverified) {
-        return Err(MemberCertError::Invalid(
-            "an unverified peer has no certificate".into(),
-        ));
-    }
+    let mut params = weft_router::certs::member_params(peer).map_err(MemberCertError::Invalid)?;
     let ca_der = CertificateDer::from_pem_slice(ca_cert_pem.as_bytes())
         .map_err(|_| MemberCertError::Invalid("the CA file holds no PEM certificate".into()))?;
     let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
@@ -79,7 +75,6 @@ pub fn issue(
     let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key)?;
 
     let key = KeyPair::generate()?;
-    let mut params = weft_router::certs::member_params(peer).map_err(MemberCertError::Invalid)?;
     let now = OffsetDateTime::from(now);
     let wanted = now + validity;
     params.not_before = now - time::Duration::hours(1);
@@ -162,28 +157,15 @@ pub fn write_files(
     let mut out = Vec::new();
     for (name, text, private) in files {
         let path = dir.join(name);
-        write_atomic(&path, text, private).map_err(|e| MemberCertError::Write {
-            path: path.display().to_string(),
-            msg: e.to_string(),
+        weft_router::certs::write_atomic(&path, text, private).map_err(|e| {
+            MemberCertError::Write {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            }
         })?;
         out.push(path);
     }
     Ok(out)
-}
-
-fn write_atomic(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -194,18 +176,22 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
+    fn issue_now(ca: &DevCa, peer: &Peer, validity: Duration) -> Issued {
+        issue(
+            ca.cert_pem(),
+            &ca.key_pem(),
+            peer,
+            validity,
+            SystemTime::now(),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn issued_files_load_as_the_member_they_name() {
         let ca = DevCa::generate("test CA", 30 * DAY).unwrap();
         let peer = Peer::Router("2".into());
-        let issued = issue(
-            ca.cert_pem(),
-            &ca.key_pem(),
-            &peer,
-            7 * DAY,
-            SystemTime::now(),
-        )
-        .unwrap();
+        let issued = issue_now(&ca, &peer, 7 * DAY);
         let dir = std::env::temp_dir().join(format!("weft-member-cert-{}", std::process::id()));
         let files = write_files(&dir, ca.cert_pem(), &issued).unwrap();
         assert_eq!(files.len(), 3);
@@ -229,14 +215,7 @@ mod tests {
     fn validity_never_outlives_the_ca_and_keys_must_match() {
         let ca = DevCa::generate("short CA", 2 * DAY).unwrap();
         let peer = Peer::Node("n1".into());
-        let issued = issue(
-            ca.cert_pem(),
-            &ca.key_pem(),
-            &peer,
-            365 * DAY,
-            SystemTime::now(),
-        )
-        .unwrap();
+        let issued = issue_now(&ca, &peer, 365 * DAY);
         assert!(issued.not_after < OffsetDateTime::now_utc() + time::Duration::days(3));
 
         let other = DevCa::generate("other CA", 2 * DAY).unwrap();
