@@ -936,14 +936,11 @@ mod tests {
 
     #[test]
     fn flags_override_file() {
-        let dir = std::env::temp_dir().join(format!("weft-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
+        let dir = weft_testkit::bin::Workdir::new("config", "flags-override-file");
+        let path = dir.write(
+            "c.toml",
             "node_id = \"from-file\"\n[limits]\nmax_message_bytes = 1000\noutbound_queue_bytes = 5000\n[[namespaces]]\npattern = \"chat.>\"\nslow_consumer = \"conflate\"\n",
-        )
-        .unwrap();
+        );
         let cli = Cli::try_parse_from([
             "weft-node",
             "--config",

@@ -127,6 +127,13 @@ async fn get(node: &TestNode, path: &str, token: Option<&str>) -> (u16, String) 
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
+/// A WebSocket session with `token` in the query string (as browsers send it).
+async fn ws_with_token(node: &TestNode, token: &str) -> WsClient {
+    WsClient::connect_with(node.addr, &format!("/v1/ws?token={token}"), &[])
+        .await
+        .unwrap()
+}
+
 async fn post(node: &TestNode, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut req = node
         .http
@@ -289,9 +296,7 @@ async fn permissions_follow_token_patterns_and_api_keys() {
     assert!(node.node.is_ready(), "nothing here drained the node");
 
     // WebSocket: the same rules, a refusal is a 403 reply and the session goes on.
-    let mut ws = WsClient::connect_with(node.addr, &format!("/v1/ws?token={alice}"), &[])
-        .await
-        .unwrap();
+    let mut ws = ws_with_token(&node, &alice).await;
     let r = ws.request(subscribe_cmd("secret.x", None)).await;
     assert_eq!(r.error.unwrap().code, 403);
     let r = ws.request(subscribe_cmd("room.a", None)).await;
@@ -398,13 +403,7 @@ async fn websocket_refreshed_three_times_keeps_every_event_and_expiry_closes_400
     // Meanwhile events go on; a new token and the cursor resume with nothing lost.
     node.publish("room.r", "{\"n\":16}").await;
     let state = node.state("room.r").await;
-    let mut ws = WsClient::connect_with(
-        node.addr,
-        &format!("/v1/ws?token={}", hs256(&claims("alice", 60))),
-        &[],
-    )
-    .await
-    .unwrap();
+    let mut ws = ws_with_token(&node, &hs256(&claims("alice", 60))).await;
     let r = ws
         .request(subscribe_cmd(
             "room.r",
@@ -424,13 +423,7 @@ async fn a_refresh_to_a_narrower_token_ends_the_subscriptions_it_no_longer_allow
         c["weft"]["sub"] = serde_json::json!(["user.{sub}.>"]);
         hs256(&c)
     };
-    let mut ws = WsClient::connect_with(
-        node.addr,
-        &format!("/v1/ws?token={}", hs256(&claims("alice", 60))),
-        &[],
-    )
-    .await
-    .unwrap();
+    let mut ws = ws_with_token(&node, &hs256(&claims("alice", 60))).await;
     for t in ["room.a", "room.b", "user.alice.inbox"] {
         let r = ws.request(subscribe_cmd(t, None)).await;
         assert!(r.error.is_none(), "{t}: {r:?}");
@@ -564,9 +557,7 @@ async fn revocation_closes_live_sessions_and_refuses_the_token() {
         .error
         .is_none());
     let bob = hs256(&claims("bob", 600));
-    let mut bystander = WsClient::connect_with(node.addr, &format!("/v1/ws?token={bob}"), &[])
-        .await
-        .unwrap();
+    let mut bystander = ws_with_token(&node, &bob).await;
     assert!(bystander
         .request(subscribe_cmd("room.v", None))
         .await

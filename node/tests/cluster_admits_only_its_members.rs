@@ -432,10 +432,7 @@ fn cluster_mode_without_certificates_exits_64_naming_the_fix() {
             "127.0.0.1:0",
         ],
     ] {
-        let out = node_bin().args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        let err = bin::usage_error(&node_bin().args(&args).output().unwrap());
         for fix in ["cluster.ca_file", "weft-router certs", "--cluster-insecure"] {
             assert!(err.contains(fix), "{fix}: {err}");
         }
@@ -451,12 +448,11 @@ fn cluster_mode_without_certificates_exits_64_naming_the_fix() {
         key_file: dir.join("node-n1.key"),
     };
     tls_args(&mut cmd, &n1);
-    let out = cmd
-        .args(["--node-id", "n2", "--router", "127.0.0.1:1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let err = bin::usage_error(
+        &cmd.args(["--node-id", "n2", "--router", "127.0.0.1:1"])
+            .output()
+            .unwrap(),
+    );
     assert!(
         err.contains("weft://node/n1") && err.contains("weft://node/n2"),
         "{err}"
@@ -471,12 +467,11 @@ fn cluster_mode_without_certificates_exits_64_naming_the_fix() {
     let files = write_files(&dir, "old-n1", &old.cert_pem, &old.key_pem, ca.cert_pem());
     let mut cmd = node_bin();
     tls_args(&mut cmd, &files);
-    let out = cmd
-        .args(["--node-id", "n1", "--router", "127.0.0.1:1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let err = bin::usage_error(
+        &cmd.args(["--node-id", "n1", "--router", "127.0.0.1:1"])
+            .output()
+            .unwrap(),
+    );
     assert!(err.contains("expired"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

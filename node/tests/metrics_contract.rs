@@ -10,53 +10,37 @@
 mod deploy;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use weft_testkit::bin::{self, Proc, Workdir};
 
 use deploy::{
     alert_exprs, block_scalar, document, render, root, run, run_with_input, spec_of, text, tool,
 };
 
-const NODE_BIN: &str = env!("CARGO_BIN_EXE_weft-node");
-
-/// A standalone `weft-node` on 127.0.0.1:0, killed on drop.
+/// A standalone `weft-node` on 127.0.0.1:0, killed on drop (before its directory
+/// goes).
 struct LiveNode {
-    child: Child,
+    _proc: Proc,
     http: String,
-    dir: std::path::PathBuf,
+    _dir: Workdir,
 }
 
 impl LiveNode {
     fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("weft-metrics-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ready = dir.join("ready.json");
-        let child = Command::new(NODE_BIN)
-            .env_clear()
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--cluster-listen",
-                "127.0.0.1:0",
-            ])
+        let dir = Workdir::new("metrics", name);
+        let mut child = bin::loopback_node(dir.root())
             .args(["--node-id", "metrics-test"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
             .stderr(Stdio::null())
             .spawn()
             .expect("start weft-node");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let http = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                break v["http"].as_str().unwrap().to_owned();
-            }
-            assert!(Instant::now() < deadline, "weft-node never became ready");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Self { child, http, dir }
+        let ready = bin::wait_ready_file(&mut child, &dir.join("ready.json"), "weft-node");
+        Self {
+            _proc: Proc(child),
+            http: ready["http"].as_str().unwrap().to_owned(),
+            _dir: dir,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -110,18 +94,9 @@ impl LiveNode {
     }
 }
 
-impl Drop for LiveNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The `/metrics` page of a live single-voter `weft-router` (`--ops-listen`), once it
 /// leads.
 async fn live_router_metrics() -> String {
-    use weft_testkit::bin::{self, Proc, Workdir};
     let dir = Workdir::new("metrics", "router");
     let ready = dir.join("ready.json");
     let mut proc = Proc(

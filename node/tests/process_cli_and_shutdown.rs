@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weft_proto::DisconnectPush;
 
+use weft_testkit::bin::usage_error;
 use weft_testkit::{subscribe_cmd, HttpStream, WsClient, WsIn};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft-node");
@@ -392,23 +393,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
-/// Asserts exit code 64 and exactly one line on stderr; returns that line.
-fn usage_error(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(64), "exit status; stderr: {stderr}");
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "stderr must be exactly one line: {stderr:?}"
-    );
-    assert!(
-        stderr.ends_with('\n') && !stderr.trim().is_empty(),
-        "{stderr:?}"
-    );
-    assert!(out.stdout.is_empty(), "nothing on stdout");
-    stderr.trim_end().to_owned()
-}
-
 #[test]
 fn invalid_flag_value_exits_64_with_one_line() {
     let out = run(&["--http-listen", "nonsense", "--print-config"], &[]);
@@ -634,9 +618,7 @@ fn development_mode_binds_loopback_and_a_reachable_address_needs_auth() {
     let c = print_config(&[], &[("HOSTNAME", "h")]);
     assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
     // Asking for a reachable address without auth exits 64 naming the fix, in one line.
-    let out = run(&["--http-listen", "0.0.0.0:0"], &[]);
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = usage_error(&run(&["--http-listen", "0.0.0.0:0"], &[]));
     assert!(
         err.contains("without authentication") && err.contains("auth.allow_anonymous"),
         "{err}"

@@ -35,17 +35,14 @@ fn schemathesis_finds_no_request_the_server_answers_against_its_document() {
     let Some(schemathesis) = tool("schemathesis", "SCHEMATHESIS") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("weft-schemathesis-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("weft.toml");
-    std::fs::write(
-        &config,
+    let work = weft_testkit::bin::Workdir::new("schemathesis", "run");
+    let dir = work.root();
+    let config = work.write(
+        "weft.toml",
         "[limits]\nmax_wait_s = 1\n\n[[namespaces]]\npattern = \">\"\npresence = true\n",
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("node.log")).unwrap();
-    let mut node = weft_testkit::bin::loopback_node(&dir)
+    );
+    let log = std::fs::File::create(work.log("weft-node", "node.log")).unwrap();
+    let mut node = weft_testkit::bin::loopback_node(dir)
         .arg("--config")
         .arg(&config)
         .stdout(log.try_clone().unwrap())
@@ -61,7 +58,7 @@ fn schemathesis_finds_no_request_the_server_answers_against_its_document() {
     let out = std::fs::File::create(&out_file).unwrap();
     // In its own directory: schemathesis and hypothesis write state where they run.
     let mut run = Command::new(&schemathesis)
-        .current_dir(&dir)
+        .current_dir(dir)
         .env("SCHEMATHESIS_HOOKS", here.join("hooks.py"))
         .arg("--config-file")
         .arg(here.join("schemathesis.toml"))
@@ -103,13 +100,13 @@ fn schemathesis_finds_no_request_the_server_answers_against_its_document() {
     assert!(
         alive,
         "weft-node died under schemathesis:\n{}",
-        node_log(&dir)
+        node_log(dir)
     );
     assert!(
         status.success(),
         "schemathesis (seed {seed}) found requests the server answers against its document \
          ({status}):\n{said}\nnode log:\n{}",
-        node_log(&dir)
+        node_log(dir)
     );
     // The run really tested the API, not just loaded the document.
     let tested = said
@@ -123,7 +120,6 @@ fn schemathesis_finds_no_request_the_server_answers_against_its_document() {
         "{}",
         summary.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn node_log(dir: &std::path::Path) -> String {

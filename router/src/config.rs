@@ -393,14 +393,11 @@ mod tests {
 
     #[test]
     fn layers_and_validation() {
-        let dir = std::env::temp_dir().join(format!("weft-rcfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.toml");
-        std::fs::write(
-            &path,
+        let dir = weft_testkit::bin::Workdir::new("config", "router-layers");
+        let path = dir.write(
+            "r.toml",
             "id = 2\nheartbeat_timeout_ms = 900\n[raft]\nheartbeat_ms = 50\n[cluster]\ninsecure = true\n",
-        )
-        .unwrap();
+        );
         let cli = Cli::try_parse_from([
             "weft-router",
             "--config",
@@ -432,6 +429,5 @@ mod tests {
         let mut bad = c;
         bad.id = None;
         assert!(bad.options().is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,8 @@
 
 use std::process::Command;
 
+use weft_testkit::bin::usage_error;
+
 fn router() -> Command {
     weft_testkit::bin::command(env!("CARGO_BIN_EXE_weft-router"))
 }
@@ -31,10 +33,7 @@ fn invalid_config_exits_64_with_one_line() {
     ] {
         let mut args = args;
         args.push("--cluster-insecure");
-        let out = router().args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        let err = usage_error(&router().args(&args).output().unwrap());
         assert!(err.starts_with("weft-router: invalid config"), "{err}");
     }
 }
@@ -57,10 +56,7 @@ fn print_config_shows_flags_over_env_over_defaults() {
 
 #[test]
 fn without_certificates_or_insecure_the_router_exits_64_naming_the_fix() {
-    let out = router().args(["--id", "1"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = usage_error(&router().args(["--id", "1"]).output().unwrap());
     for fix in ["cluster.ca_file", "weft-router certs", "--cluster-insecure"] {
         assert!(err.contains(fix), "{fix}: {err}");
     }
@@ -115,13 +111,13 @@ fn certs_writes_a_set_a_router_accepts_and_a_mismatched_id_is_refused() {
         "{text}"
     );
     // Router 2 started with router 1's certificate: refused before binding.
-    let out = router()
-        .args(["--id", "2", "--listen", "127.0.0.1:0"])
-        .args(tls("router-1"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let err = usage_error(
+        &router()
+            .args(["--id", "2", "--listen", "127.0.0.1:0"])
+            .args(tls("router-1"))
+            .output()
+            .unwrap(),
+    );
     assert!(
         err.contains("weft://router/1") && err.contains("weft://router/2"),
         "{err}"

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use weft_proto::grpc;
 use weft_testkit::bin::Workdir;
-use weft_testkit::routers::RouterGroup;
+use weft_testkit::routers::{join_request, RouterGroup};
 
 /// A plaintext group of three routers on `127.0.0.{ip_base+1..ip_base+3}`. Raft
 /// behaviour is what these tests prove; they write as many node ids from one client, so
@@ -54,12 +54,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
             .await
             .unwrap();
     let err = raw
-        .join(grpc::JoinRequest {
-            id: "n1".into(),
-            addr: "127.0.0.1:9000".into(),
-            zone: String::new(),
-            load: 0,
-        })
+        .join(join_request("n1", "127.0.0.1:9000"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);

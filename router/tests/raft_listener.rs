@@ -17,7 +17,7 @@ use weft_router::tls::{Expect, Transport};
 use weft_router::RouterClient;
 use weft_testkit::bin::Workdir;
 use weft_testkit::pki::{issue_files, tls, Pki};
-use weft_testkit::routers::RouterGroup;
+use weft_testkit::routers::{join_request, RouterGroup};
 use weft_testkit::wait::wait_for;
 
 /// `Raft.Vote` at `addr` without its vote (what answers says which gate the call
@@ -108,12 +108,7 @@ async fn redirect_from(transport: &Transport, addr: &str) -> Result<String, Stri
         .channel(addr, Expect::Router, Duration::from_secs(2))
         .unwrap();
     let err = grpc::router_client::RouterClient::new(channel)
-        .join(grpc::JoinRequest {
-            id: "n1".into(),
-            addr: "127.0.0.1:9000".into(),
-            zone: String::new(),
-            load: 0,
-        })
+        .join(join_request("n1", "127.0.0.1:9000"))
         .await
         .err()
         .ok_or("a follower accepted a write")?;

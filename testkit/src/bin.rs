@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,24 @@ pub fn log_file(path: &Path) -> std::fs::File {
         .append(true)
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Asserts that a binary refused its configuration as the binaries do: exit code 64,
+/// exactly one line on stderr, nothing on stdout. Returns that line.
+pub fn usage_error(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(64), "exit status; stderr: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "stderr must be exactly one line: {stderr:?}"
+    );
+    assert!(
+        stderr.ends_with('\n') && !stderr.trim().is_empty(),
+        "{stderr:?}"
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout");
+    stderr.trim_end().to_owned()
 }
 
 /// `weft-node` for a single-node process test: loopback listeners on ports the OS
@@ -293,6 +311,13 @@ impl Workdir {
 
     pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.0.root.join(rel)
+    }
+
+    /// Writes `text` to `<root>/<file>` and returns its path (configuration files).
+    pub fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.join(file);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
     }
 
     /// `<root>/<file>`, registered as the log of `what` (printed if the test fails).

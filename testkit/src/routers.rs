@@ -22,6 +22,17 @@ use crate::bin::{self, Proc, Workdir};
 use crate::pki::{self, Pki};
 use crate::wait::wait_for;
 
+/// A raw `Join` of node `id` at `addr` (no zone, no load), as a test sends it to a
+/// router directly.
+pub fn join_request(id: &str, addr: &str) -> grpc::JoinRequest {
+    grpc::JoinRequest {
+        id: id.into(),
+        addr: addr.into(),
+        zone: String::new(),
+        load: 0,
+    }
+}
+
 /// Three routers, running or not; each keeps its address and data dir across restarts.
 pub struct RouterGroup {
     workdir: Workdir,
