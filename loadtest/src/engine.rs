@@ -90,15 +90,13 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
             .await?
             .with_credential(st.credential.clone()),
     );
-    let publish_net = if st.publish_target == st.target {
-        net.clone()
-    } else {
-        Arc::new(
-            Net::new(&st.publish_target, st.slot.index, st.spread)
-                .await?
-                .with_credential(st.credential.clone()),
-        )
-    };
+    // The publisher's own: its connections are opened on its own runtime
+    // ([`Publisher::run_apart`]).
+    let publish_net = Arc::new(
+        Net::new(&st.publish_target, st.slot.index, st.spread)
+            .await?
+            .with_credential(st.credential.clone()),
+    );
     let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
     let topics = Arc::new(plan.topics.clone());
     let recorder = Arc::new(Recorder::new());
@@ -210,7 +208,10 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });
-    let published = publisher.clone().run(plan, st.slot, start, start_us).await;
+    let published = publisher
+        .clone()
+        .run_apart(plan.clone(), st.slot, start, start_us)
+        .await?;
     tokio::time::sleep_until(start + plan.duration).await;
 
     // 4. Loaded.
@@ -301,7 +302,7 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
             System::Weft => net.base().into(),
             System::Nats => net.nats_url().into(),
         },
-        publish_url: if Arc::ptr_eq(&net, &publish_net) {
+        publish_url: if st.publish_target == st.target {
             String::new()
         } else {
             publish_net.base().into()

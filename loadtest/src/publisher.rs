@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use reqwest::StatusCode;
 use tokio::sync::Semaphore;
@@ -88,6 +89,36 @@ pub struct PublishOutcome {
 }
 
 impl Publisher {
+    /// [`Publisher::run`] on a thread and a current-thread runtime of its own, as a
+    /// separate producer process would run: an acknowledgement is read when it arrives,
+    /// not after the subscriber tasks of this process that the same event woke. (On the
+    /// shared runtime an ordered publisher of one hot topic queued behind hundreds of
+    /// them per event, which capped its rate at what the harness could do — against
+    /// Weft and nats-server alike.) The publisher's connections are opened on that
+    /// runtime, so its `Net` must not have been used before.
+    pub async fn run_apart(
+        self: Arc<Self>,
+        plan: Plan,
+        slot: Slot,
+        start: Instant,
+        start_us: u64,
+    ) -> anyhow::Result<PublishOutcome> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("weft-loadtest-publisher".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let _ =
+                    tx.send(runtime.map(|rt| rt.block_on(self.run(&plan, slot, start, start_us))));
+            })
+            .context("cannot start the publisher thread")?;
+        rx.await
+            .context("the publisher thread ended without a result")?
+            .context("cannot start the publisher's runtime")
+    }
+
     /// Publishes this slot's share of the plan's schedule, which starts at `start`
     /// (`start_us` on the wall clock). Returns when every request has finished.
     pub async fn run(
