@@ -39,6 +39,75 @@ pub const MAX_POLICY_BYTES: usize = 16 * 1024;
 /// Commands in one group-commit batch.
 pub const MAX_BATCH: usize = 1024;
 
+/// The nodes with interest in one topic: sorted and distinct, and nearly always one or
+/// two. The registry holds one per watched topic (on every router and, as a copy, on
+/// every node), so it is a `Vec` — 24 bytes per node id — rather than a `BTreeSet`,
+/// whose first leaf costs some 270 bytes even for one id. Serialised as the same
+/// sequence a set was, so snapshots read either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeSet(Vec<NodeId>);
+
+impl NodeSet {
+    /// Adds `id`; false if it was there.
+    pub fn insert(&mut self, id: &str) -> bool {
+        match self.0.binary_search_by(|n| n.as_str().cmp(id)) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, id.to_owned());
+                self.0.shrink_to_fit();
+                true
+            }
+        }
+    }
+
+    /// Removes `id`; false if it was not there.
+    pub fn remove(&mut self, id: &str) -> bool {
+        match self.0.binary_search_by(|n| n.as_str().cmp(id)) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.binary_search_by(|n| n.as_str().cmp(id)).is_ok()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, NodeId> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a NodeSet {
+    type Item = &'a NodeId;
+    type IntoIter = std::slice::Iter<'a, NodeId>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<NodeId> for NodeSet {
+    fn from_iter<I: IntoIterator<Item = NodeId>>(ids: I) -> Self {
+        let mut v: Vec<NodeId> = ids.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v.shrink_to_fit();
+        Self(v)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberState {
@@ -175,7 +244,7 @@ pub struct MetaState {
     members: BTreeMap<NodeId, Member>,
     slots: SlotTable,
     /// The subscription registry: topic → nodes with at least one local subscriber.
-    interest: BTreeMap<String, BTreeSet<NodeId>>,
+    interest: BTreeMap<String, NodeSet>,
     /// Reverse index node → topics, so a member's interest goes in one pass. Not
     /// serialised: rebuilt from `interest` on load.
     by_node: BTreeMap<NodeId, BTreeSet<String>>,
@@ -188,7 +257,7 @@ struct Repr {
     version: u64,
     members: BTreeMap<NodeId, Member>,
     slots: SlotTable,
-    interest: BTreeMap<String, BTreeSet<NodeId>>,
+    interest: BTreeMap<String, NodeSet>,
     namespaces: Vec<Namespace>,
 }
 
@@ -316,7 +385,7 @@ impl MetaState {
     pub fn slots(&self) -> &SlotTable {
         &self.slots
     }
-    pub fn interest(&self) -> &BTreeMap<String, BTreeSet<NodeId>> {
+    pub fn interest(&self) -> &BTreeMap<String, NodeSet> {
         &self.interest
     }
     pub fn namespaces(&self) -> &[Namespace] {
@@ -476,10 +545,7 @@ impl MetaState {
                     if remove.contains(t) {
                         continue;
                     }
-                    self.interest
-                        .entry(t.clone())
-                        .or_default()
-                        .insert(node.clone());
+                    self.interest.entry(t.clone()).or_default().insert(node);
                     self.by_node
                         .entry(node.clone())
                         .or_default()
@@ -654,7 +720,7 @@ mod tests {
         let mut ch = Vec::new();
         s.apply(&interest("n1", &["a", "b", "a"], &[]), &mut ch);
         assert_eq!(s.version(), v + 1);
-        assert_eq!(s.interest()["a"], BTreeSet::from(["n1".to_string()]));
+        assert_eq!(s.interest()["a"], NodeSet::from_iter(["n1".to_string()]));
         assert_eq!(
             ch,
             vec![(
@@ -671,7 +737,7 @@ mod tests {
         assert_eq!(s.version(), v + 1);
         s.apply(&interest("n2", &["a"], &[]), &mut ch);
         s.apply(&interest("n1", &[], &["a", "b"]), &mut ch);
-        assert_eq!(s.interest()["a"], BTreeSet::from(["n2".to_string()]));
+        assert_eq!(s.interest()["a"], NodeSet::from_iter(["n2".to_string()]));
         assert!(!s.interest().contains_key("b"), "empty entries are dropped");
         assert_eq!(s.interest_of("n1"), None);
     }
@@ -695,7 +761,7 @@ mod tests {
         assert_eq!(r, Response::Applied { version: v + 1 });
         assert!(!s.members().contains_key("n1"));
         assert!(s.members().contains_key("n3"), "a late heartbeat wins");
-        assert_eq!(s.interest()["a"], BTreeSet::from(["n2".to_string()]));
+        assert_eq!(s.interest()["a"], NodeSet::from_iter(["n2".to_string()]));
         assert!(!s.interest().contains_key("b"));
         assert_eq!(s.slots().version, slots_v + 1);
         assert!(s.slots().owners.iter().all(|o| o != "n1"));
@@ -791,6 +857,28 @@ mod tests {
         apply(&mut s, hb("n1", 1000));
         apply(&mut s, hb("n1", 900)); // a new leader with a lagging clock
         assert_eq!(s.members()["n1"].last_heartbeat_ms, 1000);
+    }
+
+    #[test]
+    fn a_node_set_stays_sorted_and_distinct_and_reads_a_serialised_set() {
+        let mut n = NodeSet::default();
+        assert!(n.insert("n2") && n.insert("n1") && n.insert("n3"));
+        assert!(!n.insert("n1"), "already there");
+        assert_eq!(
+            n.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["n1", "n2", "n3"]
+        );
+        assert!(n.remove("n2") && !n.remove("n2"));
+        assert!(n.contains("n3") && !n.contains("n2"));
+        assert_eq!(n.len(), 2);
+        // Snapshots written while the registry held `BTreeSet`s read back the same.
+        let old = serde_json::to_string(&BTreeSet::from(["b".to_string(), "a".into()])).unwrap();
+        let back: NodeSet = serde_json::from_str(&old).unwrap();
+        assert_eq!(
+            back,
+            NodeSet::from_iter(["a".to_string(), "b".into(), "a".into()])
+        );
+        assert_eq!(serde_json::to_string(&back).unwrap(), old);
     }
 
     #[test]

@@ -73,7 +73,7 @@ struct View {
     members: BTreeMap<String, grpc::Member>,
     slots: Arc<SlotTable>,
     /// The router's subscription registry: topic → nodes with local subscribers.
-    interest: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+    interest: std::collections::HashMap<String, weft_router::state::NodeSet>,
     router_id: u64,
     leader_id: Option<u64>,
     leader_addr: String,
@@ -309,10 +309,7 @@ impl Cluster {
             Some(Change::Slots(_)) => {}
             Some(Change::Interest(delta)) => {
                 for topic in delta.add {
-                    view.interest
-                        .entry(topic)
-                        .or_default()
-                        .insert(delta.node.clone());
+                    view.interest.entry(topic).or_default().insert(&delta.node);
                 }
                 for topic in delta.remove {
                     if let Some(nodes) = view.interest.get_mut(&topic) {
