@@ -88,7 +88,7 @@ pub struct FanOutStats {
 #[derive(Debug, Default)]
 pub struct Members {
     seq: u64,
-    by_id: HashMap<u64, Joined>,
+    by_id: ById,
     /// The member list jobs share, rebuilt at the next enqueue after a change.
     list: Option<Arc<[Member]>>,
 }
@@ -98,6 +98,84 @@ struct Joined {
     sub: Subscriber,
     joined_at: u64,
     left: Arc<AtomicBool>,
+}
+
+/// Members a topic keeps in a `Vec` searched by id; past it, a `HashMap`.
+const SMALL_MEMBERS: usize = 8;
+
+/// The joined sessions by id. Most topics have one or a few (a private topic per user
+/// is common), and a `HashMap`'s first allocation already holds four 72-byte slots; so
+/// up to [`SMALL_MEMBERS`] live in a `Vec` grown one slot at a time, more in a map.
+#[derive(Debug)]
+enum ById {
+    Small(Vec<(u64, Joined)>),
+    Large(HashMap<u64, Joined>),
+}
+
+impl Default for ById {
+    fn default() -> Self {
+        Self::Small(Vec::new())
+    }
+}
+
+impl ById {
+    /// Adds or replaces `id`'s entry; the replaced one, if any.
+    fn insert(&mut self, id: u64, j: Joined) -> Option<Joined> {
+        match self {
+            Self::Small(v) => {
+                if let Some((_, old)) = v.iter_mut().find(|(k, _)| *k == id) {
+                    return Some(std::mem::replace(old, j));
+                }
+                if v.len() < SMALL_MEMBERS {
+                    v.reserve_exact(1);
+                    v.push((id, j));
+                    return None;
+                }
+                let mut map: HashMap<u64, Joined> = v.drain(..).collect();
+                map.insert(id, j);
+                *self = Self::Large(map);
+                None
+            }
+            Self::Large(map) => map.insert(id, j),
+        }
+    }
+
+    /// Removes `id`'s entry; an emptied set gives its memory back.
+    fn remove(&mut self, id: u64) -> Option<Joined> {
+        let out = match self {
+            Self::Small(v) => {
+                let at = v.iter().position(|(k, _)| *k == id)?;
+                Some(v.swap_remove(at).1)
+            }
+            Self::Large(map) => map.remove(&id),
+        };
+        if self.is_empty() {
+            *self = Self::default();
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Small(v) => v.len(),
+            Self::Large(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Joined> {
+        let (small, large) = match self {
+            Self::Small(v) => (Some(v.iter().map(|(_, j)| j)), None),
+            Self::Large(map) => (None, Some(map.values())),
+        };
+        small
+            .into_iter()
+            .flatten()
+            .chain(large.into_iter().flatten())
+    }
 }
 
 impl Members {
@@ -116,12 +194,9 @@ impl Members {
 
     /// Removes a session; it is owed nothing more.
     pub fn leave(&mut self, id: u64) -> Option<Subscriber> {
-        let j = self.by_id.remove(&id)?;
+        let j = self.by_id.remove(id)?;
         j.left.store(true, Ordering::Relaxed);
         self.list = None;
-        if self.by_id.is_empty() {
-            self.by_id = HashMap::new();
-        }
         Some(j.sub)
     }
 
@@ -389,6 +464,43 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn members_stay_exact_across_the_small_and_large_forms() {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let mut members = Members::default();
+        let n = 3 * SMALL_MEMBERS as u64;
+        for id in 0..n {
+            members.join(id, sub(&outbox, false));
+            assert_eq!(members.len() as u64, id + 1);
+        }
+        assert!(matches!(members.by_id, ById::Large(_)));
+        // Joining again under the same id replaces, never duplicates.
+        members.join(3, sub(&outbox, true));
+        assert_eq!(members.len() as u64, n);
+        assert_eq!(
+            members.subscribers().filter(|s| s.wants_presence).count(),
+            1
+        );
+        for id in (0..n).filter(|id| id % 2 == 0) {
+            assert!(members.leave(id).is_some());
+            assert!(members.leave(id).is_none(), "left once");
+        }
+        assert_eq!(members.len() as u64, n / 2);
+        for id in (0..n).filter(|id| id % 2 == 1) {
+            assert!(members.leave(id).is_some());
+        }
+        assert!(members.is_empty());
+        assert!(
+            matches!(&members.by_id, ById::Small(v) if v.capacity() == 0),
+            "an emptied topic holds no member memory"
+        );
+        // Small again: replace and leave by id.
+        members.join(7, sub(&outbox, false));
+        members.join(7, sub(&outbox, true));
+        assert_eq!(members.len(), 1);
+        assert!(members.leave(7).unwrap().wants_presence);
     }
 
     #[test]
