@@ -877,6 +877,30 @@ impl Topic {
         }
     }
 
+    /// A mirror about to send `Follow`: `Requested(at)` from now on. Set *before* the
+    /// frame goes out, never after: the owner's snapshot can land (and make the
+    /// mirror `Following`) before the sender's next statement runs, and marking it
+    /// `Requested` then would drop every relayed event until the follow retry. Returns
+    /// what it replaced (`None`: not a mirror), for [`Topic::unmark_follow_requested`].
+    pub fn mark_follow_requested(&self, at: Instant) -> Option<MirrorSync> {
+        let mut st = self.lock();
+        match &mut st.role {
+            Role::Mirror { sync, .. } => Some(std::mem::replace(sync, MirrorSync::Requested(at))),
+            _ => None,
+        }
+    }
+
+    /// The `Follow` marked at `at` did not go out: back to `prev`, unless the state has
+    /// moved on since.
+    pub fn unmark_follow_requested(&self, at: Instant, prev: MirrorSync) {
+        let mut st = self.lock();
+        if let Role::Mirror { sync, .. } = &mut st.role {
+            if *sync == MirrorSync::Requested(at) {
+                *sync = prev;
+            }
+        }
+    }
+
     /// Mirror: applies one relayed event from `from` if it continues the offsets.
     pub fn apply_relayed(&self, from: &str, ev: Relayed, stats: &Stats) -> Applied {
         let mut st = self.lock();
@@ -1684,6 +1708,33 @@ mod tests {
                 Frame::Control(_) => "control".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_snapshot_that_lands_before_the_follow_call_returns_is_kept() {
+        let stats = Stats::detached();
+        let t = mirror("o");
+        let owner: Arc<str> = "o".into();
+        // The follow is marked first; the owner's snapshot then lands at once.
+        let at = Instant::now();
+        let prev = t.mark_follow_requested(at).expect("a mirror");
+        assert_eq!(prev, MirrorSync::Detached);
+        t.apply_followed(&owner, false, "ep", 1, vec![relayed("ep", 1)], &stats);
+        // Undoing a mark that has been overtaken changes nothing.
+        t.unmark_follow_requested(at, prev);
+        assert_eq!(
+            t.apply_relayed("o", relayed("ep", 2), &stats),
+            Applied::Delivered,
+            "the mirror follows: the stream after the snapshot is applied"
+        );
+        // A mark whose frame never went out is undone.
+        let at = Instant::now();
+        let prev = t.mark_follow_requested(at).unwrap();
+        t.unmark_follow_requested(at, prev);
+        assert_eq!(
+            t.apply_relayed("o", relayed("ep", 3), &stats),
+            Applied::Delivered
+        );
     }
 
     #[test]

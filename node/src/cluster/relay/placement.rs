@@ -37,8 +37,13 @@ impl Relay {
             topic: topic.name.to_string(),
             ring_version: self.cluster.ring_version(),
         }));
-        if link.push_control(frame) {
-            topic.set_mirror_sync(MirrorSync::Requested(Instant::now()));
+        // Marked before it is sent: the snapshot may come back before the next line.
+        let at = Instant::now();
+        let prev = topic.mark_follow_requested(at);
+        if !link.push_control(frame) {
+            if let Some(prev) = prev {
+                topic.unmark_follow_requested(at, prev);
+            }
         }
     }
 
