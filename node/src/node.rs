@@ -34,6 +34,8 @@ pub struct Node {
     drain: watch::Sender<bool>,
     /// Every session task; shutdown waits for it to empty (bounded by the grace).
     pub tasks: TaskTracker,
+    /// Where WebSocket sessions run (see [`Delivery`]).
+    pub delivery: Delivery,
     pub conns: Arc<ConnLimiter>,
     next_session: AtomicU64,
     /// Membership in the cluster, when this node runs with a router (the binary
@@ -71,6 +73,7 @@ impl Node {
             shutdown: watch::channel(false).0,
             drain: watch::channel(false).0,
             tasks: TaskTracker::new(),
+            delivery: Delivery::new(),
             conns: Arc::new(ConnLimiter::new(
                 config.limits.max_connections,
                 config.limits.max_connections_per_ip,
@@ -367,6 +370,48 @@ impl Drop for ConnGuard {
             e.open -= 1;
         }
         self.limiter.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A runtime of its own for the WebSocket sessions, whose work is writing fanned-out
+/// events to sockets. On one runtime, a publish's connection task, woken by its
+/// socket, waits at the back of the same FIFO run queue as every session task the
+/// previous event's fan-out woke; with sessions here, the kernel interleaves the two
+/// runtimes' threads and a publish is read and acknowledged without waiting for a
+/// round of writes. Sockets stay registered with the runtime that accepted them.
+pub struct Delivery {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Delivery {
+    fn new() -> Self {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("weft-delivery")
+            .enable_all()
+            .build()
+            .expect("the delivery runtime starts");
+        Self { rt: Some(rt) }
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        self.rt.as_ref().expect("live until dropped").handle()
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Delivery")
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        // A node may be dropped inside another runtime (tests): never block there.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

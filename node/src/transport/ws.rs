@@ -145,26 +145,30 @@ pub async fn upgrade(
     let info = req.extensions().get::<ConnInfo>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_node = node.clone();
-    node.tasks.spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let session = Session::new(task_node, info, caller, user_guard);
-        // The accept loop serves `TokioIo<TcpStream>` (behind `JsonRefusals`); taking
-        // the socket back lets the session wait for readiness with no buffer and write
-        // with `writev`.
-        let upgraded = match upgraded.downcast::<JsonRefusals<TokioIo<TcpStream>>>() {
-            Ok(parts) => {
-                let tcp = parts.io.into_inner().into_inner();
-                return session.run(tcp, parts.read_buf).await;
-            }
-            Err(upgraded) => upgraded,
-        };
-        // Boxed: an idle session's memory is mostly this task, and a TLS stream held
-        // in place (rustls keeps its state inline) would size every session's task
-        // for it, TLS or not — about 2.7 KiB per connection.
-        Box::pin(run_over_tls(session, upgraded)).await;
-    });
+    let delivery = node.delivery.handle().clone();
+    node.tasks.spawn_on(
+        async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let session = Session::new(task_node, info, caller, user_guard);
+            // The accept loop serves `TokioIo<TcpStream>` (behind `JsonRefusals`); taking
+            // the socket back lets the session wait for readiness with no buffer and write
+            // with `writev`.
+            let upgraded = match upgraded.downcast::<JsonRefusals<TokioIo<TcpStream>>>() {
+                Ok(parts) => {
+                    let tcp = parts.io.into_inner().into_inner();
+                    return session.run(tcp, parts.read_buf).await;
+                }
+                Err(upgraded) => upgraded,
+            };
+            // Boxed: an idle session's memory is mostly this task, and a TLS stream held
+            // in place (rustls keeps its state inline) would size every session's task
+            // for it, TLS or not — about 2.7 KiB per connection.
+            Box::pin(run_over_tls(session, upgraded)).await;
+        },
+        &delivery,
+    );
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let hs = resp.headers_mut();
