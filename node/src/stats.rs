@@ -7,9 +7,10 @@
 //! the whole process and carry none (read and rendered by
 //! [`weft_router::prometheus`], which the router's page shares).
 //!
-//! Every family is described once ([`describe`]: `# HELP` and `# TYPE`), so the page
-//! passes `promtool check metrics`; `helm/weft`'s dashboard and alerts name only
-//! families listed in [`FAMILIES`], and a test holds both to what a live node exports.
+//! Every family is described once (`# HELP` and `# TYPE`, when [`prometheus`]
+//! installs the recorder), so the page passes `promtool check metrics`; `helm/weft`'s
+//! dashboard and alerts name only families listed in [`FAMILIES`], and a test holds
+//! both to what a live node exports.
 //!
 //! HTTP requests are counted by route template (`/v1/topics/{topic}/events`, never the
 //! concrete path, so the label set stays bounded) in [`track_http`]. Its duration is the
@@ -227,7 +228,7 @@ const HTTP_BUCKETS: &[f64] = &[
 
 /// Every metric family a node exports but the `process_*` ones
 /// ([`weft_router::prometheus::PROCESS_FAMILIES`], shared with the router): name, type,
-/// help. [`describe`] registers them; the chart's dashboard and alerts may name only
+/// help. [`prometheus`] registers them; the chart's dashboard and alerts may name only
 /// these (checked by a test).
 pub const FAMILIES: &[weft_router::prometheus::Family] = &[
     ("weft_build_info", Kind::Gauge, "Always 1; the labels say which build runs (version, git commit)."),
@@ -272,10 +273,6 @@ pub const FAMILIES: &[weft_router::prometheus::Family] = &[
 pub use weft_router::prometheus::Kind;
 
 /// Registers `# HELP` / `# TYPE` for every family in [`FAMILIES`].
-pub fn describe() {
-    weft_router::prometheus::describe(FAMILIES);
-}
-
 /// The process-wide Prometheus recorder, installed on first use, with every family
 /// described and `weft_build_info` set.
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -293,20 +290,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 )
             })
             .expect("static bucket lists are non-empty");
-        let recorder = builder.build_recorder();
-        let handle = recorder.handle();
-        // Another recorder may already be installed (an embedding application); then
-        // our series go there and this handle renders only what it recorded itself.
-        let _ = metrics::set_global_recorder(recorder);
-        describe();
-        metrics::gauge!(
-            "weft_build_info",
-            "version" => env!("CARGO_PKG_VERSION"),
-            // Set by the container build (`--build-arg GIT_COMMIT=…`); "unknown" otherwise.
-            "commit" => option_env!("WEFT_GIT_COMMIT").unwrap_or("unknown"),
-        )
-        .set(1.0);
-        handle
+        weft_router::prometheus::install(builder, FAMILIES, "weft_build_info")
     })
 }
 

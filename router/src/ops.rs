@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::{refusals_for, Refusal};
-use crate::prometheus::{describe, with_process, Family, Kind};
+use crate::prometheus::{install, with_process, Family, Kind};
 use crate::raft::RaftNode;
 use crate::state::MemberState;
 
@@ -52,22 +52,7 @@ pub const FAMILIES: &[Family] = &[
 /// every family described and `weft_router_build_info` set.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        // Another recorder may already be installed (an embedding process); then our
-        // series go there and this handle renders only what it recorded itself.
-        let _ = metrics::set_global_recorder(recorder);
-        describe(FAMILIES);
-        metrics::gauge!(
-            "weft_router_build_info",
-            "version" => env!("CARGO_PKG_VERSION"),
-            // Set by the container build (`--build-arg GIT_COMMIT=…`); "unknown" otherwise.
-            "commit" => option_env!("WEFT_GIT_COMMIT").unwrap_or("unknown"),
-        )
-        .set(1.0);
-        handle
-    })
+    HANDLE.get_or_init(|| install(PrometheusBuilder::new(), FAMILIES, "weft_router_build_info"))
 }
 
 /// One router's series, set from its Raft handle at every scrape.

@@ -65,6 +65,29 @@ pub const PROCESS_FAMILIES: &[Family] = &[
     ),
 ];
 
+/// Builds `builder`'s recorder and installs it as the process-wide one, describes
+/// `families` and sets `build_info` to 1, labelled with the version and the commit (set
+/// by the container build, `--build-arg GIT_COMMIT=…`; "unknown" otherwise). Another
+/// recorder may already be installed (an embedding application); then the series go
+/// there and the returned handle renders only what it recorded itself.
+pub fn install(
+    builder: metrics_exporter_prometheus::PrometheusBuilder,
+    families: &[Family],
+    build_info: &'static str,
+) -> metrics_exporter_prometheus::PrometheusHandle {
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    let _ = metrics::set_global_recorder(recorder);
+    describe(families);
+    metrics::gauge!(
+        build_info,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => option_env!("WEFT_GIT_COMMIT").unwrap_or("unknown"),
+    )
+    .set(1.0);
+    handle
+}
+
 /// Registers `# HELP` / `# TYPE` for every family in `families` with the installed
 /// recorder.
 pub fn describe(families: &[Family]) {
