@@ -64,16 +64,17 @@ impl Node {
             )),
             _ => None,
         };
+        let delivery = Delivery::new();
         Arc::new(Self {
             auth,
             tls,
-            registry: Registry::new(&config, stats.fanout()),
+            registry: Registry::new(&config, stats.fanout(Some(delivery.handle().clone()))),
             stats,
             ready: AtomicBool::new(true),
             shutdown: watch::channel(false).0,
             drain: watch::channel(false).0,
             tasks: TaskTracker::new(),
-            delivery: Delivery::new(),
+            delivery,
             conns: Arc::new(ConnLimiter::new(
                 config.limits.max_connections,
                 config.limits.max_connections_per_ip,
@@ -373,8 +374,8 @@ impl Drop for ConnGuard {
     }
 }
 
-/// A runtime of its own for the WebSocket sessions, whose work is writing fanned-out
-/// events to sockets. On one runtime, a publish's connection task, woken by its
+/// A runtime of its own for delivery: the WebSocket sessions and the fan-out runs of
+/// hot topics, whose work is writing events to sockets. On one runtime, a publish's connection task, woken by its
 /// socket, waits at the back of the same FIFO run queue as every session task the
 /// previous event's fan-out woke; with sessions here, the kernel interleaves the two
 /// runtimes' threads and a publish is read and acknowledged without waiting for a

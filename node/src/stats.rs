@@ -120,7 +120,8 @@ impl Traffic {
 #[derive(Debug)]
 pub struct Stats {
     pub published: Count,
-    pub delivered: Count,
+    /// Shared with the fan-out, which counts the events it writes to sockets itself.
+    pub delivered: Arc<Count>,
     /// Events replaced in a queue under the conflate policy.
     pub conflated: Arc<Count>,
     pub slow_consumer_closes: Arc<Count>,
@@ -138,7 +139,7 @@ pub struct Stats {
     pub relay: RelayStats,
     /// Client bytes read and written, by [`Traffic`].
     pub bytes_received: [Count; 4],
-    pub bytes_sent: [Count; 4],
+    pub bytes_sent: [Arc<Count>; 4],
 }
 
 /// The relay between nodes (one set per node).
@@ -162,11 +163,19 @@ pub struct RelayStats {
 }
 
 impl Stats {
-    /// The counters the topics' fan-out adds to (it runs apart from any request).
-    pub fn fanout(&self) -> Arc<crate::topic::fanout::FanOutStats> {
-        Arc::new(crate::topic::fanout::FanOutStats {
+    /// What the topics' fan-out shares: these counters (it runs apart from any
+    /// request) and the runtime hot topics deliver on.
+    pub fn fanout(
+        &self,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Arc<crate::topic::fanout::FanOutShared> {
+        Arc::new(crate::topic::fanout::FanOutShared {
+            runtime,
             conflated: self.conflated.clone(),
             slow_consumer_closes: self.slow_consumer_closes.clone(),
+            delivered: self.delivered.clone(),
+            ws_bytes_sent: self.bytes_sent[Traffic::Ws as usize].clone(),
+            latency: Some(self.delivery_latency.clone()),
         })
     }
 
@@ -181,7 +190,7 @@ impl Stats {
     pub fn detached() -> Self {
         Self {
             published: Count::default(),
-            delivered: Count::default(),
+            delivered: Arc::default(),
             conflated: Arc::default(),
             slow_consumer_closes: Arc::default(),
             rate_limited: Count::default(),

@@ -19,8 +19,21 @@
 //! Replies to the client's own commands are queued in order with events (a subscribe
 //! reply must precede the events after it) and count against the budget; a client
 //! that sends commands and never reads is closed as a slow consumer at twice the budget.
+//!
+//! # Writing straight to the socket
+//! A WebSocket session [attaches](Outbox::attach) its socket. While nothing is queued
+//! and the session itself is not writing, the fan-out ([`Outbox::push_events`])
+//! writes a member's events to the socket itself, all of them in one non-blocking
+//! `writev`, under the outbox's lock: no queue slot, no wake-up, no task switch per
+//! delivery. Whatever the socket does not take (it would block, or took part of a
+//! frame) is queued as usual, so the session's own writer finishes it in order. The
+//! session marks its own writes (a batch from [`Outbox::next_batch`], a ping, a
+//! disconnect push: [`Outbox::hold`]), and the fan-out queues while one is under way,
+//! so bytes of two frames never interleave on the wire. A closed outbox drops its
+//! socket handle at once: nothing is written after the session's close frame.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -68,6 +81,29 @@ pub enum Pushed {
     Closed,
 }
 
+/// A socket the fan-out may write to without waiting (`try_write_vectored` of tokio's
+/// TCP and Unix streams).
+pub trait DirectWrite: Send + Sync + 'static {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize>;
+}
+
+/// Frames one direct write offers the socket at most (the kernel's `IOV_MAX` is 1024;
+/// a fan-out batch rarely holds more than a few events per member).
+const MAX_IOV: usize = 64;
+
+/// What [`Outbox::push_events`] did with a member's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushes {
+    /// How the events that were queued (not written) fared; `Queued` when all were
+    /// written.
+    pub outcome: Pushed,
+    /// Events written to the socket by the caller (a partly written one included: its
+    /// rest is queued ahead of everything else).
+    pub written: usize,
+    /// Bytes written to the socket by the caller.
+    pub bytes: usize,
+}
+
 #[derive(Debug)]
 pub struct Outbox {
     inner: Mutex<Inner>,
@@ -75,13 +111,40 @@ pub struct Outbox {
     budget: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inner {
     queue: VecDeque<Entry>,
     bytes: usize,
     /// The most bytes ever queued at once (observability and tests).
     peak: usize,
     closed: Option<CloseReason>,
+    /// The session's socket, while the fan-out may write to it directly.
+    direct: Option<Arc<dyn DirectWrite>>,
+    /// The session is writing to its socket (a batch, a ping, a push): the fan-out
+    /// queues instead of writing.
+    writing: bool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("queued", &self.queue.len())
+            .field("bytes", &self.bytes)
+            .field("closed", &self.closed)
+            .field("direct", &self.direct.is_some())
+            .field("writing", &self.writing)
+            .finish()
+    }
+}
+
+/// The session is writing to its socket itself; direct writes wait until this drops.
+#[must_use = "the hold lasts until the guard drops"]
+pub struct Hold<'a>(&'a Outbox);
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.written();
+    }
 }
 
 impl Outbox {
@@ -99,9 +162,113 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn push_event(&self, ev: &Arc<StoredEvent>, policy: SlowConsumerPolicy) -> Pushed {
-        let cost = ev.cost();
+    /// Lets the fan-out write events straight to `socket` while nothing is queued and
+    /// the session is not writing (see the module's documentation).
+    pub fn attach(&self, socket: Arc<dyn DirectWrite>) {
         let mut inner = self.lock();
+        if inner.closed.is_none() {
+            inner.direct = Some(socket);
+        }
+    }
+
+    /// Marks the session as writing to its socket until the guard drops.
+    pub fn hold(&self) -> Hold<'_> {
+        self.lock().writing = true;
+        Hold(self)
+    }
+
+    /// The session finished writing what [`Self::next_batch`] gave it.
+    pub fn written(&self) {
+        self.lock().writing = false;
+    }
+
+    pub fn push_event(&self, ev: &Arc<StoredEvent>, policy: SlowConsumerPolicy) -> Pushed {
+        let mut inner = self.lock();
+        let pushed = self.queue_event(&mut inner, ev, policy);
+        drop(inner);
+        if pushed != Pushed::Closed {
+            self.notify.notify_one();
+        }
+        pushed
+    }
+
+    /// Hands a member its events, in order: written to the socket at once when the
+    /// outbox is idle and a socket is attached, else (and for whatever the socket did
+    /// not take) queued as [`Self::push_event`] would.
+    pub fn push_events(&self, evs: &[&Arc<StoredEvent>], policy: SlowConsumerPolicy) -> Pushes {
+        let mut out = Pushes {
+            outcome: Pushed::Queued,
+            written: 0,
+            bytes: 0,
+        };
+        let mut inner = self.lock();
+        if inner.closed.is_some() {
+            out.outcome = Pushed::Closed;
+            return out;
+        }
+        let mut rest = evs;
+        if let Some(socket) = inner
+            .direct
+            .as_ref()
+            .filter(|_| inner.queue.is_empty() && !inner.writing)
+        {
+            let n = evs.len().min(MAX_IOV);
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            for (slot, ev) in slices.iter_mut().zip(&evs[..n]) {
+                *slot = IoSlice::new(ev.ws_frame());
+            }
+            match socket.try_write_vectored(&slices[..n]) {
+                Ok(written) if written > 0 => {
+                    out.bytes = written;
+                    let mut left = written;
+                    let mut whole = 0;
+                    while whole < n && left >= evs[whole].ws_frame().len() {
+                        left -= evs[whole].ws_frame().len();
+                        whole += 1;
+                    }
+                    out.written = whole;
+                    if left > 0 {
+                        // Part of a frame went out: its rest goes first, as raw bytes.
+                        let frame = evs[whole].ws_frame().slice(left..);
+                        let cost = frame.len() + 64;
+                        inner.add(cost);
+                        inner.queue.push_back(Entry {
+                            frame: Frame::Control(frame),
+                            skipped_from: 0,
+                            cost,
+                        });
+                        out.written += 1;
+                    }
+                    rest = &evs[out.written..];
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // The socket is broken: the session finds out on its own read or write.
+                Err(_) => inner.direct = None,
+            }
+        }
+        for ev in rest {
+            out.outcome = self.queue_event(&mut inner, ev, policy);
+            if matches!(out.outcome, Pushed::Overflow | Pushed::Closed) {
+                break;
+            }
+        }
+        let queued = !inner.queue.is_empty() || inner.closed.is_some();
+        drop(inner);
+        if queued {
+            self.notify.notify_one();
+        }
+        out
+    }
+
+    /// Queues one event under the budget and the policy (the caller notifies).
+    fn queue_event(
+        &self,
+        inner: &mut Inner,
+        ev: &Arc<StoredEvent>,
+        policy: SlowConsumerPolicy,
+    ) -> Pushed {
+        let cost = ev.cost();
         if inner.closed.is_some() {
             return Pushed::Closed;
         }
@@ -111,8 +278,6 @@ impl Outbox {
             match policy {
                 SlowConsumerPolicy::Disconnect => {
                     inner.overflow();
-                    drop(inner);
-                    self.notify.notify_one();
                     return Pushed::Overflow;
                 }
                 SlowConsumerPolicy::Conflate => {
@@ -146,8 +311,6 @@ impl Outbox {
             skipped_from: 0,
             cost,
         });
-        drop(inner);
-        self.notify.notify_one();
         result
     }
 
@@ -219,6 +382,7 @@ impl Outbox {
         }
         inner.queue = VecDeque::new();
         inner.bytes = 0;
+        inner.direct = None;
     }
 
     /// Gives the queue's buffer back if nothing is queued (a session calls this on its
@@ -262,6 +426,7 @@ impl Outbox {
 
     /// Moves queued entries into `out` (up to `max_bytes`, at least one), or returns
     /// the close reason once the queue is closed. Waits while the queue is empty.
+    /// Direct writes are held off until the caller calls [`Self::written`].
     pub async fn next_batch(
         &self,
         out: &mut Vec<Entry>,
@@ -287,6 +452,8 @@ impl Outbox {
                         out.push(entry);
                     }
                     inner.bytes -= taken;
+                    // Until the session says it has written these, the fan-out queues.
+                    inner.writing = true;
                     if inner.queue.is_empty() && (!events || inner.queue.capacity() > 64) {
                         // A session that has just been answered (a subscribe reply)
                         // usually goes idle: it gives its buffer back (15,000 kept
@@ -313,6 +480,7 @@ impl Inner {
         self.closed = Some(CloseReason::SlowConsumer);
         self.queue = VecDeque::new();
         self.bytes = 0;
+        self.direct = None;
     }
 }
 
@@ -358,6 +526,137 @@ mod tests {
         let mut out = Vec::new();
         o.next_batch(&mut out, usize::MAX).await.unwrap();
         out
+    }
+
+    /// A connected socket pair: the outbox's end (attached) and the client's end.
+    fn attached(o: &Outbox) -> (Arc<tokio::net::UnixStream>, tokio::net::UnixStream) {
+        let (server, client) = tokio::net::UnixStream::pair().unwrap();
+        let server = Arc::new(server);
+        o.attach(server.clone());
+        (server, client)
+    }
+
+    /// Everything the client end has received so far (waits up to a second for `n`).
+    async fn received(client: &tokio::net::UnixStream, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < n && tokio::time::Instant::now() < deadline {
+            let _ = tokio::time::timeout_at(deadline, client.readable()).await;
+            match client.try_read(&mut buf) {
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        got
+    }
+
+    fn wire(evs: &[Arc<StoredEvent>]) -> Vec<u8> {
+        evs.iter().flat_map(|e| e.ws_frame().to_vec()).collect()
+    }
+
+    /// An idle outbox with a socket: the fan-out's events go straight to the socket,
+    /// all of them, byte for byte and in order, and nothing is queued or woken.
+    #[tokio::test]
+    async fn an_idle_session_gets_its_events_written_directly() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(1 << 20);
+        let (_server, client) = attached(&o);
+        let evs: Vec<_> = (1..=3).map(|i| ev(&t, i, 50)).collect();
+        let p = o.push_events(
+            &evs.iter().collect::<Vec<_>>(),
+            SlowConsumerPolicy::Disconnect,
+        );
+        let expect = wire(&evs);
+        assert_eq!(
+            (p.outcome, p.written, p.bytes),
+            (Pushed::Queued, 3, expect.len())
+        );
+        assert_eq!(o.queued_bytes(), 0, "nothing queued");
+        assert_eq!(received(&client, expect.len()).await, expect);
+    }
+
+    /// While the session writes to its socket (a batch or a ping), the fan-out queues:
+    /// two writers never interleave bytes on one socket.
+    #[tokio::test]
+    async fn a_session_that_is_writing_gets_its_events_queued() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(1 << 20);
+        let (_server, client) = attached(&o);
+        let hold = o.hold();
+        let p = o.push_events(&[&ev(&t, 1, 50)], SlowConsumerPolicy::Disconnect);
+        assert_eq!(p.written, 0);
+        assert!(o.queued_bytes() > 0);
+        drop(hold);
+        // Queued events stay ahead: with a queue, nothing is written directly.
+        let p = o.push_events(&[&ev(&t, 2, 50)], SlowConsumerPolicy::Disconnect);
+        assert_eq!(p.written, 0, "the queue keeps its order");
+        let got = drain(&o).await;
+        assert_eq!(got.len(), 2);
+        o.written();
+        let p = o.push_events(&[&ev(&t, 3, 50)], SlowConsumerPolicy::Disconnect);
+        assert_eq!(p.written, 1, "idle again: written directly");
+        assert_eq!(
+            received(&client, 1).await.len(),
+            ev(&t, 3, 50).ws_frame().len()
+        );
+    }
+
+    /// A socket that takes part of a frame: the rest is queued first, then the events
+    /// that did not go, so the client still reads every frame whole and in order.
+    #[tokio::test]
+    async fn a_partial_write_queues_the_rest_in_order() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(16 << 20);
+        let (server, client) = attached(&o);
+        // Larger than any socket buffer: the kernel takes only part of the first.
+        let evs: Vec<_> = (1..=3).map(|i| ev(&t, i, 2 << 20)).collect();
+        let p = o.push_events(
+            &evs.iter().collect::<Vec<_>>(),
+            SlowConsumerPolicy::Disconnect,
+        );
+        assert_eq!(p.outcome, Pushed::Queued);
+        assert_eq!(p.written, 1, "one frame partly written");
+        assert!(p.bytes > 0 && p.bytes < evs[0].ws_frame().len());
+        // The session's writer: drain the queue onto the socket.
+        let expect = wire(&evs);
+        let reader = tokio::spawn(async move { received(&client, expect.len()).await });
+        let mut out = Vec::new();
+        o.next_batch(&mut out, usize::MAX).await.unwrap();
+        let mut bytes: Vec<u8> = Vec::new();
+        for e in &out {
+            match &e.frame {
+                Frame::Event(ev) => bytes.extend_from_slice(ev.ws_frame()),
+                Frame::Control(b) => bytes.extend_from_slice(b),
+                Frame::Reset { .. } => panic!("no reset here"),
+            }
+        }
+        let mut at = 0;
+        while at < bytes.len() {
+            server.writable().await.unwrap();
+            match DirectWrite::try_write_vectored(&*server, &[IoSlice::new(&bytes[at..])]) {
+                Ok(k) => at += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        assert!(reader.await.unwrap() == wire(&evs), "every byte, in order");
+    }
+
+    /// A closed outbox lets go of the socket: nothing is written after the session's
+    /// close frame, and the socket is not kept open by a topic's member list.
+    #[tokio::test]
+    async fn a_closed_outbox_writes_nothing_and_drops_the_socket() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(1 << 20);
+        let (server, client) = attached(&o);
+        o.close();
+        assert_eq!(Arc::strong_count(&server), 1, "the outbox let go");
+        let p = o.push_events(&[&ev(&t, 1, 50)], SlowConsumerPolicy::Disconnect);
+        assert_eq!((p.outcome, p.written), (Pushed::Closed, 0));
+        drop(server);
+        assert!(received(&client, 1).await.is_empty());
     }
 
     #[tokio::test]

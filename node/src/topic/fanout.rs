@@ -45,9 +45,10 @@ use crate::topic::Subscriber;
 
 /// Up to this many member deliveries queued, a runner delivers inline on the task
 /// that published (a wake-up and a schedule cost more than a few pushes).
-const INLINE_DELIVERIES: usize = 64;
-/// A hot topic's members are delivered in chunks of this many, spread over threads.
-const CHUNK: usize = 512;
+const INLINE_DELIVERIES: usize = 32;
+/// A hot topic's members are delivered in chunks of this many, spread over threads
+/// (each member is a socket write when it is idle: a few microseconds).
+const CHUNK: usize = 128;
 /// Jobs queued per topic before its members are closed as slow consumers.
 pub const MAX_QUEUED: usize = 8192;
 /// Jobs a runner takes per batch.
@@ -77,11 +78,22 @@ pub struct Member {
     left: Arc<AtomicBool>,
 }
 
-/// The node-wide counters and the slow-consumer outcomes of fan-out.
+/// What every topic's fan-out shares: where hot topics deliver, the node-wide
+/// counters and the slow-consumer outcomes.
 #[derive(Debug, Default)]
-pub struct FanOutStats {
+pub struct FanOutShared {
+    /// The runtime a hot topic's runner and its chunks run on (the node's delivery
+    /// runtime, so a round of socket writes never queues ahead of a publish); `None`:
+    /// the caller's runtime, or inline without one (unit tests).
+    pub runtime: Option<tokio::runtime::Handle>,
     pub conflated: Arc<Count>,
     pub slow_consumer_closes: Arc<Count>,
+    /// Events the fan-out wrote to sockets itself (`weft_delivered_total`).
+    pub delivered: Arc<Count>,
+    /// WebSocket bytes the fan-out wrote itself (`weft_bytes_sent_total{transport="ws"}`).
+    pub ws_bytes_sent: Arc<Count>,
+    /// Publish to socket write, sampled once per delivery run that wrote directly.
+    pub latency: Option<metrics::Histogram>,
 }
 
 /// A topic's local sessions (the topic's subscribers), kept under the topic's lock.
@@ -258,11 +270,11 @@ struct QueueState {
 pub struct FanQueue {
     state: Mutex<QueueState>,
     policy: SlowConsumerPolicy,
-    stats: Arc<FanOutStats>,
+    stats: Arc<FanOutShared>,
 }
 
 impl FanQueue {
-    pub fn new(policy: SlowConsumerPolicy, stats: Arc<FanOutStats>) -> Arc<Self> {
+    pub fn new(policy: SlowConsumerPolicy, stats: Arc<FanOutShared>) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::default(),
             policy,
@@ -308,7 +320,12 @@ impl FanQueue {
             st.running = true;
             st.jobs.iter().map(|j| j.members.len()).sum::<usize>() <= INLINE_DELIVERIES
         };
-        match tokio::runtime::Handle::try_current() {
+        let rt = self
+            .stats
+            .runtime
+            .clone()
+            .map_or_else(tokio::runtime::Handle::try_current, Ok);
+        match rt {
             Ok(rt) if !small => {
                 let q = self.clone();
                 rt.spawn(async move { q.run().await });
@@ -359,18 +376,37 @@ impl FanQueue {
         }
     }
 
-    /// Member-major: each outbox gets all its items in one go (one wake-up).
+    /// Member-major: each outbox gets all its items in one go — written to its socket
+    /// at once when the session is idle (no wake-up at all), else queued with one
+    /// wake-up.
     fn deliver(&self, members: &[Member], items: &[(u64, Item)]) {
+        let (mut written, mut bytes) = (0, 0);
+        let mut run: Vec<&Arc<StoredEvent>> = Vec::with_capacity(items.len().min(64));
         for m in members {
             if m.left.load(Ordering::Relaxed) {
                 continue;
             }
-            for (seq, item) in items {
+            for (i, (seq, item)) in items.iter().enumerate() {
                 if *seq <= m.joined_at {
                     continue;
                 }
+                // Consecutive events go to the outbox together (one direct write).
+                if let Item::Event(ev) = item {
+                    run.push(ev);
+                    if matches!(items.get(i + 1), Some((_, Item::Event(_)))) {
+                        continue;
+                    }
+                    let p = m.outbox.push_events(&run, self.policy);
+                    run.clear();
+                    written += p.written;
+                    bytes += p.bytes;
+                    if self.outcome(p.outcome) {
+                        continue;
+                    }
+                    break;
+                }
                 let pushed = match item {
-                    Item::Event(ev) => m.outbox.push_event(ev, self.policy),
+                    Item::Event(_) => unreachable!("events are pushed above"),
                     Item::Presence(frame) if m.wants_presence => {
                         m.outbox.push_droppable(frame.clone(), self.policy)
                     }
@@ -388,16 +424,38 @@ impl FanQueue {
                         Pushed::Queued
                     }
                 };
-                match pushed {
-                    Pushed::Queued => {}
-                    Pushed::Conflated => self.stats.conflated.inc(),
-                    Pushed::Overflow => {
-                        self.stats.slow_consumer_closes.inc();
-                        break;
-                    }
-                    Pushed::Closed => break,
+                if !self.outcome(pushed) {
+                    break;
                 }
             }
+            run.clear();
+        }
+        if written > 0 {
+            self.stats.delivered.add(written as u64);
+            self.stats.ws_bytes_sent.add(bytes as u64);
+            let first = items.iter().find_map(|(_, item)| match item {
+                Item::Event(ev) => Some(ev),
+                _ => None,
+            });
+            if let (Some(h), Some(ev)) = (&self.stats.latency, first) {
+                h.record(ev.sequenced_at.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    /// Counts what a push did; false once the member can take nothing more.
+    fn outcome(&self, pushed: Pushed) -> bool {
+        match pushed {
+            Pushed::Queued => true,
+            Pushed::Conflated => {
+                self.stats.conflated.inc();
+                true
+            }
+            Pushed::Overflow => {
+                self.stats.slow_consumer_closes.inc();
+                false
+            }
+            Pushed::Closed => false,
         }
     }
 }
@@ -602,7 +660,7 @@ mod tests {
 
     #[test]
     fn a_hopeless_backlog_closes_its_members_as_slow_consumers() {
-        let stats = Arc::new(FanOutStats::default());
+        let stats = Arc::new(FanOutShared::default());
         let q = FanQueue::new(SlowConsumerPolicy::Disconnect, stats.clone());
         let mut members = Members::default();
         let o = Arc::new(Outbox::new(1 << 30));

@@ -48,7 +48,7 @@ use crate::session::event::StoredEvent;
 use crate::session::outbox::Outbox;
 use crate::stats::Stats;
 use crate::topic::interest::InterestFeed;
-use fanout::{FanOutStats, FanQueue, Item, Members};
+use fanout::{FanOutShared, FanQueue, Item, Members};
 use follow::{PeerLink, Push};
 use idempotency::{body_digest, Idempotency, KeyUse};
 
@@ -323,7 +323,7 @@ impl Topic {
         epoch: Arc<str>,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
-        fanout: Arc<FanOutStats>,
+        fanout: Arc<FanOutShared>,
     ) -> Self {
         Self::with_role(
             name,
@@ -345,7 +345,7 @@ impl Topic {
         owner: Arc<str>,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
-        fanout: Arc<FanOutStats>,
+        fanout: Arc<FanOutShared>,
     ) -> Self {
         let role = Role::Mirror {
             owner,
@@ -361,7 +361,7 @@ impl Topic {
         from: Arc<str>,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
-        fanout: Arc<FanOutStats>,
+        fanout: Arc<FanOutShared>,
     ) -> Self {
         let role = Role::Receiving {
             from,
@@ -378,7 +378,7 @@ impl Topic {
         role: Role,
         budget: Arc<HistoryBudget>,
         interest: Arc<InterestFeed>,
-        fanout: Arc<FanOutStats>,
+        fanout: Arc<FanOutShared>,
     ) -> Self {
         Self {
             name,
@@ -1429,7 +1429,7 @@ mod tests {
         topic_counted(history_size, Arc::default())
     }
 
-    fn topic_counted(history_size: usize, fanout: Arc<FanOutStats>) -> Topic {
+    fn topic_counted(history_size: usize, fanout: Arc<FanOutShared>) -> Topic {
         let ns = NamespaceConfig {
             history_size,
             ..Default::default()
@@ -1623,7 +1623,7 @@ mod tests {
     #[test]
     fn slow_subscriber_is_cut_off_and_counted() {
         let stats = Stats::detached();
-        let t = topic_counted(100, stats.fanout());
+        let t = topic_counted(100, stats.fanout(None));
         let _outbox = subscribe_with_budget(&t, 1000);
         publish(&t, 50, &stats);
         assert_eq!(stats.slow_consumer_closes.get(), 1);

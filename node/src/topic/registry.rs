@@ -17,7 +17,7 @@ use weft_proto::Pattern;
 
 use crate::config::{Config, NamespaceConfig};
 use crate::error::ApiError;
-use crate::topic::fanout::FanOutStats;
+use crate::topic::fanout::FanOutShared;
 use crate::topic::interest::InterestFeed;
 use crate::topic::{Dead, HistoryBudget, Placement, Topic};
 
@@ -75,7 +75,7 @@ pub struct Registry {
     /// Interest transitions for the router (enabled when the node joins a cluster).
     pub interest: Arc<InterestFeed>,
     /// The fan-out's counters, shared by every topic.
-    fanout: Arc<FanOutStats>,
+    fanout: Arc<FanOutShared>,
     count: AtomicUsize,
     max_topics: usize,
     epoch_seq: AtomicU64,
@@ -86,7 +86,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(config: &Config, fanout: Arc<FanOutStats>) -> Self {
+    pub fn new(config: &Config, fanout: Arc<FanOutShared>) -> Self {
         Self {
             fanout,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

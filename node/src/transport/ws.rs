@@ -55,7 +55,7 @@ use crate::input::{check_topic, event_kind, parse_since, raw_data};
 use crate::node::{ConnGuard, Node};
 use crate::rate::TokenBucket;
 use crate::session::event::{put_u64, write_event_array};
-use crate::session::outbox::{CloseReason, Entry, Frame, Outbox, Pushed};
+use crate::session::outbox::{CloseReason, DirectWrite, Entry, Frame, Outbox, Pushed};
 use crate::session::wsframe::{self, FrameError, FrameReader, Incoming};
 use crate::stats::{Count, Stats, Traffic, Transport};
 use crate::topic::{Published, Subscriber, Topic};
@@ -313,12 +313,12 @@ trait Wire {
 }
 
 /// A socket the session can wait on without a buffer: readiness, then a try-read or
-/// try-write (TCP, or the socket pair in front of a TLS stream).
-pub trait Socket: Send + Sync + 'static {
+/// try-write (TCP, or the socket pair in front of a TLS stream); the fan-out may
+/// try-write it too ([`DirectWrite`]).
+pub trait Socket: DirectWrite {
     fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
     fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
     fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
-    fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize>;
 }
 
 macro_rules! socket_impl {
@@ -333,6 +333,8 @@ macro_rules! socket_impl {
             fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
                 <$t>::try_read(self, buf)
             }
+        }
+        impl DirectWrite for $t {
             fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
                 <$t>::try_write_vectored(self, bufs)
             }
@@ -443,6 +445,10 @@ impl Session {
 
     async fn run<S: Socket>(mut self, stream: S, early: Bytes) {
         let node = self.node.clone();
+        // The fan-out writes events straight to the socket while the outbox is idle.
+        let stream = Arc::new(stream);
+        self.outbox.attach(stream.clone());
+        let stream = &*stream;
         let gauge = node.stats.connection(Transport::Ws);
         gauge.up();
         let (received, sent) = (
@@ -495,16 +501,18 @@ impl Session {
                 _ = sleep_opt(next_deadline) => {
                     let passed = |at: Option<Instant>| at.is_some_and(|at| at <= Instant::now());
                     if passed(close_at) {
+                        let _hold = self.outbox.hold();
                         let push = wsframe::text(&node.disconnect_push(close::RECONNECT, "shutdown", node.reconnect_after_ms()));
-                        let _ = timeout(write_timeout, write_frames(&stream, &[push], sent)).await;
+                        let _ = timeout(write_timeout, write_frames(stream, &[push], sent)).await;
                         end = Some(End::Close(close::RECONNECT, "shutdown".into()));
                     } else if passed(connect_by) {
                         node.auth.count(Refusal::Missing);
                         end = Some(End::Close(close::UNAUTHORIZED, "connect with a token first".into()));
                     } else if passed(expires_at) {
                         node.auth.count(Refusal::Expired);
+                        let _hold = self.outbox.hold();
                         let push = wsframe::text(&node.disconnect_push(close::TOKEN_EXPIRED, "token expired", 0));
-                        let _ = timeout(write_timeout, write_frames(&stream, &[push], sent)).await;
+                        let _ = timeout(write_timeout, write_frames(stream, &[push], sent)).await;
                         end = Some(End::Close(close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token".into()));
                     } else if passed(expiring_at) {
                         self.expiring_sent = true;
@@ -542,22 +550,24 @@ impl Session {
                 r = self.outbox.next_batch_owned(MAX_BATCH) => match r {
                     Ok(mut batch) => {
                         self.prepare(&mut batch);
-                        if timeout(write_timeout, write_frames(&stream, &batch, sent)).await.map_or(true, |r| r.is_err()) {
+                        if timeout(write_timeout, write_frames(stream, &batch, sent)).await.map_or(true, |r| r.is_err()) {
                             end = Some(End::Silent);
                         }
+                        self.outbox.written();
                     }
                     Err(CloseReason::SlowConsumer) => {
                         let push = wsframe::text(&node.disconnect_push(close::SLOW_CONSUMER, "slow consumer", 0));
-                        let _ = timeout(write_timeout, write_frames(&stream, &[push], sent)).await;
+                        let _ = timeout(write_timeout, write_frames(stream, &[push], sent)).await;
                         end = Some(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with your cursors".into()));
                     }
                     Err(CloseReason::Gone) => end = Some(End::Silent),
                 },
                 _ = ping.tick() => {
                     self.outbox.release_if_idle();
+                    let _hold = self.outbox.hold();
                     // No traffic (pongs included) for two intervals: the peer is gone.
                     let dead = last_seen.elapsed() > 2 * ping_every
-                        || timeout(write_timeout, write_frames(&stream, &[Bytes::from_static(&[0x89, 0x00])], sent))
+                        || timeout(write_timeout, write_frames(stream, &[Bytes::from_static(&[0x89, 0x00])], sent))
                             .await
                             .map_or(true, |r| r.is_err());
                     if dead {
@@ -571,22 +581,21 @@ impl Session {
                 }
             }
         }
+        // Nothing more from the fan-out: the socket is the session's alone again.
+        node.stats.session_queue_peak(self.outbox.peak_bytes());
+        self.outbox.close();
         match end {
             Some(End::Close(code, reason)) => {
                 let _ = timeout(
                     write_timeout,
-                    write_frames(&stream, &[wsframe::close(code, &reason)], sent),
+                    write_frames(stream, &[wsframe::close(code, &reason)], sent),
                 )
                 .await;
                 // Let the peer answer the close before the socket is dropped.
-                let _ = timeout(
-                    Duration::from_millis(500),
-                    await_close(&stream, &mut reader),
-                )
-                .await;
+                let _ = timeout(Duration::from_millis(500), await_close(stream, &mut reader)).await;
             }
             Some(End::Answer(frame)) => {
-                let _ = timeout(write_timeout, write_frames(&stream, &[frame], sent)).await;
+                let _ = timeout(write_timeout, write_frames(stream, &[frame], sent)).await;
             }
             _ => {}
         }
@@ -594,8 +603,6 @@ impl Session {
             topic.unsubscribe(self.id);
             node.stats.subscriptions.down();
         }
-        node.stats.session_queue_peak(self.outbox.peak_bytes());
-        self.outbox.close();
         gauge.down();
     }
 
