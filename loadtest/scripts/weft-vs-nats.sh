@@ -11,7 +11,8 @@
 #          (default: nats-server on PATH, else /usr/sbin/nats-server), RUNS (3),
 #          RUN_TIMEOUT (seconds one harness run may take, default 600),
 #          BEFORE (a directory holding another build's weft-node: that build runs
-#          as system "weft-before" in place of nats-server, for before/after checks)
+#          as system "weft-before" in place of nats-server, for before/after checks),
+#          ONLY=weft (Weft alone: no other system runs)
 #
 # Writes OUT/NAME-<weft|nats>-<run>.json and .txt (the harness's output), appends
 # "NAME-<system>-<run>: exit N" to OUT/runs.txt, and writes the comparison to
@@ -100,6 +101,7 @@ r=1
 while [ $r -le "$RUNS" ]; do
     # Alternate which system goes first, so a drift on the machine hits both alike.
     if [ $((r % 2)) -eq 1 ]; then order="weft $OTHER"; else order="$OTHER weft"; fi
+    [ "${ONLY:-}" = weft ] && order=weft
     for system in $order; do
         run="$NAME-$system-$r"
         dir="$OUT/server-$run"

@@ -5,8 +5,15 @@
 //! So the time to acknowledge a publish does not grow with the number of subscribers.
 //! The fan-out runs after the lock is released: inline on the publishing task when the
 //! topic has a handful of subscribers (cheaper than a wake-up), otherwise on a task of
-//! its own, which splits a hot topic's members into chunks spread over the runtime's
-//! worker threads.
+//! its own on the node's delivery runtime, which splits a hot topic's members into
+//! chunks spread over that runtime's worker threads.
+//!
+//! Delivery to a member is member-major and, when its session is idle, direct: every
+//! event of the batch that the member is owed goes to its socket in one non-blocking
+//! `writev` from the fan-out itself ([`Outbox::push_events`]); only what the socket
+//! does not take is queued for the session's task. So a delivery costs a syscall, not
+//! a queue push, a wake-up, a schedule and a syscall; and a topic that falls behind
+//! coalesces by itself, because a runner's batch then holds several events per member.
 //!
 //! # Order and exactly-once
 //! - Jobs carry a per-topic sequence number and are enqueued under the topic's lock,
