@@ -30,7 +30,6 @@
 //! missing fields, bad topic or cursor, limits) are answered with an error reply and
 //! the session goes on.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,7 +212,7 @@ struct Session {
     id: u64,
     client: Arc<str>,
     outbox: Arc<Outbox>,
-    subs: HashMap<Arc<str>, Arc<Topic>>,
+    subs: Subs,
     commands: TokenBucket,
     /// Consecutive commands refused for rate; past the burst the session is closed.
     refused: u32,
@@ -234,6 +233,44 @@ struct Session {
     subscribes: TokenBucket,
     publishes: TokenBucket,
     _conn: Option<ConnInfo>,
+}
+
+/// A session's subscriptions by topic name, in a `Vec` searched in order: there are
+/// at most `limits.max_subscriptions_per_session` (128 by default), and a session with
+/// one or two (the common case) holds a small allocation instead of a map's first
+/// four slots.
+#[derive(Default)]
+struct Subs(Vec<(Arc<str>, Arc<Topic>)>);
+
+impl Subs {
+    fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| &**n == name)
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<Topic>> {
+        let at = self.0.iter().position(|(n, _)| &**n == name)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    /// Adds a topic the session is not subscribed to yet.
+    fn insert(&mut self, name: Arc<str>, topic: Arc<Topic>) {
+        if self.0.len() < 4 {
+            self.0.reserve_exact(1);
+        }
+        self.0.push((name, topic));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|(n, _)| n)
+    }
+
+    fn topics(&self) -> impl Iterator<Item = &Arc<Topic>> {
+        self.0.iter().map(|(_, t)| t)
+    }
 }
 
 /// A verified (or refused) `connect`/`refresh` token.
@@ -491,7 +528,7 @@ impl Session {
             publishes: TokenBucket::new(limits.publishes_per_s, limits.publish_burst),
             client: node.client_id(id),
             outbox: Arc::new(Outbox::new(limits.outbound_queue_bytes)),
-            subs: HashMap::new(),
+            subs: Subs::default(),
             commands: TokenBucket::new(limits.commands_per_s, limits.command_burst),
             refused: 0,
             deferred: None,
@@ -690,7 +727,7 @@ impl Session {
         self.outbox.close();
         // Boxed, like every write here: an idle session's task holds none of this.
         Box::pin(finish(stream, end, &mut reader, sent, write_timeout)).await;
-        for topic in self.subs.values() {
+        for topic in self.subs.topics() {
             topic.unsubscribe(self.id);
             node.stats.subscriptions.down();
         }
@@ -972,7 +1009,7 @@ impl Session {
     fn end_unreadable(&mut self) {
         let refused: Vec<Arc<str>> = self
             .subs
-            .keys()
+            .names()
             .filter(|t| self.allowed(Op::Read(t)).is_err())
             .cloned()
             .collect();
@@ -1156,7 +1193,7 @@ impl Session {
     fn subscribe(&mut self, id: Option<u64>, s: SubscribeCmd) -> Result<(), ApiError> {
         check_topic(&s.topic)?;
         let since = parse_since(s.since.as_deref())?;
-        if self.subs.contains_key(s.topic.as_str()) {
+        if self.subs.contains(s.topic.as_str()) {
             return Err(ApiError::bad(format!(
                 "already subscribed to `{}`",
                 s.topic
