@@ -436,6 +436,19 @@ async fn write_frames<S: Socket, F: Wire>(
     Ok(())
 }
 
+/// A `disconnect {code, reason, after_ms}` push for the session to write, and the
+/// close (same code, `close_reason`) that follows it.
+fn disconnect(
+    node: &Node,
+    code: u16,
+    reason: &str,
+    after_ms: u64,
+    close_reason: &str,
+) -> (Option<Bytes>, Option<End>) {
+    let push = wsframe::text(&node.disconnect_push(code, reason, after_ms));
+    (Some(push), Some(End::Close(code, close_reason.into())))
+}
+
 /// Writes `frames` within `limit`; false if the socket failed or the time ran out.
 /// The write's state (a timer and a readiness wait, about 370 bytes) is boxed: it
 /// lives on the heap while a write is under way, not inline in every session's task.
@@ -619,12 +632,13 @@ impl Session {
                 Wake::Deadline => {
                     let passed = |at: Option<Instant>| at.is_some_and(|at| at <= Instant::now());
                     if passed(close_at) {
-                        own = Some(wsframe::text(&node.disconnect_push(
+                        (own, end) = disconnect(
+                            &node,
                             close::RECONNECT,
                             "shutdown",
                             node.reconnect_after_ms(),
-                        )));
-                        end = Some(End::Close(close::RECONNECT, "shutdown".into()));
+                            "shutdown",
+                        );
                     } else if passed(connect_by) {
                         node.auth.count(Refusal::Missing);
                         end = Some(End::Close(
@@ -633,15 +647,13 @@ impl Session {
                         ));
                     } else if passed(expires_at) {
                         node.auth.count(Refusal::Expired);
-                        own = Some(wsframe::text(&node.disconnect_push(
+                        (own, end) = disconnect(
+                            &node,
                             close::TOKEN_EXPIRED,
                             "token expired",
                             0,
-                        )));
-                        end = Some(End::Close(
-                            close::TOKEN_EXPIRED,
-                            "token expired: reconnect with a fresh token".into(),
-                        ));
+                            "token expired: reconnect with a fresh token",
+                        );
                     } else if passed(expiring_at) {
                         self.expiring_sent = true;
                         let in_s = expires_at
@@ -697,15 +709,13 @@ impl Session {
                 }
                 Wake::Batch(Err(CloseReason::SlowConsumer)) => {
                     // The outbox is closed: nothing else writes to the socket now.
-                    own = Some(wsframe::text(&node.disconnect_push(
+                    (own, end) = disconnect(
+                        &node,
                         close::SLOW_CONSUMER,
                         "slow consumer",
                         0,
-                    )));
-                    end = Some(End::Close(
-                        close::SLOW_CONSUMER,
-                        "slow consumer: resume with your cursors".into(),
-                    ));
+                        "slow consumer: resume with your cursors",
+                    );
                 }
                 Wake::Batch(Err(CloseReason::Gone)) => end = Some(End::Silent),
                 Wake::Shutdown(closed) => {
