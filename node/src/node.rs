@@ -116,6 +116,13 @@ impl Node {
     pub fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::Relaxed);
         self.shutdown.send_replace(true);
+        // WebSocket sessions hear it through their one notice watch.
+        self.auth.notify_sessions();
+    }
+
+    /// Whether [`Self::begin_shutdown`] has been called.
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {

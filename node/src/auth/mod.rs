@@ -362,6 +362,18 @@ impl Auth {
         self.revoked_gen.subscribe()
     }
 
+    /// [`Self::revocation_watch`], which also changes when the node begins to shut
+    /// down ([`Self::notify_sessions`]): a WebSocket session waits on this one watch
+    /// for both.
+    pub fn session_notices(&self) -> watch::Receiver<u64> {
+        self.revoked_gen.subscribe()
+    }
+
+    /// Tells every session waiting on [`Self::session_notices`] to re-check itself.
+    pub fn notify_sessions(&self) {
+        self.revoked_gen.send_modify(|g| *g += 1);
+    }
+
     /// Whether a live session's caller may go on: not revoked (expiry is timed by the
     /// session itself).
     pub fn still_valid(&self, caller: &Caller) -> bool {
