@@ -1,9 +1,10 @@
 //! A session's outbound queue, bounded by a byte budget.
 //!
-//! The fan-out path (under a topic's lock) calls [`Outbox::push_event`]; it never waits
-//! and never allocates per recipient beyond one queue slot holding an `Arc`. The
-//! session's writer takes everything queued at once ([`Outbox::next_batch`]) and writes
-//! it in as few syscalls as the transport allows.
+//! The fan-out (after the topic's lock is released) hands a member its events with
+//! [`Outbox::push_events`]; it never waits and never allocates per recipient beyond
+//! one queue slot holding an `Arc`. The session's writer takes everything queued at
+//! once ([`Outbox::next_batch`]) and writes it in as few syscalls as the transport
+//! allows.
 //!
 //! # Slow consumers
 //! When queued bytes would exceed the budget, the topic's namespace policy applies:
