@@ -34,7 +34,7 @@ pub struct Node {
     drain: watch::Sender<bool>,
     /// Every session task; shutdown waits for it to empty (bounded by the grace).
     pub tasks: TaskTracker,
-    /// Where WebSocket sessions run (see [`Delivery`]).
+    /// Where WebSocket sessions and hot topics' fan-out run (see [`Delivery`]).
     pub delivery: Delivery,
     pub conns: Arc<ConnLimiter>,
     next_session: AtomicU64,
@@ -382,11 +382,12 @@ impl Drop for ConnGuard {
 }
 
 /// A runtime of its own for delivery: the WebSocket sessions and the fan-out runs of
-/// hot topics, whose work is writing events to sockets. On one runtime, a publish's connection task, woken by its
-/// socket, waits at the back of the same FIFO run queue as every session task the
-/// previous event's fan-out woke; with sessions here, the kernel interleaves the two
-/// runtimes' threads and a publish is read and acknowledged without waiting for a
-/// round of writes. Sockets stay registered with the runtime that accepted them.
+/// hot topics, whose work is writing events to sockets. On one runtime, a publish's
+/// connection task, woken by its socket, waits at the back of the same FIFO run queue
+/// as every session task and every round of writes the previous event started; with
+/// delivery here, the kernel interleaves the two runtimes' threads and a publish is
+/// read and acknowledged without waiting for a round of writes. Sockets stay
+/// registered with the runtime that accepted them.
 pub struct Delivery {
     rt: Option<tokio::runtime::Runtime>,
 }

@@ -335,7 +335,7 @@ impl Auth {
     }
 
     /// Revokes a subject or a token id until `until`; live sessions of the caller
-    /// are told through [`Auth::revocation_watch`].
+    /// are told through [`Auth::session_notices`].
     pub fn revoke(&self, target: revoke::Target, until: SystemTime) -> Result<(), ApiError> {
         self.revocations.add(target, until)?;
         self.revoked_gen.send_modify(|g| *g += 1);
@@ -356,15 +356,10 @@ impl Auth {
         self.revocations.active()
     }
 
-    /// Changes whenever something is revoked; a session then asks
-    /// [`Auth::still_valid`].
-    pub fn revocation_watch(&self) -> watch::Receiver<u64> {
-        self.revoked_gen.subscribe()
-    }
-
-    /// [`Self::revocation_watch`], which also changes when the node begins to shut
-    /// down ([`Self::notify_sessions`]): a WebSocket session waits on this one watch
-    /// for both.
+    /// Changes whenever live sessions must re-check themselves: something was revoked
+    /// (a session then asks [`Auth::still_valid`]), or the node began to shut down
+    /// ([`Self::notify_sessions`]). A WebSocket session waits on this one watch for
+    /// both.
     pub fn session_notices(&self) -> watch::Receiver<u64> {
         self.revoked_gen.subscribe()
     }

@@ -183,19 +183,9 @@ impl Outbox {
         self.lock().writing = false;
     }
 
-    pub fn push_event(&self, ev: &Arc<StoredEvent>, policy: SlowConsumerPolicy) -> Pushed {
-        let mut inner = self.lock();
-        let pushed = self.queue_event(&mut inner, ev, policy);
-        drop(inner);
-        if pushed != Pushed::Closed {
-            self.notify.notify_one();
-        }
-        pushed
-    }
-
     /// Hands a member its events, in order: written to the socket at once when the
     /// outbox is idle and a socket is attached, else (and for whatever the socket did
-    /// not take) queued as [`Self::push_event`] would.
+    /// not take) queued under the budget and the namespace's policy.
     pub fn push_events(&self, evs: &[&Arc<StoredEvent>], policy: SlowConsumerPolicy) -> Pushes {
         let mut out = Pushes {
             outcome: Pushed::Queued,
@@ -427,7 +417,8 @@ impl Outbox {
 
     /// Moves queued entries into `out` (up to `max_bytes`, at least one), or returns
     /// the close reason once the queue is closed. Waits while the queue is empty.
-    /// Direct writes are held off until the caller calls [`Self::written`].
+    /// With a socket attached, direct writes are held off until the caller calls
+    /// [`Self::written`].
     pub async fn next_batch(
         &self,
         out: &mut Vec<Entry>,
@@ -453,8 +444,9 @@ impl Outbox {
                         out.push(entry);
                     }
                     inner.bytes -= taken;
-                    // Until the session says it has written these, the fan-out queues.
-                    inner.writing = true;
+                    // Until the session says it has written these, the fan-out queues
+                    // (only a session with a socket attached can be written directly).
+                    inner.writing = inner.direct.is_some();
                     if inner.queue.is_empty() && (!events || inner.queue.capacity() > 64) {
                         // A session that has just been answered (a subscribe reply)
                         // usually goes idle: it gives its buffer back (15,000 kept
@@ -502,7 +494,7 @@ mod tests {
             0,
             "answered, then idle: no buffer"
         );
-        o.push_event(&ev(&t, 1, 10), SlowConsumerPolicy::Disconnect);
+        push(&o, &ev(&t, 1, 10), SlowConsumerPolicy::Disconnect);
         o.next_batch_owned(usize::MAX).await.unwrap();
         assert!(
             o.lock().queue.capacity() > 0,
@@ -510,6 +502,11 @@ mod tests {
         );
         o.release_if_idle();
         assert_eq!(o.lock().queue.capacity(), 0, "the idle timer frees it");
+    }
+
+    /// One event through the fan-out's entry point (no socket attached: queued).
+    fn push(o: &Outbox, ev: &Arc<StoredEvent>, policy: SlowConsumerPolicy) -> Pushed {
+        o.push_events(&[ev], policy).outcome
     }
 
     fn ev(topic: &Arc<str>, offset: u64, len: usize) -> Arc<StoredEvent> {
@@ -666,7 +663,7 @@ mod tests {
         let o = Outbox::new(10_000);
         for i in 1..=5 {
             assert_eq!(
-                o.push_event(&ev(&t, i, 100), SlowConsumerPolicy::Disconnect),
+                push(&o, &ev(&t, i, 100), SlowConsumerPolicy::Disconnect),
                 Pushed::Queued
             );
         }
@@ -688,7 +685,7 @@ mod tests {
         let o = Outbox::new(1000);
         let mut pushed = 0;
         loop {
-            match o.push_event(&ev(&t, pushed + 1, 100), SlowConsumerPolicy::Disconnect) {
+            match push(&o, &ev(&t, pushed + 1, 100), SlowConsumerPolicy::Disconnect) {
                 Pushed::Queued => pushed += 1,
                 Pushed::Overflow => break,
                 other => panic!("unexpected {other:?}"),
@@ -696,7 +693,7 @@ mod tests {
         }
         assert!(pushed >= 1 && o.queued_bytes() == 0);
         assert_eq!(
-            o.push_event(&ev(&t, 99, 1), SlowConsumerPolicy::Disconnect),
+            push(&o, &ev(&t, 99, 1), SlowConsumerPolicy::Disconnect),
             Pushed::Closed
         );
         let mut out = Vec::new();
@@ -712,8 +709,8 @@ mod tests {
         let b: Arc<str> = "b".into();
         let o = Outbox::new(1200);
         for i in 1..=20 {
-            o.push_event(&ev(&a, i, 100), SlowConsumerPolicy::Conflate);
-            o.push_event(&ev(&b, i, 100), SlowConsumerPolicy::Conflate);
+            push(&o, &ev(&a, i, 100), SlowConsumerPolicy::Conflate);
+            push(&o, &ev(&b, i, 100), SlowConsumerPolicy::Conflate);
         }
         assert!(
             o.queued_bytes() <= 1200 + 2 * 400,

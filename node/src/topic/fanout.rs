@@ -51,7 +51,10 @@ use crate::stats::Count;
 use crate::topic::Subscriber;
 
 /// Up to this many member deliveries queued, a runner delivers inline on the task
-/// that published (a wake-up and a schedule cost more than a few pushes).
+/// that published (a wake-up and a schedule cost more than a few pushes). Each one
+/// may be a direct socket write, and the publish is answered after them: this bounds
+/// what a publish into a small topic waits for (about 32 short `writev`s), whatever
+/// the topic's size; larger fan-outs run on the delivery runtime.
 const INLINE_DELIVERIES: usize = 32;
 /// A hot topic's members are delivered in chunks of this many, spread over threads
 /// (each member is a socket write when it is idle: a few microseconds).

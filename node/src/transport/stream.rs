@@ -107,7 +107,7 @@ pub async fn open(
     let budget = node.config.limits.outbound_queue_bytes;
     let mut w = Watch {
         expires_at: caller.expires().map(instant_of),
-        revoked: node.auth.revocation_watch(),
+        revoked: node.auth.session_notices(),
         _user: user_guard,
         user: caller.user(),
         caller,

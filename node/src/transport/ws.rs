@@ -573,6 +573,12 @@ impl Session {
         let ping_every = Duration::from_millis(timing.ping_interval_ms);
         let write_timeout = Duration::from_millis(timing.write_timeout_ms);
         let mut next_ping = Instant::now() + ping_every;
+        // One timer for every deadline, the ping's included, kept across the loop and
+        // moved only when the earliest deadline changes: a session woken for a batch
+        // or a command does not register and cancel a timer each time.
+        let mut armed = next_ping;
+        let timer = tokio::time::sleep_until(armed);
+        tokio::pin!(timer);
         let mut last_seen = Instant::now();
         let mut close_at: Option<Instant> =
             node.shutting_down().then(|| node.close_deadline().into());
@@ -598,23 +604,19 @@ impl Session {
                 .map(|e| e.checked_sub(EXPIRING_NOTICE).unwrap_or(e));
             let connect_by =
                 connect_by.filter(|_| self.caller.is_none() && self.verifying.is_none());
-            // One timer for every deadline, the ping's included (an idle session's task
-            // holds each pending timer inline: one instead of five keeps it small).
-            let next_deadline = [
-                connect_by,
-                expiring_at,
-                expires_at,
-                close_at,
-                Some(next_ping),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let next_deadline = [connect_by, expiring_at, expires_at, close_at]
+                .into_iter()
+                .flatten()
+                .fold(next_ping, Instant::min);
+            if next_deadline != armed {
+                armed = next_deadline;
+                timer.as_mut().reset(armed);
+            }
             // The waits only say what happened; the session acts on it below, once they
             // are dropped, so its task is sized for the larger of the two, not both.
             let wake = tokio::select! {
                 Some(v) = next_verified(&mut self.verifying) => Wake::Verified(v),
-                _ = sleep_opt(next_deadline) => Wake::Deadline,
+                _ = &mut timer => Wake::Deadline,
                 // The sender lives as long as the node, which this session holds.
                 _ = self.notices.changed() => Wake::Notice,
                 ready = stream.readable() => Wake::Readable(ready.is_ok()),
@@ -1401,13 +1403,6 @@ fn reply_frame(id: Option<u64>, result: &[u8]) -> Bytes {
     out.put_slice(result);
     out.put_u8(b'}');
     wsframe::text(&out)
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]
