@@ -5,6 +5,8 @@
 //! (`--max-inflight`) and hands the request to a task. When the node is slow the window
 //! fills and requests leave late, but every event still carries its *scheduled* time,
 //! so the delay it suffered is part of its measured latency (no coordinated omission).
+//! Only the harness's own timer lateness is left out: an event whose publisher was on
+//! time is stamped when the timer fired (`wait_until_due`).
 //!
 //! Requests use keep-alive connections and carry `Idempotency-Key: <run>-<k>`, so a
 //! retry (connection refused during a restart, 429, 503, 5xx) cannot publish twice while
@@ -141,7 +143,7 @@ impl Publisher {
         let mut k = slot.index as u64;
         while k < total {
             let offset = plan.event_offset_us(k);
-            tokio::time::sleep_until(start + Duration::from_micros(offset)).await;
+            let t = wait_until_due(start + Duration::from_micros(offset), start_us + offset).await;
             let permit = window
                 .clone()
                 .acquire_owned()
@@ -150,7 +152,7 @@ impl Publisher {
             let stamp = Stamp {
                 p: plan.event_publisher(k, slot),
                 s: k,
-                t: start_us + offset,
+                t,
             };
             let topic = plan.event_topic(k);
             let body = Bytes::from(stamp.encode(plan.payload_bytes));
@@ -197,7 +199,7 @@ impl Publisher {
                 while let Some(k) = events.next() {
                     let offset = plan.event_offset_us(k);
                     let due = start + Duration::from_micros(offset);
-                    tokio::time::sleep_until(due).await;
+                    let t = wait_until_due(due, start_us + offset).await;
                     if Instant::now() > due + me.timeout {
                         out.unsent = 1 + events.count() as u64;
                         me.errors.add(format!(
@@ -210,7 +212,7 @@ impl Publisher {
                     let stamp = Stamp {
                         p: plan.event_publisher(k, slot),
                         s: k,
-                        t: start_us + offset,
+                        t,
                     };
                     let permit = window
                         .acquire()
@@ -388,4 +390,21 @@ impl PublishOutcome {
             Err(_) => self.failed += 1,
         }
     }
+}
+
+/// Waits for an event's due time and returns the time to stamp it with (µs on the wall
+/// clock).
+///
+/// A publisher that is already late when it gets here was held back by the system (an
+/// acknowledgement it waited for, the in-flight window): the event keeps its *scheduled*
+/// time, so that delay is part of its latency (no coordinated omission). A publisher that
+/// is early sleeps, and tokio's timer fires on the next millisecond tick after `due`,
+/// 0–1 ms late (0.5 ms on average): that lateness is the harness's own, so the event is
+/// stamped with the moment the sleep returned, never earlier than scheduled.
+async fn wait_until_due(due: Instant, scheduled_us: u64) -> u64 {
+    if Instant::now() >= due {
+        return scheduled_us;
+    }
+    tokio::time::sleep_until(due).await;
+    now_us().max(scheduled_us)
 }

@@ -5,7 +5,9 @@
 //! `t` is the time the open-loop schedule *intended* to send the event, not the time the
 //! request actually left: a publisher that falls behind (a slow node, a full in-flight
 //! window) still stamps the scheduled time, so the queueing it suffered shows up in the
-//! latency instead of being hidden (no coordinated omission).
+//! latency instead of being hidden (no coordinated omission). The one exception is the
+//! harness's own timer: tokio's fires up to a millisecond after the due time, so a
+//! publisher that was on time stamps the moment it woke (`publisher::wait_until_due`).
 //!
 //! The clock is the system wall clock so that stamps written by one process (or pod) can
 //! be compared with receive times taken by another; across machines the clocks must be
