@@ -41,51 +41,87 @@ pub const MAX_BATCH: usize = 1024;
 
 /// The nodes with interest in one topic: sorted and distinct, and nearly always one or
 /// two. The registry holds one per watched topic (on every router and, as a copy, on
-/// every node), so it is a `Vec` — 24 bytes per node id — rather than a `BTreeSet`,
-/// whose first leaf costs some 270 bytes even for one id. Serialised as the same
-/// sequence a set was, so snapshots read either way.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct NodeSet(Vec<NodeId>);
+/// every node), so it is small: a single id is held inline (a topic watched from one
+/// node allocates nothing here), more go in a sorted `Vec` — never a `BTreeSet`, whose
+/// first leaf costs some 270 bytes even for one id. Serialised as the same sequence a
+/// set was, so snapshots read either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSet(Ids);
+
+/// Canonical: `Many` never holds exactly one id, so equal sets compare equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ids {
+    One(NodeId),
+    Many(Vec<NodeId>),
+}
+
+impl Default for NodeSet {
+    fn default() -> Self {
+        Self(Ids::Many(Vec::new()))
+    }
+}
 
 impl NodeSet {
+    fn as_slice(&self) -> &[NodeId] {
+        match &self.0 {
+            Ids::One(id) => std::slice::from_ref(id),
+            Ids::Many(v) => v,
+        }
+    }
+
+    fn from_sorted(mut v: Vec<NodeId>) -> Self {
+        if v.len() == 1 {
+            return Self(Ids::One(v.pop().expect("one id")));
+        }
+        v.shrink_to_fit();
+        Self(Ids::Many(v))
+    }
+
     /// Adds `id`; false if it was there.
     pub fn insert(&mut self, id: &str) -> bool {
-        match self.0.binary_search_by(|n| n.as_str().cmp(id)) {
-            Ok(_) => false,
-            Err(at) => {
-                self.0.insert(at, id.to_owned());
-                self.0.shrink_to_fit();
-                true
-            }
-        }
+        let at = match self.as_slice().binary_search_by(|n| n.as_str().cmp(id)) {
+            Ok(_) => return false,
+            Err(at) => at,
+        };
+        let mut v = match std::mem::take(self).0 {
+            Ids::One(one) => vec![one],
+            Ids::Many(v) => v,
+        };
+        v.insert(at, id.to_owned());
+        *self = Self::from_sorted(v);
+        true
     }
 
     /// Removes `id`; false if it was not there.
     pub fn remove(&mut self, id: &str) -> bool {
-        match self.0.binary_search_by(|n| n.as_str().cmp(id)) {
-            Ok(at) => {
-                self.0.remove(at);
-                true
-            }
-            Err(_) => false,
-        }
+        let Ok(at) = self.as_slice().binary_search_by(|n| n.as_str().cmp(id)) else {
+            return false;
+        };
+        let mut v = match std::mem::take(self).0 {
+            Ids::One(one) => vec![one],
+            Ids::Many(v) => v,
+        };
+        v.remove(at);
+        *self = Self::from_sorted(v);
+        true
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.0.binary_search_by(|n| n.as_str().cmp(id)).is_ok()
+        self.as_slice()
+            .binary_search_by(|n| n.as_str().cmp(id))
+            .is_ok()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_slice().is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_slice().len()
     }
 
     pub fn iter(&self) -> std::slice::Iter<'_, NodeId> {
-        self.0.iter()
+        self.as_slice().iter()
     }
 }
 
@@ -94,7 +130,7 @@ impl<'a> IntoIterator for &'a NodeSet {
     type IntoIter = std::slice::Iter<'a, NodeId>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
+        self.iter()
     }
 }
 
@@ -103,8 +139,19 @@ impl FromIterator<NodeId> for NodeSet {
         let mut v: Vec<NodeId> = ids.into_iter().collect();
         v.sort_unstable();
         v.dedup();
-        v.shrink_to_fit();
-        Self(v)
+        Self::from_sorted(v)
+    }
+}
+
+impl Serialize for NodeSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<NodeId>::deserialize(d).map(Self::from_iter)
     }
 }
 
@@ -871,6 +918,13 @@ mod tests {
         assert!(n.remove("n2") && !n.remove("n2"));
         assert!(n.contains("n3") && !n.contains("n2"));
         assert_eq!(n.len(), 2);
+        // Down to one id (held inline) and back up: the same set either way.
+        assert!(n.remove("n1"));
+        assert_eq!(n, NodeSet::from_iter(["n3".to_string()]));
+        assert!(n.insert("n1"));
+        assert_eq!(n, NodeSet::from_iter(["n3".to_string(), "n1".into()]));
+        assert!(n.remove("n1") && n.remove("n3") && n.is_empty());
+        assert_eq!(n, NodeSet::default());
         // Snapshots written while the registry held `BTreeSet`s read back the same.
         let old = serde_json::to_string(&BTreeSet::from(["b".to_string(), "a".into()])).unwrap();
         let back: NodeSet = serde_json::from_str(&old).unwrap();
