@@ -92,6 +92,12 @@ pub trait DirectWrite: Send + Sync + 'static {
 /// a fan-out batch rarely holds more than a few events per member).
 const MAX_IOV: usize = 64;
 
+/// What a control frame (or the queued rest of a partly written event) counts against
+/// the budget: its bytes and its queue slot.
+fn control_cost(frame: &Bytes) -> usize {
+    frame.len() + 64
+}
+
 /// What [`Outbox::push_events`] did with a member's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pushes {
@@ -221,7 +227,7 @@ impl Outbox {
                     if left > 0 {
                         // Part of a frame went out: its rest goes first, as raw bytes.
                         let frame = evs[whole].ws_frame().slice(left..);
-                        let cost = frame.len() + 64;
+                        let cost = control_cost(&frame);
                         inner.add(cost);
                         inner.queue.push_back(Entry {
                             frame: Frame::Control(frame),
@@ -318,7 +324,7 @@ impl Outbox {
     }
 
     fn push_bytes(&self, bytes: Bytes, limit: usize, drop_when_over: bool) -> Pushed {
-        let cost = bytes.len() + 64;
+        let cost = control_cost(&bytes);
         let mut inner = self.lock();
         if inner.closed.is_some() {
             return Pushed::Closed;
@@ -348,7 +354,7 @@ impl Outbox {
     pub fn push_snapshot(&self, frame: Frame) {
         let cost = match &frame {
             Frame::Event(ev) => ev.cost(),
-            Frame::Control(b) => b.len() + 64,
+            Frame::Control(b) => control_cost(b),
             Frame::Reset { .. } => 128,
         };
         let mut inner = self.lock();

@@ -400,23 +400,19 @@ impl FanQueue {
                 if *seq <= m.joined_at {
                     continue;
                 }
-                // Consecutive events go to the outbox together (one direct write).
-                if let Item::Event(ev) = item {
-                    run.push(ev);
-                    if matches!(items.get(i + 1), Some((_, Item::Event(_)))) {
-                        continue;
-                    }
-                    let p = m.outbox.push_events(&run, self.policy);
-                    run.clear();
-                    written += p.written;
-                    bytes += p.bytes;
-                    if self.outcome(p.outcome) {
-                        continue;
-                    }
-                    break;
-                }
                 let pushed = match item {
-                    Item::Event(_) => unreachable!("events are pushed above"),
+                    // Consecutive events go to the outbox together (one direct write).
+                    Item::Event(ev) => {
+                        run.push(ev);
+                        if matches!(items.get(i + 1), Some((_, Item::Event(_)))) {
+                            continue;
+                        }
+                        let p = m.outbox.push_events(&run, self.policy);
+                        run.clear();
+                        written += p.written;
+                        bytes += p.bytes;
+                        p.outcome
+                    }
                     Item::Presence(frame) if m.wants_presence => {
                         m.outbox.push_droppable(frame.clone(), self.policy)
                     }
