@@ -32,6 +32,12 @@
 //! disconnect push: [`Outbox::hold`]), and the fan-out queues while one is under way,
 //! so bytes of two frames never interleave on the wire. A closed outbox drops its
 //! socket handle at once: nothing is written after the session's close frame.
+//!
+//! The rest of a frame the socket took only part of is *owed*: not an ordinary queue
+//! entry but the first bytes the socket must get, whatever the session writes next —
+//! the next batch, its own ping or disconnect push ([`Hold::owed`]) or, once the
+//! outbox is closed (a slow consumer's queue is dropped), its close frame
+//! ([`Outbox::take_owed`]). Anything else first would land inside that frame.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -130,6 +136,9 @@ struct Inner {
     /// The session is writing to its socket (a batch, a ping, a push): the fan-out
     /// queues instead of writing.
     writing: bool,
+    /// The rest of a frame the fan-out's write left half sent: the next bytes the
+    /// socket must get. Kept when the outbox closes.
+    owed: Option<Bytes>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -140,17 +149,28 @@ impl std::fmt::Debug for Inner {
             .field("closed", &self.closed)
             .field("direct", &self.direct.is_some())
             .field("writing", &self.writing)
+            .field("owed", &self.owed.as_ref().map(Bytes::len))
             .finish()
     }
 }
 
 /// The session is writing to its socket itself; direct writes wait until this drops.
 #[must_use = "the hold lasts until the guard drops"]
-pub struct Hold<'a>(&'a Outbox);
+pub struct Hold<'a> {
+    outbox: &'a Outbox,
+    owed: Option<Bytes>,
+}
+
+impl Hold<'_> {
+    /// The rest of a half-sent frame, to be written before the session's own frame.
+    pub fn owed(&mut self) -> Option<Bytes> {
+        self.owed.take()
+    }
+}
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        self.0.written();
+        self.outbox.written();
     }
 }
 
@@ -180,8 +200,16 @@ impl Outbox {
 
     /// Marks the session as writing to its socket until the guard drops.
     pub fn hold(&self) -> Hold<'_> {
-        self.lock().writing = true;
-        Hold(self)
+        let mut inner = self.lock();
+        inner.writing = true;
+        let owed = inner.take_owed();
+        Hold { outbox: self, owed }
+    }
+
+    /// The rest of a half-sent frame, for the session's last writes once the outbox
+    /// is closed (its close frame must not land inside that frame).
+    pub fn take_owed(&self) -> Option<Bytes> {
+        self.lock().take_owed()
     }
 
     /// The session finished writing what [`Self::next_batch`] gave it.
@@ -207,7 +235,7 @@ impl Outbox {
         if let Some(socket) = inner
             .direct
             .as_ref()
-            .filter(|_| inner.queue.is_empty() && !inner.writing)
+            .filter(|_| inner.queue.is_empty() && !inner.writing && inner.owed.is_none())
         {
             let n = evs.len().min(MAX_IOV);
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -225,15 +253,10 @@ impl Outbox {
                     }
                     out.written = whole;
                     if left > 0 {
-                        // Part of a frame went out: its rest goes first, as raw bytes.
-                        let frame = evs[whole].ws_frame().slice(left..);
-                        let cost = control_cost(&frame);
-                        inner.add(cost);
-                        inner.queue.push_back(Entry {
-                            frame: Frame::Control(frame),
-                            skipped_from: 0,
-                            cost,
-                        });
+                        // Part of a frame went out: the socket is owed its rest.
+                        let rest = evs[whole].ws_frame().slice(left..);
+                        inner.add(control_cost(&rest));
+                        inner.owed = Some(rest);
                         out.written += 1;
                     }
                     rest = &evs[out.written..];
@@ -250,7 +273,7 @@ impl Outbox {
                 break;
             }
         }
-        let queued = !inner.queue.is_empty() || inner.closed.is_some();
+        let queued = !inner.queue.is_empty() || inner.owed.is_some() || inner.closed.is_some();
         drop(inner);
         if queued {
             self.notify.notify_one();
@@ -378,7 +401,7 @@ impl Outbox {
             inner.closed = Some(CloseReason::Gone);
         }
         inner.queue = VecDeque::new();
-        inner.bytes = 0;
+        inner.bytes = inner.owed.as_ref().map_or(0, control_cost);
         inner.direct = None;
     }
 
@@ -437,9 +460,18 @@ impl Outbox {
                 if let Some(reason) = inner.closed {
                     return Err(reason);
                 }
-                if !inner.queue.is_empty() {
+                if !inner.queue.is_empty() || inner.owed.is_some() {
                     let mut taken = 0;
                     let mut events = false;
+                    if let Some(rest) = inner.owed.take() {
+                        let cost = control_cost(&rest);
+                        taken += cost;
+                        out.push(Entry {
+                            frame: Frame::Control(rest),
+                            skipped_from: 0,
+                            cost,
+                        });
+                    }
                     while let Some(entry) = inner.queue.front() {
                         if taken > 0 && taken + entry.cost > max_bytes {
                             break;
@@ -475,11 +507,18 @@ impl Inner {
         self.peak = self.peak.max(self.bytes);
     }
 
+    /// Drops the queue (not what the socket is owed: see [`Outbox::take_owed`]).
     fn overflow(&mut self) {
         self.closed = Some(CloseReason::SlowConsumer);
         self.queue = VecDeque::new();
-        self.bytes = 0;
+        self.bytes = self.owed.as_ref().map_or(0, control_cost);
         self.direct = None;
+    }
+
+    fn take_owed(&mut self) -> Option<Bytes> {
+        let rest = self.owed.take()?;
+        self.bytes -= control_cost(&rest);
+        Some(rest)
     }
 }
 
@@ -650,6 +689,57 @@ mod tests {
 
     /// A closed outbox lets go of the socket: nothing is written after the session's
     /// close frame, and the socket is not kept open by a topic's member list.
+    /// A session's own frame (a ping, a disconnect push) must not land inside a frame
+    /// the fan-out half sent: its hold hands over that frame's rest first, and until
+    /// it is written nothing else goes to the socket directly.
+    #[tokio::test]
+    async fn the_rest_of_a_half_sent_frame_goes_before_the_sessions_own_frame() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(16 << 20);
+        let (_server, _client) = attached(&o);
+        let big = ev(&t, 1, 2 << 20);
+        let p = o.push_events(&[&big], SlowConsumerPolicy::Disconnect);
+        assert_eq!(p.written, 1);
+        assert!(p.bytes < big.ws_frame().len(), "the socket took part of it");
+        assert!(o.queued_bytes() > 0, "the rest counts against the budget");
+        // Owed bytes keep the fan-out from writing: the next event is queued.
+        let next = o.push_events(&[&ev(&t, 2, 10)], SlowConsumerPolicy::Disconnect);
+        assert_eq!(next.written, 0);
+        let mut hold = o.hold();
+        let rest = hold.owed().expect("the rest is owed");
+        assert_eq!(rest, big.ws_frame().slice(p.bytes..));
+        assert!(hold.owed().is_none(), "handed over once");
+        drop(hold);
+        // The queued event is still there, after the rest.
+        let got = drain(&o).await;
+        assert!(matches!(&got[..], [Entry { frame: Frame::Event(e), .. }] if e.offset == 2));
+    }
+
+    /// A slow consumer's queue is dropped, but not the rest of a half-sent frame: the
+    /// session's close frame needs it written first.
+    #[tokio::test]
+    async fn an_overflow_keeps_what_the_socket_is_owed_for_the_close() {
+        let t: Arc<str> = "t".into();
+        let o = Outbox::new(3 << 20);
+        let (_server, _client) = attached(&o);
+        let big = ev(&t, 1, 2 << 20);
+        let p = o.push_events(&[&big], SlowConsumerPolicy::Disconnect);
+        assert!(p.written == 1 && p.bytes < big.ws_frame().len());
+        let over = o.push_events(&[&ev(&t, 2, 2 << 20)], SlowConsumerPolicy::Disconnect);
+        assert_eq!(over.outcome, Pushed::Overflow);
+        let mut out = Vec::new();
+        assert_eq!(
+            o.next_batch(&mut out, usize::MAX).await,
+            Err(CloseReason::SlowConsumer)
+        );
+        assert_eq!(
+            o.take_owed(),
+            Some(big.ws_frame().slice(p.bytes..)),
+            "kept past the overflow"
+        );
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
     #[tokio::test]
     async fn a_closed_outbox_writes_nothing_and_drops_the_socket() {
         let t: Arc<str> = "t".into();

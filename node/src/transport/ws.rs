@@ -508,28 +508,26 @@ async fn write_within<S: Socket, F: Wire>(
 }
 
 /// How a session's socket is left: a close frame and the peer's answer, or the
-/// answer to the peer's close, or nothing.
+/// answer to the peer's close, or nothing. `owed` (the rest of a frame the fan-out
+/// half sent) goes before either frame.
 async fn finish<S: Socket>(
     stream: &S,
     end: Option<End>,
+    owed: Option<Bytes>,
     reader: &mut FrameReader,
     sent: &Count,
     write_timeout: Duration,
 ) {
+    let last = |frame: Bytes| -> Vec<Bytes> { owed.into_iter().chain([frame]).collect() };
     match end {
         Some(End::Close(code, reason)) => {
-            write_within(
-                write_timeout,
-                stream,
-                &[wsframe::close(code, &reason)],
-                sent,
-            )
-            .await;
+            let frames = last(wsframe::close(code, &reason));
+            write_within(write_timeout, stream, &frames, sent).await;
             // Let the peer answer the close before the socket is dropped.
             let _ = timeout(Duration::from_millis(500), await_close(stream, reader)).await;
         }
         Some(End::Answer(frame)) => {
-            write_within(write_timeout, stream, &[frame], sent).await;
+            write_within(write_timeout, stream, &last(frame), sent).await;
         }
         _ => {}
     }
@@ -766,8 +764,10 @@ impl Session {
                 Wake::Batch(Err(CloseReason::Gone)) => end = Some(End::Silent),
             }
             if let Some(frame) = own {
-                let _hold = self.outbox.hold();
-                if !write_within(write_timeout, stream, &[frame], sent).await && end.is_none() {
+                let mut hold = self.outbox.hold();
+                // The rest of a frame the fan-out half sent goes first.
+                let frames: Vec<Bytes> = hold.owed().into_iter().chain([frame]).collect();
+                if !write_within(write_timeout, stream, &frames, sent).await && end.is_none() {
                     // A ping that cannot be written: the peer is gone.
                     end = Some(End::Silent);
                 }
@@ -776,8 +776,9 @@ impl Session {
         // Nothing more from the fan-out: the socket is the session's alone again.
         node.stats.session_queue_peak(self.outbox.peak_bytes());
         self.outbox.close();
+        let owed = self.outbox.take_owed();
         // Boxed, like every write here: an idle session's task holds none of this.
-        Box::pin(finish(stream, end, &mut reader, sent, write_timeout)).await;
+        Box::pin(finish(stream, end, owed, &mut reader, sent, write_timeout)).await;
         for topic in self.subs.topics() {
             topic.unsubscribe(self.id);
             node.stats.subscriptions.down();
