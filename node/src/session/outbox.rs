@@ -111,7 +111,7 @@ pub struct Pushes {
     /// written.
     pub outcome: Pushed,
     /// Events written to the socket by the caller (a partly written one included: its
-    /// rest is queued ahead of everything else).
+    /// rest is owed: written before anything else).
     pub written: usize,
     /// Bytes written to the socket by the caller.
     pub bytes: usize,
@@ -646,7 +646,7 @@ mod tests {
         );
     }
 
-    /// A socket that takes part of a frame: the rest is queued first, then the events
+    /// A socket that takes part of a frame: its owed rest comes first, then the events
     /// that did not go, so the client still reads every frame whole and in order.
     #[tokio::test]
     async fn a_partial_write_queues_the_rest_in_order() {
