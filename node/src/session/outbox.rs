@@ -136,9 +136,11 @@ struct Inner {
     /// The session is writing to its socket (a batch, a ping, a push): the fan-out
     /// queues instead of writing.
     writing: bool,
-    /// The rest of a frame the fan-out's write left half sent: the next bytes the
-    /// socket must get. Kept when the outbox closes.
-    owed: Option<Bytes>,
+    /// The queue's front entry is the rest of a frame the fan-out's write left half
+    /// sent: the next bytes the socket must get, kept when the outbox closes. A flag
+    /// beside the entry, not a field of its own: it fits in this struct's padding, and
+    /// every session has one.
+    owed: bool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -149,7 +151,7 @@ impl std::fmt::Debug for Inner {
             .field("closed", &self.closed)
             .field("direct", &self.direct.is_some())
             .field("writing", &self.writing)
-            .field("owed", &self.owed.as_ref().map(Bytes::len))
+            .field("owed", &self.owed)
             .finish()
     }
 }
@@ -235,7 +237,7 @@ impl Outbox {
         if let Some(socket) = inner
             .direct
             .as_ref()
-            .filter(|_| inner.queue.is_empty() && !inner.writing && inner.owed.is_none())
+            .filter(|_| inner.queue.is_empty() && !inner.writing)
         {
             let n = evs.len().min(MAX_IOV);
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -253,10 +255,17 @@ impl Outbox {
                     }
                     out.written = whole;
                     if left > 0 {
-                        // Part of a frame went out: the socket is owed its rest.
-                        let rest = evs[whole].ws_frame().slice(left..);
-                        inner.add(control_cost(&rest));
-                        inner.owed = Some(rest);
+                        // Part of a frame went out: the socket is owed its rest (the
+                        // queue was empty, so it is the front entry).
+                        let frame = evs[whole].ws_frame().slice(left..);
+                        let cost = control_cost(&frame);
+                        inner.add(cost);
+                        inner.queue.push_back(Entry {
+                            frame: Frame::Control(frame),
+                            skipped_from: 0,
+                            cost,
+                        });
+                        inner.owed = true;
                         out.written += 1;
                     }
                     rest = &evs[out.written..];
@@ -273,7 +282,7 @@ impl Outbox {
                 break;
             }
         }
-        let queued = !inner.queue.is_empty() || inner.owed.is_some() || inner.closed.is_some();
+        let queued = !inner.queue.is_empty() || inner.closed.is_some();
         drop(inner);
         if queued {
             self.notify.notify_one();
@@ -400,8 +409,7 @@ impl Outbox {
         if inner.closed.is_none() {
             inner.closed = Some(CloseReason::Gone);
         }
-        inner.queue = VecDeque::new();
-        inner.bytes = inner.owed.as_ref().map_or(0, control_cost);
+        inner.drop_queue();
         inner.direct = None;
     }
 
@@ -460,18 +468,11 @@ impl Outbox {
                 if let Some(reason) = inner.closed {
                     return Err(reason);
                 }
-                if !inner.queue.is_empty() || inner.owed.is_some() {
+                if !inner.queue.is_empty() {
                     let mut taken = 0;
                     let mut events = false;
-                    if let Some(rest) = inner.owed.take() {
-                        let cost = control_cost(&rest);
-                        taken += cost;
-                        out.push(Entry {
-                            frame: Frame::Control(rest),
-                            skipped_from: 0,
-                            cost,
-                        });
-                    }
+                    // An owed rest is the front entry: it goes first, like any other.
+                    inner.owed = false;
                     while let Some(entry) = inner.queue.front() {
                         if taken > 0 && taken + entry.cost > max_bytes {
                             break;
@@ -510,14 +511,38 @@ impl Inner {
     /// Drops the queue (not what the socket is owed: see [`Outbox::take_owed`]).
     fn overflow(&mut self) {
         self.closed = Some(CloseReason::SlowConsumer);
-        self.queue = VecDeque::new();
-        self.bytes = self.owed.as_ref().map_or(0, control_cost);
+        self.drop_queue();
         self.direct = None;
     }
 
+    /// Frees the queue but for an owed rest.
+    fn drop_queue(&mut self) {
+        let owed = self.take_owed();
+        self.queue = VecDeque::new();
+        self.bytes = 0;
+        if let Some(frame) = owed {
+            let cost = control_cost(&frame);
+            self.add(cost);
+            self.queue.push_back(Entry {
+                frame: Frame::Control(frame),
+                skipped_from: 0,
+                cost,
+            });
+            self.owed = true;
+        }
+    }
+
     fn take_owed(&mut self) -> Option<Bytes> {
-        let rest = self.owed.take()?;
-        self.bytes -= control_cost(&rest);
+        if !std::mem::take(&mut self.owed) {
+            return None;
+        }
+        let Frame::Control(rest) = &self.queue.front()?.frame else {
+            return None;
+        };
+        let rest = rest.clone();
+        if let Some(entry) = self.queue.pop_front() {
+            self.bytes -= entry.cost;
+        }
         Some(rest)
     }
 }
