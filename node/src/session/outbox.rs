@@ -33,8 +33,8 @@
 //! so bytes of two frames never interleave on the wire. A closed outbox drops its
 //! socket handle at once: nothing is written after the session's close frame.
 //!
-//! The rest of a frame the socket took only part of is *owed*: not an ordinary queue
-//! entry but the first bytes the socket must get, whatever the session writes next —
+//! The rest of a frame the socket took only part of is *owed*: the queue's front entry,
+//! marked, and the first bytes the socket must get, whatever the session writes next —
 //! the next batch, its own ping or disconnect push ([`Hold::owed`]) or, once the
 //! outbox is closed (a slow consumer's queue is dropped), its close frame
 //! ([`Outbox::take_owed`]). Anything else first would land inside that frame.
