@@ -257,15 +257,7 @@ impl Outbox {
                     if left > 0 {
                         // Part of a frame went out: the socket is owed its rest (the
                         // queue was empty, so it is the front entry).
-                        let frame = evs[whole].ws_frame().slice(left..);
-                        let cost = control_cost(&frame);
-                        inner.add(cost);
-                        inner.queue.push_back(Entry {
-                            frame: Frame::Control(frame),
-                            skipped_from: 0,
-                            cost,
-                        });
-                        inner.owed = true;
+                        inner.owe(evs[whole].ws_frame().slice(left..));
                         out.written += 1;
                     }
                     rest = &evs[out.written..];
@@ -520,16 +512,21 @@ impl Inner {
         let owed = self.take_owed();
         self.queue = VecDeque::new();
         self.bytes = 0;
-        if let Some(frame) = owed {
-            let cost = control_cost(&frame);
-            self.add(cost);
-            self.queue.push_back(Entry {
-                frame: Frame::Control(frame),
-                skipped_from: 0,
-                cost,
-            });
-            self.owed = true;
+        if let Some(rest) = owed {
+            self.owe(rest);
         }
+    }
+
+    /// Makes `rest` (of a half-sent frame) the owed front entry; the queue is empty.
+    fn owe(&mut self, rest: Bytes) {
+        let cost = control_cost(&rest);
+        self.add(cost);
+        self.queue.push_back(Entry {
+            frame: Frame::Control(rest),
+            skipped_from: 0,
+            cost,
+        });
+        self.owed = true;
     }
 
     fn take_owed(&mut self) -> Option<Bytes> {
