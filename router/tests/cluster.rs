@@ -1,22 +1,25 @@
 //! Real `weft-router` processes on 127.0.0.x: election, follower redirects, leader
 //! failover, restart on the data dirs, heartbeat expiry, bad input. Each process's log
 //! goes to a file that is printed only when the test fails; every process is killed by
-//! its PID when the harness drops. (Plaintext: `--cluster-insecure`; see `start`.)
+//! its PID when the harness drops. The routers speak mutual TLS, as in production: the
+//! harness reads them with its admin certificate and writes as each node with that
+//! node's own certificate.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
 use weft_proto::grpc;
 use weft_testkit::bin::Workdir;
+use weft_testkit::pki::Pki;
 use weft_testkit::routers::{join_request, RouterGroup};
 
-/// A plaintext group of three routers on `127.0.0.{ip_base+1..ip_base+3}`. Raft
-/// behaviour is what these tests prove; they write as many node ids from one client, so
-/// they run plaintext. The mutual-TLS group (routers and nodes with certificates) is
-/// proven by weft-node's process tests.
+/// A group of three routers on `127.0.0.{ip_base+1..ip_base+3}` over mutual TLS, with a
+/// CA and certificates made for the test.
 async fn start(name: &str, ip_base: u8, heartbeat_timeout_ms: u64) -> (Workdir, RouterGroup) {
     let dir = Workdir::new("cluster", name);
-    let group = RouterGroup::start(&dir, ip_base, heartbeat_timeout_ms, None).await;
+    let pki = Arc::new(Pki::create(dir.join("certs")));
+    let group = RouterGroup::start(&dir, ip_base, heartbeat_timeout_ms, Some(pki)).await;
     (dir, group)
 }
 
@@ -49,10 +52,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
     let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
 
     // A follower refuses a write with UNAVAILABLE and names the leader...
-    let mut raw =
-        grpc::router_client::RouterClient::connect(format!("http://{}", c.addr(follower)))
-            .await
-            .unwrap();
+    let mut raw = grpc::router_client::RouterClient::new(c.channel_as(follower, "n1"));
     let err = raw
         .join(join_request("n1", "127.0.0.1:9000"))
         .await
@@ -63,7 +63,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
         c.addr(leader)
     );
     // ...and a client that only knows the follower is redirected and applied.
-    let via_follower = c.client_for(follower);
+    let via_follower = c.client_of(follower, "n1");
     via_follower
         .join("n1", "127.0.0.1:9000", "z", 0)
         .await
@@ -72,7 +72,7 @@ async fn three_routers_elect_redirect_and_fail_over() {
 
     // Kill the leader: writes resume under a new leader within a few seconds.
     c.kill(leader);
-    let client = c.client();
+    let client = c.client_as("n1");
     let (_, took) = eventually(Duration::from_secs(10), || {
         client.update_interest("n1", vec!["after.failover".into()], vec![])
     })
@@ -95,14 +95,15 @@ async fn restart_of_every_router_keeps_membership_slots_and_registry() {
     c.leader(Duration::from_secs(15)).await;
     let client = c.client();
     for n in ["n1", "n2"] {
-        client.join(n, &format!("{n}:9000"), "", 0).await.unwrap();
-        client.heartbeat(n, 1, 1).await.unwrap();
+        let as_n = c.client_as(n);
+        as_n.join(n, &format!("{n}:9000"), "", 0).await.unwrap();
+        as_n.heartbeat(n, 1, 1).await.unwrap();
     }
-    client
+    c.client_as("n1")
         .update_interest("n1", vec!["a".into(), "b".into()], vec![])
         .await
         .unwrap();
-    client
+    c.client_as("n2")
         .update_interest("n2", vec!["b".into()], vec![])
         .await
         .unwrap();
@@ -136,7 +137,7 @@ async fn restart_of_every_router_keeps_membership_slots_and_registry() {
     assert_eq!(after.interest, before.interest);
     assert_eq!(after.version, before.version);
     // And it still takes writes.
-    client.heartbeat("n1", 1, 1).await.unwrap();
+    c.client_as("n1").heartbeat("n1", 1, 1).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,25 +145,37 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
     let (_dir, c) = start("expiry", 40, 1500).await;
     c.leader(Duration::from_secs(15)).await;
     let client = c.client();
+    let n2 = c.client_as("n2");
     for n in ["n1", "n2"] {
-        client.join(n, &format!("{n}:9000"), "", 0).await.unwrap();
-        client.heartbeat(n, 0, 0).await.unwrap();
+        let as_n = c.client_as(n);
+        as_n.join(n, &format!("{n}:9000"), "", 0).await.unwrap();
+        as_n.heartbeat(n, 0, 0).await.unwrap();
     }
-    client
+    c.client_as("n1")
         .update_interest("n1", vec!["a".into()], vec![])
         .await
         .unwrap();
-    client
-        .update_interest("n2", vec!["a".into(), "b".into()], vec![])
+    n2.update_interest("n2", vec!["a".into(), "b".into()], vec![])
         .await
         .unwrap();
 
     // Bad input on leader and follower alike: an error status, state unchanged.
     let before = client.get_state().await.unwrap();
     for id in c.ids() {
-        let r = c.client_for(id);
-        let e = r.heartbeat("ghost", 0, 0).await.unwrap_err();
+        let e = c
+            .client_of(id, "ghost")
+            .heartbeat("ghost", 0, 0)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        // Another member's id, from a valid certificate of the cluster: refused.
+        let e = c
+            .client_of(id, "n2")
+            .heartbeat("n1", 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let r = c.client_of(id, "n1");
         let e = r
             .update_interest("n1", vec!["no/slash".into()], vec![])
             .await
@@ -172,9 +185,7 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
         let e = r.update_interest("n1", many, vec![]).await.unwrap_err();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         // A 4 MB request past the server's decoding cap, from a client without one.
-        let mut raw = grpc::router_client::RouterClient::connect(format!("http://{}", c.addr(id)))
-            .await
-            .unwrap()
+        let mut raw = grpc::router_client::RouterClient::new(c.channel_as(id, "n1"))
             .max_encoding_message_size(64 * 1024 * 1024);
         let e = raw
             .update_interest(grpc::UpdateInterestRequest {
@@ -196,7 +207,7 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
     // n2 keeps heartbeating, n1 goes silent: n1 and its interest go in one entry.
     let deadline = Instant::now() + Duration::from_secs(12);
     let state = loop {
-        client.heartbeat("n2", 0, 0).await.unwrap();
+        n2.heartbeat("n2", 0, 0).await.unwrap();
         let s = client.get_state().await.unwrap();
         if s.members.len() == 1 {
             break s;

@@ -2,8 +2,9 @@
 //! own loopback address `127.0.0.{base+1..base+3}` (so several groups in one test run
 //! never collide), with data dirs, ready files and logs in the harness's [`Workdir`].
 //! A group runs mutual TLS with the certificates of a [`Pki`] — as in production and
-//! as the process cluster does — or plaintext (`--cluster-insecure`) for the tests of
-//! Raft behaviour itself, which write as many node ids from one client. Its routers
+//! as the process cluster does — or plaintext (`--cluster-insecure`); a test speaks to
+//! it as the harness (an admin certificate) or as any node id it names
+//! ([`RouterGroup::client_as`], a node certificate for that id). Its routers
 //! serve Raft on their Router address, or — [`RouterGroup::start_split`], as the Helm
 //! chart runs them — on a `--raft-listen` address of their own, which `--peers` then
 //! names.
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use weft_proto::grpc;
 use weft_router::identity::Peer;
-use weft_router::tls::Transport;
+use weft_router::tls::{Expect, Transport};
 use weft_router::RouterClient;
 
 use crate::bin::{self, Proc, Workdir};
@@ -248,6 +249,37 @@ impl RouterGroup {
     /// The client of router `id` alone.
     pub fn client_for(&self, id: u64) -> RouterClient {
         self.clients[&id].clone()
+    }
+
+    /// A client of the routers running now that speaks as node `node`: with TLS it
+    /// presents a node certificate for that id (issued on first use), as a real node
+    /// does, so the routers accept its Join, Heartbeat, Leave and UpdateInterest for
+    /// `node` alone.
+    pub fn client_as(&self, node: &str) -> RouterClient {
+        RouterClient::with_transport(
+            self.procs.keys().map(|id| self.addrs[id].clone()).collect(),
+            self.node_transport(node),
+        )
+    }
+
+    /// [`RouterGroup::client_as`] for router `id` alone (no redirects followed).
+    pub fn client_of(&self, id: u64, node: &str) -> RouterClient {
+        RouterClient::with_transport(vec![self.addrs[&id].clone()], self.node_transport(node))
+    }
+
+    /// A raw gRPC channel to router `id` speaking as node `node`, for requests the
+    /// [`RouterClient`] would not send as they are.
+    pub fn channel_as(&self, id: u64, node: &str) -> tonic::transport::Channel {
+        self.node_transport(node)
+            .channel(&self.addrs[&id], Expect::Member, Duration::from_secs(5))
+            .expect("a channel to the router")
+    }
+
+    fn node_transport(&self, node: &str) -> Transport {
+        match &self.pki {
+            Some(p) => pki::tls(p.member_files(&format!("node-{node}"), &Peer::Node(node.into()))),
+            None => Transport::Plaintext,
+        }
     }
 
     /// Waits until every running router names the same leader, itself running; its id.
