@@ -171,6 +171,11 @@ pub struct ApiKeyConfig {
     /// Publishes per second through this key (all its requests together), and the
     /// burst above it; 0 = the node-wide `limits.api_key_publishes_per_s`.
     pub publishes_per_s: u32,
+    /// Subscribes per second through this key — each WebSocket `subscribe` and each
+    /// REST read (state, history, long-poll, watch, SSE or NDJSON stream; every topic
+    /// of a multi-topic one) —, all its sessions and requests together, with a burst
+    /// of twice that; 0 = the node-wide `limits.api_key_subscribes_per_s`.
+    pub subscribes_per_s: u32,
 }
 
 /// `[http]`: what browsers may do.
@@ -255,6 +260,10 @@ pub struct Limits {
     /// Default publishes per second per API key (all its requests together).
     pub api_key_publishes_per_s: u32,
     pub api_key_publish_burst: u32,
+    /// Default subscribes (reads opened) per second per API key, all its sessions and
+    /// requests together.
+    pub api_key_subscribes_per_s: u32,
+    pub api_key_subscribe_burst: u32,
     /// Deepest JSON nesting accepted in event data, on every path.
     pub max_json_depth: usize,
     /// Longest request target (path and query) accepted; past it `414`.
@@ -367,6 +376,8 @@ impl Default for Limits {
             publish_burst: 500,
             api_key_publishes_per_s: 50_000,
             api_key_publish_burst: 100_000,
+            api_key_subscribes_per_s: 50_000,
+            api_key_subscribe_burst: 100_000,
             max_json_depth: 64,
             max_uri_bytes: 8 * 1024,
             max_header_bytes: 16 * 1024,
@@ -604,6 +615,11 @@ impl Config {
             ("limits.publish_burst", l.publish_burst),
             ("limits.api_key_publishes_per_s", l.api_key_publishes_per_s),
             ("limits.api_key_publish_burst", l.api_key_publish_burst),
+            (
+                "limits.api_key_subscribes_per_s",
+                l.api_key_subscribes_per_s,
+            ),
+            ("limits.api_key_subscribe_burst", l.api_key_subscribe_burst),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));

@@ -317,6 +317,98 @@ async fn permissions_follow_token_patterns_and_api_keys() {
     assert_eq!(ev.topic, "room.a");
 }
 
+/// `weft_auth_refusals_total{reason="rate_limited"}` once it reaches `at_least` (the
+/// recorder exports on a period), or what it was after 5 s.
+async fn rate_refusals(node: &TestNode, at_least: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = get(node, "/metrics", None).await;
+        let n = weft_testkit::metrics::parse_labelled(
+            &text,
+            "weft_auth_refusals_total",
+            "reason",
+            "rate_limited",
+        )
+        .unwrap_or(0.0);
+        if n >= at_least || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_api_key_is_held_to_its_own_publish_and_subscribe_rates() {
+    const SLOW_KEY: &str = "slow-key-0123456789abcdef";
+    let node = secured_node(|c| {
+        let mut slow = auth::api_key("slow", SLOW_KEY, &["orders.>"], &["orders.>"], false);
+        // One per second each, a burst of two.
+        slow.publishes_per_s = 1;
+        slow.subscribes_per_s = 1;
+        c.auth.api_keys.push(slow);
+    })
+    .await;
+    let before = rate_refusals(&node, 0.0).await;
+
+    // Publishes: the burst, then 429 with Retry-After; another key is not held by it.
+    for want in [201, 201, 429] {
+        let resp = node
+            .http
+            .post(node.url("/v1/topics/orders.a/events"))
+            .bearer_auth(SLOW_KEY)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), want);
+        if want == 429 {
+            assert_eq!(resp.headers()["retry-after"], "1");
+            let body = resp.text().await.unwrap();
+            assert!(
+                body.contains("publish rate") && !body.contains(SLOW_KEY),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(
+        post(&node, "/v1/topics/orders.a/events", Some(BACKEND_KEY), "{}")
+            .await
+            .0,
+        201
+    );
+
+    // Subscribes: REST reads and WebSocket subscribes draw on one bucket per key.
+    let (status, _) = get(&node, "/v1/topics/orders.a", Some(SLOW_KEY)).await;
+    assert_eq!(status, 200);
+    let mut ws = WsClient::connect_with(
+        node.addr,
+        "/v1/ws",
+        &[("authorization", &format!("Bearer {SLOW_KEY}"))],
+    )
+    .await
+    .unwrap();
+    let r = ws.request(subscribe_cmd("orders.a", None)).await;
+    assert!(r.error.is_none(), "the burst's second: {r:?}");
+    let r = ws.request(subscribe_cmd("orders.b", None)).await;
+    assert_eq!(r.error.expect("over the key's rate").code, 429);
+    let (status, body) = get(&node, "/v1/topics/orders.a/events", Some(SLOW_KEY)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("subscribe rate"), "{body}");
+    // The refused session goes on: a second later the key may subscribe again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = ws.request(subscribe_cmd("orders.b", None)).await;
+    assert!(r.error.is_none(), "a token came back: {r:?}");
+    assert_eq!(
+        get(&node, "/v1/topics/orders.a", Some(BACKEND_KEY)).await.0,
+        200,
+        "another key has its own bucket"
+    );
+
+    // Every refusal counted by its reason.
+    assert_eq!(rate_refusals(&node, before + 3.0).await, before + 3.0);
+}
+
 #[tokio::test]
 async fn websocket_refreshed_three_times_keeps_every_event_and_expiry_closes_4009() {
     let node = secured_node(|_| {}).await;

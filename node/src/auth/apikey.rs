@@ -19,11 +19,27 @@ pub struct ApiKey {
     pub admin: bool,
     /// Publishes through this key, all its requests together.
     publishes: SharedBucket,
+    /// Reads opened through this key (subscribes, watches, polls, GETs), all its
+    /// sessions and requests together.
+    subscribes: SharedBucket,
 }
 
 impl ApiKey {
     pub fn allow_publish(&self) -> bool {
         self.publishes.allow()
+    }
+
+    pub fn allow_subscribe(&self) -> bool {
+        self.subscribes.allow()
+    }
+}
+
+/// A key's own rate (burst twice that) when it names one, else the node's default.
+fn bucket(own: u32, default_rate: u32, default_burst: u32) -> SharedBucket {
+    if own > 0 {
+        SharedBucket::new(own, own.saturating_mul(2))
+    } else {
+        SharedBucket::new(default_rate, default_burst)
     }
 }
 
@@ -38,23 +54,22 @@ impl ApiKeys {
                 .iter()
                 .filter_map(|k| {
                     let hash = decode_hex32(&k.sha256)?;
-                    let rate = if k.publishes_per_s > 0 {
-                        k.publishes_per_s
-                    } else {
-                        limits.api_key_publishes_per_s
-                    };
-                    let burst = if k.publishes_per_s > 0 {
-                        k.publishes_per_s.saturating_mul(2)
-                    } else {
-                        limits.api_key_publish_burst
-                    };
                     Some(Arc::new(ApiKey {
                         name: k.name.as_str().into(),
                         hash,
                         publish: compile_patterns(&k.publish, None),
                         subscribe: compile_patterns(&k.subscribe, None),
                         admin: k.admin,
-                        publishes: SharedBucket::new(rate, burst),
+                        publishes: bucket(
+                            k.publishes_per_s,
+                            limits.api_key_publishes_per_s,
+                            limits.api_key_publish_burst,
+                        ),
+                        subscribes: bucket(
+                            k.subscribes_per_s,
+                            limits.api_key_subscribes_per_s,
+                            limits.api_key_subscribe_burst,
+                        ),
                     }))
                 })
                 .collect(),

@@ -147,6 +147,15 @@ pub fn require(
         })
 }
 
+/// Asks [`super::Auth::admit_subscribe`] (an API key's subscribe rate) and counts a
+/// refusal. Called once per read opened, after [`require`] allowed it.
+pub fn admit_subscribe(node: &Node, caller: &Caller) -> Result<(), ApiError> {
+    node.auth.admit_subscribe(caller).map_err(|(reason, e)| {
+        node.auth.count(reason);
+        e
+    })
+}
+
 /// Admin routes: an admin key (or, in development mode only, no credential), and never
 /// from a web page. Browsers send `Origin` on every cross-site POST (`no-cors`
 /// included) and a cross-site `Sec-Fetch-Site`, so a page — even one on an allowed

@@ -313,6 +313,22 @@ impl Auth {
         }
     }
 
+    /// Whether `caller` may open one more read now: an API key is held to its
+    /// subscribe rate (all its sessions and requests together); users and anonymous
+    /// sessions are held per session and per address instead.
+    pub fn admit_subscribe(&self, caller: &Caller) -> Result<(), (Refusal, ApiError)> {
+        match caller {
+            Caller::Key(k) if !k.allow_subscribe() => Err((
+                Refusal::RateLimited,
+                ApiError::RateLimited {
+                    message: format!("API key `{}` is over its subscribe rate", k.name),
+                    retry_after_s: 1,
+                },
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Takes one of a user's session places (`limits.max_connections_per_user`);
     /// the guard frees it. Anonymous callers and API keys are bounded per address.
     pub fn admit_user(self: &Arc<Self>, caller: &Caller) -> Result<Option<UserGuard>, ApiError> {

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use weft_proto::{validate_topic, BatchPublish, MultiCursor};
 
-use crate::auth::edge::{self, caller, require, require_admin};
+use crate::auth::edge::{self, admit_subscribe, caller, require, require_admin};
 use crate::auth::{Caller, Op};
 use crate::error::ApiError;
 use crate::input::{check_topic, event_data, event_kind, parse_since, raw_data};
@@ -160,7 +160,8 @@ impl FromRequestParts<Arc<Node>> for ClusterViewer {
 
 /// A read of `topic` (state, history, long-poll, watches).
 fn may_read(node: &Node, c: &Caller, topic: &str) -> Result<(), ApiError> {
-    require(node, c, Op::Read(topic), true)
+    require(node, c, Op::Read(topic), true)?;
+    admit_subscribe(node, c)
 }
 
 /// A REST publish. The namespace's `client_publish` binds clients (tokens); backends
@@ -578,7 +579,7 @@ async fn multi_events(
         return Err(ApiError::bad("name at least one `topic`"));
     }
     for t in &topics {
-        require(&node, &c, Op::Read(t), true)?;
+        may_read(&node, &c, t)?;
     }
     let ndjson = accepts(&headers, "application/x-ndjson");
     let watch = parse_bool(param(&q, "watch"), "watch")?;

@@ -47,7 +47,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use weft_proto::command::{HistoryCmd, PublishCmd, SubscribeCmd};
 use weft_proto::{close, parse_command, Command};
 
-use crate::auth::edge::require;
+use crate::auth::edge::{admit_subscribe, require};
 use crate::auth::{Caller, Credential, Op, Refusal, UserGuard, EXPIRING_NOTICE};
 use crate::error::ApiError;
 use crate::input::{check_topic, event_kind, parse_since, raw_data};
@@ -1189,6 +1189,9 @@ impl Session {
                         message: "too many subscribes; slow down".into(),
                         retry_after_s: 1,
                     });
+                }
+                if let Some(caller) = &self.caller {
+                    admit_subscribe(&self.node, caller)?;
                 }
                 let (topic, since) = (s.topic.clone(), s.since.clone());
                 self.when_ready(id, &topic, since.as_deref(), Command::Subscribe(s))
