@@ -633,6 +633,120 @@ async fn sse_watch_ends_at_token_expiry_with_a_disconnect_event() {
 }
 
 #[tokio::test]
+async fn a_token_from_the_cookie_and_a_secret_file_works_on_every_path_and_ndjson_ends_at_expiry() {
+    let d = dir("cookie");
+    let secret_file = d.join("hmac.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let node = secured_node(|c| {
+        // The HS256 secret from a file only (trailing newline trimmed), the token also
+        // from a cookie, one allowed origin.
+        c.auth.hmac_secret = weft_node::config::Secret::new("");
+        c.auth.hmac_secret_file = Some(secret_file);
+        c.auth.cookie = Some("weft_token".into());
+        c.http.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let alice = hs256(&claims("alice", 60));
+    let cookie = format!("theme=dark; weft_token={alice}");
+    let origin = ("origin", "https://app.example.com");
+
+    // REST read and publish with the cookie alone; a credentialed CORS answer.
+    let resp = node
+        .http
+        .post(node.url("/v1/topics/room.c/events"))
+        .header("cookie", &cookie)
+        .header(origin.0, origin.1)
+        .header("content-type", "application/json")
+        .body("{\"n\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(resp.headers()["access-control-allow-credentials"], "true");
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let preflight = node
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            node.url("/v1/topics/room.c/events"),
+        )
+        .header(origin.0, origin.1)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status().as_u16(), 204);
+    assert_eq!(
+        preflight.headers()["access-control-allow-credentials"],
+        "true"
+    );
+    // A bad token in the cookie is refused like any other, and not echoed.
+    let resp = node
+        .http
+        .get(node.url("/v1/topics/room.c"))
+        .header("cookie", "weft_token=not.a.token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(!resp.text().await.unwrap().contains("not.a.token"));
+
+    // SSE and WebSocket with the cookie (as a browser on the same site sends it).
+    let mut sse = HttpStream::open(
+        &node.http,
+        &node.url("/v1/topics/room.c/events?watch=true"),
+        &[("cookie", &cookie)],
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    let mut ws = WsClient::connect_with(node.addr, "/v1/ws", &[("cookie", &cookie), origin])
+        .await
+        .unwrap();
+    let r = ws.request(subscribe_cmd("room.c", None)).await;
+    assert!(r.error.is_none(), "{r:?}");
+    node.publish("room.c", "{\"n\":2}").await;
+    assert_eq!(ws.next_event().await.unwrap().topic, "room.c");
+    loop {
+        let e = sse.next_sse().await.expect("the SSE stream delivers");
+        if e.event == "message" && e.data.contains("\"n\":2") {
+            break;
+        }
+    }
+
+    // NDJSON ends at the token's expiry with a disconnect line (code 4009).
+    let short = hs256(&claims("alice", 2));
+    let mut nd = HttpStream::open(
+        &node.http,
+        &node.url("/v1/topics/room.c/events?watch=true"),
+        &[
+            ("cookie", &format!("weft_token={short}")),
+            ("accept", "application/x-ndjson"),
+        ],
+    )
+    .await;
+    assert_eq!(nd.status, 200);
+    node.publish("room.c", "{\"n\":3}").await;
+    let mut got_event = false;
+    let disconnect = loop {
+        let line = nd
+            .next_ndjson()
+            .await
+            .expect("the stream ends with a disconnect line");
+        if let Some(d) = line.get("disconnect") {
+            break d.clone();
+        }
+        got_event |= line["data"]["n"] == 3;
+    };
+    assert!(got_event, "the event before expiry arrived");
+    assert_eq!(disconnect["code"], 4009);
+    assert_eq!(disconnect["reconnect"], true);
+    assert!(nd.next_ndjson().await.is_none(), "the stream ends");
+}
+
+#[tokio::test]
 async fn revocation_closes_live_sessions_and_refuses_the_token() {
     let node = secured_node(|_| {}).await;
     let token = hs256(&claims("alice", 600));
