@@ -74,6 +74,11 @@ struct Proc {
 
 impl Proc {
     fn spawn(dir: &TempDir, extra: &[&str]) -> Self {
+        Self::spawn_with(dir, extra, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    fn spawn_with(dir: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let stderr = dir.path("stderr.log");
         let ready_file = dir.path("ready.json");
         let data = dir.path("data");
@@ -90,6 +95,7 @@ impl Proc {
         args.extend_from_slice(extra);
         let child = command()
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -646,4 +652,128 @@ fn development_mode_binds_loopback_and_a_reachable_address_needs_auth() {
         !printed.contains("0123456789abcdef"),
         "the secret is masked"
     );
+}
+
+/// A JWT signed with `secret` for `sub`, valid a minute, allowed everything.
+fn hs256_token(secret: &str, sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "exp": now + 60, "weft": {"sub": [">"], "pub": [">"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn no_token_secret_or_api_key_reaches_the_log_even_at_trace_level() {
+    const SECRET: &str = "log-test-secret-0123456789abcdef-xyz";
+    const KEY: &str = "log-test-api-key-0123456789";
+    let dir = TempDir::new("secrets-in-logs");
+    let config = dir.write(
+        "weft.toml",
+        &format!(
+            "[auth]\nhmac_secret = \"{SECRET}\"\ncookie = \"weft_token\"\n\n\
+             [[auth.api_keys]]\nname = \"be\"\nsha256 = \"{}\"\npublish = [\">\"]\nsubscribe = [\">\"]\n",
+            weft_node::auth::apikey::sha256_hex(KEY)
+        ),
+    );
+    let mut p = Proc::spawn_with(
+        &dir,
+        &["--config", config.to_str().unwrap()],
+        &[("RUST_LOG", "trace")],
+    );
+    let ready = p.ready().await;
+    let addr: SocketAddr = ready["http"].as_str().unwrap().parse().unwrap();
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let good = hs256_token(SECRET, "alice");
+    // Wrong signatures and garbage, each with a marker to look for.
+    let forged = format!("{}FORGEDSIG", &good[..good.rfind('.').unwrap() + 1]);
+    let garbage = "GARBAGETOKEN.abc.def";
+    let get = |path: String, header: Option<(&'static str, String)>| {
+        let mut r = http.get(format!("{base}{path}"));
+        if let Some((k, v)) = header {
+            r = r.header(k, v);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    for (path, header, want) in [
+        (
+            "/v1/topics/a".to_string(),
+            Some(("authorization", format!("Bearer {good}"))),
+            200,
+        ),
+        (format!("/v1/topics/a?token={good}"), None, 200),
+        (
+            "/v1/topics/a".to_string(),
+            Some(("cookie", format!("weft_token={good}"))),
+            200,
+        ),
+        (
+            "/v1/topics/a".to_string(),
+            Some(("authorization", format!("Bearer {KEY}"))),
+            200,
+        ),
+        (
+            "/v1/topics/a".to_string(),
+            Some(("authorization", format!("Bearer {forged}"))),
+            401,
+        ),
+        (format!("/v1/topics/a?token={garbage}"), None, 401),
+        (
+            "/v1/topics/a".to_string(),
+            Some(("authorization", "Bearer WRONGAPIKEY-000".into())),
+            401,
+        ),
+    ] {
+        assert_eq!(get(path.clone(), header).await, want, "GET {path}");
+    }
+    let resp = http
+        .post(format!("{base}/v1/topics/a/events"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    // WebSocket: the token in the query string, and in connect and refresh commands.
+    let mut ws = WsClient::connect_with(addr, &format!("/v1/ws?token={good}"), &[])
+        .await
+        .unwrap();
+    let r = ws.request(subscribe_cmd("a", None)).await;
+    assert!(r.error.is_none(), "{r:?}");
+    ws.send_text(&format!(r#"{{"id":7,"refresh":{{"token":"{forged}"}}}}"#))
+        .await;
+    let mut ws = WsClient::connect_with(addr, "/v1/ws", &[]).await.unwrap();
+    ws.send_text(&format!(r#"{{"id":1,"connect":{{"token":"{garbage}"}}}}"#))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !matches!(ws.next().await, WsIn::Closed(_)) {}
+    })
+    .await;
+
+    p.sigterm();
+    let status = p.exit_by(Instant::now() + Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let log = std::fs::read_to_string(&p.stderr).unwrap();
+    assert!(
+        log.lines().count() > 50,
+        "the node logged at trace level:\n{log}"
+    );
+    let signature = &good[good.rfind('.').unwrap() + 1..];
+    for (what, secret) in [
+        ("the HMAC secret", SECRET),
+        ("the API key", KEY),
+        ("a wrong API key", "WRONGAPIKEY"),
+        ("a valid token's signature", signature),
+        ("a forged token's signature", "FORGEDSIG"),
+        ("a garbage token", "GARBAGETOKEN"),
+    ] {
+        assert!(!log.contains(secret), "{what} is in the log");
+    }
 }
