@@ -410,6 +410,62 @@ async fn an_api_key_is_held_to_its_own_publish_and_subscribe_rates() {
 }
 
 #[tokio::test]
+async fn a_user_holds_at_most_max_connections_per_user_sessions_over_every_transport() {
+    let node = secured_node(|c| c.limits.max_connections_per_user = 2).await;
+    let alice = hs256(&claims("alice", 60));
+    let bob = hs256(&claims("bob", 60));
+    let ws_status = |token: String| {
+        let addr = node.addr;
+        async move {
+            match WsClient::connect_with(addr, &format!("/v1/ws?token={token}"), &[]).await {
+                Ok(c) => Ok(c),
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    // Two places: one WebSocket and one SSE stream.
+    let first = ws_status(alice.clone())
+        .await
+        .expect("alice's first session");
+    let sse = HttpStream::open(
+        &node.http,
+        &node.url(&format!(
+            "/v1/topics/room.u/events?watch=true&token={alice}"
+        )),
+        &[],
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    // A third is refused, on either transport; another user is not.
+    assert_eq!(ws_status(alice.clone()).await.err(), Some(429));
+    let resp = node
+        .http
+        .get(node.url(&format!(
+            "/v1/topics/room.u/events?watch=true&token={alice}"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let _bob = ws_status(bob).await.expect("bob has places of his own");
+    // A closed session gives its place back.
+    first.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ws_status(alice.clone()).await {
+            Ok(_) => break,
+            Err(429) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(code) => panic!("alice's place did not come back: {code}"),
+        }
+    }
+    drop(sse);
+}
+
+#[tokio::test]
 async fn websocket_refreshed_three_times_keeps_every_event_and_expiry_closes_4009() {
     let node = secured_node(|_| {}).await;
 
