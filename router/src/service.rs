@@ -172,7 +172,7 @@ impl RouterService {
     }
 }
 
-fn member_to_proto(m: &Member) -> grpc::Member {
+pub(crate) fn member_to_proto(m: &Member) -> grpc::Member {
     grpc::Member {
         id: m.id.clone(),
         addr: m.addr.clone(),

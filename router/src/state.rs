@@ -423,6 +423,39 @@ impl Command {
 }
 
 impl MetaState {
+    /// A state from the parts a snapshot carries (`interest`: each topic with its
+    /// nodes, in any order); refused if a topic is listed twice or without a node.
+    pub fn from_parts(
+        version: u64,
+        members: BTreeMap<NodeId, Member>,
+        slots: SlotTable,
+        interest: impl IntoIterator<Item = (String, Vec<NodeId>)>,
+        namespaces: Vec<Namespace>,
+    ) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for (topic, mut nodes) in interest {
+            nodes.sort();
+            nodes.dedup();
+            if nodes.is_empty() {
+                return Err(format!("topic `{topic}` has interest from no node"));
+            }
+            if map
+                .insert(topic.clone(), NodeSet::from_sorted(nodes))
+                .is_some()
+            {
+                return Err(format!("topic `{topic}` is listed twice"));
+            }
+        }
+        Ok(Repr {
+            version,
+            members,
+            slots,
+            interest: map,
+            namespaces,
+        }
+        .into())
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }

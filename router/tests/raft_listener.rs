@@ -66,7 +66,8 @@ async fn malformed_are_refused(transport: &Transport, addr: &str) {
             leader_id: leader,
             index: 1,
         }),
-        payload: Some(grpc::entry::Payload::Normal(b"{no command".to_vec())),
+        // A command with nothing in it.
+        payload: Some(grpc::entry::Payload::Command(grpc::MetaCommand { command: None })),
     };
     let empty_membership = grpc::Entry {
         log_id: bad_command.log_id,
@@ -74,7 +75,7 @@ async fn malformed_are_refused(transport: &Transport, addr: &str) {
     };
     for (what, req) in [
         ("an entry without a log id", append(vec![no_log_id])),
-        ("a command that does not parse", append(vec![bad_command])),
+        ("an empty command", append(vec![bad_command])),
         ("an empty membership", append(vec![empty_membership])),
         (
             "an AppendEntries without a vote",

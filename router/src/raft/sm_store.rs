@@ -24,8 +24,8 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::disk;
 use super::TypeConfig;
+use super::{disk, wire};
 use crate::state::{Change, MetaState, Response};
 
 type NodeId = u64;
@@ -157,7 +157,8 @@ impl StateMachineStore {
         let applied: Applied = match disk::read_optional(&path).map_err(io)? {
             Some(bytes) => {
                 let (_, data) = decode_snapshot(&bytes).map_err(io)?;
-                serde_json::from_slice(&data).map_err(|e| io(e.into()))?
+                wire::decode_snapshot_data(&data)
+                    .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?
             }
             None => Applied::default(),
         };
@@ -194,8 +195,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let (data, last_applied, membership) = {
             let w = self.shared.lock();
-            let data = serde_json::to_vec(&w.applied)
-                .map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let data = wire::encode_snapshot_data(&w.applied);
             (data, w.applied.last_applied, w.applied.membership.clone())
         };
         self.snapshot_seq += 1;
@@ -284,7 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let applied: Applied = serde_json::from_slice(&data)
+        let applied = wire::decode_snapshot_data(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.save(meta.clone(), data)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;

@@ -11,8 +11,11 @@
 //! (the message itself is bounded by the gRPC decoding limit,
 //! [`super::network::MAX_RAFT_MESSAGE`]).
 //!
-//! A normal entry's command stays the state machine's own serialisation (JSON of
-//! [`Command`], as in the log file): see the proto's comment.
+//! A normal entry's [`Command`] is a `MetaCommand`, and a snapshot's data (what a
+//! leader sends in InstallSnapshot and a router keeps in its snapshot file) is a
+//! `MetaSnapshot`: [`encode_snapshot_data`] and [`decode_snapshot_data`]. Only the
+//! router's own log file keeps JSON entries (`log_store.rs`); nothing JSON crosses the
+//! wire.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,8 +30,10 @@ use openraft::{
 };
 use weft_proto::grpc as pb;
 
+use super::sm_store::Applied;
 use super::TypeConfig;
-use crate::state::Command;
+use crate::ring::SlotTable;
+use crate::state::{Command, Member, MemberState, MetaState, Namespace};
 
 type NodeId = u64;
 
@@ -190,9 +195,7 @@ impl ToWire for Entry<TypeConfig> {
         use pb::entry::Payload;
         let payload = match &self.payload {
             EntryPayload::Blank => Payload::Blank(pb::Blank {}),
-            EntryPayload::Normal(cmd) => Payload::Normal(
-                serde_json::to_vec(cmd).map_err(|e| WireError::Invalid(format!("command: {e}")))?,
-            ),
+            EntryPayload::Normal(cmd) => Payload::Command(command(cmd)),
             EntryPayload::Membership(m) => Payload::Membership(membership(m)),
         };
         Ok(pb::Entry {
@@ -209,15 +212,233 @@ impl FromWire for Entry<TypeConfig> {
         let log_id = parse_log_id(required(w.log_id, "entry.log_id")?)?;
         let payload = match required(w.payload, "entry.payload")? {
             Payload::Blank(_) => EntryPayload::Blank,
-            Payload::Normal(bytes) => {
-                EntryPayload::Normal(serde_json::from_slice::<Command>(&bytes).map_err(|e| {
-                    WireError::Invalid(format!("entry {}: command: {e}", log_id.index))
-                })?)
-            }
+            Payload::Command(c) => EntryPayload::Normal(parse_command(c, 0).map_err(|e| {
+                WireError::Invalid(format!("entry {}: command: {e}", log_id.index))
+            })?),
             Payload::Membership(m) => EntryPayload::Membership(parse_membership(Some(m))?),
         };
         Ok(Entry { log_id, payload })
     }
+}
+
+/// A command as the wire carries it.
+fn command(c: &Command) -> pb::MetaCommand {
+    use pb::meta_command::Command as C;
+    let c = match c {
+        Command::Join {
+            id,
+            addr,
+            zone,
+            load,
+            at_ms,
+        } => C::Join(pb::MetaJoin {
+            id: id.clone(),
+            addr: addr.clone(),
+            zone: zone.clone(),
+            load: *load,
+            at_ms: *at_ms,
+        }),
+        Command::Heartbeat {
+            id,
+            at_ms,
+            sessions,
+            owned_topics,
+        } => C::Heartbeat(pb::MetaHeartbeat {
+            id: id.clone(),
+            at_ms: *at_ms,
+            sessions: *sessions,
+            owned_topics: *owned_topics,
+        }),
+        Command::Leave { id } => C::Leave(id.clone()),
+        Command::MarkDraining { id } => C::MarkDraining(id.clone()),
+        Command::RemoveDead { ids, before_ms } => C::RemoveDead(pb::MetaRemoveDead {
+            ids: ids.clone(),
+            before_ms: *before_ms,
+        }),
+        Command::UpdateInterest { node, add, remove } => C::UpdateInterest(pb::InterestDelta {
+            node: node.clone(),
+            add: add.clone(),
+            remove: remove.clone(),
+        }),
+        Command::SetNamespaces { namespaces } => C::SetNamespaces(pb::NamespaceList {
+            namespaces: namespaces.iter().map(namespace).collect(),
+        }),
+        Command::Batch(cs) => C::Batch(pb::MetaBatch {
+            commands: cs.iter().map(command).collect(),
+        }),
+    };
+    pb::MetaCommand { command: Some(c) }
+}
+
+fn namespace(n: &Namespace) -> pb::Namespace {
+    pb::Namespace {
+        pattern: n.pattern.clone(),
+        policy_json: n.policy_json.clone(),
+    }
+}
+
+/// A command from the wire. Its values are checked when it is applied (as a command
+/// a leader proposes is); here only its shape: every command present, at most
+/// [`crate::state::MAX_BATCH`] in a batch, and a batch never inside a batch deeper
+/// than one level (group commit makes exactly one).
+fn parse_command(w: pb::MetaCommand, depth: usize) -> Result<Command, WireError> {
+    use pb::meta_command::Command as C;
+    Ok(match required(w.command, "command")? {
+        C::Join(j) => Command::Join {
+            id: j.id,
+            addr: j.addr,
+            zone: j.zone,
+            load: j.load,
+            at_ms: j.at_ms,
+        },
+        C::Heartbeat(h) => Command::Heartbeat {
+            id: h.id,
+            at_ms: h.at_ms,
+            sessions: h.sessions,
+            owned_topics: h.owned_topics,
+        },
+        C::Leave(id) => Command::Leave { id },
+        C::MarkDraining(id) => Command::MarkDraining { id },
+        C::RemoveDead(r) => Command::RemoveDead {
+            ids: r.ids,
+            before_ms: r.before_ms,
+        },
+        C::UpdateInterest(d) => Command::UpdateInterest {
+            node: d.node,
+            add: d.add,
+            remove: d.remove,
+        },
+        C::SetNamespaces(ns) => Command::SetNamespaces {
+            namespaces: ns.namespaces.into_iter().map(parse_namespace).collect(),
+        },
+        C::Batch(b) => {
+            if depth > 0 {
+                return Err(WireError::Invalid("a batch inside a batch".into()));
+            }
+            cap("batch", b.commands.len(), crate::state::MAX_BATCH)?;
+            Command::Batch(
+                b.commands
+                    .into_iter()
+                    .map(|c| parse_command(c, depth + 1))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+    })
+}
+
+fn parse_namespace(n: pb::Namespace) -> Namespace {
+    Namespace {
+        pattern: n.pattern,
+        policy_json: n.policy_json,
+    }
+}
+
+/// The state machine as a snapshot carries it (a `MetaSnapshot`, protobuf).
+pub fn encode_snapshot_data(a: &Applied) -> Vec<u8> {
+    use prost::Message;
+    let s = &a.meta;
+    pb::MetaSnapshot {
+        last_applied: opt_log_id(&a.last_applied),
+        membership_log_id: opt_log_id(a.membership.log_id()),
+        membership: Some(membership(a.membership.membership())),
+        state: Some(pb::ClusterState {
+            version: s.version(),
+            members: s
+                .members()
+                .values()
+                .map(crate::service::member_to_proto)
+                .collect(),
+            slots: Some(pb::SlotTable {
+                version: s.slots().version,
+                owners: s.slots().owners.clone(),
+            }),
+            interest: s
+                .interest()
+                .iter()
+                .map(|(topic, nodes)| pb::Interest {
+                    topic: topic.clone(),
+                    nodes: nodes.iter().cloned().collect(),
+                })
+                .collect(),
+            namespaces: s.namespaces().iter().map(namespace).collect(),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// [`encode_snapshot_data`]'s bytes back, every field checked. A snapshot file
+/// written before snapshots had a schema (JSON, which starts with `{`; a
+/// `MetaSnapshot` never does) still loads.
+pub fn decode_snapshot_data(data: &[u8]) -> Result<Applied, WireError> {
+    use prost::Message;
+    if data.first() == Some(&b'{') {
+        return serde_json::from_slice(data)
+            .map_err(|e| WireError::Invalid(format!("snapshot (JSON, before protobuf): {e}")));
+    }
+    let w =
+        pb::MetaSnapshot::decode(data).map_err(|e| WireError::Invalid(format!("snapshot: {e}")))?;
+    let membership = StoredMembership::new(
+        parse_opt_log_id(w.membership_log_id)?,
+        match w.membership {
+            // A store that was never initialised has no membership yet.
+            None => Membership::default(),
+            Some(m) if m.configs.is_empty() && m.nodes.is_empty() => Membership::default(),
+            m => parse_membership(m)?,
+        },
+    );
+    let st = required(w.state, "snapshot.state")?;
+    cap(
+        "snapshot members",
+        st.members.len(),
+        crate::state::MAX_MEMBERS,
+    )?;
+    let mut members = BTreeMap::new();
+    for m in st.members {
+        let state = match pb::MemberState::try_from(m.state) {
+            Ok(pb::MemberState::Joining) => MemberState::Joining,
+            Ok(pb::MemberState::Active) => MemberState::Active,
+            Ok(pb::MemberState::Draining) => MemberState::Draining,
+            _ => {
+                return Err(WireError::Invalid(format!(
+                    "snapshot: member {} has state {}",
+                    m.id, m.state
+                )))
+            }
+        };
+        let id = m.id.clone();
+        let member = Member {
+            id: m.id,
+            addr: m.addr,
+            zone: m.zone,
+            state,
+            last_heartbeat_ms: m.last_heartbeat_ms,
+            sessions: m.sessions,
+            owned_topics: m.owned_topics,
+        };
+        if members.insert(id.clone(), member).is_some() {
+            return Err(WireError::Invalid(format!(
+                "snapshot names member {id} twice"
+            )));
+        }
+    }
+    let slots = required(st.slots, "snapshot.state.slots")?;
+    let meta = MetaState::from_parts(
+        st.version,
+        members,
+        SlotTable {
+            version: slots.version,
+            owners: slots.owners,
+        },
+        st.interest.into_iter().map(|i| (i.topic, i.nodes)),
+        st.namespaces.into_iter().map(parse_namespace).collect(),
+    )
+    .map_err(|e| WireError::Invalid(format!("snapshot: {e}")))?;
+    Ok(Applied {
+        last_applied: parse_opt_log_id(w.last_applied)?,
+        membership,
+        meta,
+    })
 }
 
 impl ToWire for VoteRequest<NodeId> {
@@ -616,9 +837,31 @@ mod tests {
             (
                 pb::Entry {
                     log_id,
-                    payload: Some(pb::entry::Payload::Normal(b"{not json".to_vec())),
+                    payload: Some(pb::entry::Payload::Command(pb::MetaCommand {
+                        command: None,
+                    })),
                 },
                 "command",
+            ),
+            (
+                pb::Entry {
+                    log_id,
+                    payload: Some(pb::entry::Payload::Command(batch(vec![batch(vec![])]))),
+                },
+                "a batch inside a batch",
+            ),
+            (
+                pb::Entry {
+                    log_id,
+                    payload: Some(pb::entry::Payload::Command(batch(
+                        (0..=crate::state::MAX_BATCH)
+                            .map(|_| pb::MetaCommand {
+                                command: Some(pb::meta_command::Command::Leave("n1".into())),
+                            })
+                            .collect(),
+                    ))),
+                },
+                "batch",
             ),
             (
                 pb::Entry {
@@ -726,5 +969,135 @@ mod tests {
         ));
         let status: tonic::Status = WireError::Missing("vote").into();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    fn batch(commands: Vec<pb::MetaCommand>) -> pb::MetaCommand {
+        pb::MetaCommand {
+            command: Some(pb::meta_command::Command::Batch(pb::MetaBatch { commands })),
+        }
+    }
+
+    /// One of every command, as a leader proposes them (a group commit included).
+    fn every_command() -> Vec<Command> {
+        let one = vec![
+            Command::Join {
+                id: "n1".into(),
+                addr: "10.0.0.1:9100".into(),
+                zone: "z1".into(),
+                load: 7,
+                at_ms: 1_700_000_000_123,
+            },
+            Command::Heartbeat {
+                id: "n1".into(),
+                at_ms: 1_700_000_000_456,
+                sessions: 12,
+                owned_topics: 3,
+            },
+            Command::Leave { id: "n2".into() },
+            Command::MarkDraining { id: "n3".into() },
+            Command::RemoveDead {
+                ids: vec!["n4".into(), "n5".into()],
+                before_ms: 99,
+            },
+            Command::UpdateInterest {
+                node: "n1".into(),
+                add: vec!["a.b".into(), "c".into()],
+                remove: vec!["d".into()],
+            },
+            Command::SetNamespaces {
+                namespaces: vec![Namespace {
+                    pattern: "room.>".into(),
+                    policy_json: r#"{"presence":true}"#.into(),
+                }],
+            },
+        ];
+        let mut all = one.clone();
+        all.push(Command::Batch(one));
+        all
+    }
+
+    #[test]
+    fn every_command_crosses_the_wire_as_protobuf() {
+        use prost::Message;
+        for cmd in every_command() {
+            let entry = Entry::<TypeConfig> {
+                log_id: lid(2, 1, 5),
+                payload: EntryPayload::Normal(cmd.clone()),
+            };
+            let w = entry.to_wire().unwrap();
+            let bytes = w.encode_to_vec();
+            // The JSON it used to travel as begins `{"Join":…`: nowhere on the wire now.
+            let json = serde_json::to_vec(&cmd).unwrap();
+            let head = &json[..json.len().min(8)];
+            assert!(
+                !bytes.windows(head.len()).any(|w| w == head),
+                "no JSON on the wire for {cmd:?}"
+            );
+            let back =
+                Entry::<TypeConfig>::from_wire(pb::Entry::decode(&bytes[..]).unwrap()).unwrap();
+            match back.payload {
+                EntryPayload::Normal(c) => assert_eq!(c, cmd),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_protobuf_and_loads_back_to_the_same_state() {
+        let mut meta = MetaState::default();
+        let mut changes = Vec::new();
+        for cmd in every_command() {
+            meta.apply(&cmd, &mut changes);
+        }
+        // Interest from two nodes on one topic, one on another.
+        meta.apply(
+            &Command::Join {
+                id: "n9".into(),
+                addr: "x:1".into(),
+                zone: String::new(),
+                load: 0,
+                at_ms: 1,
+            },
+            &mut changes,
+        );
+        meta.apply(
+            &Command::UpdateInterest {
+                node: "n9".into(),
+                add: vec!["a.b".into()],
+                remove: vec![],
+            },
+            &mut changes,
+        );
+        assert!(meta.interest()["a.b"].len() == 2, "{:?}", meta.interest());
+        let applied = Applied {
+            last_applied: Some(lid(4, 2, 77)),
+            membership: StoredMembership::new(Some(lid(1, 1, 1)), members()),
+            meta,
+        };
+        let data = encode_snapshot_data(&applied);
+        assert_ne!(data.first(), Some(&b'{'));
+        let back = decode_snapshot_data(&data).unwrap();
+        assert_eq!(back.last_applied, applied.last_applied);
+        assert_eq!(back.membership, applied.membership);
+        assert_eq!(
+            serde_json::to_string(&back.meta).unwrap(),
+            serde_json::to_string(&applied.meta).unwrap()
+        );
+        // A snapshot file written before snapshots were protobuf still loads.
+        let legacy = serde_json::to_vec(&applied).unwrap();
+        let old = decode_snapshot_data(&legacy).unwrap();
+        assert_eq!(old.last_applied, applied.last_applied);
+        assert_eq!(
+            serde_json::to_string(&old.meta).unwrap(),
+            serde_json::to_string(&applied.meta).unwrap()
+        );
+        // A store that was never initialised round-trips too.
+        let empty = decode_snapshot_data(&encode_snapshot_data(&Applied::default())).unwrap();
+        assert_eq!(empty.last_applied, None);
+        assert_eq!(empty.membership, StoredMembership::default());
+        // Damaged data is an error, never a panic.
+        for bad in [&data[..data.len() / 2], b"\xff\xff\xff", b"{not json"] {
+            assert!(decode_snapshot_data(bad).is_err());
+        }
     }
 }
