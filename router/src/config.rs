@@ -26,19 +26,19 @@ pub const EXIT_USAGE: u8 = 64;
 pub struct Config {
     /// This router's Raft id; required, unique in the group.
     pub id: Option<u64>,
-    /// The Router API nodes and admins call (and Raft too, unless `raft_listen`).
+    /// The Router API nodes and admins call.
     pub listen: SocketAddr,
-    /// The Raft service alone, called by the other routers only. Unset: Raft shares
-    /// `listen` (what a router did before this setting existed, so an initialised
-    /// group keeps working; the Helm chart sets it).
+    /// The Raft service alone, called by the other routers only; required when
+    /// `peers` names another router, so Raft never shares the port nodes reach (a
+    /// NetworkPolicy can then admit routers alone to it). A single voter has no Raft
+    /// traffic and needs none.
     pub raft_listen: Option<SocketAddr>,
     /// `/metrics`, `/healthz`, `/readyz` over HTTP. Unset: off (a router has no HTTP
     /// listener to share them with, and a fixed default port would collide between
     /// routers on one host; the Helm chart sets it).
     pub ops_listen: Option<SocketAddr>,
-    /// Every voter including this one, `id=host:port,...`, each at the address its
-    /// Raft service answers (its `raft_listen` if set, else its `listen`); empty =
-    /// single voter.
+    /// Every voter including this one, `id=host:port,...`, each at its
+    /// `raft_listen` address; empty = single voter.
     pub peers: String,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
@@ -158,9 +158,16 @@ impl Config {
                 "--peers must include this router's own id {id}"
             )));
         }
+        if self.raft_listen.is_none() && peers.keys().any(|p| *p != id) {
+            return Err(ConfigError(
+                "a router with --peers serves Raft on an address of its own: set --raft-listen \
+                 (raft_listen; the Helm chart uses :9401) and name those addresses in --peers"
+                    .into(),
+            ));
+        }
         if self.raft_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err(ConfigError(format!(
-                "raft_listen must differ from listen ({}); leave it unset to serve Raft on listen",
+                "raft_listen must differ from listen ({})",
                 self.listen
             )));
         }
@@ -260,10 +267,11 @@ pub struct Cli {
     pub file: FileFlags,
     #[arg(long, env = "WEFT_ID")]
     pub id: Option<u64>,
-    /// The Router API (nodes, admins; Raft too unless --raft-listen).
+    /// The Router API (nodes, admins).
     #[arg(long, env = "WEFT_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// The Raft service alone (other routers only); --peers then names Raft addresses.
+    /// The Raft service alone (other routers only), required with --peers, which
+    /// names these addresses.
     #[arg(long, env = "WEFT_RAFT_LISTEN")]
     pub raft_listen: Option<SocketAddr>,
     /// `/metrics`, `/healthz`, `/readyz` over HTTP (off unless set).
@@ -426,6 +434,14 @@ mod tests {
         bad.peers = "1=a:1,2=b:2".into();
         let e = bad.options().unwrap_err().to_string();
         assert!(e.contains("own id") && !e.contains('\n'), "{e}");
+        // A group of routers keeps Raft off the port nodes reach.
+        let mut bad = c.clone();
+        bad.peers = "2=a:1,3=b:2".into();
+        let e = bad.options().unwrap_err().to_string();
+        assert!(e.contains("--raft-listen") && !e.contains('\n'), "{e}");
+        let mut ok = bad.clone();
+        ok.raft_listen = Some("127.0.0.1:0".parse().unwrap());
+        ok.options().expect("with a Raft address of its own");
         let mut bad = c;
         bad.id = None;
         assert!(bad.options().is_err());

@@ -3,9 +3,9 @@
 //! reaper and the bootstrap.
 //!
 //! ```text
-//!  nodes, admins ──► listener (--listen)       weft.v1.Router  [+ weft.v1.Raft when
-//!                                                               there is no raft_listener]
-//!  other routers ──► raft_listener (--raft-listen)  weft.v1.Raft only
+//!  nodes, admins ──► listener (--listen)            weft.v1.Router only
+//!  other routers ──► raft_listener (--raft-listen)  weft.v1.Raft only (routers with
+//!                                                   peers; a single voter has none)
 //! ```
 //!
 //! Every connection is accepted through [`crate::tls::Transport::incoming`]: with
@@ -13,9 +13,9 @@
 //! authorised with it ([`crate::identity`]). The Raft peer service answers only router
 //! certificates. With a Raft listener it is mounted only there and the Router service
 //! only on the main listener (a call on the wrong one is answered `UNIMPLEMENTED`), so
-//! a network policy can keep nodes off the Raft port altogether; without one, both
-//! share the main listener, and the Raft service is mounted only on a router with
-//! peers (a single voter — the embedded router — has no caller for it).
+//! a network policy can keep nodes off the Raft port altogether. A router with peers
+//! must have one (the configuration refuses a group without it); a single voter — the
+//! embedded router — has no Raft caller and serves no Raft at all.
 //!
 //! Bootstrap (the same on a laptop and in a StatefulSet): on a fresh store the router
 //! with the lowest id initialises the cluster with every peer as a voter, once every
@@ -92,6 +92,11 @@ impl Router {
     ) -> Result<Self, StartError> {
         let addr = bound(&listener)?;
         let raft_addr = raft_listener.as_ref().map(bound).transpose()?;
+        if raft_listener.is_none() && opts.peers.keys().any(|id| *id != opts.id) {
+            return Err(StartError::Config(
+                "a router with peers serves Raft on a listener of its own (--raft-listen)".into(),
+            ));
+        }
         // With a Raft listener of its own this router learns where the others' Router
         // services are; its own is at its Raft host, on the main listener's port.
         let own_api = raft_addr.map(|r| {
@@ -115,11 +120,10 @@ impl Router {
         let router = RouterServer::new(RouterService::new(raft.clone(), committer.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let stop = CancellationToken::new();
-        let has_peers = opts.peers.keys().any(|id| *id != opts.id);
-        let mut routes = extra;
+        let routes = extra;
         let mut serve = Vec::new();
-        match raft_listener {
-            Some(l) => serve.push(tokio::spawn(
+        if let Some(l) = raft_listener {
+            serve.push(tokio::spawn(
                 tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .add_service(raft.peer_service(addr))
@@ -127,9 +131,7 @@ impl Router {
                         opts.transport.incoming(l),
                         stop.clone().cancelled_owned(),
                     ),
-            )),
-            None if has_peers => routes = routes.add_service(raft.peer_service(addr)),
-            None => {}
+            ));
         }
         serve.push(tokio::spawn(
             tonic::transport::Server::builder()

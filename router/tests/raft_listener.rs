@@ -67,7 +67,9 @@ async fn malformed_are_refused(transport: &Transport, addr: &str) {
             index: 1,
         }),
         // A command with nothing in it.
-        payload: Some(grpc::entry::Payload::Command(grpc::MetaCommand { command: None })),
+        payload: Some(grpc::entry::Payload::Command(grpc::MetaCommand {
+            command: None,
+        })),
     };
     let empty_membership = grpc::Entry {
         log_id: bad_command.log_id,
@@ -127,7 +129,7 @@ async fn redirect_from(transport: &Transport, addr: &str) -> Result<String, Stri
 async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart() {
     let dir = Workdir::new("raft-listener", "split");
     let pki = Arc::new(Pki::create(dir.join("certs")));
-    let mut g = RouterGroup::start_split(&dir, 50, 60_000, Some(pki.clone())).await;
+    let mut g = RouterGroup::start(&dir, 50, 60_000, Some(pki.clone())).await;
     let leader = g.leader(Duration::from_secs(20)).await;
     let follower = g.ids().into_iter().find(|id| *id != leader).unwrap();
 
@@ -173,7 +175,7 @@ async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart
     assert_eq!(named, g.addr(leader));
 
     for id in g.ids() {
-        let (api, raft) = (g.addr(id).to_owned(), g.raft_addr(id).unwrap().to_owned());
+        let (api, raft) = (g.addr(id).to_owned(), g.raft_addr(id).to_owned());
         // Raft on the Router address: not there.
         let e = raft_call(&router, &api).await;
         assert_eq!(e.code(), Code::Unimplemented, "Raft on {api}: {e:?}");
@@ -228,7 +230,7 @@ async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart
 async fn a_router_behind_the_purged_log_catches_up_from_a_snapshot() {
     let dir = Workdir::new("raft-listener", "snapshot");
     let pki = Arc::new(Pki::create(dir.join("certs")));
-    let mut g = RouterGroup::start_split(&dir, 56, 600_000, Some(pki.clone())).await;
+    let mut g = RouterGroup::start(&dir, 56, 600_000, Some(pki.clone())).await;
     g.leader(Duration::from_secs(20)).await;
     let node = tls(issue_files(
         pki.ca(),

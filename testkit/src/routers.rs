@@ -5,9 +5,8 @@
 //! as the process cluster does — or plaintext (`--cluster-insecure`); a test speaks to
 //! it as the harness (an admin certificate) or as any node id it names
 //! ([`RouterGroup::client_as`], a node certificate for that id). Its routers
-//! serve Raft on their Router address, or — [`RouterGroup::start_split`], as the Helm
-//! chart runs them — on a `--raft-listen` address of their own, which `--peers` then
-//! names.
+//! serve Raft on a `--raft-listen` address of their own, as every group of routers
+//! must, which `--peers` names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{ExitStatus, Stdio};
@@ -40,8 +39,8 @@ pub struct RouterGroup {
     base: u8,
     heartbeat_timeout_ms: u64,
     addrs: BTreeMap<u64, String>,
-    /// Each router's `--raft-listen` address, when Raft has its own.
-    raft_addrs: Option<BTreeMap<u64, String>>,
+    /// Each router's `--raft-listen` address.
+    raft_addrs: BTreeMap<u64, String>,
     procs: BTreeMap<u64, Proc>,
     /// One client per router, kept across its restarts (the address does not change).
     clients: BTreeMap<u64, RouterClient>,
@@ -53,43 +52,21 @@ pub struct RouterGroup {
 
 impl RouterGroup {
     /// Starts routers `1..=3` on `127.0.0.{base+1..base+3}` with the given heartbeat
-    /// timeout, each ready (its ready file names the address it was given). Whether
-    /// they agree on a leader yet is [`RouterGroup::leader`]'s question.
+    /// timeout, each ready (its ready file names the addresses it was given), each
+    /// serving Raft on a `--raft-listen` address of its own (on its IP, another port)
+    /// that `--peers` names. Whether they agree on a leader yet is
+    /// [`RouterGroup::leader`]'s question.
     pub async fn start(
         workdir: &Workdir,
         base: u8,
         heartbeat_timeout_ms: u64,
         pki: Option<Arc<Pki>>,
     ) -> Self {
-        Self::start_layout(workdir, base, heartbeat_timeout_ms, pki, false).await
-    }
-
-    /// [`RouterGroup::start`], each router serving Raft on a `--raft-listen` address
-    /// of its own (on its IP, another port) and `--peers` naming those.
-    pub async fn start_split(
-        workdir: &Workdir,
-        base: u8,
-        heartbeat_timeout_ms: u64,
-        pki: Option<Arc<Pki>>,
-    ) -> Self {
-        Self::start_layout(workdir, base, heartbeat_timeout_ms, pki, true).await
-    }
-
-    async fn start_layout(
-        workdir: &Workdir,
-        base: u8,
-        heartbeat_timeout_ms: u64,
-        pki: Option<Arc<Pki>>,
-        split: bool,
-    ) -> Self {
         let ip = |id: u64| format!("127.0.0.{}", base + id as u8);
         let addrs: BTreeMap<u64, String> =
             (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
-        let raft_addrs = split.then(|| {
-            (1..=3u64)
-                .map(|id| (id, bin::free_addr(&ip(id))))
-                .collect::<BTreeMap<_, _>>()
-        });
+        let raft_addrs: BTreeMap<u64, String> =
+            (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
         let transport = match &pki {
             Some(p) => p.admin_transport(),
             None => Transport::Plaintext,
@@ -128,8 +105,6 @@ impl RouterGroup {
     /// `1=host:port,2=…`, as `--peers` takes it (the Raft addresses).
     pub fn peers(&self) -> String {
         self.raft_addrs
-            .as_ref()
-            .unwrap_or(&self.addrs)
             .iter()
             .map(|(id, a)| format!("{id}={a}"))
             .collect::<Vec<_>>()
@@ -158,13 +133,7 @@ impl RouterGroup {
         let child = cmd
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id]])
-            .args(
-                self.raft_addrs
-                    .as_ref()
-                    .map(|r| ["--raft-listen".to_owned(), r[&id].clone()])
-                    .into_iter()
-                    .flatten(),
-            )
+            .args(["--raft-listen", &self.raft_addrs[&id]])
             .args(["--peers", &self.peers()])
             .arg("--data-dir")
             .arg(self.workdir.join(format!("router-{id}")))
@@ -183,9 +152,10 @@ impl RouterGroup {
         let mut proc = Proc(child);
         let bound = bin::await_ready_file(&mut proc.0, &ready, &format!("router {id}")).await;
         assert_eq!(bound["listen"], self.addrs[&id], "router {id} address");
-        if let Some(r) = &self.raft_addrs {
-            assert_eq!(bound["raft_listen"], r[&id], "router {id} Raft address");
-        }
+        assert_eq!(
+            bound["raft_listen"], self.raft_addrs[&id],
+            "router {id} Raft address"
+        );
         self.procs.insert(id, proc);
     }
 
@@ -215,9 +185,9 @@ impl RouterGroup {
         &self.addrs[&id]
     }
 
-    /// The Raft address of router `id` when Raft has its own listener.
-    pub fn raft_addr(&self, id: u64) -> Option<&str> {
-        self.raft_addrs.as_ref().map(|r| r[&id].as_str())
+    /// The Raft address of router `id`.
+    pub fn raft_addr(&self, id: u64) -> &str {
+        &self.raft_addrs[&id]
     }
 
     /// The process id of router `id`, if it runs.
