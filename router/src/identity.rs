@@ -197,7 +197,7 @@ impl Refusal {
 
 static REFUSED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
-fn count(reason: Refusal) {
+pub(crate) fn count(reason: Refusal) {
     REFUSED[reason as usize].fetch_add(1, Ordering::Relaxed);
 }
 

@@ -55,6 +55,12 @@ pub const RELOAD_POLL: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress per listener; past it new connections wait in the backlog.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress from one IP address; past it a new connection from there is
+/// closed at once. One address holding idle connections open can then take only a
+/// quarter of [`MAX_HANDSHAKES`], never stall every member's new links. A member opens
+/// a few connections at a time (its relay links and router channels); members on one
+/// host (loopback test clusters) share an address, hence the room.
+const MAX_HANDSHAKES_PER_IP: usize = 64;
 
 /// Where a member's certificate material lives (`cluster.ca_file`, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,6 +262,14 @@ fn check_validity(der: &CertificateDer<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// When a certificate stops being valid (`None` if it does not parse, or its end is
+/// before the Unix epoch).
+fn not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
 impl Certs {
     /// Loads the files; the error is one line naming the file at fault. The
     /// certificate's dates are not checked (a test may present an expired one); a
@@ -405,6 +419,39 @@ impl ServerCertVerifier for MemberVerifier {
 pub struct ClusterIo {
     stream: Stream,
     info: ClusterConn,
+    /// When the peer's certificate stops being valid. A handshake refuses an expired
+    /// certificate; this ends a connection that outlives its certificate (its next
+    /// read or write fails), so no request from a member whose certificate expired is
+    /// served, however long its link has been up.
+    expires: Option<SystemTime>,
+    /// Set once the certificate's end passed: every later read and write fails.
+    expired: bool,
+}
+
+impl ClusterIo {
+    fn check_expiry(&mut self) -> io::Result<()> {
+        if !self.expired && self.expires.is_some_and(|at| SystemTime::now() >= at) {
+            self.expired = true;
+            count_refusal(
+                Refusal::Handshake,
+                &self.info.peer.to_string(),
+                self.info.remote,
+                "a connection whose certificate expired (closed)",
+            );
+        }
+        if self.expired {
+            Err(expired())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn expired() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the peer's certificate expired",
+    )
 }
 
 enum Stream {
@@ -425,7 +472,9 @@ impl AsyncRead for ClusterIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        this.check_expiry()?;
+        match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -438,7 +487,9 @@ impl AsyncWrite for ClusterIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        this.check_expiry()?;
+        match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -449,7 +500,9 @@ impl AsyncWrite for ClusterIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        this.check_expiry()?;
+        match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -495,6 +548,7 @@ impl Transport {
         let transport = self.clone();
         tokio::spawn(async move {
             let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+            let per_ip = PerIp::default();
             loop {
                 let permit = tokio::select! {
                     p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -523,16 +577,22 @@ impl Transport {
                                 remote: Some(remote),
                                 peer: Peer::Unverified,
                             },
+                            expires: None,
+                            expired: false,
                         };
                         if tx.send(Ok(io)).await.is_err() {
                             return;
                         }
                     }
                     Transport::MutualTls(certs) => {
+                        let Some(from_ip) = per_ip.take(remote.ip()) else {
+                            per_ip.refused(remote);
+                            continue;
+                        };
                         let config = certs.current().server.clone();
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let _permit = permit;
+                            let _permit = (permit, from_ip);
                             if let Some(io) = handshake(config, tcp, remote).await {
                                 let _ = tx.send(Ok(io)).await;
                             }
@@ -591,6 +651,61 @@ impl Transport {
                 endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
                     dial(certs.clone(), expect.clone(), uri)
                 }))
+            }
+        }
+    }
+}
+
+/// Handshakes in progress by source address ([`MAX_HANDSHAKES_PER_IP`]).
+#[derive(Default, Clone)]
+struct PerIp {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    /// When a refusal was last logged: a flood is counted in full but logged once a
+    /// second.
+    last_log: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// One handshake's place for its address; given back on drop.
+struct IpPlace {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(&self, ip: std::net::IpAddr) -> Option<IpPlace> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpPlace {
+            open: self.open.clone(),
+            ip,
+        })
+    }
+
+    fn refused(&self, remote: SocketAddr) {
+        crate::identity::count(Refusal::Handshake);
+        let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(
+                %remote,
+                reason = Refusal::Handshake.label(),
+                "cluster: refused connections from an address with {MAX_HANDSHAKES_PER_IP} TLS handshakes in progress (counted; logged at most once a second)"
+            );
+        }
+    }
+}
+
+impl Drop for IpPlace {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
             }
         }
     }
@@ -655,12 +770,15 @@ async fn handshake(
         }
     };
     tracing::debug!(%peer, %remote, "cluster connection accepted");
+    let expires = leaf.as_deref().and_then(not_after);
     Some(ClusterIo {
         stream: Stream::Tls(Box::new(tls)),
         info: ClusterConn {
             remote: Some(remote),
             peer,
         },
+        expires,
+        expired: false,
     })
 }
 

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 use weft_proto::grpc;
+use weft_router::identity::Peer;
+use weft_router::tls::TlsFiles;
+use weft_router::RouterClient;
 use weft_testkit::bin::Workdir;
-use weft_testkit::pki::Pki;
+use weft_testkit::pki::{tls, Pki};
 use weft_testkit::routers::{join_request, RouterGroup};
 
 /// A group of three routers on `127.0.0.{ip_base+1..ip_base+3}` over mutual TLS, with a
@@ -231,4 +234,91 @@ async fn silent_member_is_removed_and_bad_input_gets_errors() {
     for id in c.ids() {
         c.client_for(id).get_state().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_address_cannot_stall_the_handshakes_of_members() {
+    let (_dir, c) = start("handshakes", 60, 60_000).await;
+    c.leader(Duration::from_secs(15)).await;
+    // 300 connections from one address (127.0.0.250) that never say a word of TLS:
+    // more than the listener's 256 handshakes in progress, were they all let in.
+    let router: std::net::SocketAddr = c.addr(1).parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.250:0".parse().unwrap()).unwrap();
+        idle.push(socket.connect(router).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A member (another address) still gets through at once: its client gives up after
+    // a 1 s connect, far less than the 10 s an idle handshake may take.
+    let started = Instant::now();
+    let member = c.client_of(1, "n1");
+    member
+        .get_state()
+        .await
+        .expect("a member's handshake while the flood holds");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The flood was refused past its share, not queued: most of its sockets are closed.
+    let mut closed = 0;
+    for s in &idle {
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(20), s.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            _ => {}
+        }
+    }
+    assert!(closed >= 300 - 64 - 1, "only {closed} of 300 were closed");
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_outlives_its_certificate_is_closed() {
+    let dir = Workdir::new("cluster", "outlived");
+    let pki = Arc::new(Pki::create(dir.join("certs")));
+    let c = RouterGroup::start(&dir, 70, 60_000, Some(pki.clone())).await;
+    let leader = c.leader(Duration::from_secs(15)).await;
+    // n1's certificate ends in 3 s.
+    let now = std::time::SystemTime::now();
+    let ends = now + Duration::from_secs(3);
+    let issued = pki
+        .ca()
+        .issue_between(
+            &Peer::Node("n1".into()),
+            now - Duration::from_secs(3600),
+            ends,
+        )
+        .unwrap();
+    let files = TlsFiles {
+        ca_file: pki.dir().join("ca.crt"),
+        cert_file: pki.dir().join("short.crt"),
+        key_file: pki.dir().join("short.key"),
+    };
+    std::fs::write(&files.cert_file, &issued.cert_pem).unwrap();
+    std::fs::write(&files.key_file, &issued.key_pem).unwrap();
+    let n1 = RouterClient::with_transport(vec![c.addr(leader).to_owned()], tls(files));
+    n1.join("n1", "127.0.0.1:9000", "", 0).await.unwrap();
+    n1.heartbeat("n1", 0, 0).await.unwrap();
+    // The link is up and idle; the certificate ends while it is.
+    tokio::time::sleep(
+        ends.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(1500),
+    )
+    .await;
+    // Its next request finds the connection closed, and a new one refused at the
+    // handshake: the member is out, however long its link had been up.
+    let e = n1
+        .heartbeat("n1", 0, 0)
+        .await
+        .expect_err("a request over a link whose certificate ended");
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::Unknown),
+        "a transport error: {e:?}"
+    );
+    assert!(c.client().get_state().await.is_ok(), "the group serves on");
 }
