@@ -6,8 +6,14 @@
   document says so in words because JSON Schema cannot (a pattern cannot forbid a
   repeat), and the server refuses a repeat with 400. Generated cursors that repeat a
   topic are dropped rather than sent as "valid".
+- After a `101 Switching Protocols` (`GET /v1/ws`) the connection belongs to the
+  WebSocket session, as it would for any WebSocket client; requests does not know that
+  and would put it back in its pool, sending the next HTTP request into the WebSocket
+  (the node then answers with a close frame). So the body of a 101 is empty (it has
+  none) and its connection is closed instead of reused.
 """
 
+import requests.adapters
 import schemathesis
 
 schemathesis.serializer.alias("application/x-ndjson", "text/plain")
@@ -22,3 +28,18 @@ def filter_query(ctx, query):
         return True
     topics = [entry.split("=", 1)[0] for entry in since.split(",")]
     return len(topics) == len(set(topics))
+
+
+_build_response = requests.adapters.HTTPAdapter.build_response
+
+
+def _build_response_closing_upgrades(self, req, resp):
+    response = _build_response(self, req, resp)
+    if response.status_code == 101:
+        response._content = b""
+        resp.close()
+        resp.release_conn()
+    return response
+
+
+requests.adapters.HTTPAdapter.build_response = _build_response_closing_upgrades
