@@ -104,9 +104,16 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
             None => WorkerLink::new(),
         };
         let mut role = Role::Worker(link);
-        let report = engine::run(&plan, &settings, &mut role).await?;
-        if let Role::Worker(link) = role {
-            link.finish(report).await;
+        let run = engine::run(&plan, &settings, &mut role).await;
+        match (run, role) {
+            (Ok(report), Role::Worker(link)) => link.finish(report).await,
+            // The parent (or coordinator) reports why, not just that the worker left.
+            (Err(e), Role::Worker(link)) => {
+                link.fail(&e).await;
+                return Err(e);
+            }
+            (Err(e), _) => return Err(e),
+            (Ok(_), _) => {}
         }
         return Ok(None);
     }

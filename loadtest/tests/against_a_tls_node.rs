@@ -2,7 +2,8 @@
 //! with a certificate from a CA the test makes: with `--ca-file` every transport runs
 //! clean over TLS, in one process, as `--workers` child processes and as a coordinator's
 //! remote workers; without it (or with the wrong CA, or a certificate that does not name
-//! the target's IP address) the run fails at once with an error that names `--ca-file`.
+//! the target's IP address) the run fails at once with an error that says why (naming
+//! `--ca-file` for an untrusted CA), a coordinator's included.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -227,7 +228,8 @@ fn report(path: &Path) -> Report {
 
 /// `--workers 2` (the CA from `WEFT_LOADTEST_CA_FILE`, which the children inherit) and a
 /// coordinator with two remote workers each given `--ca-file`, as the Helm chart runs a
-/// distributed load against an https Service: one merged report, nothing lost.
+/// distributed load against an https Service: one merged report, nothing lost; a
+/// remote worker without the CA fails the coordinator with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_remote_workers_run_over_tls() {
     let dir = Dir::new("workers");
@@ -284,7 +286,6 @@ async fn workers_and_remote_workers_run_over_tls() {
     let worker = |slot: &str| format!("{load} --coordinator {addr} --worker-slot {slot}");
     let (w0, w1) = (worker("0/2"), worker("1/2"));
     let (c, a, b) = tokio::join!(exec(&coordinator, &[]), exec(&w0, &[]), exec(&w1, &[]));
-    node.stop_within(Duration::from_secs(10)).await;
     assert_eq!(
         (c.status.code(), a.status.code(), b.status.code()),
         (Some(0), Some(0), Some(0))
@@ -292,4 +293,23 @@ async fn workers_and_remote_workers_run_over_tls() {
     let r = report(&json);
     assert_eq!(r.processes, 2);
     assert_eq!((r.expected, r.delivered, r.lost), (800, 800, 0));
+
+    // A remote worker without the CA: the coordinator's error says why it failed.
+    let lone = format!(
+        "fanout --target {target} --run-id tlsrun --subscribers 2 --topics 1 --duration 1s \
+         --quiet --coordinate {addr} --workers 1"
+    );
+    let stray = format!(
+        "fanout --target {target} --run-id tlsrun --subscribers 2 --topics 1 --duration 1s \
+         --quiet --coordinator {addr} --worker-slot 0/1"
+    );
+    let (c, w) = tokio::join!(exec(&lone, &[]), exec(&stray, &[]));
+    assert_eq!((c.status.code(), w.status.code()), (Some(1), Some(1)));
+    let stderr = String::from_utf8_lossy(&c.stderr);
+    assert!(
+        stderr.contains("worker 0 failed: --target https://")
+            && stderr.contains("pass the CA that signed it with --ca-file"),
+        "{stderr}"
+    );
+    node.stop_within(Duration::from_secs(10)).await;
 }
