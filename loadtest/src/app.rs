@@ -3,6 +3,7 @@
 //! table and writes the JSON/HTML reports, the baseline comparison and the SLO verdicts.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -14,6 +15,7 @@ use crate::compare;
 use crate::coord::{Conductor, Role, WorkerLink};
 use crate::engine::{self, Settings};
 use crate::html;
+use crate::net::Net;
 use crate::placement;
 use crate::plan::{
     topic_names, Churn, Layout, Plan, Restart, ScenarioKind, Slot, SubscribeSchedule,
@@ -21,6 +23,7 @@ use crate::plan::{
 use crate::progress::Progress;
 use crate::report::{Report, SloResult};
 use crate::slo;
+use crate::tls::TlsClient;
 use crate::transport::{System, Transport};
 use crate::workers::{self, PhaseLimits};
 
@@ -69,7 +72,10 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
     let run_id = common.run_id.clone().unwrap_or_default();
     let root = common.shard.unwrap_or_default();
     let slot = worker.unwrap_or(root);
-    let settings = settings(&plan, &common, cmd, slot, &run_id);
+    // Read before anything else: a bad --ca-file is a one-line error, in every role
+    // (a coordinator's or a parent's check spares its workers the same failure).
+    let tls = Arc::new(TlsClient::load(common.ca_file.as_deref())?);
+    let settings = settings(&plan, &common, cmd, slot, &run_id, tls.clone());
     let settle = common.settle.unwrap_or(if common.shard.is_some() {
         Duration::from_secs(2)
     } else {
@@ -82,6 +88,7 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
     if let (Some(owner), true) = (&common.topic_owner, runs_plan) {
         plan.topics = placement::topics_owned_by(
             &common.target,
+            &tls,
             owner,
             &common.topic_prefix,
             &run_id,
@@ -97,9 +104,16 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
             None => WorkerLink::new(),
         };
         let mut role = Role::Worker(link);
-        let report = engine::run(&plan, &settings, &mut role).await?;
-        if let Role::Worker(link) = role {
-            link.finish(report).await;
+        let run = engine::run(&plan, &settings, &mut role).await;
+        match (run, role) {
+            (Ok(report), Role::Worker(link)) => link.finish(report).await,
+            // The parent (or coordinator) reports why, not just that the worker left.
+            (Err(e), Role::Worker(link)) => {
+                link.fail(&e).await;
+                return Err(e);
+            }
+            (Err(e), _) => return Err(e),
+            (Ok(_), _) => {}
         }
         return Ok(None);
     }
@@ -145,7 +159,14 @@ pub async fn execute(cmd: &Cmd) -> anyhow::Result<Option<Report>> {
                 workers::run_remote(listener, common.workers, root, &run_id, conductor, limits)
                     .await?
             }
-            None => workers::run(common.workers, root, &run_id, conductor, limits).await?,
+            None => {
+                // One handshake here instead of a failure in every worker.
+                Net::new(&common.target, &tls, 0, false)
+                    .await?
+                    .check_tls()
+                    .await?;
+                workers::run(common.workers, root, &run_id, conductor, limits).await?
+            }
         }
     } else {
         let mut role = Role::Local(conductor);
@@ -358,7 +379,14 @@ fn check_load(subscribers: usize, topics: usize, rate: f64) -> anyhow::Result<()
     Ok(())
 }
 
-fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Settings {
+fn settings(
+    plan: &Plan,
+    c: &Common,
+    cmd: &Cmd,
+    slot: Slot,
+    run_id: &str,
+    tls: Arc<TlsClient>,
+) -> Settings {
     let connect_rate = match cmd {
         Cmd::Connect(a) => a.rate,
         _ => c.connect_rate,
@@ -367,6 +395,7 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
         target: c.target.clone(),
         publish_target: c.publish_target.clone().unwrap_or_else(|| c.target.clone()),
         credential: c.token.clone(),
+        tls,
         system: c.system,
         transport: c.transport,
         slot,
@@ -404,6 +433,13 @@ fn settings(plan: &Plan, c: &Common, cmd: &Cmd, slot: Slot, run_id: &str) -> Set
             plan.subscribe.map(|s| Value::from(s.rate)),
         ),
         ("ordered", c.ordered.then_some(Value::from(true))),
+        (
+            "tls",
+            ["https://", "wss://"]
+                .iter()
+                .any(|s| c.target.starts_with(s))
+                .then_some(Value::from(true)),
+        ),
         (
             "system",
             (c.system != System::Weft).then(|| Value::from(c.system.to_string())),

@@ -52,8 +52,10 @@ pub enum Cmd {
 /// Options every scenario shares.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Base URL of the node (or of the load balancer in front of a cluster); with
-    /// `--system nats`, the nats-server's WebSocket listener (`ws://host:port`).
+    /// Base URL of the node (or of the load balancer in front of a cluster):
+    /// `http://host:port`, or `https://host:port` for a node serving TLS (its
+    /// WebSockets are then `wss://` to the same host); with `--system nats`, the
+    /// nats-server's WebSocket listener (`ws://host:port`).
     #[arg(
         long,
         env = "WEFT_LOADTEST_TARGET",
@@ -77,6 +79,11 @@ pub struct Common {
     /// WebSocket handshake, for nodes with authentication on.
     #[arg(long, env = "WEFT_LOADTEST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM bundle of CA certificates trusted for an `https://` target, in addition to
+    /// the platform's roots (e.g. the CA that signed the node's `tls.cert_file`). The
+    /// certificate must name the target URL's host (an IP address as an IP SAN).
+    #[arg(long, env = "WEFT_LOADTEST_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
     /// Use only topic names that this node id owns, as --target's ring says
     /// (`GET /v1/cluster/owner/{topic}`): names are drawn in order and the others
     /// skipped.

@@ -60,6 +60,11 @@ pub enum WorkerMsg {
         epoch_ends: Vec<EpochEnd>,
     },
     Report(Box<Report>),
+    /// The worker cannot run its slot (e.g. the target's TLS certificate is not
+    /// trusted): why, so the parent's error says it rather than "closed its output".
+    Failed {
+        error: String,
+    },
 }
 
 /// Parent → worker, one JSON object per stdin line.
@@ -327,8 +332,20 @@ impl WorkerLink {
     }
 
     /// Sends `report` and waits until it has left (the process exits next).
-    pub async fn finish(mut self, report: Report) {
+    pub async fn finish(self, report: Report) {
         self.send(&WorkerMsg::Report(Box::new(report)));
+        self.close().await;
+    }
+
+    /// Tells the parent why this worker cannot go on, and waits until that has left.
+    pub async fn fail(self, error: &anyhow::Error) {
+        self.send(&WorkerMsg::Failed {
+            error: format!("{error:#}"),
+        });
+        self.close().await;
+    }
+
+    async fn close(mut self) {
         let Some(writer) = self.writer.take() else {
             return;
         };

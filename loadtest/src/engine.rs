@@ -36,6 +36,7 @@ use crate::report::{Raw, Report, TimelinePoint, REPORT_VERSION};
 use crate::stats::{ErrorLog, LiveStats};
 use crate::subscriber::{Finals, Shared, SubscribeTimes, Subscriber, SubscriberOutcome};
 use crate::target;
+use crate::tls::TlsClient;
 use crate::tracker::Counts;
 use crate::transport::nats::{self, NatsLinks};
 use crate::transport::{topic_state, System, Transport};
@@ -58,6 +59,9 @@ pub struct Settings {
     pub publish_target: String,
     /// Sent as `Authorization: Bearer` (`--token`); never echoed into the report.
     pub credential: Option<String>,
+    /// TLS for `https://` targets: what is trusted (`--ca-file`), one client
+    /// configuration for every connection of the process.
+    pub tls: Arc<TlsClient>,
     /// Weft, or a `nats-server`'s WebSocket listener.
     pub system: System,
     pub transport: Transport,
@@ -86,17 +90,21 @@ pub struct Settings {
 /// report still merges exactly, see [`Report::merge`]).
 pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<Report> {
     let net = Arc::new(
-        Net::new(&st.target, st.slot.index, st.spread)
+        Net::new(&st.target, &st.tls, st.slot.index, st.spread)
             .await?
             .with_credential(st.credential.clone()),
     );
     // The publisher's own: its connections are opened on its own runtime
     // ([`Publisher::run_apart`]).
     let publish_net = Arc::new(
-        Net::new(&st.publish_target, st.slot.index, st.spread)
+        Net::new(&st.publish_target, &st.tls, st.slot.index, st.spread)
             .await?
             .with_credential(st.credential.clone()),
     );
+    net.check_tls().await?;
+    if st.publish_target != st.target {
+        publish_net.check_tls().await?;
+    }
     let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
     let topics = Arc::new(plan.topics.clone());
     let recorder = Arc::new(Recorder::new());

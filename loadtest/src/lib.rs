@@ -28,8 +28,10 @@
 //! - [`recorder`]: HDR histograms (latency, connect, publish), per-second buckets and
 //!   the live window; [`hist`] encodes them for reports.
 //! - [`stats`]: live atomic counters for the progress line, and the error log.
-//! - [`net`]: target URL, source-address spreading over 127.0.0.x, TCP/WebSocket
-//!   connects, HTTP clients.
+//! - [`net`]: target URL, source-address spreading over 127.0.0.x, WebSocket connects,
+//!   HTTP clients; [`conn`] opens every connection (TCP, then TLS for `https://`),
+//!   [`tls`] holds the run's TLS client configuration (platform roots + `--ca-file`),
+//!   [`http`] the pooled HTTP/1.1 client over those connections.
 //! - [`sse`]: an incremental `text/event-stream` parser; pure logic.
 //! - [`natsproto`]: the NATS text protocol: an incremental, bounded parser of what a
 //!   server sends, and the client's lines; pure logic.
@@ -51,10 +53,12 @@ pub mod app;
 pub mod baseline;
 pub mod cli;
 pub mod compare;
+pub mod conn;
 pub mod coord;
 pub mod engine;
 pub mod hist;
 pub mod html;
+pub mod http;
 pub mod natsproto;
 pub mod net;
 pub mod placement;
@@ -69,6 +73,7 @@ pub mod stamp;
 pub mod stats;
 pub mod subscriber;
 pub mod target;
+pub mod tls;
 pub mod tracker;
 pub mod transport;
 pub mod workers;

@@ -1,24 +1,33 @@
-//! Reaching the target: its URL, TCP and WebSocket connects, and HTTP clients.
+//! Reaching the target: its URL, its connections (plain or TLS) and HTTP clients.
 //!
 //! One client IP can hold only about 28k connections to one server port (the ephemeral
 //! port range). When the target is on loopback, every connection is bound to one of the
 //! source addresses 127.0.0.2–127.0.0.250 first (connection `n` gets address
-//! `n % 249`, rotated per worker), which lifts that limit to millions. WebSockets bind a
-//! `TcpSocket` before connecting and hand the stream to tokio-tungstenite; HTTP uses one
-//! reqwest client per source address (`local_address`), each keeping its connections
-//! alive.
+//! `n % 249`, rotated per worker), which lifts that limit to millions. Every connection
+//! is opened by the one [`Dialer`]: WebSockets hand its stream to tokio-tungstenite;
+//! HTTP uses one pooled client per source address ([`HttpClient`]), each keeping its
+//! connections alive.
+//!
+//! ```text
+//!   https://host:port ─► Net ─► Dialer (source address, TLS from tls::TlsClient)
+//!                                 ├─► HttpClient × sources: publish, state, SSE, long-poll
+//!                                 └─► WebSocket: wss://host:port/v1/ws
+//! ```
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::OnceLock;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use weft_proto::SUBPROTOCOL_JSON;
+
+use crate::conn::{Conn, ConnectError, Dialer};
+use crate::http::HttpClient;
+use crate::tls::{server_name, TlsClient};
 
 /// Time allowed for a TCP connect plus handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,34 +36,46 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_WS_MESSAGE: usize = 16 << 20;
 
 pub struct Net {
-    /// `http://host:port` without a trailing slash.
+    /// `http://host:port` or `https://host:port`, without a trailing slash.
     base: String,
-    /// `ws://host:port/v1/ws`.
+    /// `ws://host:port/v1/ws` (`wss://` for a TLS target).
     ws_url: String,
     /// `ws://host:port/`: a `nats-server`'s WebSocket listener (`--system nats`).
     nats_url: String,
-    addr: SocketAddr,
-    sources: Vec<IpAddr>,
-    http: Vec<OnceLock<reqwest::Client>>,
+    dialer: Arc<Dialer>,
+    http: Vec<OnceLock<HttpClient>>,
     /// `Authorization: Bearer` on every request and handshake (`--token`).
     credential: Option<HeaderValue>,
 }
 
 impl Net {
-    /// Resolves `target` (`http://host:port`); `rotate` shifts the source addresses so
-    /// that workers start on different ones; `spread` enables source addresses at all.
-    pub async fn new(target: &str, rotate: usize, spread: bool) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(target).with_context(|| {
-            format!("--target `{target}` is not a URL like http://127.0.0.1:8080")
-        })?;
-        if !matches!(url.scheme(), "http" | "ws" | "nats+ws") {
-            bail!("--target `{target}`: only http:// targets are supported (run the harness next to the node or its load balancer), or ws:// for a nats-server's WebSocket listener (--system nats)");
-        }
+    /// Resolves `target` (`http://host:port`, or `https://` with TLS from `tls`);
+    /// `rotate` shifts the source addresses so that workers start on different ones;
+    /// `spread` enables source addresses at all.
+    pub async fn new(
+        target: &str,
+        tls: &Arc<TlsClient>,
+        rotate: usize,
+        spread: bool,
+    ) -> anyhow::Result<Self> {
+        let url: hyper::Uri = target
+            .parse()
+            .ok()
+            .filter(|u: &hyper::Uri| u.scheme().is_some())
+            .with_context(|| {
+                format!("--target `{target}` is not a URL like http://127.0.0.1:8080")
+            })?;
+        let secure = match url.scheme_str() {
+            Some("http" | "ws" | "nats+ws") => false,
+            Some("https" | "wss") => true,
+            _ => bail!("--target `{target}`: use an http:// or https:// URL (ws:// or wss:// for a nats-server's WebSocket listener, --system nats)"),
+        };
         let host = url
-            .host_str()
+            .host()
+            .filter(|h| !h.is_empty())
             .with_context(|| format!("--target `{target}` has no host"))?
             .to_owned();
-        let port = url.port_or_known_default().unwrap_or(80);
+        let port = url.port_u16().unwrap_or(if secure { 443 } else { 80 });
         let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
             .await
             .with_context(|| format!("cannot resolve {host}"))?
@@ -66,17 +87,26 @@ impl Net {
                 .collect(),
             _ => Vec::new(),
         };
-        let authority = match url.port() {
+        let authority = match url.port_u16() {
             Some(p) => format!("{host}:{p}"),
             None => host.clone(),
         };
+        let slots = sources.len().max(1);
+        let mut dialer = Dialer::new(addr, sources, CONNECT_TIMEOUT);
+        if secure {
+            dialer = dialer.with_tls(tls.clone(), server_name(&host)?, &host);
+        }
+        let (http, ws) = if secure {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
         Ok(Self {
-            base: format!("http://{authority}"),
-            ws_url: format!("ws://{authority}/v1/ws"),
-            nats_url: format!("ws://{authority}/"),
-            addr,
-            http: (0..sources.len().max(1)).map(|_| OnceLock::new()).collect(),
-            sources,
+            base: format!("{http}://{authority}"),
+            ws_url: format!("{ws}://{authority}/v1/ws"),
+            nats_url: format!("{ws}://{authority}/"),
+            http: (0..slots).map(|_| OnceLock::new()).collect(),
+            dialer: Arc::new(dialer),
             credential: None,
         })
     }
@@ -108,33 +138,28 @@ impl Net {
 
     /// Whether connections are spread over source addresses.
     pub fn spreads(&self) -> bool {
-        !self.sources.is_empty()
+        self.dialer.spreads()
     }
 
-    fn source(&self, n: usize) -> Option<IpAddr> {
-        (!self.sources.is_empty()).then(|| self.sources[n % self.sources.len()])
-    }
-
-    /// A TCP connection for connection number `n`.
-    pub async fn tcp(&self, n: usize) -> std::io::Result<TcpStream> {
-        let socket = if self.addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = self.source(n) {
-            socket.bind(SocketAddr::new(ip, 0))?;
+    /// Before a run: for a TLS target, one handshake, so that a certificate the
+    /// harness does not trust fails the run at once with the reason (and `--ca-file`)
+    /// instead of as every connection's failure. A target that cannot be reached yet is
+    /// left to the run's own retries, as for a plain target.
+    pub async fn check_tls(&self) -> anyhow::Result<()> {
+        if !self.dialer.is_tls() {
+            return Ok(());
         }
-        let stream = socket.connect(self.addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+        match self.dialer.connect(0).await {
+            Err(e @ ConnectError::Tls(_)) => bail!("--target {}: {e}", self.base),
+            _ => Ok(()),
+        }
     }
 
     /// A `weft.v1.json` WebSocket for connection number `n`. Client buffers are kept
     /// small: the harness holds many idle sockets and should not be the thing that runs
     /// out of memory first.
-    pub async fn ws(&self, n: usize) -> anyhow::Result<WebSocketStream<TcpStream>> {
-        let stream = self.tcp(n).await.context("TCP connect")?;
+    pub async fn ws(&self, n: usize) -> anyhow::Result<WebSocketStream<Conn>> {
+        let stream = self.dialer.connect(n).await?;
         let mut req = self.ws_url.as_str().into_client_request()?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
@@ -143,14 +168,10 @@ impl Net {
         if let Some(c) = &self.credential {
             req.headers_mut().insert("Authorization", c.clone());
         }
-        let config = WebSocketConfig::default()
-            .read_buffer_size(8 * 1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(MAX_WS_MESSAGE))
-            .max_frame_size(Some(MAX_WS_MESSAGE));
-        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
-            .await
-            .context("WebSocket handshake")?;
+        let (ws, resp) =
+            tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
+                .await
+                .context("WebSocket handshake")?;
         let proto = resp
             .headers()
             .get("Sec-WebSocket-Protocol")
@@ -163,69 +184,86 @@ impl Net {
 
     /// A plain WebSocket (no subprotocol) to a `nats-server`'s WebSocket listener, for
     /// connection number `n`, with the same small buffers as [`ws`](Self::ws).
-    pub async fn nats_ws(&self, n: usize) -> anyhow::Result<WebSocketStream<TcpStream>> {
-        let stream = self.tcp(n).await.context("TCP connect")?;
+    pub async fn nats_ws(&self, n: usize) -> anyhow::Result<WebSocketStream<Conn>> {
+        let stream = self.dialer.connect(n).await?;
         let req = self.nats_url.as_str().into_client_request()?;
-        let config = WebSocketConfig::default()
-            .read_buffer_size(8 * 1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(MAX_WS_MESSAGE))
-            .max_frame_size(Some(MAX_WS_MESSAGE));
-        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
             .await
             .context("WebSocket handshake")?;
         Ok(ws)
     }
 
     /// The HTTP client for connection number `n`.
-    pub fn http(&self, n: usize) -> &reqwest::Client {
+    pub fn http(&self, n: usize) -> &HttpClient {
         let slot = n % self.http.len();
-        self.http[slot].get_or_init(|| {
-            let mut b = reqwest::Client::builder()
-                .no_proxy()
-                .tcp_nodelay(true)
-                .connect_timeout(CONNECT_TIMEOUT)
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(1024);
-            if let Some(ip) = self.source(slot) {
-                b = b.local_address(ip);
-            }
-            if let Some(c) = &self.credential {
-                let mut headers = reqwest::header::HeaderMap::new();
-                if let Ok(v) = reqwest::header::HeaderValue::from_bytes(c.as_bytes()) {
-                    let mut v = v;
-                    v.set_sensitive(true);
-                    headers.insert(reqwest::header::AUTHORIZATION, v);
-                }
-                b = b.default_headers(headers);
-            }
-            b.build().expect("a plain HTTP client always builds")
-        })
+        self.http[slot]
+            .get_or_init(|| HttpClient::new(self.dialer.clone(), slot, self.credential.clone()))
     }
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn tls() -> Arc<TlsClient> {
+        Arc::new(TlsClient::load(None).unwrap())
+    }
+
     #[tokio::test]
     async fn parses_targets() {
-        let n = Net::new("http://127.0.0.1:8080/", 3, true).await.unwrap();
+        let n = Net::new("http://127.0.0.1:8080/", &tls(), 3, true)
+            .await
+            .unwrap();
         assert_eq!(n.base(), "http://127.0.0.1:8080");
         assert_eq!(n.ws_url, "ws://127.0.0.1:8080/v1/ws");
         assert!(n.spreads());
-        assert_eq!(n.source(0), Some("127.0.0.5".parse().unwrap()));
-        assert_eq!(n.source(249), n.source(0));
-        assert_eq!(n.source(246), Some("127.0.0.2".parse().unwrap()));
-        let n = Net::new("http://127.0.0.1:8080", 0, false).await.unwrap();
+        assert!(!n.dialer.is_tls());
+        assert_eq!(n.dialer.source(0), Some("127.0.0.5".parse().unwrap()));
+        assert_eq!(n.dialer.source(249), n.dialer.source(0));
+        assert_eq!(n.dialer.source(246), Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(n.http.len(), 249, "one HTTP client per source address");
+        let n = Net::new("http://127.0.0.1:8080", &tls(), 0, false)
+            .await
+            .unwrap();
         assert!(!n.spreads());
-        let e = Net::new("https://127.0.0.1:1", 0, true)
+        assert_eq!(n.http.len(), 1);
+        assert!(Net::new("127.0.0.1:8080", &tls(), 0, true).await.is_err());
+        let e = Net::new("ftp://127.0.0.1:1", &tls(), 0, true)
             .await
             .err()
             .unwrap();
-        assert!(e.to_string().contains("only http://"), "{e}");
-        assert!(Net::new("127.0.0.1:8080", 0, true).await.is_err());
-        let n = Net::new("ws://127.0.0.1:4222", 0, true).await.unwrap();
+        assert!(e.to_string().contains("http:// or https://"), "{e}");
+        let n = Net::new("ws://127.0.0.1:4222", &tls(), 0, true)
+            .await
+            .unwrap();
         assert_eq!(n.nats_url, "ws://127.0.0.1:4222/");
+    }
+
+    /// An https target: TLS on every connection, WebSockets as wss:// to the same
+    /// host, the same source spreading; an IP or a DNS host is the name verified.
+    #[tokio::test]
+    async fn https_targets_use_tls_and_wss() {
+        let n = Net::new("https://127.0.0.1:8443/", &tls(), 0, true)
+            .await
+            .unwrap();
+        assert_eq!(n.base(), "https://127.0.0.1:8443");
+        assert_eq!(n.ws_url, "wss://127.0.0.1:8443/v1/ws");
+        assert_eq!(n.url("/v1/topics/a"), "https://127.0.0.1:8443/v1/topics/a");
+        assert!(n.dialer.is_tls());
+        assert!(n.spreads(), "source spreading holds for TLS too");
+        let n = Net::new("https://localhost", &tls(), 0, false)
+            .await
+            .unwrap();
+        assert_eq!(n.base(), "https://localhost");
+        assert_eq!(n.ws_url, "wss://localhost/v1/ws");
+        assert!(n.dialer.is_tls());
     }
 }

@@ -13,6 +13,7 @@
 //! asked.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -21,6 +22,7 @@ use serde::Deserialize;
 
 use crate::net::Net;
 use crate::plan::{topic_name, ScenarioKind};
+use crate::tls::TlsClient;
 
 /// Names tried per topic wanted (a node of a 64-node cluster owns about 1 in 64).
 pub const MAX_CANDIDATES_PER_TOPIC: usize = 256;
@@ -59,13 +61,15 @@ pub fn select(
 /// `count` topic names that `owner` owns according to the node at `target`.
 pub async fn topics_owned_by(
     target: &str,
+    tls: &Arc<TlsClient>,
     owner: &str,
     prefix: &str,
     run_id: &str,
     kind: ScenarioKind,
     count: usize,
 ) -> anyhow::Result<Vec<String>> {
-    let net = Net::new(target, 0, false).await?;
+    let net = Net::new(target, tls, 0, false).await?;
+    net.check_tls().await?;
     let limit = count
         .saturating_mul(MAX_CANDIDATES_PER_TOPIC)
         .saturating_add(MIN_CANDIDATES);

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use reqwest::StatusCode;
+use hyper::StatusCode;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -259,7 +259,7 @@ impl Publisher {
         loop {
             let sent = client
                 .post(&url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(hyper::header::CONTENT_TYPE, "application/json")
                 .header("Idempotency-Key", &key)
                 .timeout(REQUEST_TIMEOUT)
                 .body(body.clone())

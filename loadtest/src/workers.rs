@@ -286,6 +286,7 @@ impl Workers {
                         WorkerMsg::Loaded { epoch_ends } => {
                             merge_into(&mut self.epoch_ends, &epoch_ends)
                         }
+                        WorkerMsg::Failed { error } => bail!("worker {w} failed: {error}"),
                         _ => {}
                     }
                     if matched {

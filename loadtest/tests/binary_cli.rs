@@ -231,9 +231,17 @@ async fn usage_errors_are_clear() {
     let out = exec("fanout --shard 0/2 --target http://127.0.0.1:9").await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--shard needs --run-id"));
-    let out = exec("fanout --target https://127.0.0.1:9").await;
+    let out = exec("fanout --target ftp://127.0.0.1:9").await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use an http:// or https:// URL"));
+    let out = exec("fanout --target https://127.0.0.1:9 --ca-file /nonexistent/ca.crt").await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ca-file /nonexistent/ca.crt: cannot read it")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     let out = exec("merge /nonexistent/report.json").await;
     assert_eq!(out.status.code(), Some(1));
 }

@@ -17,6 +17,7 @@ use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
 use weft_loadtest::subscriber::{Finals, Shared, Subscriber};
+use weft_loadtest::tls::TlsClient;
 use weft_loadtest::transport::{System, Transport};
 use weft_proto::Cursor;
 
@@ -106,7 +107,16 @@ async fn publisher_is_open_loop_no_coordinated_omission() {
     };
     let recorder = Arc::new(Recorder::new());
     let publisher = Arc::new(Publisher {
-        net: Arc::new(Net::new(&format!("http://{addr}"), 0, false).await.unwrap()),
+        net: Arc::new(
+            Net::new(
+                &format!("http://{addr}"),
+                &Arc::new(TlsClient::load(None).unwrap()),
+                0,
+                false,
+            )
+            .await
+            .unwrap(),
+        ),
         topics: Arc::new(plan.topics.clone()),
         recorder: recorder.clone(),
         stats: Arc::new(LiveStats::default()),
@@ -222,7 +232,16 @@ async fn subscribe_once(
     let recorder = Arc::new(Recorder::new());
     let stats = Arc::new(LiveStats::default());
     let shared = Arc::new(Shared {
-        net: Arc::new(Net::new(&format!("http://{addr}"), 0, false).await.unwrap()),
+        net: Arc::new(
+            Net::new(
+                &format!("http://{addr}"),
+                &Arc::new(TlsClient::load(None).unwrap()),
+                0,
+                false,
+            )
+            .await
+            .unwrap(),
+        ),
         system: System::Weft,
         transport: Transport::Sse,
         topics: Arc::new(vec!["t".to_string()]),

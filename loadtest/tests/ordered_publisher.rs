@@ -20,6 +20,7 @@ use weft_loadtest::publisher::Publisher;
 use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
+use weft_loadtest::tls::TlsClient;
 
 /// What the fake node saw, per topic path.
 #[derive(Default)]
@@ -112,7 +113,16 @@ async fn publish(
         subscribe: None,
     };
     let publisher = Arc::new(Publisher {
-        net: Arc::new(Net::new(&format!("http://{addr}"), 0, false).await.unwrap()),
+        net: Arc::new(
+            Net::new(
+                &format!("http://{addr}"),
+                &Arc::new(TlsClient::load(None).unwrap()),
+                0,
+                false,
+            )
+            .await
+            .unwrap(),
+        ),
         topics: Arc::new(plan.topics.clone()),
         recorder: Arc::new(Recorder::new()),
         stats: Arc::new(LiveStats::default()),

@@ -10,11 +10,12 @@
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use reqwest::StatusCode;
+use hyper::StatusCode;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use weft_proto::{Cursor, PollPage};
 
+use crate::http::{HttpError, Response};
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
 use crate::subscriber::{
@@ -78,7 +79,7 @@ struct LoopCtx<'a, 'b> {
 }
 
 enum Wake {
-    Answer(Result<reqwest::Result<reqwest::Response>, tokio::time::error::Elapsed>),
+    Answer(Result<Result<Response, HttpError>, tokio::time::error::Elapsed>),
     Stop,
     Finals,
     Lifetime,

@@ -95,9 +95,9 @@ pub fn gone_cursor(body: &[u8]) -> Option<weft_proto::Cursor> {
 }
 
 /// `Retry-After` in seconds (capped), for 429 and 503 answers.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> std::time::Duration {
+pub fn retry_after(headers: &hyper::HeaderMap) -> std::time::Duration {
     let secs = headers
-        .get(reqwest::header::RETRY_AFTER)
+        .get(hyper::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(1);

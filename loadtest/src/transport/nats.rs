@@ -34,12 +34,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::conn::Conn;
 use crate::natsproto::{self, NatsParser, ServerOp, PING, PONG};
 use crate::net::{Net, CONNECT_TIMEOUT};
 use crate::stamp::{now_us, Stamp};
@@ -55,7 +55,7 @@ const MAX_BATCH: usize = 256;
 /// Publish requests queued for one link.
 const LINK_QUEUE: usize = 1024;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Conn>;
 
 /// Topic and place in that topic of schedule event `k` when there are `topics`
 /// topics (round robin: event `k` goes to topic `k % T`; ordinals start at 1).

@@ -10,11 +10,11 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use reqwest::StatusCode;
+use hyper::StatusCode;
 use tokio::time::timeout;
 use weft_proto::{Cursor, DisconnectPush, Envelope, MultiCursor};
 
+use crate::http::HttpError;
 use crate::net::CONNECT_TIMEOUT;
 use crate::sse::{SseEvent, SseParser};
 use crate::stamp::now_us;
@@ -28,7 +28,7 @@ use crate::transport::{error_message, gone_cursor, retry_after};
 const MAX_LINE: usize = 16 << 20;
 
 enum Wake {
-    Chunk(Option<reqwest::Result<bytes::Bytes>>),
+    Chunk(Option<Result<bytes::Bytes, HttpError>>),
     Stop,
     Finals,
     Lifetime,
@@ -63,13 +63,13 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
                 .url(&format!("/v1/topics/{topic}/events?watch=true{since}")),
         )
     }
-    .header(reqwest::header::ACCEPT, "text/event-stream");
+    .header(hyper::header::ACCEPT, "text/event-stream");
 
     let resp = tokio::select! {
         r = timeout(CONNECT_TIMEOUT, req.send()) => r,
         _ = stopped(&mut sub.stop) => return SessionEnd::Stopped,
     };
-    let resp = match resp {
+    let mut resp = match resp {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             LiveStats::inc(&sh.stats.connect_failures);
@@ -110,14 +110,13 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     }
     let _open = connected(sh, sub.id, intended);
 
-    let mut stream = resp.bytes_stream();
     let mut parser = SseParser::new(MAX_LINE);
     let mut events: Vec<SseEvent> = Vec::new();
     let mut reconnect_after: Option<Duration> = None;
     let mut reset_seen = false;
     loop {
         let wake = tokio::select! {
-            c = stream.next() => Wake::Chunk(c),
+            c = resp.chunk() => Wake::Chunk(c),
             _ = stopped(&mut sub.stop) => Wake::Stop,
             _ = finals_changed(&mut sub.finals) => Wake::Finals,
             _ = lifetime_over(lifetime) => Wake::Lifetime,

@@ -16,7 +16,6 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,6 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 use weft_proto::command::SubscribeCmd;
 use weft_proto::{close, Command, ServerMessage, SubscribeResult};
 
+use crate::conn::Conn;
 use crate::net::CONNECT_TIMEOUT;
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
@@ -324,7 +324,7 @@ fn handle(
 }
 
 /// Closes politely (bounded) and returns `end`.
-async fn bye(mut ws: WebSocketStream<TcpStream>, end: SessionEnd) -> SessionEnd {
+async fn bye(mut ws: WebSocketStream<Conn>, end: SessionEnd) -> SessionEnd {
     let frame = CloseFrame {
         code: CloseCode::Normal,
         reason: "".into(),

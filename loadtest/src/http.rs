@@ -1,0 +1,222 @@
+//! The harness's HTTP/1.1 client: hyper's pooled client whose connections come from the
+//! run's [`Dialer`] (source address, TLS), so REST publishes, state reads, SSE watches
+//! and long-polls reach an `https://` target with the same TLS configuration as the
+//! WebSockets. Connections are kept alive and reused (up to 1024 idle, 30 s idle time).
+//!
+//! The API is the small part of a request builder the transports use: a method, a URL,
+//! headers, a body, a timeout; a response's status, headers, whole body or next chunk.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use hyper::{HeaderMap, Method, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+
+use crate::conn::{Conn, ConnectError, Dialer};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Connecting (the dialer's message, which says what to do about a TLS failure)
+    /// or exchanging the request.
+    #[error("{0}")]
+    Request(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("reading the body: {0}")]
+    Body(#[from] hyper::Error),
+    #[error("bad request {0}")]
+    Build(#[from] hyper::http::Error),
+}
+
+impl From<hyper_util::client::legacy::Error> for HttpError {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        // A connect failure carries the dialer's own error, whose message says what
+        // to do (a TLS certificate not trusted names --ca-file).
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if let Some(c) = s.downcast_ref::<ConnectError>() {
+                return HttpError::Request(c.to_string());
+            }
+            source = s.source();
+        }
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        HttpError::Request(msg)
+    }
+}
+
+/// Opens connection `slot` of the dialer for each new pooled connection.
+#[derive(Clone)]
+struct Connector {
+    dialer: Arc<Dialer>,
+    slot: usize,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Conn>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<Conn>, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Every request goes to the target, whatever the URL's host resolves to.
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let dialer = self.dialer.clone();
+        let slot = self.slot;
+        Box::pin(async move { dialer.connect(slot).await.map(TokioIo::new) })
+    }
+}
+
+/// A pooled HTTP client whose connections all use one source address.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<Connector, Full<Bytes>>,
+    /// Sent as `Authorization` on every request (marked sensitive).
+    credential: Option<HeaderValue>,
+}
+
+impl HttpClient {
+    /// A client for connections `slot` of `dialer`.
+    pub fn new(dialer: Arc<Dialer>, slot: usize, credential: Option<HeaderValue>) -> Self {
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .build(Connector { dialer, slot });
+        Self { inner, credential }
+    }
+
+    pub fn get(&self, url: impl Into<String>) -> RequestBuilder<'_> {
+        self.request(Method::GET, url.into())
+    }
+
+    pub fn post(&self, url: impl Into<String>) -> RequestBuilder<'_> {
+        self.request(Method::POST, url.into())
+    }
+
+    fn request(&self, method: Method, url: String) -> RequestBuilder<'_> {
+        let mut req = hyper::Request::builder().method(method).uri(url);
+        if let Some(c) = &self.credential {
+            req = req.header(AUTHORIZATION, c.clone());
+        }
+        RequestBuilder {
+            client: self,
+            req,
+            body: Bytes::new(),
+            timeout: None,
+        }
+    }
+}
+
+pub struct RequestBuilder<'a> {
+    client: &'a HttpClient,
+    req: hyper::http::request::Builder,
+    body: Bytes,
+    timeout: Option<Duration>,
+}
+
+impl RequestBuilder<'_> {
+    pub fn header<V>(
+        mut self,
+        name: impl TryInto<HeaderName, Error: Into<hyper::http::Error>>,
+        value: V,
+    ) -> Self
+    where
+        V: TryInto<HeaderValue, Error: Into<hyper::http::Error>>,
+    {
+        self.req = self.req.header(name, value);
+        self
+    }
+
+    pub fn body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Bounds the wait for the answer's head and the reading of its whole body
+    /// ([`Response::bytes`]).
+    pub fn timeout(mut self, after: Duration) -> Self {
+        self.timeout = Some(after);
+        self
+    }
+
+    pub async fn send(self) -> Result<Response, HttpError> {
+        let req = self.req.body(Full::new(self.body))?;
+        let deadline = self.timeout.map(|t| (Instant::now() + t, t));
+        let answer = self.client.inner.request(req);
+        let resp = match deadline {
+            Some((at, after)) => tokio::time::timeout_at(at, answer)
+                .await
+                .map_err(|_| HttpError::Timeout(after))??,
+            None => answer.await?,
+        };
+        let (head, body) = resp.into_parts();
+        Ok(Response {
+            status: head.status,
+            headers: head.headers,
+            body,
+            deadline,
+        })
+    }
+}
+
+pub struct Response {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Incoming,
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl Response {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The whole body (within the request's timeout, if it has one).
+    pub async fn bytes(self) -> Result<Bytes, HttpError> {
+        let read = self.body.collect();
+        let collected = match self.deadline {
+            Some((at, after)) => tokio::time::timeout_at(at, read)
+                .await
+                .map_err(|_| HttpError::Timeout(after))??,
+            None => read.await?,
+        };
+        Ok(collected.to_bytes())
+    }
+
+    /// The body's next chunk of data; `None` at its end. Cancel-safe: a chunk is never
+    /// lost by dropping the future (as `select!` does).
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, HttpError>> {
+        loop {
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+}
