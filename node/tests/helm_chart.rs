@@ -372,6 +372,245 @@ fn dockerfile_passes_hadolint() {
     );
 }
 
+/// One instruction of a Dockerfile: its keyword (upper case) and its arguments, with
+/// line continuations joined and comments dropped.
+fn dockerfile_instructions(body: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in body.lines() {
+        let t = line.trim();
+        if current.is_empty() && (t.is_empty() || t.starts_with('#')) {
+            continue;
+        }
+        if t.starts_with('#') {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(t);
+                let (kw, rest) = current
+                    .split_once(char::is_whitespace)
+                    .unwrap_or((&current, ""));
+                out.push((kw.to_ascii_uppercase(), rest.trim().to_owned()));
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+/// The stages of a Dockerfile: each `FROM` and the instructions up to the next one.
+fn dockerfile_stages(body: &str) -> Vec<Vec<(String, String)>> {
+    let mut stages: Vec<Vec<(String, String)>> = Vec::new();
+    for ins in dockerfile_instructions(body) {
+        if ins.0 == "FROM" {
+            stages.push(Vec::new());
+        }
+        if let Some(stage) = stages.last_mut() {
+            stage.push(ins);
+        }
+    }
+    stages
+}
+
+/// The workspace members of the root `Cargo.toml`.
+fn workspace_members() -> Vec<String> {
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
+    manifest["workspace"]["members"]
+        .as_array()
+        .expect("[workspace] members")
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What the stage that runs `cargo build` fails to copy into place before that build:
+/// each workspace member (a directory, `COPY m m`) and the manifest and lock file
+/// (`COPY Cargo.toml Cargo.lock ./`). Empty when nothing is missing.
+fn missing_from_build_stage(dockerfile: &str, members: &[String]) -> Vec<String> {
+    let stages = dockerfile_stages(dockerfile);
+    let Some(build) = stages.iter().find(|s| {
+        s.iter()
+            .any(|(k, a)| k == "RUN" && a.contains("cargo build"))
+    }) else {
+        return vec!["a stage that runs `cargo build`".into()];
+    };
+    // (source, where it lands relative to WORKDIR), for COPYs before `cargo build`.
+    let mut copied: Vec<(String, String)> = Vec::new();
+    for (kw, args) in build {
+        if kw == "RUN" && args.contains("cargo build") {
+            break;
+        }
+        if kw != "COPY" || args.contains("--from") {
+            continue;
+        }
+        let words: Vec<&str> = args
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        let Some((dest, sources)) = words.split_last() else {
+            continue;
+        };
+        let norm = |p: &str| p.trim_start_matches("./").trim_end_matches('/').to_owned();
+        let into_dir = dest.ends_with('/') || sources.len() > 1;
+        for src in sources {
+            let src = norm(src);
+            let lands = if into_dir {
+                let dir = norm(dest);
+                if dir.is_empty() || dir == "." {
+                    src.clone()
+                } else {
+                    format!("{dir}/{src}")
+                }
+            } else {
+                norm(dest)
+            };
+            copied.push((src, lands));
+        }
+    }
+    let wanted = members
+        .iter()
+        .cloned()
+        .chain(["Cargo.toml".to_owned(), "Cargo.lock".to_owned()]);
+    wanted
+        .filter(|m| !copied.iter().any(|(src, lands)| src == m && lands == m))
+        .collect()
+}
+
+/// The workspace cannot load in the image unless every member is in the build stage:
+/// cargo reads every member's manifest (weft-testkit is only a dev-dependency, and is
+/// still needed) and `--locked` needs Cargo.lock. No container runtime here, so this
+/// is the guard that the image builds: the members come from Cargo.toml, not from a
+/// list in this test.
+#[test]
+fn dockerfile_copies_every_workspace_member_into_the_build_stage() {
+    let members = workspace_members();
+    assert!(
+        members.iter().any(|m| m == "testkit") && members.len() >= 5,
+        "{members:?}"
+    );
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let missing = missing_from_build_stage(&dockerfile, &members);
+    assert!(
+        missing.is_empty(),
+        "the Dockerfile's build stage does not COPY {missing:?} (workspace members: {members:?})"
+    );
+    // The check itself: without a member's COPY, or after the build, it is missed.
+    let without: String = dockerfile
+        .lines()
+        .filter(|l| l.trim() != "COPY testkit testkit")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(missing_from_build_stage(&without, &members), ["testkit"]);
+    let late = format!("{without}RUN cargo build\nCOPY testkit testkit\n");
+    assert_eq!(missing_from_build_stage(&late, &members), ["testkit"]);
+    // And the build context holds them: .dockerignore leaves out none of them.
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    for m in members
+        .iter()
+        .map(String::as_str)
+        .chain(["Cargo.toml", "Cargo.lock"])
+    {
+        for pattern in ignore.lines().map(str::trim) {
+            let p = pattern.trim_end_matches("/**").trim_end_matches('/');
+            assert!(
+                p != m && p != "*.lock" && p != "*.toml",
+                ".dockerignore `{pattern}` leaves {m} out of the build context"
+            );
+        }
+    }
+}
+
+/// The value of `ARG name=default` in a stage, `${OTHER}` expanded from the ARGs
+/// before it.
+fn arg_default(stage: &[(String, String)], name: &str) -> Option<String> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for (kw, args) in stage {
+        if kw != "ARG" {
+            continue;
+        }
+        let (k, v) = args.split_once('=').unwrap_or((args, ""));
+        let mut v = v.trim_matches('"').to_owned();
+        for (pk, pv) in &seen {
+            v = v.replace(&format!("${{{pk}}}"), pv);
+        }
+        seen.push((k.to_owned(), v));
+    }
+    seen.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+/// The runtime image: a CA bundle for outgoing TLS (an https:// `auth.jwks`, https://
+/// load-test targets), and OCI labels with absolute URLs and a version that is the
+/// workspace's.
+#[test]
+fn runtime_image_has_ca_certificates_and_oci_labels() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let stages = dockerfile_stages(&dockerfile);
+    let runtime = stages.last().expect("a runtime stage");
+    assert!(
+        runtime.iter().any(|(k, a)| k == "COPY"
+            && a.contains("--from=build")
+            && a.ends_with("/etc/ssl/certs/ca-certificates.crt")),
+        "the runtime image has no CA bundle: {runtime:?}"
+    );
+    let labels: String = runtime
+        .iter()
+        .filter(|(k, _)| k == "LABEL")
+        .map(|(_, a)| a.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let label = |name: &str| -> String {
+        let at = labels
+            .find(&format!("org.opencontainers.image.{name}="))
+            .unwrap_or_else(|| panic!("no label org.opencontainers.image.{name}: {labels}"));
+        let v = labels[at..].split_once('=').unwrap().1;
+        let v = v.split_whitespace().next().unwrap().trim_matches('"');
+        // `${ARG}`: that ARG's default.
+        match v.strip_prefix("${").and_then(|a| a.strip_suffix('}')) {
+            Some(arg) => arg_default(runtime, arg)
+                .unwrap_or_else(|| panic!("label {name} uses ${{{arg}}}, which has no ARG")),
+            None => v.to_owned(),
+        }
+    };
+    for name in ["source", "documentation"] {
+        let url = label(name);
+        assert!(
+            url.starts_with("https://") && !url.contains("${"),
+            "label {name} is not an absolute URL: {url}"
+        );
+    }
+    let chart = std::fs::read_to_string(root().join("helm/weft/Chart.yaml")).unwrap();
+    let home = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("home: "))
+        .unwrap();
+    assert_eq!(
+        label("source"),
+        home,
+        "the image's source is the chart's home"
+    );
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
+    let version = manifest["workspace"]["package"]["version"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        label("version"),
+        version,
+        "VERSION's default is the workspace's"
+    );
+    assert!(
+        chart.contains(&format!("appVersion: \"{version}\"")),
+        "{chart}"
+    );
+    assert_eq!(label("revision"), "unknown");
+}
+
 /// A Secret's value in a rendered manifest stream, decoded (`base64 -d`).
 fn secret_value(manifests: &str, name: &str, key: &str) -> Vec<u8> {
     let doc = document(manifests, "Secret", name);
