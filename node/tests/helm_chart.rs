@@ -265,6 +265,147 @@ fn rendered_node_config_is_accepted_by_weft_node() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The node's top-level configuration keys the chart sets itself, from the value
+/// named here (env in the pod spec, or tables it writes into `weft.toml`): they are
+/// not part of `node.config`, and the schema rejects them there.
+const CHART_OWNED_CONFIG: &[(&str, &str)] = &[
+    ("http_listen", "node.ports.http"),
+    ("grpc_listen", "node.ports.grpc"),
+    ("cluster_listen", "node.ports.cluster"),
+    ("quic_listen", "nothing (not bound by this build)"),
+    ("advertise", "the pod's DNS name in the cluster Service"),
+    ("node_id", "the pod's name"),
+    ("router", "the router pods"),
+    ("data_dir", "the pod's data volume"),
+    ("log_format", "logging.format"),
+    ("ready_file", "nothing (tests and scripts only)"),
+    ("auth", "auth.*"),
+    ("http", "http.allowedOrigins"),
+    ("tls", "tls.*"),
+    ("ops", "node.separateOpsListener, node.ports.ops"),
+    ("cluster", "cluster.tls.*"),
+];
+
+/// The keys a schema object allows, after checking that it refuses any other.
+fn strict<'a>(
+    s: &'a serde_json::Value,
+    at: &str,
+) -> &'a serde_json::Map<String, serde_json::Value> {
+    assert_eq!(
+        s["additionalProperties"],
+        serde_json::Value::Bool(false),
+        "node.config{at} accepts unknown keys"
+    );
+    s["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("node.config{at} lists no properties"))
+}
+
+/// Whether a schema node admits a TOML value of that kind (type, enum, minimum).
+fn schema_admits(schema: &serde_json::Value, v: &toml::Value) -> bool {
+    if let Some(choices) = schema["enum"].as_array() {
+        return v.as_str().is_some_and(|s| choices.iter().any(|c| c == s));
+    }
+    match (schema["type"].as_str(), v) {
+        (Some("integer"), toml::Value::Integer(i)) => {
+            schema["minimum"].as_i64().is_none_or(|min| *i >= min)
+        }
+        (Some("boolean"), toml::Value::Boolean(_)) => true,
+        (Some("string"), toml::Value::String(_)) => true,
+        _ => false,
+    }
+}
+
+/// `values.schema.json` under `node.config` and the node agree: every key the real
+/// `weft-node --print-config` prints is either allowed there (with a schema that
+/// admits the printed default) or set by the chart from another value
+/// ([`CHART_OWNED_CONFIG`]); the schema allows no key the node lacks; every level
+/// refuses unknown keys, so a misspelt key fails `helm install`
+/// (`helm/tests/bad/config-key-misspelt.yaml`) instead of crash-looping the pod.
+#[test]
+fn node_config_schema_matches_the_nodes_printed_config() {
+    let dir = temp("schema-sync");
+    // One namespace, so that its keys are printed; every optional top-level key set,
+    // so that the printed config names them all.
+    let file = dir.join("ns.toml");
+    std::fs::write(&file, "[[namespaces]]\npattern = \"a.>\"\n").unwrap();
+    let out = run(Command::new(NODE_BIN)
+        .env_clear()
+        .arg("--config")
+        .arg(&file)
+        .args([
+            "--cluster-listen",
+            "127.0.0.1:0",
+            "--advertise",
+            "127.0.0.1:1",
+        ])
+        .args(["--router", "127.0.0.1:9400", "--cluster-insecure"])
+        .args(["--ops-listen", "127.0.0.1:0", "--ready-file"])
+        .arg(dir.join("ready.json"))
+        .arg("--print-config"));
+    assert!(
+        out.status.success(),
+        "--print-config: {}",
+        text(&out.stderr)
+    );
+    let printed: toml::Table = toml::from_str(&text(&out.stdout))
+        .unwrap_or_else(|e| panic!("--print-config is not TOML ({e}):\n{}", text(&out.stdout)));
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy::chart().join("values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let config = &schema["properties"]["node"]["properties"]["config"];
+    let allowed = strict(config, "");
+    let owned: Vec<&str> = CHART_OWNED_CONFIG.iter().map(|(k, _)| *k).collect();
+    for key in printed.keys() {
+        assert!(
+            allowed.contains_key(key) != owned.contains(&key.as_str()),
+            "`{key}`: weft-node has it, and the schema must allow it under node.config \
+             or CHART_OWNED_CONFIG must name the value that sets it (not both)"
+        );
+    }
+    for key in owned
+        .iter()
+        .copied()
+        .chain(allowed.keys().map(String::as_str))
+    {
+        assert!(
+            printed.contains_key(key),
+            "`{key}` is not a key of weft-node's config:\n{}",
+            text(&out.stdout)
+        );
+    }
+    // Each section: the same keys, each printed default admitted.
+    let same_keys = |at: &str, schema: &serde_json::Value, node: &toml::Table| {
+        let props = strict(schema, at);
+        let mut theirs: Vec<&String> = node.keys().collect();
+        let mut ours: Vec<&String> = props.keys().collect();
+        theirs.sort();
+        ours.sort();
+        assert_eq!(ours, theirs, "node.config{at}: schema keys vs weft-node's");
+        for (k, v) in node {
+            assert!(
+                schema_admits(&props[k], v),
+                "node.config{at}.{k}: the schema {} refuses the node's default {v}",
+                props[k]
+            );
+        }
+    };
+    for (section, s) in allowed {
+        let at = format!(".{section}");
+        match &printed[section] {
+            toml::Value::Table(t) => same_keys(&at, s, t),
+            toml::Value::Array(items) => {
+                assert_eq!(s["type"], "array", "{at}");
+                let first = items[0].as_table().expect("an array of tables");
+                same_keys(&format!("{at}[]"), &s["items"], first);
+            }
+            other => panic!("{at}: a scalar section {other}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The rendered preStop script, run against a real node: it starts the drain over
 /// HTTP, and returns only once the node has exited, within the rendered grace.
 #[test]
