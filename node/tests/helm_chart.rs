@@ -145,8 +145,10 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
         ),
         "{rule}"
     );
-    document(&m, "ServiceMonitor", "-node");
-    document(&m, "NetworkPolicy", "-node");
+    // The node's ops listener is the default: probes, /metrics and the admin route the
+    // preStop drain calls are on the ops port, which neither the client Service nor
+    // the Ingress reaches.
+    assert_ops_on(&m, "ops", 9090);
     document(&m, "PodDisruptionBudget", "-router");
     // Secure by default: client auth with generated keys, cluster mTLS from the
     // chart's CA, each pod's certificate signed by its init container.
@@ -218,6 +220,66 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
 
     let m = render(&helm, Some(&values("minimal")), &[]).unwrap();
     assert!(!m.contains("kind: NetworkPolicy") && !m.contains("kind: PodDisruptionBudget"));
+
+    // Without a separate ops listener everything ops follows to the HTTP port.
+    let m = render(&helm, Some(&values("shared-port")), &[]).unwrap();
+    assert_ops_on(&m, "http", 8080);
+}
+
+/// Where a render puts the node's ops surface: the probes, the ops Service (and its
+/// ServiceMonitor), the NetworkPolicy's ops rule and the preStop drain call all on
+/// container port `port_name` (`port`); `WEFT_OPS_LISTEN` is set only for `ops`.
+fn assert_ops_on(m: &str, port_name: &str, port: u16) {
+    let node = document(m, "StatefulSet", "-node");
+    let separate = port_name == "ops";
+    assert_eq!(
+        node.contains(&format!(
+            "- name: WEFT_OPS_LISTEN\n              value: \"0.0.0.0:{port}\""
+        )),
+        separate,
+        "{node}"
+    );
+    assert_eq!(
+        node.contains(&format!("- name: ops\n              containerPort: {port}")),
+        separate,
+        "{node}"
+    );
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let at = node
+            .find(&format!("{probe}:"))
+            .unwrap_or_else(|| panic!("no {probe}"));
+        let port_line = node[at..]
+            .lines()
+            .find(|l| l.trim_start().starts_with("port: "));
+        assert_eq!(
+            port_line.map(str::trim),
+            Some(format!("port: {port_name}").as_str()),
+            "{probe}"
+        );
+    }
+    let ops = document(m, "Service", "weft-ops");
+    assert!(
+        ops.contains(&format!("port: {port}\n      targetPort: {port_name}")),
+        "{ops}"
+    );
+    // The ServiceMonitor scrapes the ops Service's port by its name.
+    assert!(ops.contains("- name: ops") && ops.contains("weft.io/ops: \"true\""));
+    if m.contains("kind: ServiceMonitor") {
+        assert!(document(m, "ServiceMonitor", "-node").contains("- port: ops"));
+    }
+    let client = deploy::documents(m)
+        .into_iter()
+        .find(|d| d.lines().any(|l| l == "kind: Service") && d.lines().any(|l| l == "  name: weft"))
+        .expect("the client Service");
+    assert!(client.contains("targetPort: http") && !client.contains("targetPort: ops"));
+    let script = block_scalar(document(m, "ConfigMap", "-node-config"), "prestop.sh");
+    assert!(
+        script.contains(&format!("/dev/tcp/127.0.0.1/{port};")),
+        "the drain call must go to {port}:\n{script}"
+    );
+    let policy = document(m, "NetworkPolicy", "-node");
+    let has_ops_rule = policy.contains("- port: 9090");
+    assert_eq!(has_ops_rule, separate, "{policy}");
 }
 
 /// The rendered `weft.toml` of the values files that use no setting newer than this
@@ -406,32 +468,52 @@ fn node_config_schema_matches_the_nodes_printed_config() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The rendered preStop script, run against a real node: it starts the drain over
-/// HTTP, and returns only once the node has exited, within the rendered grace.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The rendered preStop script, run against a real node in both settings of
+/// `node.separateOpsListener` (the default ops listener, and the shared HTTP port):
+/// it starts the drain over HTTP on the port the render names, and returns only once
+/// the node has exited, within the rendered grace.
 #[test]
 fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
     let Some(helm) = helm() else { return };
-    let dir = temp("prestop");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    for separate in [true, false] {
+        prestop_drains(&helm, separate);
+    }
+}
+
+fn prestop_drains(helm: &Path, separate: bool) {
+    let dir = temp(&format!("prestop-{separate}"));
+    let (http, ops) = (free_port(), free_port());
     let m = render(
-        &helm,
+        helm,
         None,
         &[
-            &format!("node.ports.http={port}"),
+            &format!("node.ports.http={http}"),
+            &format!("node.ports.ops={ops}"),
+            &format!("node.separateOpsListener={separate}"),
             "node.config.timing.shutdown_grace_ms=2000",
         ],
     )
     .unwrap();
     let script = block_scalar(document(&m, "ConfigMap", "-node-config"), "prestop.sh");
+    let drain_port = if separate { ops } else { http };
+    assert!(
+        script.contains(&format!("/dev/tcp/127.0.0.1/{drain_port};")),
+        "separateOpsListener={separate}: the hook does not call {drain_port}:\n{script}"
+    );
     let script_path = dir.join("prestop.sh");
     std::fs::write(&script_path, &script).unwrap();
     let ready = dir.join("ready.json");
-    let mut node = Command::new(NODE_BIN)
-        .env_clear()
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+    // The listeners the rendered env asks for.
+    let sts = document(&m, "StatefulSet", "-node");
+    assert_eq!(sts.contains("WEFT_OPS_LISTEN"), separate, "{sts}");
+    let mut cmd = Command::new(NODE_BIN);
+    cmd.env_clear()
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args([
             "--cluster-listen",
             "127.0.0.1:0",
@@ -442,9 +524,11 @@ fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
         .arg(dir.join("data"))
         .arg("--ready-file")
         .arg(&ready)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start weft-node");
+        .stderr(Stdio::piped());
+    if separate {
+        cmd.args(["--ops-listen", &format!("127.0.0.1:{ops}")]);
+    }
+    let mut node = cmd.spawn().expect("start weft-node");
     weft_testkit::bin::wait_ready_file(&mut node, &ready, "weft-node");
     let pid = node.id();
     // Reap the node as soon as it exits, so `kill -0` in the hook sees it gone.
@@ -469,7 +553,7 @@ fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
     );
     assert!(
         said.contains("drain started"),
-        "the hook did not start the drain over HTTP: {said}"
+        "separateOpsListener={separate}: the hook did not start the drain over HTTP: {said}"
     );
     assert!(
         status.success(),
@@ -480,7 +564,7 @@ fn prestop_hook_drains_a_real_node_and_waits_for_its_exit() {
         "the hook returned before the node exited"
     );
     // Rendered terminationGracePeriodSeconds: 10 + 2 + 5.
-    assert!(document(&m, "StatefulSet", "-node").contains("terminationGracePeriodSeconds: 17"));
+    assert!(sts.contains("terminationGracePeriodSeconds: 17"));
     assert!(
         hook_done - started < Duration::from_secs(17),
         "the drain outlived the grace period"

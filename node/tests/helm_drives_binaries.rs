@@ -590,6 +590,7 @@ fn lifecycle_under_load() {
     let (sub_url, pub_url) = (url(&mut cluster, &nodes[0]), url(&mut cluster, &nodes[1]));
     assert_members_speak_mutual_tls(&mut cluster, &nodes[0]);
     assert_clients_must_authenticate(&pub_url, &token);
+    assert_ops_apart_from_clients(&mut cluster, &nodes[0]);
 
     let flag = cluster.root.join("lifecycle");
     std::fs::create_dir_all(&flag).unwrap();
@@ -756,6 +757,44 @@ fn assert_members_speak_mutual_tls(cluster: &mut Cluster, node: &str) {
         !log.contains("--cluster-insecure"),
         "{node} runs insecure:\n{log}"
     );
+}
+
+/// The status line's code of a plain HTTP GET.
+fn http_status(addr: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+/// The default render has the node's ops listener (`node.separateOpsListener`): the
+/// probes and `/metrics` answer on the ops port the rendered probes name, and the
+/// client port (what the client Service and an Ingress on `/` reach) has neither.
+fn assert_ops_apart_from_clients(cluster: &mut Cluster, node: &str) {
+    let pod = cluster.pod(node);
+    assert_eq!(pod.readiness["httpGet"]["port"], "ops", "{}", pod.readiness);
+    assert!(
+        pod.main.env.iter().any(|(k, _)| k == "WEFT_OPS_LISTEN"),
+        "{:?}",
+        pod.main.env
+    );
+    let client = format!("{}:{}", pod.ip, pod.ports["http"]);
+    let ops = format!("{}:{}", pod.ip, pod.ports["ops"]);
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(
+            http_status(&ops, path),
+            200,
+            "{node}: {path} on the ops port"
+        );
+        assert_eq!(
+            http_status(&client, path),
+            404,
+            "{node}: {path} is served on the client port"
+        );
+    }
 }
 
 /// Without a credential the client API refuses; with the rendered key it serves.

@@ -247,9 +247,10 @@ tolerations:
 {{- end }}
 {{- end -}}
 
-{{/* The plain-HTTP port the preStop drain call goes to. */}}
+{{/* The plain-HTTP port the preStop drain call (an admin route) goes to: the ops
+     listener when there is one (always with tls.enabled), else the HTTP port. */}}
 {{- define "weft.drainPort" -}}
-{{- if .Values.tls.enabled -}}{{ .Values.node.ports.ops }}{{- else -}}{{ .Values.node.ports.http }}{{- end -}}
+{{- include "weft.opsPort" . -}}
 {{- end -}}
 
 {{/* The most node pods that can exist (HPA max or replicas). */}}
@@ -415,3 +416,4 @@ initContainers:
     medium: Memory
     sizeLimit: 1Mi
 {{- end -}}
+
