@@ -282,6 +282,165 @@ fn assert_ops_on(m: &str, port_name: &str, port: u16) {
     assert_eq!(has_ops_rule, separate, "{policy}");
 }
 
+/// NOTES.txt as `helm install` prints it (`--dry-run=client`: no API server).
+fn notes(helm: &Path, values: Option<&Path>, set: &[&str]) -> String {
+    let mut cmd = Command::new(helm);
+    cmd.args(["install", "weft", deploy::chart().to_str().unwrap()])
+        .args(["--namespace", "rt", "--dry-run=client"]);
+    if let Some(v) = values {
+        cmd.arg("-f").arg(v);
+    }
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "helm install --dry-run: {}",
+        text(&out.stderr)
+    );
+    let all = text(&out.stdout);
+    all.split_once("\nNOTES:\n")
+        .unwrap_or_else(|| panic!("no NOTES in\n{all}"))
+        .1
+        .to_owned()
+}
+
+/// With `tls.enabled` the client port speaks HTTPS only: the `helm test` pod and the
+/// load Job's coordinator and workers target `https://` and trust the CA from the TLS
+/// Secret (or `tls.ca.existingSecret`) through `--ca-file`, NOTES.txt shows https://
+/// and wss://, and the Service and Ingress say the backend is HTTPS. Without TLS,
+/// none of it.
+#[test]
+fn tls_values_make_the_load_tests_and_notes_speak_https() {
+    let Some(helm) = helm() else { return };
+    let Some(python) = tool("python3", "PYTHON3") else {
+        return;
+    };
+    let pods = |set: &[&str], tls: bool| -> Vec<(String, serde_json::Value)> {
+        let file = tls.then(|| values("tls"));
+        let mut all = vec!["loadJob.enabled=true"];
+        all.extend_from_slice(set);
+        let yaml = render(&helm, file.as_deref(), &all).unwrap();
+        deploy::manifests_json(&python, &yaml)
+            .into_iter()
+            .filter_map(|d| {
+                let name = d["metadata"]["name"].as_str()?.to_owned();
+                match d["kind"].as_str()? {
+                    "Pod" => Some((name, d["spec"].clone())),
+                    "Job" => Some((name, d["spec"]["template"]["spec"].clone())),
+                    _ => None,
+                }
+            })
+            .collect()
+    };
+    let tls_pods = pods(&[], true);
+    assert_eq!(tls_pods.len(), 3, "test pod, coordinator, workers");
+    for (name, spec) in &tls_pods {
+        let args = deploy::strings(&spec["containers"][0]["args"]);
+        let target = args.windows(2).find(|w| w[0] == "--target").map(|w| &w[1]);
+        assert_eq!(
+            target.map(String::as_str),
+            Some("https://weft.rt.svc:80"),
+            "{name}: {args:?}"
+        );
+        let ca = args
+            .windows(2)
+            .find(|w| w[0] == "--ca-file")
+            .map(|w| w[1].clone())
+            .unwrap_or_else(|| panic!("{name}: no --ca-file in {args:?}"));
+        // The file is where a mounted volume puts the Secret's ca.crt.
+        let mount = spec["containers"][0]["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| ca.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{name}: {ca} is on no mount"));
+        let vol = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        assert_eq!(vol["secret"]["secretName"], "weft-https", "{name}: {vol}");
+        let item = &vol["secret"]["items"][0];
+        assert_eq!(item["key"], "ca.crt");
+        assert_eq!(
+            format!(
+                "{}/{}",
+                mount["mountPath"].as_str().unwrap(),
+                item["path"].as_str().unwrap()
+            ),
+            ca
+        );
+    }
+    // A CA of its own, or the platform's roots only.
+    for (name, spec) in pods(
+        &["tls.ca.existingSecret=corp-ca", "tls.ca.key=root.pem"],
+        true,
+    ) {
+        let vol = &spec["volumes"][0]["secret"];
+        assert_eq!(
+            (&vol["secretName"], &vol["items"][0]["key"]),
+            (&"corp-ca".into(), &"root.pem".into()),
+            "{name}"
+        );
+    }
+    for (name, spec) in pods(&["tls.ca.key="], true) {
+        let args = deploy::strings(&spec["containers"][0]["args"]);
+        assert!(
+            !args.contains(&"--ca-file".to_owned()) && spec["volumes"].is_null(),
+            "{name}: {args:?}"
+        );
+        assert!(
+            args.contains(&"https://weft.rt.svc:80".to_owned()),
+            "{name}: {args:?}"
+        );
+    }
+    for (name, spec) in pods(&[], false) {
+        let args = deploy::strings(&spec["containers"][0]["args"]);
+        assert!(
+            args.contains(&"http://weft.rt.svc:80".to_owned()),
+            "{name}: {args:?}"
+        );
+        assert!(
+            !args.contains(&"--ca-file".to_owned()) && spec["volumes"].is_null(),
+            "{name}"
+        );
+    }
+
+    let said = notes(&helm, Some(&values("tls")), &[]);
+    assert!(
+        said.contains("https://localhost:8080/v1/topics/chat.lobby/events")
+            && said.contains("wss://localhost:8080/v1/ws")
+            && said.contains("--cacert weft-ca.crt"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("http://") && !said.contains("ws://"),
+        "{said}"
+    );
+    let plain = notes(&helm, None, &[]);
+    assert!(
+        plain.contains("http://localhost:8080") && plain.contains("ws://localhost:8080"),
+        "{plain}"
+    );
+    assert!(
+        !plain.contains("https://") && !plain.contains("wss://"),
+        "{plain}"
+    );
+
+    let m = render(&helm, Some(&values("tls")), &["ingress.enabled=true"]).unwrap();
+    assert!(m.contains("appProtocol: https"));
+    let ingress = document(&m, "Ingress", "weft");
+    assert!(
+        ingress.contains("nginx.ingress.kubernetes.io/backend-protocol: \"HTTPS\""),
+        "{ingress}"
+    );
+    let m = render(&helm, Some(&values("ingress")), &[]).unwrap();
+    assert!(!document(&m, "Ingress", "weft").contains("backend-protocol"));
+}
+
 /// The rendered `weft.toml` of the values files that use no setting newer than this
 /// build is accepted by the real binary, and means what the values say.
 #[test]

@@ -417,3 +417,45 @@ initContainers:
     sizeLimit: 1Mi
 {{- end -}}
 
+
+{{/* The client Service as weft-loadtest's --target: https:// with tls.enabled. */}}
+{{- define "weft.clientTarget" -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" .Values.tls.enabled) (include "weft.client" .) .Release.Namespace (int .Values.service.port) -}}
+{{- end -}}
+
+{{/* Whether the load tests mount a CA for the client port's certificate. */}}
+{{- define "weft.clientCaMounted" -}}
+{{- if and .Values.tls.enabled .Values.tls.ca.key -}}true{{- end -}}
+{{- end -}}
+
+{{/* weft-loadtest's --ca-file arguments (with tls.enabled and a CA key). */}}
+{{- define "weft.clientCaArgs" -}}
+{{- if include "weft.clientCaMounted" . }}
+- --ca-file
+- /etc/weft/client-ca/ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* The load-test container's mount of that CA. */}}
+{{- define "weft.clientCaMount" -}}
+{{- if include "weft.clientCaMounted" . }}
+volumeMounts:
+  - name: client-ca
+    mountPath: /etc/weft/client-ca
+    readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The load-test pod's volume holding that CA: tls.ca.key of tls.ca.existingSecret,
+     or of the TLS Secret itself. */}}
+{{- define "weft.clientCaVolume" -}}
+{{- if include "weft.clientCaMounted" . }}
+volumes:
+  - name: client-ca
+    secret:
+      secretName: {{ default .Values.tls.existingSecret .Values.tls.ca.existingSecret }}
+      items:
+        - key: {{ .Values.tls.ca.key }}
+          path: ca.crt
+{{- end }}
+{{- end -}}
