@@ -149,6 +149,15 @@ fn rendered_objects_carry_what_the_lifecycle_needs() {
     // preStop drain calls are on the ops port, which neither the client Service nor
     // the Ingress reaches.
     assert_ops_on(&m, "ops", 9090);
+    // The gRPC port is reserved, not bound: nothing routes or admits traffic to it.
+    let cluster_svc = document(&m, "Service", "weft-cluster");
+    assert!(
+        cluster_svc.contains("port: 9100\n      targetPort: cluster")
+            && !cluster_svc.contains("9000"),
+        "{cluster_svc}"
+    );
+    assert!(!document(&m, "NetworkPolicy", "-node").contains("9000"));
+    assert!(!document(&m, "StatefulSet", "-node").contains("containerPort: 9000"));
     document(&m, "PodDisruptionBudget", "-router");
     // Secure by default: client auth with generated keys, cluster mTLS from the
     // chart's CA, each pod's certificate signed by its init container.
@@ -993,6 +1002,130 @@ fn runtime_image_has_ca_certificates_and_oci_labels() {
         "{chart}"
     );
     assert_eq!(label("revision"), "unknown");
+}
+
+/// Label names by series name on a Prometheus text page.
+fn labels_by_series(page: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for line in page
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let labels = out.entry(line[..name_end].to_owned()).or_default();
+        if let Some(body) = line[name_end..]
+            .strip_prefix('{')
+            .and_then(|b| b.split_once('}'))
+        {
+            for pair in body.0.split(',').filter(|p| !p.is_empty()) {
+                let k = pair.split_once('=').unwrap().0.to_owned();
+                if !labels.contains(&k) {
+                    labels.push(k);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The label matchers of each `metric{...}` selector in a PromQL expression.
+fn selectors(expr: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(open) = rest.find('{') {
+        let name: String = rest[..open]
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let close = rest[open..].find('}').expect("a closed selector") + open;
+        let labels = rest[open + 1..close]
+            .split(',')
+            .filter_map(|m| {
+                let end = m.find(['=', '!'])?;
+                Some(m[..end].trim().to_owned())
+            })
+            .collect();
+        if !name.is_empty() {
+            out.push((name, labels));
+        }
+        rest = &rest[close + 1..];
+    }
+    out
+}
+
+/// Every label a dashboard query filters a Weft metric on is a label that metric has
+/// (or one Prometheus adds when it scrapes the pod): a matcher on a label the series
+/// lacks selects nothing, and the panel shows "No data" for ever. Checked against a
+/// live node's `/metrics`.
+#[test]
+fn dashboard_filters_only_on_labels_the_metrics_have() {
+    let dir = temp("dashboard-labels");
+    let mut node = weft_testkit::bin::loopback_node(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start weft-node");
+    let bound = weft_testkit::bin::wait_ready_file(&mut node, &dir.join("ready.json"), "weft-node");
+    let addr = bound["http"].as_str().unwrap().to_owned();
+    let page = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body
+    };
+    let _ = node.kill();
+    let _ = node.wait();
+    let exported = labels_by_series(&page);
+    assert!(
+        exported["weft_build_info"].contains(&"version".to_owned()),
+        "{page}"
+    );
+    // Added by Prometheus (prometheus-operator) to every scraped series.
+    let scrape = [
+        "namespace",
+        "pod",
+        "service",
+        "job",
+        "instance",
+        "container",
+        "endpoint",
+    ];
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy::chart().join("files/dashboards/weft.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for (metric, labels) in selectors(expr) {
+                // Only what this page shows series of (a family may have none yet).
+                let Some(has) = exported.get(&metric) else {
+                    continue;
+                };
+                for l in labels {
+                    assert!(
+                        has.contains(&l) || scrape.contains(&l.as_str()),
+                        "panel {}: {metric} has no label `{l}` (it has {has:?}): {expr}",
+                        panel["title"]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} matchers checked");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A Secret's value in a rendered manifest stream, decoded (`base64 -d`).

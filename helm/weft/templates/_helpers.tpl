@@ -85,9 +85,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- join "," $out -}}
 {{- end -}}
 
-{{/* The port peers dial for relay traffic. */}}
+{{/* The port peers dial for relay traffic: the cluster listener (this build always
+     binds it; the gRPC port is reserved and not bound). */}}
 {{- define "weft.relayPort" -}}
-{{- if .Values.node.clusterListener -}}{{ .Values.node.ports.cluster }}{{- else -}}{{ .Values.node.ports.grpc }}{{- end -}}
+{{- .Values.node.ports.cluster -}}
 {{- end -}}
 
 {{/* The port that serves /healthz, /readyz, /metrics. */}}
