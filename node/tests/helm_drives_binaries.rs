@@ -3,7 +3,10 @@
 //! and the pod lifecycle the kubelet would play — readiness from the rendered probe,
 //! the rendered `preStop`, SIGTERM, SIGKILL at the rendered grace period — runs for
 //! every node in turn (highest ordinal first, as a StatefulSet rolls) under load with
-//! nothing lost, duplicated, reordered or reset.
+//! nothing lost, duplicated, reordered or reset. Then `helm test` as rendered: the
+//! test pod's command, env and token against the cluster (the client Service mapped
+//! to a node pod) passes its SLO gate, and the same command with a p99 bound no run
+//! can meet exits 3.
 //!
 //! From each StatefulSet's pod template the test takes every container's command, args
 //! and env (`$(VAR)` expanded, `fieldRef`s of the pod's name and ordinal resolved), the
@@ -538,6 +541,10 @@ fn lifecycle_under_load() {
         &[
             "node.config.timing.shutdown_grace_ms=3000",
             "logging.format=text",
+            // The helm test's latency bound for a shared 2-core test machine (the
+            // default 250 ms missed once at load average 8); the integrity clauses
+            // are the chart's own.
+            "test.slo=loss=0\\,duplicates=0\\,reordered=0\\,p99<2s",
         ],
     );
     let token = loadtest_token(&docs);
@@ -590,6 +597,7 @@ fn lifecycle_under_load() {
     let (sub_url, pub_url) = (url(&mut cluster, &nodes[0]), url(&mut cluster, &nodes[1]));
     assert_members_speak_mutual_tls(&mut cluster, &nodes[0]);
     assert_clients_must_authenticate(&pub_url, &token);
+    assert_ops_apart_from_clients(&mut cluster, &nodes[0]);
 
     let flag = cluster.root.join("lifecycle");
     std::fs::create_dir_all(&flag).unwrap();
@@ -710,6 +718,8 @@ fn lifecycle_under_load() {
         field("delivered"),
         field("reconnects")
     );
+    // After the rolling restart, as an operator would: `helm test`.
+    helm_test_pod_passes_and_its_slo_gate_bites(&docs, &mut cluster);
 }
 
 /// The API key the rendered `helm test` pod sends: its `WEFT_LOADTEST_TOKEN` is a
@@ -756,6 +766,210 @@ fn assert_members_speak_mutual_tls(cluster: &mut Cluster, node: &str) {
         !log.contains("--cluster-insecure"),
         "{node} runs insecure:\n{log}"
     );
+}
+
+/// The rendered `helm test` pod's command line and environment, as the kubelet would
+/// run it against this cluster: `secretKeyRef`s read from the rendered Secrets, and
+/// the client Service's DNS name and port mapped to a node pod's address and the
+/// container port the Service targets.
+fn helm_test_command(docs: &[Value], cluster: &mut Cluster) -> Proc {
+    let pod = docs
+        .iter()
+        .find(|d| d["kind"] == "Pod" && d["metadata"]["annotations"]["helm.sh/hook"] == "test")
+        .expect("a helm test pod");
+    let c = &pod["spec"]["containers"][0];
+    let secret = |name: &Value, key: &Value| -> String {
+        let s = docs
+            .iter()
+            .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == *name)
+            .unwrap_or_else(|| panic!("Secret {name} is not rendered"));
+        s["stringData"][key.as_str().unwrap()]
+            .as_str()
+            .unwrap_or_else(|| panic!("Secret {name} has no {key}"))
+            .to_owned()
+    };
+    let mut env = Vec::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let value = match e["value"].as_str() {
+            Some(v) => v.to_owned(),
+            None => {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                assert!(r.is_object(), "test pod env {e} has no stand-in");
+                secret(&r["name"], &r["key"])
+            }
+        };
+        env.push((e["name"].as_str().unwrap().to_owned(), value));
+    }
+    // Every Service with a cluster IP: <name>.<ns>.svc:<port> → the first pod of the
+    // component it selects, on the container port it targets.
+    let mut services = Vec::new();
+    for svc in docs.iter().filter(|d| d["kind"] == "Service") {
+        if svc["spec"]["clusterIP"] == "None" {
+            continue;
+        }
+        let Some(component) = svc["spec"]["selector"]["app.kubernetes.io/component"].as_str()
+        else {
+            continue;
+        };
+        let Some(pod) = cluster
+            .pods
+            .iter()
+            .find(|p| p.name.contains(&format!("-{component}-")))
+        else {
+            continue;
+        };
+        for port in svc["spec"]["ports"].as_array().unwrap() {
+            let target = match &port["targetPort"] {
+                Value::String(name) => pod.ports[name],
+                Value::Number(n) => n.as_u64().unwrap() as u16,
+                other => panic!("targetPort {other}"),
+            };
+            services.push((
+                format!(
+                    "{}.rt.svc:{}",
+                    svc["metadata"]["name"].as_str().unwrap(),
+                    port["port"]
+                ),
+                format!("{}:{target}", pod.ip),
+            ));
+        }
+    }
+    assert!(!services.is_empty(), "no client Service rendered");
+    let command: Vec<String> = c["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(c["args"].as_array().into_iter().flatten())
+        .map(|a| {
+            let mut a = a.as_str().unwrap().to_owned();
+            for (from, to) in &services {
+                a = a.replace(from, to);
+            }
+            a
+        })
+        .collect();
+    let mut command = command;
+    assert_eq!(command[0], "/usr/local/bin/weft-loadtest");
+    command[0] = weft_testkit::bin::path("weft-loadtest")
+        .display()
+        .to_string();
+    Proc {
+        container: c["name"].as_str().unwrap().to_owned(),
+        command,
+        env,
+    }
+}
+
+/// Runs a command to its end within `bound` (killed after it), with its output.
+fn run_bounded(mut cmd: Command, bound: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let deadline = Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `helm test` as rendered: the test pod's own command (load, token, SLO gate) against
+/// the running cluster passes; the same command with a p99 bound no run can meet
+/// exits 3 and says which objective failed, so the gate can fail the release.
+fn helm_test_pod_passes_and_its_slo_gate_bites(docs: &[Value], cluster: &mut Cluster) {
+    let test = helm_test_command(docs, cluster);
+    let node_http = {
+        let p = cluster.pod("weft-node-0");
+        format!("http://{}:{}", p.ip, p.ports["http"])
+    };
+    assert!(
+        test.command.contains(&node_http),
+        "the test pod's --target did not map to a node: {:?}",
+        test.command
+    );
+    assert!(test.env.iter().any(|(k, _)| k == "WEFT_LOADTEST_TOKEN"));
+    // `run_bounded` captures what `command()` would have logged.
+    let log = std::fs::File::create(cluster.root.join("helm-test.log")).unwrap();
+    let out = run_bounded(test.command(&log), Duration::from_secs(90));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the rendered helm test failed ({}):\n{said}",
+        out.status
+    );
+    assert!(
+        said.contains("SLO:") && said.contains("PASS p99<2s") && !said.contains("FAIL"),
+        "{said}"
+    );
+
+    let slo_at = test
+        .command
+        .iter()
+        .position(|a| a == "--slo")
+        .expect("the test pod has an --slo gate")
+        + 1;
+    let slo = &test.command[slo_at];
+    let p99 = slo
+        .split(',')
+        .find(|c| c.starts_with("p99<"))
+        .unwrap_or_else(|| panic!("the rendered --slo {slo:?} has no p99 bound"));
+    let mut impossible = Proc {
+        container: test.container.clone(),
+        command: test.command.clone(),
+        env: test.env.clone(),
+    };
+    impossible.command[slo_at] = slo.replace(p99, "p99<1us");
+    let out = run_bounded(impossible.command(&log), Duration::from_secs(90));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "an unmeetable p99 bound must fail the helm test:\n{said}"
+    );
+    assert!(said.contains("FAIL p99<1us"), "{said}");
+}
+
+/// The status line's code of a plain HTTP GET.
+fn http_status(addr: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+/// The default render has the node's ops listener (`node.separateOpsListener`): the
+/// probes and `/metrics` answer on the ops port the rendered probes name, and the
+/// client port (what the client Service and an Ingress on `/` reach) has neither.
+fn assert_ops_apart_from_clients(cluster: &mut Cluster, node: &str) {
+    let pod = cluster.pod(node);
+    assert_eq!(pod.readiness["httpGet"]["port"], "ops", "{}", pod.readiness);
+    assert!(
+        pod.main.env.iter().any(|(k, _)| k == "WEFT_OPS_LISTEN"),
+        "{:?}",
+        pod.main.env
+    );
+    let client = format!("{}:{}", pod.ip, pod.ports["http"]);
+    let ops = format!("{}:{}", pod.ip, pod.ports["ops"]);
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(
+            http_status(&ops, path),
+            200,
+            "{node}: {path} on the ops port"
+        );
+        assert_eq!(
+            http_status(&client, path),
+            404,
+            "{node}: {path} is served on the client port"
+        );
+    }
 }
 
 /// Without a credential the client API refuses; with the rendered key it serves.

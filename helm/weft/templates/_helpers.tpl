@@ -85,9 +85,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- join "," $out -}}
 {{- end -}}
 
-{{/* The port peers dial for relay traffic. */}}
+{{/* The port peers dial for relay traffic: the cluster listener (this build always
+     binds it; the gRPC port is reserved and not bound). */}}
 {{- define "weft.relayPort" -}}
-{{- if .Values.node.clusterListener -}}{{ .Values.node.ports.cluster }}{{- else -}}{{ .Values.node.ports.grpc }}{{- end -}}
+{{- .Values.node.ports.cluster -}}
 {{- end -}}
 
 {{/* The port that serves /healthz, /readyz, /metrics. */}}
@@ -247,9 +248,10 @@ tolerations:
 {{- end }}
 {{- end -}}
 
-{{/* The plain-HTTP port the preStop drain call goes to. */}}
+{{/* The plain-HTTP port the preStop drain call (an admin route) goes to: the ops
+     listener when there is one (always with tls.enabled), else the HTTP port. */}}
 {{- define "weft.drainPort" -}}
-{{- if .Values.tls.enabled -}}{{ .Values.node.ports.ops }}{{- else -}}{{ .Values.node.ports.http }}{{- end -}}
+{{- include "weft.opsPort" . -}}
 {{- end -}}
 
 {{/* The most node pods that can exist (HPA max or replicas). */}}
@@ -414,4 +416,47 @@ initContainers:
   emptyDir:
     medium: Memory
     sizeLimit: 1Mi
+{{- end -}}
+
+
+{{/* The client Service as weft-loadtest's --target: https:// with tls.enabled. */}}
+{{- define "weft.clientTarget" -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" .Values.tls.enabled) (include "weft.client" .) .Release.Namespace (int .Values.service.port) -}}
+{{- end -}}
+
+{{/* Whether the load tests mount a CA for the client port's certificate. */}}
+{{- define "weft.clientCaMounted" -}}
+{{- if and .Values.tls.enabled .Values.tls.ca.key -}}true{{- end -}}
+{{- end -}}
+
+{{/* weft-loadtest's --ca-file arguments (with tls.enabled and a CA key). */}}
+{{- define "weft.clientCaArgs" -}}
+{{- if include "weft.clientCaMounted" . }}
+- --ca-file
+- /etc/weft/client-ca/ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* The load-test container's mount of that CA. */}}
+{{- define "weft.clientCaMount" -}}
+{{- if include "weft.clientCaMounted" . }}
+volumeMounts:
+  - name: client-ca
+    mountPath: /etc/weft/client-ca
+    readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The load-test pod's volume holding that CA: tls.ca.key of tls.ca.existingSecret,
+     or of the TLS Secret itself. */}}
+{{- define "weft.clientCaVolume" -}}
+{{- if include "weft.clientCaMounted" . }}
+volumes:
+  - name: client-ca
+    secret:
+      secretName: {{ default .Values.tls.existingSecret .Values.tls.ca.existingSecret }}
+      items:
+        - key: {{ .Values.tls.ca.key }}
+          path: ca.crt
+{{- end }}
 {{- end -}}
