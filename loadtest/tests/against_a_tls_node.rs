@@ -6,7 +6,6 @@
 //! `--ca-file` for an untrusted CA), a coordinator's included.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,8 +16,7 @@ use weft_loadtest::report::Report;
 use weft_testkit::TestNode;
 
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_weft-loadtest");
+use common::exec;
 
 /// A directory of PEM files, removed when dropped.
 struct Dir(PathBuf);
@@ -196,30 +194,6 @@ async fn an_untrusted_certificate_fails_the_run_at_once_naming_ca_file() {
     for n in [node, dns_only, plain] {
         n.stop_within(Duration::from_secs(10)).await;
     }
-}
-
-/// Runs the binary with `args` (no white space inside an argument) and `env`.
-async fn exec(args: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(args.split_whitespace())
-        .env_remove("WEFT_LOADTEST_TARGET")
-        .env_remove("WEFT_LOADTEST_RUN_ID")
-        .env_remove("WEFT_LOADTEST_WORKER_SLOT")
-        .env_remove("WEFT_LOADTEST_CA_FILE")
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
-        .await
-        .expect("the binary finishes by itself")
-        .unwrap();
-    eprintln!(
-        "$ weft-loadtest {args}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn report(path: &Path) -> Report {

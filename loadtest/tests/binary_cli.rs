@@ -9,7 +9,7 @@ use std::time::Duration;
 use weft_loadtest::report::Report;
 use weft_testkit::TestNode;
 
-const BIN: &str = env!("CARGO_BIN_EXE_weft-loadtest");
+mod common;
 
 async fn node() -> TestNode {
     TestNode::start_with(|c| c.node_id = format!("loadtest-cli-{}", std::process::id())).await
@@ -42,29 +42,10 @@ impl Drop for TmpDir {
     }
 }
 
-/// Runs the binary with the command line `args` (split at white space: the paths in
-/// it are [`TmpDir`] files, which have none).
-async fn exec(args: impl Into<String>) -> Output {
-    let args = args.into();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(BIN)
-            .args(args.split_whitespace())
-            .env_remove("WEFT_LOADTEST_TARGET")
-            .env_remove("WEFT_LOADTEST_RUN_ID")
-            .env_remove("WEFT_LOADTEST_WORKER_SLOT")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the binary finishes by itself")
-    .unwrap();
-    eprintln!(
-        "$ weft-loadtest {args}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+/// The binary with `args` (the paths in it are [`TmpDir`] files, which hold no white
+/// space).
+async fn exec(args: impl AsRef<str>) -> Output {
+    common::exec(args.as_ref(), &[]).await
 }
 
 fn report(path: &str) -> Report {

@@ -10,16 +10,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use weft_loadtest::net::Net;
 use weft_loadtest::plan::{topic_names, Layout, Plan, ScenarioKind, Slot};
 use weft_loadtest::publisher::Publisher;
 use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
 use weft_loadtest::subscriber::{Finals, Shared, Subscriber};
-use weft_loadtest::tls::TlsClient;
 use weft_loadtest::transport::{System, Transport};
 use weft_proto::Cursor;
+
+mod common;
 
 /// One HTTP/1.1 request: method + path, and the body.
 async fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
@@ -107,16 +107,7 @@ async fn publisher_is_open_loop_no_coordinated_omission() {
     };
     let recorder = Arc::new(Recorder::new());
     let publisher = Arc::new(Publisher {
-        net: Arc::new(
-            Net::new(
-                &format!("http://{addr}"),
-                &Arc::new(TlsClient::load(None).unwrap()),
-                0,
-                false,
-            )
-            .await
-            .unwrap(),
-        ),
+        net: common::plain_net(addr).await,
         topics: Arc::new(plan.topics.clone()),
         recorder: recorder.clone(),
         stats: Arc::new(LiveStats::default()),
@@ -232,16 +223,7 @@ async fn subscribe_once(
     let recorder = Arc::new(Recorder::new());
     let stats = Arc::new(LiveStats::default());
     let shared = Arc::new(Shared {
-        net: Arc::new(
-            Net::new(
-                &format!("http://{addr}"),
-                &Arc::new(TlsClient::load(None).unwrap()),
-                0,
-                false,
-            )
-            .await
-            .unwrap(),
-        ),
+        net: common::plain_net(addr).await,
         system: System::Weft,
         transport: Transport::Sse,
         topics: Arc::new(vec!["t".to_string()]),

@@ -14,13 +14,13 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
-use weft_loadtest::net::Net;
 use weft_loadtest::plan::{topic_names, Layout, Plan, ScenarioKind, Slot};
 use weft_loadtest::publisher::Publisher;
 use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
-use weft_loadtest::tls::TlsClient;
+
+mod common;
 
 /// What the fake node saw, per topic path.
 #[derive(Default)]
@@ -113,16 +113,7 @@ async fn publish(
         subscribe: None,
     };
     let publisher = Arc::new(Publisher {
-        net: Arc::new(
-            Net::new(
-                &format!("http://{addr}"),
-                &Arc::new(TlsClient::load(None).unwrap()),
-                0,
-                false,
-            )
-            .await
-            .unwrap(),
-        ),
+        net: common::plain_net(addr).await,
         topics: Arc::new(plan.topics.clone()),
         recorder: Arc::new(Recorder::new()),
         stats: Arc::new(LiveStats::default()),

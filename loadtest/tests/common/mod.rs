@@ -2,10 +2,60 @@
 //! books of a clean run. (Each test file uses what it needs of it.)
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
 use clap::Parser;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
+use weft_loadtest::net::Net;
 use weft_loadtest::report::Report;
+use weft_loadtest::tls::TlsClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-loadtest");
+
+/// Runs the `weft-loadtest` binary with the command line `args` (split at white space:
+/// no argument may hold any) and `env`, none of the harness's own variables inherited;
+/// bounded at 90 s. Prints its output.
+pub async fn exec(args: &str, env: &[(&str, &str)]) -> Output {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args.split_whitespace())
+        .env_remove("WEFT_LOADTEST_TARGET")
+        .env_remove("WEFT_LOADTEST_RUN_ID")
+        .env_remove("WEFT_LOADTEST_WORKER_SLOT")
+        .env_remove("WEFT_LOADTEST_CA_FILE")
+        .env_remove("WEFT_LOADTEST_TOKEN")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("the binary finishes by itself")
+        .unwrap();
+    eprintln!(
+        "$ weft-loadtest {args}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The harness's connections to a plain-HTTP node at `addr`.
+pub async fn plain_net(addr: SocketAddr) -> Arc<Net> {
+    Arc::new(
+        Net::new(
+            &format!("http://{addr}"),
+            &Arc::new(TlsClient::load(None).unwrap()),
+            0,
+            false,
+        )
+        .await
+        .unwrap(),
+    )
+}
 
 /// Runs `weft-loadtest ARGS --quiet --drain-timeout 10s` in process, ARGS a command
 /// line split at white space; prints its table.
