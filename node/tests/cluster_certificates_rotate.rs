@@ -7,7 +7,8 @@
 //! rotation: (1) the CA bundle gains a new CA, (2) every member gets a certificate of
 //! the new CA, (3) the bundle drops the old CA. Every subscriber sees every event of
 //! every topic exactly once, in order, in one epoch, with no `reset`; every member
-//! then accepts a new-CA certificate and refuses an old-CA one.
+//! then accepts a new-CA certificate, refuses an old-CA one, and presents its own new
+//! certificate (a probe trusting the new CA alone gets through).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -106,6 +107,24 @@ async fn every_certificate_and_the_ca_rotate_under_load_losing_nothing() {
     c.write_ca_bundle(&[new_ca.cert_pem()]);
     all_members_accept(&c, &old_probe, false, "members refuse the old CA").await;
     all_members_accept(&c, &new_probe, true, "members still accept the new CA").await;
+    // A probe that trusts the new CA alone gets through only if each member now
+    // presents its new certificate, not the one it started with.
+    let new_only = probes.join("new-only");
+    std::fs::create_dir_all(&new_only).unwrap();
+    std::fs::write(new_only.join("ca.crt"), new_ca.cert_pem()).unwrap();
+    let new_only_probe = tls(issue_files(
+        &new_ca,
+        &new_only,
+        "probe",
+        &Peer::Admin("new-only".into()),
+    ));
+    all_members_accept(
+        &c,
+        &new_only_probe,
+        true,
+        "members present their new-CA certificates",
+    )
+    .await;
     let rotation = started.elapsed();
 
     tokio::time::sleep(Duration::from_secs(1)).await;
