@@ -23,6 +23,11 @@ use tokio::time::Instant;
 
 use crate::conn::{Conn, ConnectError, Dialer};
 
+/// The largest whole body [`Response::bytes`] reads: far above any answer the node
+/// gives (a long-poll page of 1,000 events of 64 KiB at most), so a server that
+/// streams without end cannot make the harness buffer it all.
+pub const MAX_BODY: usize = 128 << 20;
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -34,6 +39,8 @@ pub enum HttpError {
     Timeout(Duration),
     #[error("reading the body: {0}")]
     Body(#[from] hyper::Error),
+    #[error("the answer's body exceeds {MAX_BODY} bytes")]
+    TooLarge,
     #[error("bad request {0}")]
     Build(#[from] hyper::http::Error),
 }
@@ -193,16 +200,28 @@ impl Response {
         &self.headers
     }
 
-    /// The whole body (within the request's timeout, if it has one).
+    /// The whole body, at most [`MAX_BODY`] bytes (within the request's timeout, if
+    /// it has one).
     pub async fn bytes(self) -> Result<Bytes, HttpError> {
-        let read = self.body.collect();
+        use hyper::body::Body;
+        // A Content-Length past the cap is refused before a byte is read.
+        if self.body.size_hint().lower() > MAX_BODY as u64 {
+            return Err(HttpError::TooLarge);
+        }
+        let read = http_body_util::Limited::new(self.body, MAX_BODY).collect();
         let collected = match self.deadline {
             Some((at, after)) => tokio::time::timeout_at(at, read)
                 .await
-                .map_err(|_| HttpError::Timeout(after))??,
-            None => read.await?,
+                .map_err(|_| HttpError::Timeout(after))?,
+            None => read.await,
         };
-        Ok(collected.to_bytes())
+        match collected {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) => match e.downcast::<hyper::Error>() {
+                Ok(e) => Err(HttpError::Body(*e)),
+                Err(_) => Err(HttpError::TooLarge),
+            },
+        }
     }
 
     /// The body's next chunk of data; `None` at its end. Cancel-safe: a chunk is never
@@ -218,5 +237,37 @@ impl Response {
                 Err(e) => return Some(Err(e.into())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_body_past_the_cap_is_an_error_not_an_allocation() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                MAX_BODY + 1
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&[b'x'; 4096]).await;
+        });
+        let dialer = Arc::new(Dialer::new(addr, Vec::new(), Duration::from_secs(5)));
+        let client = HttpClient::new(dialer, 0, None);
+        let resp = client
+            .get(format!("http://{addr}/"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(resp.bytes().await, Err(HttpError::TooLarge)));
     }
 }

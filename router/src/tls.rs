@@ -44,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -454,10 +455,8 @@ fn expired() -> io::Error {
     )
 }
 
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
+/// A cluster connection's bytes: plaintext (`--cluster-insecure`) or TLS.
+type Stream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 impl Connected for ClusterIo {
     type ConnectInfo = ClusterConn;
@@ -474,10 +473,7 @@ impl AsyncRead for ClusterIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check_expiry()?;
-        match &mut this.stream {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -489,10 +485,7 @@ impl AsyncWrite for ClusterIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_expiry()?;
-        match &mut this.stream {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -502,31 +495,19 @@ impl AsyncWrite for ClusterIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_expiry()?;
-        match &mut this.stream {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -572,7 +553,7 @@ impl Transport {
                     Transport::Plaintext => {
                         drop(permit);
                         let io = ClusterIo {
-                            stream: Stream::Plain(tcp),
+                            stream: Either::Left(tcp),
                             info: ClusterConn {
                                 remote: Some(remote),
                                 peer: Peer::Unverified,
@@ -772,7 +753,7 @@ async fn handshake(
     tracing::debug!(%peer, %remote, "cluster connection accepted");
     let expires = leaf.as_deref().and_then(not_after);
     Some(ClusterIo {
-        stream: Stream::Tls(Box::new(tls)),
+        stream: Either::Right(Box::new(tls)),
         info: ClusterConn {
             remote: Some(remote),
             peer,
