@@ -22,7 +22,7 @@ use weft_testkit::routers::{join_request, RouterGroup};
 async fn start(name: &str, ip_base: u8, heartbeat_timeout_ms: u64) -> (Workdir, RouterGroup) {
     let dir = Workdir::new("cluster", name);
     let pki = Arc::new(Pki::create(dir.join("certs")));
-    let group = RouterGroup::start(&dir, ip_base, heartbeat_timeout_ms, Some(pki)).await;
+    let group = RouterGroup::start(&dir, ip_base, heartbeat_timeout_ms, pki).await;
     (dir, group)
 }
 
@@ -280,7 +280,7 @@ async fn idle_connections_from_one_address_cannot_stall_the_handshakes_of_member
 async fn a_connection_that_outlives_its_certificate_is_closed() {
     let dir = Workdir::new("cluster", "outlived");
     let pki = Arc::new(Pki::create(dir.join("certs")));
-    let c = RouterGroup::start(&dir, 70, 60_000, Some(pki.clone())).await;
+    let c = RouterGroup::start(&dir, 70, 60_000, pki.clone()).await;
     let leader = c.leader(Duration::from_secs(15)).await;
     // n1's certificate ends in 3 s.
     let now = std::time::SystemTime::now();

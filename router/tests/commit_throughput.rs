@@ -69,7 +69,7 @@ async fn commit_throughput_of_three_routers_over_mutual_tls() {
     tokio::time::timeout(BOUND, async {
         let dir = Workdir::new("bench", "commit");
         let pki = Arc::new(Pki::create(dir.join("certs")));
-        let group = RouterGroup::start(&dir, 90, 600_000, Some(pki.clone())).await;
+        let group = RouterGroup::start(&dir, 90, 600_000, pki.clone()).await;
         let leader = group.leader(Duration::from_secs(20)).await;
         let addrs: Vec<String> = group
             .ids()

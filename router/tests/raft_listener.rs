@@ -129,7 +129,7 @@ async fn redirect_from(transport: &Transport, addr: &str) -> Result<String, Stri
 async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart() {
     let dir = Workdir::new("raft-listener", "split");
     let pki = Arc::new(Pki::create(dir.join("certs")));
-    let mut g = RouterGroup::start(&dir, 50, 60_000, Some(pki.clone())).await;
+    let mut g = RouterGroup::start(&dir, 50, 60_000, pki.clone()).await;
     let leader = g.leader(Duration::from_secs(20)).await;
     let follower = g.ids().into_iter().find(|id| *id != leader).unwrap();
 
@@ -230,7 +230,7 @@ async fn routers_with_their_own_raft_address_elect_serve_and_keep_services_apart
 async fn a_router_behind_the_purged_log_catches_up_from_a_snapshot() {
     let dir = Workdir::new("raft-listener", "snapshot");
     let pki = Arc::new(Pki::create(dir.join("certs")));
-    let mut g = RouterGroup::start(&dir, 56, 600_000, Some(pki.clone())).await;
+    let mut g = RouterGroup::start(&dir, 56, 600_000, pki.clone()).await;
     g.leader(Duration::from_secs(20)).await;
     let node = tls(issue_files(
         pki.ca(),

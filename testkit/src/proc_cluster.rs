@@ -137,8 +137,7 @@ impl ProcCluster {
         let workdir = Workdir::new("relay", name);
         let pki = Arc::new(Pki::create(workdir.join("certs")));
         // Raft on addresses of its own, as the Helm chart runs routers.
-        let routers =
-            RouterGroup::start(&workdir, base, heartbeat_timeout_ms, Some(pki.clone())).await;
+        let routers = RouterGroup::start(&workdir, base, heartbeat_timeout_ms, pki.clone()).await;
         let mut c = Self {
             routers,
             nodes: BTreeMap::new(),

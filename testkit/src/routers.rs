@@ -1,9 +1,9 @@
 //! The one spawner of a `weft-router` group: three real router processes, each on its
 //! own loopback address `127.0.0.{base+1..base+3}` (so several groups in one test run
 //! never collide), with data dirs, ready files and logs in the harness's [`Workdir`].
-//! A group runs mutual TLS with the certificates of a [`Pki`] — as in production and
-//! as the process cluster does — or plaintext (`--cluster-insecure`); a test speaks to
-//! it as the harness (an admin certificate) or as any node id it names
+//! A group runs mutual TLS with the certificates of a [`Pki`], as in production and as
+//! the process cluster does; a test speaks to it as the harness (an admin certificate)
+//! or as any node id it names
 //! ([`RouterGroup::client_as`], a node certificate for that id). Its routers
 //! serve Raft on a `--raft-listen` address of their own, as every group of routers
 //! must, which `--peers` names.
@@ -46,8 +46,8 @@ pub struct RouterGroup {
     clients: BTreeMap<u64, RouterClient>,
     /// What the harness's clients speak: plaintext, or the admin certificate.
     transport: Transport,
-    /// `None`: the routers run `--cluster-insecure`.
-    pki: Option<Arc<Pki>>,
+    /// The group's CA and member certificates.
+    pki: Arc<Pki>,
 }
 
 impl RouterGroup {
@@ -60,17 +60,14 @@ impl RouterGroup {
         workdir: &Workdir,
         base: u8,
         heartbeat_timeout_ms: u64,
-        pki: Option<Arc<Pki>>,
+        pki: Arc<Pki>,
     ) -> Self {
         let ip = |id: u64| format!("127.0.0.{}", base + id as u8);
         let addrs: BTreeMap<u64, String> =
             (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
         let raft_addrs: BTreeMap<u64, String> =
             (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
-        let transport = match &pki {
-            Some(p) => p.admin_transport(),
-            None => Transport::Plaintext,
-        };
+        let transport = pki.admin_transport();
         let clients = addrs
             .iter()
             .map(|(id, a)| {
@@ -121,15 +118,10 @@ impl RouterGroup {
             .log(&format!("router {id}"), &format!("router-{id}.log"));
         let out = bin::log_file(&log);
         let mut cmd = bin::command(bin::path("weft-router"));
-        match &self.pki {
-            Some(p) => {
-                let files = p.member_files(&format!("router-{id}"), &Peer::Router(id.to_string()));
-                pki::tls_args(&mut cmd, &files);
-            }
-            None => {
-                cmd.arg("--cluster-insecure");
-            }
-        }
+        let files = self
+            .pki
+            .member_files(&format!("router-{id}"), &Peer::Router(id.to_string()));
+        pki::tls_args(&mut cmd, &files);
         let child = cmd
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id]])
@@ -246,10 +238,10 @@ impl RouterGroup {
     }
 
     fn node_transport(&self, node: &str) -> Transport {
-        match &self.pki {
-            Some(p) => pki::tls(p.member_files(&format!("node-{node}"), &Peer::Node(node.into()))),
-            None => Transport::Plaintext,
-        }
+        pki::tls(
+            self.pki
+                .member_files(&format!("node-{node}"), &Peer::Node(node.into())),
+        )
     }
 
     /// Waits until every running router names the same leader, itself running; its id.
