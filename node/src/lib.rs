@@ -41,6 +41,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod heap;
 pub mod input;
 pub mod node;
 pub mod rate;

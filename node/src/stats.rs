@@ -216,6 +216,11 @@ impl Stats {
         &self.connections[t as usize]
     }
 
+    /// Client sessions open now, over every transport.
+    pub fn open_connections(&self) -> i64 {
+        self.connections.iter().map(Level::get).sum()
+    }
+
     pub fn received(&self, t: Traffic) -> &Count {
         &self.bytes_received[t as usize]
     }

@@ -259,10 +259,13 @@ where
     let _ = tokio::time::timeout(grace, conn).await;
 }
 
-/// Upkeep tasks: history sweeping, the memory-budget evictor, metrics export.
+/// Upkeep tasks: history sweeping, the memory-budget evictor, metrics export, and
+/// giving freed heap back once connection churn settles (`crate::heap`).
 fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let exporter = crate::stats::Exporter::new(&node.config.node_id);
+        let mut trim_policy = crate::heap::TrimPolicy::default();
+        let trimmer = crate::heap::Trimmer::default();
         let idle_ttl = Duration::from_secs(node.config.history.topic_idle_ttl_s);
         let mut sweep =
             tokio::time::interval(Duration::from_millis(node.config.timing.sweep_interval_ms));
@@ -280,6 +283,9 @@ fn spawn_background(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
                 _ = export.tick() => {
                     exporter.export(&node);
                     crate::stats::prometheus().run_upkeep();
+                    if trim_policy.tick(node.stats.open_connections()) {
+                        trimmer.start();
+                    }
                 }
             }
         }
