@@ -21,6 +21,18 @@ pub mod nats;
 pub mod sse;
 pub mod ws;
 
+/// Messages a WebSocket session handles in a row, while each is ready at once, before
+/// it waits on its whole `select!` again (stop, finals, lifetime, schedule). A server
+/// that has fallen behind sends several frames per read; setting up and tearing down
+/// the `select!` and its watch registrations for each of them cost the harness more
+/// CPU than reading them.
+pub const DRAIN: usize = 64;
+
+/// The stream's next item if it is ready without waiting (`None`: it would wait).
+pub fn ready_now<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<Option<S::Item>> {
+    futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(s))
+}
+
 /// Which server the harness drives (`--system`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
