@@ -261,6 +261,30 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     }
 }
 
+/// The message a subscriber gets thousands of times a second, read in place:
+/// `{"push":{"topic":…,"event":{"offset":…,"data":…,…}}}`. Everything else (replies,
+/// other pushes, a topic name with escapes) fails this shape and is read as a whole
+/// [`ServerMessage`]; the two agree on every event (`the_event_fast_path_reads_what_the_full_decode_reads`).
+#[derive(serde::Deserialize)]
+struct EventPushLine<'a> {
+    #[serde(borrow)]
+    push: EventPush<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventPush<'a> {
+    topic: &'a str,
+    #[serde(borrow)]
+    event: EventRef<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventRef<'a> {
+    offset: u64,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
 /// Handles one JSON message of a frame.
 fn handle(
     sub: &mut Subscriber,
@@ -271,6 +295,12 @@ fn handle(
     reconnect_after: &mut Option<Duration>,
 ) -> Result<(), SessionEnd> {
     let now = got.now;
+    if let Ok(EventPushLine { push }) = serde_json::from_str::<EventPushLine<'_>>(got.line) {
+        if let Some(&i) = by_name.get(push.topic) {
+            sub.on_event(sh, i, None, push.event.offset, push.event.data.get(), now);
+        }
+        return Ok(());
+    }
     let m: ServerMessage = match serde_json::from_str(got.line) {
         Ok(m) => m,
         Err(e) => {
@@ -347,4 +377,49 @@ async fn bye(mut ws: WebSocketStream<Conn>, end: SessionEnd) -> SessionEnd {
     };
     let _ = timeout(Duration::from_millis(500), ws.close(Some(frame))).await;
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_fast_path_reads_what_the_full_decode_reads() {
+        let lines = [
+            r#"{"push":{"topic":"bench.t1","event":{"offset":7,"data":{"s":1,"t":2},"ts":1700000000000}}}"#,
+            r#"{"push":{"topic":"a","event":{"offset":18446744073709551615,"ts":1,"type":"tick","data":[1,"two",{"x":null}]}}}"#,
+            r#"{"push":{"event":{"data":"x\n\"y","offset":0,"ts":0},"topic":"b.c"}}"#,
+        ];
+        for line in lines {
+            let fast: EventPushLine<'_> = serde_json::from_str(line).unwrap();
+            let full: ServerMessage = serde_json::from_str(line).unwrap();
+            let push = full.push.unwrap();
+            let ev = push.event.unwrap();
+            assert_eq!(Some(fast.push.topic), push.topic.as_deref());
+            assert_eq!(fast.push.event.offset, ev.offset);
+            assert_eq!(
+                fast.push.event.data.get(),
+                ev.data.get(),
+                "data byte for byte"
+            );
+        }
+    }
+
+    #[test]
+    fn everything_but_an_event_push_falls_back_to_the_full_decode() {
+        for line in [
+            r#"{"id":1,"result":{"epoch":"e","offset":0,"recovered":true,"events":[]}}"#,
+            r#"{"push":{"topic":"a","reset":{"epoch":"e2","offset":3}}}"#,
+            r#"{"push":{"topic":"a","skipped":{"from":1,"to":4}}}"#,
+            r#"{"push":{"disconnect":{"code":4000,"reason":"drain","reconnect":true,"after_ms":10}}}"#,
+            // A topic name with an escape cannot be borrowed: the full decode reads it.
+            r#"{"push":{"topic":"a\u002eb","event":{"offset":1,"data":1,"ts":0}}}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<EventPushLine<'_>>(line).is_err(),
+                "{line}"
+            );
+            serde_json::from_str::<ServerMessage>(line).expect("the full decode reads it");
+        }
+    }
 }
