@@ -28,9 +28,22 @@ pub mod ws;
 /// CPU than reading them.
 pub const DRAIN: usize = 64;
 
-/// The stream's next item if it is ready without waiting (`None`: it would wait).
-pub fn ready_now<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<Option<S::Item>> {
-    futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(s))
+/// A session's run of messages taken without its `select!` (at most [`DRAIN`]).
+#[derive(Debug, Default)]
+pub struct Drain(usize);
+
+impl Drain {
+    /// The stream's next item if it is ready without waiting and the run is not yet
+    /// [`DRAIN`] long; `None`: wait on the whole `select!` (the run starts again).
+    pub fn ready<S: futures_util::Stream + Unpin>(&mut self, s: &mut S) -> Option<Option<S::Item>> {
+        let ready = if self.0 < DRAIN {
+            futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(s))
+        } else {
+            None
+        };
+        self.0 = if ready.is_some() { self.0 + 1 } else { 0 };
+        ready
+    }
 }
 
 /// Which server the harness drives (`--system`).
@@ -142,4 +155,32 @@ pub(crate) async fn start_from_state(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_ready_messages_stops_at_drain_then_starts_again() {
+        let mut items = futures_util::stream::iter(0..1_000);
+        let mut d = Drain::default();
+        let run: Vec<i32> = std::iter::from_fn(|| d.ready(&mut items).flatten()).collect();
+        assert_eq!(run, (0..DRAIN as i32).collect::<Vec<_>>());
+        // After the select! the next run goes on where the last one stopped.
+        assert_eq!(d.ready(&mut items), Some(Some(DRAIN as i32)));
+    }
+
+    #[test]
+    fn nothing_ready_means_wait_on_the_select() {
+        let mut never = futures_util::stream::pending::<u8>();
+        let mut d = Drain::default();
+        assert_eq!(d.ready(&mut never), None);
+        let mut ended = futures_util::stream::empty::<u8>();
+        assert_eq!(
+            d.ready(&mut ended),
+            Some(None),
+            "an ended stream is ready: None"
+        );
+    }
 }

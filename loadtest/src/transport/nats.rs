@@ -47,7 +47,7 @@ use crate::stats::LiveStats;
 use crate::subscriber::{
     connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
 };
-use crate::transport::{ready_now, DRAIN};
+use crate::transport::Drain;
 
 /// The epoch name NATS subscriptions are accounted in (NATS has none).
 pub const EPOCH: &str = "nats";
@@ -167,27 +167,16 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     }
     let mut subscribe_pending = true;
     let topics = sh.topics.len();
-    let mut drained = 0;
+    let mut drain = Drain::default();
     loop {
-        let ready = if drained < DRAIN {
-            ready_now(&mut ws)
-        } else {
-            None
-        };
-        let wake = match ready {
-            Some(m) => {
-                drained += 1;
-                Wake::Msg(m)
-            }
-            None => {
-                drained = 0;
-                tokio::select! {
-                    m = ws.next() => Wake::Msg(m),
-                    _ = stopped(&mut sub.stop) => Wake::Stop,
-                    _ = finals_changed(&mut sub.finals) => Wake::Finals,
-                    _ = lifetime_over(lifetime) => Wake::Lifetime,
-                }
-            }
+        let wake = match drain.ready(&mut ws) {
+            Some(m) => Wake::Msg(m),
+            None => tokio::select! {
+                m = ws.next() => Wake::Msg(m),
+                _ = stopped(&mut sub.stop) => Wake::Stop,
+                _ = finals_changed(&mut sub.finals) => Wake::Finals,
+                _ = lifetime_over(lifetime) => Wake::Lifetime,
+            },
         };
         let msg = match wake {
             Wake::Stop => return bye(ws, SessionEnd::Stopped).await,

@@ -32,7 +32,7 @@ use crate::stats::LiveStats;
 use crate::subscriber::{
     connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
 };
-use crate::transport::{ready_now, DRAIN};
+use crate::transport::Drain;
 
 enum Wake {
     Msg(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
@@ -144,7 +144,7 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
         .collect();
     let mut due = SubscribeQueue::new(sub, sh);
     let mut reconnect_after: Option<Duration> = None;
-    let mut drained = 0;
+    let mut drain = Drain::default();
     loop {
         while let Some(i) = due.next_due(Instant::now()) {
             let cmd = Command::Subscribe(SubscribeCmd {
@@ -162,27 +162,16 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
             due.asked[i] = Some(sent);
         }
         let next = due.next_at();
-        let ready = if drained < DRAIN {
-            ready_now(&mut ws)
-        } else {
-            None
-        };
-        let wake = match ready {
-            Some(m) => {
-                drained += 1;
-                Wake::Msg(m)
-            }
-            None => {
-                drained = 0;
-                tokio::select! {
-                    m = ws.next() => Wake::Msg(m),
-                    _ = stopped(&mut sub.stop) => Wake::Stop,
-                    _ = finals_changed(&mut sub.finals) => Wake::Finals,
-                    _ = lifetime_over(lifetime) => Wake::Lifetime,
-                    _ = lifetime_over(next), if next.is_some() => Wake::Due,
-                    _ = due.started(), if !due.knows_start() => Wake::Due,
-                }
-            }
+        let wake = match drain.ready(&mut ws) {
+            Some(m) => Wake::Msg(m),
+            None => tokio::select! {
+                m = ws.next() => Wake::Msg(m),
+                _ = stopped(&mut sub.stop) => Wake::Stop,
+                _ = finals_changed(&mut sub.finals) => Wake::Finals,
+                _ = lifetime_over(lifetime) => Wake::Lifetime,
+                _ = lifetime_over(next), if next.is_some() => Wake::Due,
+                _ = due.started(), if !due.knows_start() => Wake::Due,
+            },
         };
         let msg = match wake {
             Wake::Stop => return bye(ws, SessionEnd::Stopped).await,
