@@ -1,25 +1,26 @@
 //! Giving freed heap back to the OS once connection churn settles.
 //!
-//! A ramp of connects leaves the short-lived memory of every handshake (hyper's
-//! connection buffers, the upgrade request, the subscribe replies) freed but scattered
-//! between the sessions that stay. glibc's malloc returns memory to the OS only from
-//! the top of a heap, so those freed pages stay in the node's RSS: measured at 15,000
-//! idle WebSockets, about a quarter of what the sessions themselves hold
-//! (BENCHMARKS.md, issue 12's idle memory). `malloc_trim(0)` releases every whole free
-//! page, wherever it sits.
+//! glibc's malloc returns memory to the OS only from the top of a heap. When many
+//! sessions close, what they held is freed but stays scattered between the
+//! allocations that remain, and stays in the node's RSS: after 15,000 idle WebSockets
+//! closed, RSS stayed at 88 MB, and `malloc_trim(0)`, which releases every whole free
+//! page wherever it sits, took it to 67 MB (BENCHMARKS.md, issue 12, session 6). Right
+//! after a connect ramp there is little to release (0.2 MB of 72 MB measured): the
+//! memory is live.
 //!
-//! It walks the free lists of every arena under that arena's lock, so it is not free:
-//! the node calls it off the runtime's worker threads (`spawn_blocking`), and only when
-//! it is worth it and the moment is calm — after at least [`MIN_CHURN`] connections
-//! opened or closed since the last trim, in a second with little
-//! churn, or at most every [`MAX_WAIT_TICKS`] seconds while churn goes on.
-//! Other allocators (musl, macOS) have no such call, and the policy then does nothing.
+//! It walks the free lists of every arena under that arena's lock (up to ~5 ms
+//! measured), so a thread allocating from that arena meanwhile waits. The node calls it
+//! off the runtime's worker threads (`spawn_blocking`), and only when it is worth it
+//! and the moment is calm: after the number of open connections has moved by at least
+//! [`MIN_CHURN`] since the last trim, in a second with little movement, or at most
+//! every [`MAX_WAIT_TICKS`] seconds while the movement goes on. Other allocators (musl,
+//! macOS) have no such call, and the policy then does nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Connections opened or closed since the last trim before a trim is worth its walk
-/// of the heap.
+/// How far the number of open connections must have moved (summed per tick) since
+/// the last trim before a trim is worth its walk of the heap.
 pub const MIN_CHURN: u64 = 1_000;
 /// Churn within one tick below which the node counts as calm.
 pub const CALM_PER_TICK: u64 = 100;
@@ -59,7 +60,7 @@ impl TrimPolicy {
 }
 
 /// Runs one trim off the async workers, unless one is still running.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Trimmer {
     running: Arc<AtomicBool>,
 }
