@@ -8,6 +8,10 @@
 //! - [`longpoll`]: `GET /v1/topics/{t}/events?since=…&wait=…` in a loop, one per topic.
 //! - [`nats`]: `--system nats`: a `nats-server` over WebSocket (`SUB` per topic), and
 //!   the publisher's links (`PUB` + `PING`, acknowledged by the `PONG`).
+//!
+//! Shared by the sessions: [`control`], the stop / finals / lifetime wait kept across a
+//! session's loop; [`pushline`], the event push read in place; [`Drain`], a run of
+//! ready messages taken without a `select!`.
 
 use std::fmt;
 
@@ -16,8 +20,10 @@ use weft_proto::{ErrorBody, TopicState};
 
 use crate::net::Net;
 
+pub mod control;
 pub mod longpoll;
 pub mod nats;
+pub mod pushline;
 pub mod sse;
 pub mod ws;
 

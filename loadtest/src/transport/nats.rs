@@ -44,9 +44,8 @@ use crate::natsproto::{self, NatsParser, ServerOp, PING, PONG};
 use crate::net::{Net, CONNECT_TIMEOUT};
 use crate::stamp::{now_us, Stamp};
 use crate::stats::LiveStats;
-use crate::subscriber::{
-    connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
-};
+use crate::subscriber::{connected, stopped, SessionEnd, SessionTimes, Shared, Subscriber};
+use crate::transport::control::{Control, Ctl};
 use crate::transport::Drain;
 
 /// The epoch name NATS subscriptions are accounted in (NATS has none).
@@ -124,9 +123,7 @@ async fn open(net: &Net, n: usize) -> anyhow::Result<(Ws, NatsParser)> {
 
 enum Wake {
     Msg(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
-    Stop,
-    Finals,
-    Lifetime,
+    Control(Ctl),
 }
 
 /// What one frame's operations asked of the session.
@@ -168,20 +165,19 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     let mut subscribe_pending = true;
     let topics = sh.topics.len();
     let mut drain = Drain::default();
+    let mut control = Control::new(sub, lifetime);
     loop {
         let wake = match drain.ready(&mut ws) {
             Some(m) => Wake::Msg(m),
             None => tokio::select! {
                 m = ws.next() => Wake::Msg(m),
-                _ = stopped(&mut sub.stop) => Wake::Stop,
-                _ = finals_changed(&mut sub.finals) => Wake::Finals,
-                _ = lifetime_over(lifetime) => Wake::Lifetime,
+                c = control.next_event() => Wake::Control(c),
             },
         };
         let msg = match wake {
-            Wake::Stop => return bye(ws, SessionEnd::Stopped).await,
-            Wake::Lifetime => return bye(ws, SessionEnd::Lifetime).await,
-            Wake::Finals => {
+            Wake::Control(Ctl::Stop) => return bye(ws, SessionEnd::Stopped).await,
+            Wake::Control(Ctl::Lifetime) => return bye(ws, SessionEnd::Lifetime).await,
+            Wake::Control(Ctl::Finals) => {
                 if sub.caught_up() {
                     return bye(ws, SessionEnd::CaughtUp).await;
                 }

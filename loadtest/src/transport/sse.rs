@@ -19,9 +19,8 @@ use crate::net::CONNECT_TIMEOUT;
 use crate::sse::{SseEvent, SseParser};
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
-use crate::subscriber::{
-    connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
-};
+use crate::subscriber::{connected, stopped, SessionEnd, SessionTimes, Shared, Subscriber};
+use crate::transport::control::{Control, Ctl};
 use crate::transport::{error_message, gone_cursor, retry_after};
 
 /// Longest SSE line accepted.
@@ -29,9 +28,7 @@ const MAX_LINE: usize = 16 << 20;
 
 enum Wake {
     Chunk(Option<Result<bytes::Bytes, HttpError>>),
-    Stop,
-    Finals,
-    Lifetime,
+    Control(Ctl),
 }
 
 /// One SSE session, after `start_from_state` (the caller) set where each topic resumes.
@@ -114,17 +111,16 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     let mut events: Vec<SseEvent> = Vec::new();
     let mut reconnect_after: Option<Duration> = None;
     let mut reset_seen = false;
+    let mut control = Control::new(sub, lifetime);
     loop {
         let wake = tokio::select! {
             c = resp.chunk() => Wake::Chunk(c),
-            _ = stopped(&mut sub.stop) => Wake::Stop,
-            _ = finals_changed(&mut sub.finals) => Wake::Finals,
-            _ = lifetime_over(lifetime) => Wake::Lifetime,
+            c = control.next_event() => Wake::Control(c),
         };
         let chunk = match wake {
-            Wake::Stop => return SessionEnd::Stopped,
-            Wake::Lifetime => return SessionEnd::Lifetime,
-            Wake::Finals => {
+            Wake::Control(Ctl::Stop) => return SessionEnd::Stopped,
+            Wake::Control(Ctl::Lifetime) => return SessionEnd::Lifetime,
+            Wake::Control(Ctl::Finals) => {
                 if sub.caught_up() {
                     return SessionEnd::CaughtUp;
                 }

@@ -30,15 +30,14 @@ use crate::net::CONNECT_TIMEOUT;
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
 use crate::subscriber::{
-    connected, finals_changed, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
+    connected, lifetime_over, stopped, SessionEnd, SessionTimes, Shared, Subscriber,
 };
-use crate::transport::Drain;
+use crate::transport::control::{Control, Ctl};
+use crate::transport::{pushline, Drain};
 
 enum Wake {
     Msg(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
-    Stop,
-    Finals,
-    Lifetime,
+    Control(Ctl),
     /// A scheduled subscribe is due, or the load (and its schedule) started.
     Due,
 }
@@ -108,6 +107,36 @@ impl SubscribeQueue {
     }
 }
 
+/// A session's subscriptions by topic name. Most subscribers watch one topic: a string
+/// compare then finds it, where hashing the name for every event cost more.
+enum ByName<'a> {
+    One(&'a str),
+    Many(HashMap<&'a str, usize>),
+}
+
+impl<'a> ByName<'a> {
+    fn new(sub: &Subscriber, sh: &'a Shared) -> Self {
+        match sub.topics[..] {
+            [t] => Self::One(&sh.topics[t]),
+            _ => Self::Many(
+                sub.topics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| (sh.topics[t].as_str(), i))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The index of the subscription to `topic`.
+    fn get(&self, topic: &str) -> Option<usize> {
+        match self {
+            Self::One(t) => (*t == topic).then_some(0),
+            Self::Many(m) => m.get(topic).copied(),
+        }
+    }
+}
+
 /// One JSON message of a received frame, with when it arrived.
 struct Got<'a> {
     line: &'a str,
@@ -136,15 +165,11 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     };
     let _open = connected(sh, sub.id, intended);
 
-    let by_name: HashMap<&str, usize> = sub
-        .topics
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| (sh.topics[t].as_str(), i))
-        .collect();
+    let by_name = ByName::new(sub, sh);
     let mut due = SubscribeQueue::new(sub, sh);
     let mut reconnect_after: Option<Duration> = None;
     let mut drain = Drain::default();
+    let mut control = Control::new(sub, lifetime);
     loop {
         while let Some(i) = due.next_due(Instant::now()) {
             let cmd = Command::Subscribe(SubscribeCmd {
@@ -166,18 +191,16 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
             Some(m) => Wake::Msg(m),
             None => tokio::select! {
                 m = ws.next() => Wake::Msg(m),
-                _ = stopped(&mut sub.stop) => Wake::Stop,
-                _ = finals_changed(&mut sub.finals) => Wake::Finals,
-                _ = lifetime_over(lifetime) => Wake::Lifetime,
+                c = control.next_event() => Wake::Control(c),
                 _ = lifetime_over(next), if next.is_some() => Wake::Due,
                 _ = due.started(), if !due.knows_start() => Wake::Due,
             },
         };
         let msg = match wake {
-            Wake::Stop => return bye(ws, SessionEnd::Stopped).await,
-            Wake::Lifetime => return bye(ws, SessionEnd::Lifetime).await,
+            Wake::Control(Ctl::Stop) => return bye(ws, SessionEnd::Stopped).await,
+            Wake::Control(Ctl::Lifetime) => return bye(ws, SessionEnd::Lifetime).await,
             Wake::Due => continue,
-            Wake::Finals => {
+            Wake::Control(Ctl::Finals) => {
                 if sub.caught_up() {
                     return bye(ws, SessionEnd::CaughtUp).await;
                 }
@@ -250,43 +273,19 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
     }
 }
 
-/// The message a subscriber gets thousands of times a second, read in place:
-/// `{"push":{"topic":…,"event":{"offset":…,"data":…,…}}}`. Everything else (replies,
-/// other pushes, a topic name with escapes) fails this shape and is read as a whole
-/// [`ServerMessage`]; the two agree on every event (`the_event_fast_path_reads_what_the_full_decode_reads`).
-#[derive(serde::Deserialize)]
-struct EventPushLine<'a> {
-    #[serde(borrow)]
-    push: EventPush<'a>,
-}
-
-#[derive(serde::Deserialize)]
-struct EventPush<'a> {
-    topic: &'a str,
-    #[serde(borrow)]
-    event: EventRef<'a>,
-}
-
-#[derive(serde::Deserialize)]
-struct EventRef<'a> {
-    offset: u64,
-    #[serde(borrow)]
-    data: &'a serde_json::value::RawValue,
-}
-
 /// Handles one JSON message of a frame.
 fn handle(
     sub: &mut Subscriber,
     sh: &Shared,
-    by_name: &HashMap<&str, usize>,
+    by_name: &ByName<'_>,
     asked: &[Option<Instant>],
     got: Got<'_>,
     reconnect_after: &mut Option<Duration>,
 ) -> Result<(), SessionEnd> {
     let now = got.now;
-    if let Ok(EventPushLine { push }) = serde_json::from_str::<EventPushLine<'_>>(got.line) {
-        if let Some(&i) = by_name.get(push.topic) {
-            sub.on_event(sh, i, None, push.event.offset, push.event.data.get(), now);
+    if let Some((topic, offset, data)) = pushline::event_push(got.line) {
+        if let Some(i) = by_name.get(topic) {
+            sub.on_event(sh, i, None, offset, data, now);
         }
         return Ok(());
     }
@@ -344,7 +343,7 @@ fn handle(
             *reconnect_after = Some(Duration::from_millis(d.after_ms));
             return Ok(());
         }
-        let Some(i) = push.topic.as_deref().and_then(|t| by_name.get(t).copied()) else {
+        let Some(i) = push.topic.as_deref().and_then(|t| by_name.get(t)) else {
             return Ok(());
         };
         if let Some(ev) = push.event {
@@ -366,49 +365,4 @@ async fn bye(mut ws: WebSocketStream<Conn>, end: SessionEnd) -> SessionEnd {
     };
     let _ = timeout(Duration::from_millis(500), ws.close(Some(frame))).await;
     end
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_event_fast_path_reads_what_the_full_decode_reads() {
-        let lines = [
-            r#"{"push":{"topic":"bench.t1","event":{"offset":7,"data":{"s":1,"t":2},"ts":1700000000000}}}"#,
-            r#"{"push":{"topic":"a","event":{"offset":18446744073709551615,"ts":1,"type":"tick","data":[1,"two",{"x":null}]}}}"#,
-            r#"{"push":{"event":{"data":"x\n\"y","offset":0,"ts":0},"topic":"b.c"}}"#,
-        ];
-        for line in lines {
-            let fast: EventPushLine<'_> = serde_json::from_str(line).unwrap();
-            let full: ServerMessage = serde_json::from_str(line).unwrap();
-            let push = full.push.unwrap();
-            let ev = push.event.unwrap();
-            assert_eq!(Some(fast.push.topic), push.topic.as_deref());
-            assert_eq!(fast.push.event.offset, ev.offset);
-            assert_eq!(
-                fast.push.event.data.get(),
-                ev.data.get(),
-                "data byte for byte"
-            );
-        }
-    }
-
-    #[test]
-    fn everything_but_an_event_push_falls_back_to_the_full_decode() {
-        for line in [
-            r#"{"id":1,"result":{"epoch":"e","offset":0,"recovered":true,"events":[]}}"#,
-            r#"{"push":{"topic":"a","reset":{"epoch":"e2","offset":3}}}"#,
-            r#"{"push":{"topic":"a","skipped":{"from":1,"to":4}}}"#,
-            r#"{"push":{"disconnect":{"code":4000,"reason":"drain","reconnect":true,"after_ms":10}}}"#,
-            // A topic name with an escape cannot be borrowed: the full decode reads it.
-            r#"{"push":{"topic":"a\u002eb","event":{"offset":1,"data":1,"ts":0}}}"#,
-        ] {
-            assert!(
-                serde_json::from_str::<EventPushLine<'_>>(line).is_err(),
-                "{line}"
-            );
-            serde_json::from_str::<ServerMessage>(line).expect("the full decode reads it");
-        }
-    }
 }
