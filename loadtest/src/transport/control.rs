@@ -78,7 +78,9 @@ impl Control {
         Self::with(sub.stop.clone(), sub.finals.clone(), lifetime)
     }
 
-    fn with(
+    /// The same from receivers of the subscriber's channels (one per concurrent loop,
+    /// as long-poll runs one per topic).
+    pub fn with(
         stop: watch::Receiver<bool>,
         finals: watch::Receiver<Option<Arc<Finals>>>,
         lifetime: Option<Instant>,

@@ -19,10 +19,10 @@ use crate::http::{HttpError, Response};
 use crate::stamp::now_us;
 use crate::stats::LiveStats;
 use crate::subscriber::{
-    account, connected, finals_changed, lifetime_over, stopped, Finals, OpenGuard, SessionEnd,
-    SessionTimes, Shared, Subscriber,
+    account, connected, Finals, OpenGuard, SessionEnd, SessionTimes, Shared, Subscriber,
 };
 use crate::tracker::TopicTrack;
+use crate::transport::control::{Control, Ctl};
 use crate::transport::{error_message, gone_cursor, retry_after};
 
 /// Events asked for per poll.
@@ -46,9 +46,8 @@ pub async fn session(sub: &mut Subscriber, sh: &Shared, when: SessionTimes) -> S
             sh,
             id,
             topic_no: t,
-            stop: stop.clone(),
+            control: Control::with(stop.clone(), finals.clone(), lifetime),
             finals: finals.clone(),
-            lifetime,
             intended,
             first: &first_latency,
         };
@@ -70,9 +69,10 @@ struct LoopCtx<'a, 'b> {
     sh: &'a Shared,
     id: usize,
     topic_no: usize,
-    stop: watch::Receiver<bool>,
+    /// The stop / finals / lifetime wait, kept across this loop's polls.
+    control: Control,
+    /// Read for the caught-up check.
     finals: watch::Receiver<Option<std::sync::Arc<Finals>>>,
-    lifetime: Option<Instant>,
     intended: Instant,
     /// Set by the first successful poll of the session: the connect bookkeeping.
     first: &'b std::sync::OnceLock<OpenGuard<'a>>,
@@ -80,9 +80,7 @@ struct LoopCtx<'a, 'b> {
 
 enum Wake {
     Answer(Result<Result<Response, HttpError>, tokio::time::error::Elapsed>),
-    Stop,
-    Finals,
-    Lifetime,
+    Control(Ctl),
 }
 
 async fn poll_topic(mut cx: LoopCtx<'_, '_>, track: &mut TopicTrack) -> SessionEnd {
@@ -103,15 +101,13 @@ async fn poll_topic(mut cx: LoopCtx<'_, '_>, track: &mut TopicTrack) -> SessionE
         let req = sh.net.http(cx.id).get(url).send();
         let wake = tokio::select! {
             r = timeout(wait + Duration::from_secs(10), req) => Wake::Answer(r),
-            _ = stopped(&mut cx.stop) => Wake::Stop,
-            _ = finals_changed(&mut cx.finals) => Wake::Finals,
-            _ = lifetime_over(cx.lifetime) => Wake::Lifetime,
+            c = cx.control.next_event() => Wake::Control(c),
         };
         let resp = match wake {
-            Wake::Stop => return SessionEnd::Stopped,
-            Wake::Lifetime => return SessionEnd::Lifetime,
+            Wake::Control(Ctl::Stop) => return SessionEnd::Stopped,
+            Wake::Control(Ctl::Lifetime) => return SessionEnd::Lifetime,
             // The pending poll is dropped: a caught-up check and a fresh poll follow.
-            Wake::Finals => continue,
+            Wake::Control(Ctl::Finals) => continue,
             Wake::Answer(Err(_)) => {
                 return SessionEnd::Failed(anyhow::anyhow!("long-poll timed out"))
             }

@@ -3,8 +3,8 @@
 //! as a node writes it (`weft-node`'s `session::event`). Anything else — replies,
 //! other pushes, another key order, a topic or type with an escape, extra keys — is not
 //! this shape and goes to the full decode of a `ServerMessage`; the two agree on every
-//! event this reads (`tests`). A serde decode of the same shape was 9 % of the
-//! harness's CPU at 5,000 subscribers × 1 topic.
+//! event this reads (`tests`, on lines of the node's own encoder too). A serde decode
+//! of the same shape was 9 % of the harness's CPU at 5,000 subscribers × 1 topic.
 //!
 //! `data` is any JSON value; it is delimited here (strings, escapes, nesting) but its
 //! inside is not validated: the tracker needs its exact bytes, and the stamp decode
@@ -104,7 +104,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_what_the_full_decode_reads_on_every_line_a_node_writes() {
+    fn reads_what_the_full_decode_reads_on_lines_of_the_node_shape() {
         for line in [
             r#"{"push":{"topic":"bench.t1","event":{"offset":7,"data":{"p":1,"s":2,"t":3,"x":"aaaa"},"ts":1700000000000}}}"#,
             r#"{"push":{"topic":"a","event":{"offset":18446744073709551615,"data":[1,"two",{"x":null}],"ts":1,"type":"tick"}}}"#,
@@ -135,14 +135,60 @@ mod tests {
             r#"{"id":1,"result":{"epoch":"e","offset":0,"recovered":true,"events":[]}}"#,
             r#"{"push":{"topic":"a","reset":{"epoch":"e2","offset":3}}}"#,
             r#"{"push":{"topic":"a","skipped":{"from":1,"to":4}}}"#,
+            r#"{"push":{"disconnect":{"code":4000,"reason":"drain","reconnect":true,"after_ms":10}}}"#,
         ] {
             assert_eq!(event_push(line), None, "{line}");
             serde_json::from_str::<ServerMessage>(line).expect("the full decode reads it");
         }
     }
 
+    /// The JSON inside a node's WebSocket text frame (server frames are unmasked).
+    fn payload(frame: &[u8]) -> &str {
+        let header = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        std::str::from_utf8(&frame[header..]).unwrap()
+    }
+
     #[test]
-    fn a_broken_line_is_never_read_as_an_event() {
+    fn reads_the_frames_the_node_itself_encodes() {
+        use std::sync::Arc;
+        use weft_node::session::event::StoredEvent;
+        let datas = [
+            r#"{"p":0,"s":41,"t":1700000000000123,"x":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
+            r#""a \"quoted\" }], string""#,
+            r#"[1,{"k":[]},"\\"]"#,
+            "0",
+            "null",
+        ];
+        for (n, data) in datas.into_iter().enumerate() {
+            for kind in [None, Some(Arc::<str>::from("tick"))] {
+                let offset = [0, 7, u64::MAX][n % 3];
+                let ev = StoredEvent::new(
+                    "bench.t1".into(),
+                    "ep".into(),
+                    offset,
+                    1_700_000_000_000,
+                    kind.clone(),
+                    bytes::Bytes::copy_from_slice(data.as_bytes()),
+                );
+                let line = payload(ev.ws_frame());
+                assert_eq!(event_push(line), Some(("bench.t1", offset, data)), "{line}");
+                assert_eq!(
+                    full(line),
+                    ("bench.t1".to_owned(), offset, data.to_owned()),
+                    "{line}"
+                );
+            }
+        }
+    }
+
+    /// Only the data's boundaries are checked, not its grammar (a node publishes valid
+    /// JSON only); everything around it must be exactly the node's shape.
+    #[test]
+    fn a_line_not_closed_as_the_node_writes_it_is_never_read_as_an_event() {
         for line in [
             r#"{"push":{"topic":"a","event":{"offset":1,"data":{"x":1,"ts":0}}}"#,
             r#"{"push":{"topic":"a","event":{"offset":1,"data":"open,"ts":0}}}"#,
