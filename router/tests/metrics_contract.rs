@@ -212,12 +212,8 @@ async fn a_leading_router_exports_its_raft_figures_and_refusals_and_passes_promt
 async fn a_router_without_a_leader_is_alive_but_not_ready() {
     let dir = Workdir::new("router-metrics", "alone");
     // Peers that never start: no quorum, no leader.
-    let peers = format!(
-        "1={},2={},3={}",
-        bin::free_addr("127.0.0.1"),
-        bin::free_addr("127.0.0.1"),
-        bin::free_addr("127.0.0.1")
-    );
+    let free = bin::free_addrs("127.0.0.1", 3);
+    let peers = format!("1={},2={},3={}", free[0], free[1], free[2]);
     let raft = peers.split(',').next().unwrap()[2..].to_owned();
     let mut cmd = bin::command(bin::path("weft-router"));
     cmd.args(["--cluster-insecure", "--id", "1", "--raft-listen", &raft])

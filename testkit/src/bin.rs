@@ -127,8 +127,19 @@ pub fn command(bin: impl AsRef<Path>) -> Command {
 /// An address on `ip` that was free a moment ago (routers need their peers' addresses
 /// before they start, so they cannot bind port 0).
 pub fn free_addr(ip: &str) -> String {
-    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind a free port");
-    l.local_addr().expect("bound address").to_string()
+    free_addrs(ip, 1).remove(0)
+}
+
+/// `n` distinct addresses on `ip` that were free a moment ago. All are held bound
+/// until every one is picked: picked one at a time, the kernel may hand the same
+/// port out twice (a router then refused `raft_listen` equal to `listen`).
+pub fn free_addrs(ip: &str, n: usize) -> Vec<String> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind(format!("{ip}:0")).expect("bind a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("bound address").to_string())
+        .collect()
 }
 
 /// `path` opened for appending (a restarted process continues its log).

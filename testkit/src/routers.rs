@@ -63,10 +63,14 @@ impl RouterGroup {
         pki: Arc<Pki>,
     ) -> Self {
         let ip = |id: u64| format!("127.0.0.{}", base + id as u8);
+        // Each router's API and Raft addresses, picked together so they differ.
+        let pairs: BTreeMap<u64, Vec<String>> = (1..=3u64)
+            .map(|id| (id, bin::free_addrs(&ip(id), 2)))
+            .collect();
         let addrs: BTreeMap<u64, String> =
-            (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
+            pairs.iter().map(|(id, p)| (*id, p[0].clone())).collect();
         let raft_addrs: BTreeMap<u64, String> =
-            (1..=3u64).map(|id| (id, bin::free_addr(&ip(id)))).collect();
+            pairs.iter().map(|(id, p)| (*id, p[1].clone())).collect();
         let transport = pki.admin_transport();
         let clients = addrs
             .iter()
