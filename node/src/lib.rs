@@ -158,6 +158,16 @@ pub async fn run_with_router(
     // owners' handoffs, and a topic a peer's forwarded publish or follow created in
     // that window would start a new epoch (its sessions elsewhere would see `reset`
     // after a plain restart). Peers' links are accepted only after it.
+    // Until every peer has sent what it revoked (bounded), user tokens get 503 and
+    // `/readyz` is false: a token revoked while this node was down must not get in.
+    node.auth.hold_until_revocations_heard();
+    let hold = {
+        let (relay, node) = (relay.clone(), node.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(cluster::relay::REVOCATION_HOLD).await;
+            relay.end_revocation_hold(&node);
+        })
+    };
     let relay_task = tokio::spawn(relay.clone().run(node.clone()));
     relay.pass().await;
     let _ = relay_slot.set((relay.clone(), node.clone()));
@@ -187,6 +197,7 @@ pub async fn run_with_router(
         let _ = stop.send(());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server).await;
     }
+    hold.abort();
     for task in [reloader, insecure_warning].into_iter().flatten() {
         task.abort();
     }

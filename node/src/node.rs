@@ -92,8 +92,24 @@ impl Node {
         })
     }
 
+    /// `/readyz`: not draining, and not holding user tokens back while it hears its
+    /// peers' revocations (a cluster node that has just started).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        !self.is_draining() && !self.auth.revocations_held()
+    }
+
+    /// From the moment drain or shutdown begins.
+    pub fn is_draining(&self) -> bool {
+        !self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Why [`Self::is_ready`] is false, for a 503's body.
+    pub fn unready_reason(&self) -> &'static str {
+        if self.is_draining() {
+            "node is draining"
+        } else {
+            "node is starting: still hearing its peers' revocations"
+        }
     }
 
     /// Readiness goes false; sessions go on (a cluster node hands its topics over
@@ -134,7 +150,7 @@ impl Node {
     pub fn admit_session(&self) -> Result<(), ApiError> {
         if !self.is_ready() {
             return Err(ApiError::Unavailable {
-                message: "node is shutting down".into(),
+                message: self.unready_reason().into(),
                 retry_after_s: 1,
             });
         }

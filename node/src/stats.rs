@@ -269,7 +269,7 @@ pub const FAMILIES: &[weft_router::prometheus::Family] = &[
     ("weft_history_bytes", Kind::Gauge, "Bytes of event history retained on this node."),
     ("weft_history_budget_bytes", Kind::Gauge, "The history memory budget (history.memory_budget_bytes)."),
     ("weft_max_session_queue_bytes", Kind::Gauge, "The largest number of bytes any one session's outbound queue has held."),
-    ("weft_ready", Kind::Gauge, "1 while the node accepts new sessions (/readyz answers 200), 0 while it drains."),
+    ("weft_ready", Kind::Gauge, "1 while the node accepts new sessions (/readyz answers 200), 0 while it starts (hearing its peers' revocations) or drains."),
     ("weft_cluster_members", Kind::Gauge, "Cluster members in this node's view, by state (joining, active, draining)."),
     ("weft_ring_version", Kind::Gauge, "Version of the committed slot table this node acts on."),
     ("weft_router_heartbeat_age_seconds", Kind::Gauge, "Seconds since the router group last acknowledged this node's heartbeat (grows while the group has no leader)."),

@@ -69,6 +69,7 @@ fn hello(node: &str) -> RelayBatch {
         kind: Some(Kind::Hello(grpc::Hello {
             node: node.into(),
             ring_version: 0,
+            ..Default::default()
         })),
     };
     RelayBatch {

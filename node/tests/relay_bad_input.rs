@@ -70,6 +70,7 @@ fn hello(node: &str) -> RelayBatch {
         frames: vec![frame(Kind::Hello(grpc::Hello {
             node: node.into(),
             ring_version: 0,
+            ..Default::default()
         }))],
     }
 }

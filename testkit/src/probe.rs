@@ -28,6 +28,7 @@ pub async fn handshake_ok(transport: &Transport, addr: &str, node: Option<&str>)
                 kind: Some(Kind::Hello(grpc::Hello {
                     node: "prober".into(),
                     ring_version: 0,
+                    ..Default::default()
                 })),
             };
             let (tx, rx) = tokio::sync::mpsc::channel(1);

@@ -325,17 +325,25 @@ impl ProcCluster {
             quic: format!("{ip}:0"),
         };
         self.specs.insert(name.into(), spec);
-        self.spawn_node(name).await
+        self.spawn_node(name, true).await
     }
 
     /// Starts node `name` again after it stopped: the same node id, HTTP and gRPC
     /// addresses, data dir and options. Waits for its ready file and `/readyz`.
     pub async fn restart_node(&mut self, name: &str) -> NodeApi {
         assert!(self.specs.contains_key(name), "node {name} was never added");
-        self.spawn_node(name).await
+        self.spawn_node(name, true).await
     }
 
-    async fn spawn_node(&mut self, name: &str) -> NodeApi {
+    /// [`Self::restart_node`], returning once the node has bound its listeners (its
+    /// ready file), without waiting for `/readyz`: for tests of what a node does
+    /// before it is ready.
+    pub async fn restart_node_unready(&mut self, name: &str) -> NodeApi {
+        assert!(self.specs.contains_key(name), "node {name} was never added");
+        self.spawn_node(name, false).await
+    }
+
+    async fn spawn_node(&mut self, name: &str, wait_ready: bool) -> NodeApi {
         assert!(!self.nodes.contains_key(name), "node {name} is running");
         let spec = self.specs[name].clone();
         let ready = spec.dir.join("ready.json");
@@ -393,7 +401,7 @@ impl ProcCluster {
             addr,
             http: self.http.clone(),
         };
-        {
+        if wait_ready {
             let api = &api;
             wait_until(
                 START_WITHIN,

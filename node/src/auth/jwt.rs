@@ -159,6 +159,11 @@ impl Verifier {
         })
     }
 
+    /// Whether any key is configured, so tokens can verify at all.
+    pub fn is_enabled(&self) -> bool {
+        !self.fixed.is_empty() || self.jwks.is_some()
+    }
+
     pub fn spawn_refresh(&self) {
         let Some(jwks) = self.jwks.clone() else {
             return;

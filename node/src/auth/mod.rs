@@ -32,6 +32,7 @@ pub mod origin;
 pub mod revoke;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -107,10 +108,13 @@ pub enum Refusal {
     Forbidden,
     Origin,
     RateLimited,
+    /// A user token at a node that has just started and not yet heard its peers'
+    /// revocations (503).
+    Starting,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 8] = [
         Refusal::Missing,
         Refusal::Invalid,
         Refusal::Expired,
@@ -118,6 +122,7 @@ impl Refusal {
         Refusal::Forbidden,
         Refusal::Origin,
         Refusal::RateLimited,
+        Refusal::Starting,
     ];
 
     pub fn label(self) -> &'static str {
@@ -129,6 +134,7 @@ impl Refusal {
             Refusal::Forbidden => "forbidden",
             Refusal::Origin => "origin",
             Refusal::RateLimited => "rate_limited",
+            Refusal::Starting => "starting",
         }
     }
 }
@@ -143,6 +149,9 @@ pub struct Auth {
     pub revocations: revoke::Revocations,
     /// Bumped on every revocation so live sessions re-check themselves.
     revoked_gen: watch::Sender<u64>,
+    /// True while a cluster node that has just started waits for its peers'
+    /// revocations (`cluster::relay::revocations`): user tokens get 503 meanwhile.
+    revocations_held: AtomicBool,
     /// Open sessions per user (`sub`), for `limits.max_connections_per_user`.
     users: Mutex<HashMap<Arc<str>, usize>>,
     max_per_user: usize,
@@ -179,6 +188,7 @@ impl Auth {
             cookie: a.cookie.clone(),
             revocations: revoke::Revocations::new(100_000),
             revoked_gen: watch::channel(0).0,
+            revocations_held: AtomicBool::new(false),
             users: Mutex::new(HashMap::new()),
             max_per_user: config.limits.max_connections_per_user,
             public_cluster_view: config.ops.public_cluster_view,
@@ -217,6 +227,15 @@ impl Auth {
         let secret = cred.secret();
         if let Some(key) = self.keys.find(secret) {
             return Ok(Caller::Key(key));
+        }
+        if self.revocations_held() && jwt::looks_like_jwt(secret) {
+            return Err((
+                Refusal::Starting,
+                ApiError::Unavailable {
+                    message: "this node has just started and is still hearing its peers' revocations; retry".into(),
+                    retry_after_s: 1,
+                },
+            ));
         }
         if !jwt::looks_like_jwt(secret) {
             return Err((
@@ -356,6 +375,23 @@ impl Auth {
         self.revocations.add(target, until)?;
         self.revoked_gen.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Holds user tokens back (503) until [`Self::release_revocation_hold`]: a cluster
+    /// node calls this before it serves, when it verifies tokens at all.
+    pub fn hold_until_revocations_heard(&self) {
+        if self.jwt.is_enabled() {
+            self.revocations_held.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn revocations_held(&self) -> bool {
+        self.revocations_held.load(Ordering::Acquire)
+    }
+
+    /// Ends the hold; true if there was one.
+    pub fn release_revocation_hold(&self) -> bool {
+        self.revocations_held.swap(false, Ordering::AcqRel)
     }
 
     /// Keeps revocations in `path` across restarts ([`revoke::Revocations::persist_to`]).

@@ -308,7 +308,7 @@ pub fn write_publish_fields(out: &mut BytesMut, topic: &str, epoch: &str, offset
 pub fn refuse_while_draining(node: &Node) -> Result<(), ApiError> {
     // In a cluster a draining node hands its topics over and forwards publishes to
     // their new owners, so it keeps accepting.
-    if node.is_ready() || node.relay.get().is_some() {
+    if !node.is_draining() || node.relay.get().is_some() {
         Ok(())
     } else {
         Err(ApiError::Unavailable {
@@ -611,7 +611,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         json_ok(Bytes::from_static(b"{\"ready\":true}"))
     } else {
         ApiError::Unavailable {
-            message: "draining".into(),
+            message: node.unready_reason().into(),
             retry_after_s: 1,
         }
         .into_response()

@@ -206,7 +206,7 @@ where
         let call = app.clone().oneshot(req.map(Body::new));
         async move {
             let mut resp = call.await?;
-            if !node.is_ready() {
+            if node.is_draining() {
                 // Draining: answer, then close, so clients reconnect elsewhere.
                 resp.headers_mut().insert(
                     axum::http::header::CONNECTION,

@@ -91,7 +91,8 @@ pub(super) fn relayed(node: &Node, ev: grpc::RelayEvent) -> Result<Relayed, Stri
     })
 }
 
-pub(super) async fn read_hello(inbound: &mut Streaming<RelayBatch>) -> Result<String, Status> {
+/// The peer's `Hello`, the first frame of every link, with its node id checked.
+pub(super) async fn read_hello(inbound: &mut Streaming<RelayBatch>) -> Result<grpc::Hello, Status> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
         .await
         .map_err(|_| Status::deadline_exceeded("no hello"))??
@@ -99,7 +100,7 @@ pub(super) async fn read_hello(inbound: &mut Streaming<RelayBatch>) -> Result<St
     let [raw] = <[Bytes; 1]>::try_from(first.frames)
         .map_err(|_| Status::invalid_argument("the first batch must hold exactly one hello"))?;
     match RelayFrame::decode(raw).ok().and_then(|f| f.kind) {
-        Some(Kind::Hello(h)) if !h.node.is_empty() && h.node.len() <= 255 => Ok(h.node),
+        Some(Kind::Hello(h)) if !h.node.is_empty() && h.node.len() <= 255 => Ok(h),
         _ => Err(Status::invalid_argument("the first frame must be a hello")),
     }
 }

@@ -72,6 +72,7 @@ impl Relay {
                         generation: watch::channel(0).0,
                         pending: Mutex::default(),
                         dialer: Mutex::default(),
+                        revocations_heard: AtomicBool::new(false),
                     })
                 })
                 .clone();
@@ -83,6 +84,9 @@ impl Relay {
                 }
             }
         }
+        drop(peers);
+        // A peer that left no longer holds user tokens back.
+        self.release_revocation_hold(node);
     }
 
     /// Keeps a link to `peer` up: dial, run, back off, again.
@@ -95,8 +99,8 @@ impl Relay {
             }
             let started = Instant::now();
             match self.connect(&node, &peer).await {
-                Ok((queue, inbound)) => {
-                    self.run_link(&node, &peer, queue, inbound).await;
+                Ok((queue, inbound, marks_end)) => {
+                    self.run_link(&node, &peer, queue, inbound, marks_end).await;
                     if started.elapsed() > Duration::from_secs(5) {
                         backoff = Duration::from_millis(50);
                     }
@@ -139,7 +143,7 @@ impl Relay {
         &self,
         node: &Node,
         peer: &Peer,
-    ) -> Result<(Arc<LinkQueue>, Streaming<RelayBatch>), Status> {
+    ) -> Result<(Arc<LinkQueue>, Streaming<RelayBatch>, bool), Status> {
         let channel = self.channel(peer)?;
         let queue = Arc::new(LinkQueue::default());
         let (tx, rx) = mpsc::channel(4);
@@ -156,8 +160,8 @@ impl Relay {
             }
         };
         match read_hello(&mut inbound).await {
-            Ok(id) if id == *peer.id => Ok((queue, inbound)),
-            Ok(id) => {
+            Ok(h) if h.node == *peer.id => Ok((queue, inbound, h.revocations_sent)),
+            Ok(grpc::Hello { node: id, .. }) => {
                 queue.close();
                 node.stats.relay.bad_frames.inc();
                 Err(Status::failed_precondition(format!(
@@ -176,18 +180,21 @@ impl Relay {
         encode(Kind::Hello(grpc::Hello {
             node: self.me.to_string(),
             ring_version: self.cluster.ring_version(),
+            revocations_sent: true,
         }))
     }
 
-    /// Serves one link until either side ends it.
+    /// Serves one link until either side ends it. `marks_end`: the peer's `Hello` said
+    /// it understands and sends `RevocationsSent` (see `revocations.rs`).
     pub(super) async fn run_link(
         self: &Arc<Self>,
         node: &Arc<Node>,
         peer: &Arc<Peer>,
         queue: Arc<LinkQueue>,
         mut inbound: Streaming<RelayBatch>,
+        marks_end: bool,
     ) {
-        self.link_up(node, peer, &queue);
+        self.link_up(node, peer, &queue, marks_end);
         // The control task hears of it after the link is usable: its pass sends
         // `HandoffDone` and the follows this link can now carry.
         let _ = self
@@ -238,13 +245,23 @@ impl Relay {
         self.link_down(node, peer, &queue);
     }
 
-    pub(super) fn link_up(&self, node: &Node, peer: &Arc<Peer>, queue: &Arc<LinkQueue>) {
+    pub(super) fn link_up(
+        &self,
+        node: &Node,
+        peer: &Arc<Peer>,
+        queue: &Arc<LinkQueue>,
+        marks_end: bool,
+    ) {
         if let Some(old) = lock(&peer.link).replace(queue.clone()) {
             old.close();
         }
         node.stats.relay.links.up();
         peer.generation.send_modify(|g| *g += 1);
-        self.send_revocations(node, queue);
+        self.send_revocations(node, queue, marks_end);
+        if !marks_end {
+            // An older peer sends its set without an end mark: best effort.
+            self.heard_revocations(node, peer);
+        }
         info!(peer = %peer.id, "relay link up");
     }
 

@@ -124,18 +124,9 @@ impl Relay {
                 });
                 Ok(())
             }
-            Kind::Revoke(r) => {
-                // Peers are members (mutual TLS, identity checked at Hello).
-                let target = match (r.sub.is_empty(), r.jti.is_empty()) {
-                    (false, true) if r.sub.len() <= 256 => crate::auth::revoke::Target::Sub(r.sub),
-                    (true, false) if r.jti.len() <= 256 => crate::auth::revoke::Target::Jti(r.jti),
-                    _ => return Err("revoke needs exactly one of sub or jti".into()),
-                };
-                let until = std::time::UNIX_EPOCH
-                    .checked_add(std::time::Duration::from_secs(r.until))
-                    .ok_or("revoke: `until` out of range")?;
-                // An `until` already past is a no-op, not a broken link.
-                let _ = node.auth.revoke(target, until);
+            Kind::Revoke(r) => self.apply_revoke(node, r),
+            Kind::RevocationsSent(_) => {
+                self.heard_revocations(node, peer);
                 Ok(())
             }
             Kind::Lagged(l) => {

@@ -26,6 +26,9 @@
 //!   however many subscribers that node has. `Unfollow` ends it.
 //! - `Event` → a mirror applies it if it continues its offsets, else re-follows.
 //! - `Lagged` → the mirror's link fell behind: re-follow.
+//! - `Revoke`, `RevocationsSent` → client-token revocations, and the end of the set
+//!   each side sends at link-up; a node that has just started holds user tokens back
+//!   until every peer's set is in (`revocations.rs`).
 //!
 //! # Ownership
 //! The topic's [`Placement`] on this node is the truth the data path uses; the control
@@ -39,14 +42,12 @@
 //! `Followed` to those nodes at once, so nobody has to re-subscribe.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
-use weft_proto::grpc::relay_frame::Kind;
-use weft_proto::grpc::{self};
 
 use crate::cluster::membership::Cluster;
 
@@ -59,6 +60,7 @@ mod link;
 mod placement;
 mod plan;
 mod publish;
+mod revocations;
 mod service;
 
 use codec::*;
@@ -68,6 +70,7 @@ pub use link::LinkQueue;
 use link::*;
 pub use publish::Ticket;
 use publish::*;
+pub use revocations::SYNC_HOLD as REVOCATION_HOLD;
 pub use service::{relay_service, RelayService, RelaySlot};
 
 /// Bytes of events a link may hold before its peer counts as lagging.
@@ -119,25 +122,15 @@ struct Peer {
     generation: watch::Sender<u64>,
     pending: Mutex<HashMap<u64, Pending>>,
     dialer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once a link from it has carried its whole revocation set (or, from an
+    /// older peer that does not mark the end, once a link came up).
+    revocations_heard: AtomicBool,
 }
 
 impl Peer {
     fn link(&self) -> Option<Arc<LinkQueue>> {
         lock(&self.link).clone().filter(|l| !l.is_closed())
     }
-}
-
-/// A client-token revocation as a relay frame.
-fn revoke_frame(target: &crate::auth::revoke::Target, until_s: u64) -> bytes::Bytes {
-    let (sub, jti) = match target {
-        crate::auth::revoke::Target::Sub(s) => (s.clone(), String::new()),
-        crate::auth::revoke::Target::Jti(j) => (String::new(), j.clone()),
-    };
-    encode(Kind::Revoke(grpc::Revoke {
-        sub,
-        jti,
-        until: until_s,
-    }))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -192,32 +185,6 @@ impl Relay {
 
     fn peer(&self, id: &str) -> Option<Arc<Peer>> {
         lock(&self.peers).get(id).cloned()
-    }
-
-    /// Sends a client-token revocation to every linked peer (control frames: never
-    /// dropped for lag). A peer that is down misses it; revoke again after it rejoins.
-    pub fn broadcast_revoke(&self, target: &crate::auth::revoke::Target, until_s: u64) -> usize {
-        let frame = revoke_frame(target, until_s);
-        let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
-        peers
-            .iter()
-            .filter_map(|p| p.link())
-            .filter(|link| link.push_control(frame.clone()))
-            .count()
-    }
-
-    /// Sends every revocation in force to a peer whose link just came up: a node that
-    /// was down (or restarted without its data dir) when something was revoked learns
-    /// it now. The receiver takes an entry it already has without writing anything.
-    pub(super) fn send_revocations(&self, node: &crate::node::Node, link: &LinkQueue) {
-        for (target, until) in node.auth.revocations() {
-            let until_s = until
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            if !link.push_control(revoke_frame(&target, until_s)) {
-                return;
-            }
-        }
     }
 
     /// What each live link holds queued, (peer, bytes, frames): the relay lag the

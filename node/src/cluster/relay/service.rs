@@ -41,13 +41,14 @@ impl grpc::relay_server::Relay for RelayService {
         // Who dialled, from its certificate; its Hello may name only itself.
         let caller = weft_router::identity::caller(&request)?;
         let mut inbound = request.into_inner();
-        let from = match read_hello(&mut inbound).await {
-            Ok(id) => id,
+        let hello = match read_hello(&mut inbound).await {
+            Ok(h) => h,
             Err(e) => {
                 node.stats.relay.bad_frames.inc();
                 return Err(e);
             }
         };
+        let from = hello.node;
         weft_router::identity::authorize(
             &caller,
             &weft_router::identity::Action::RelayHello(&from),
@@ -65,7 +66,11 @@ impl grpc::relay_server::Relay for RelayService {
         let queue = Arc::new(LinkQueue::default());
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(pump(queue.clone(), relay.hello(), tx, Ok));
-        tokio::spawn(async move { relay.run_link(&node, &peer, queue, inbound).await });
+        tokio::spawn(async move {
+            relay
+                .run_link(&node, &peer, queue, inbound, hello.revocations_sent)
+                .await
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
