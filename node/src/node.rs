@@ -148,9 +148,11 @@ impl Node {
     /// Admits one new session, or refuses it with 503 and a Retry-After spread over
     /// 1-5 s so refused clients do not come back in one wave.
     pub fn admit_session(&self) -> Result<(), ApiError> {
-        if !self.is_ready() {
+        // Draining only: a starting node's hold on user tokens is decided at
+        // authentication, so API-key and anonymous sessions are not held with them.
+        if self.is_draining() {
             return Err(ApiError::Unavailable {
-                message: self.unready_reason().into(),
+                message: "node is shutting down".into(),
                 retry_after_s: 1,
             });
         }

@@ -222,8 +222,11 @@ async fn a_starting_node_holds_user_tokens_until_its_peers_revocations_are_in() 
     }
     let ready = http.get(back.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503, "/readyz while held");
-    // Operators are not held: an API key revokes on the starting node.
+    // API keys are not held: one revokes on the starting node, one opens a session.
     revoke(&http, &back.url("/v1/admin/revoke"), "dave").await;
+    WsClient::connect_with(back.addr, &format!("/v1/ws?token={ADMIN_KEY}"), &[])
+        .await
+        .expect("a session with an API key while user tokens are held");
     let probed = started.elapsed();
     assert!(
         probed < weft_node::cluster::relay::REVOCATION_HOLD,
