@@ -153,11 +153,6 @@ pub async fn run_with_router(
     let relay = cluster::relay::Relay::new(cluster.clone());
     let _ = node.relay.set(relay.clone());
     node.registry.placement.set(relay.placement_fn()).ok();
-    // The first pass before anything can create a topic here: until it has run, the
-    // slots the ring just gave this node are not known to be awaiting their old
-    // owners' handoffs, and a topic a peer's forwarded publish or follow created in
-    // that window would start a new epoch (its sessions elsewhere would see `reset`
-    // after a plain restart). Peers' links are accepted only after it.
     // Until every peer has sent what it revoked (bounded), user tokens get 503 and
     // `/readyz` is false: a token revoked while this node was down must not get in.
     node.auth.hold_until_revocations_heard();
@@ -168,6 +163,11 @@ pub async fn run_with_router(
             relay.end_revocation_hold(&node);
         })
     };
+    // The first pass before anything can create a topic here: until it has run, the
+    // slots the ring just gave this node are not known to be awaiting their old
+    // owners' handoffs, and a topic a peer's forwarded publish or follow created in
+    // that window would start a new epoch (its sessions elsewhere would see `reset`
+    // after a plain restart). Peers' links are accepted only after it.
     let relay_task = tokio::spawn(relay.clone().run(node.clone()));
     relay.pass().await;
     let _ = relay_slot.set((relay.clone(), node.clone()));
