@@ -12,7 +12,9 @@
 #          RUN_TIMEOUT (seconds one harness run may take, default 600),
 #          BEFORE (a directory holding another build's weft-node: that build runs
 #          as system "weft-before" in place of nats-server, for before/after checks),
-#          ONLY=weft (Weft alone: no other system runs)
+#          ONLY=weft (Weft alone: no other system runs),
+#          WEFT_PUBLISH_VIA (http or stream, default http: how the harness publishes
+#          to Weft, --publish-via; the NATS runs always use their NATS links)
 #
 # Writes OUT/NAME-<weft|nats>-<run>.json and .txt (the harness's output), appends
 # "NAME-<system>-<run>: exit N" to OUT/runs.txt, and writes the comparison to
@@ -109,9 +111,12 @@ while [ $r -le "$RUNS" ]; do
         "start_$system" "$dir"
         as=$system
         [ "$system" = before ] && as=weft
-        echo "\$ weft-loadtest $* --system $as --target $TARGET --target-pid $SERVER_PID" > "$OUT/$run.txt"
+        via="-u WEFT_LOADTEST_PUBLISH_VIA"
+        [ "$as" = weft ] && via="WEFT_LOADTEST_PUBLISH_VIA=${WEFT_PUBLISH_VIA:-http}"
+        echo "\$ $via weft-loadtest $* --system $as --target $TARGET --target-pid $SERVER_PID" > "$OUT/$run.txt"
         rc=0
-        timeout --kill-after=10 "$RUN_TIMEOUT" "$LT" "$@" --system "$as" --target "$TARGET" \
+        # shellcheck disable=SC2086 # $via is one env(1) operand, or its option and name
+        env $via timeout --kill-after=10 "$RUN_TIMEOUT" "$LT" "$@" --system "$as" --target "$TARGET" \
             --target-pid "$SERVER_PID" --quiet --json "$OUT/$run.json" >> "$OUT/$run.txt" 2>&1 || rc=$?
         stop_server
         if [ "$system" = before ] && [ -f "$OUT/$run.json" ]; then

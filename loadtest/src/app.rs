@@ -24,7 +24,7 @@ use crate::progress::Progress;
 use crate::report::{Report, SloResult};
 use crate::slo;
 use crate::tls::TlsClient;
-use crate::transport::{System, Transport};
+use crate::transport::{PublishVia, System, Transport};
 use crate::workers::{self, PhaseLimits};
 
 /// Exit code when an `--slo` objective was missed.
@@ -242,6 +242,9 @@ pub fn build(cmd: &Cmd) -> anyhow::Result<(Plan, Common)> {
         if common.publish_target.is_some() || common.topic_owner.is_some() {
             bail!("--system nats: --publish-target and --topic-owner are Weft cluster options");
         }
+        if common.publish_via != PublishVia::Http {
+            bail!("--system nats: publishers use NATS links (--publish-via is a Weft option)");
+        }
         // NATS orders per publisher connection only, and its accounting needs each
         // topic's events in order from one publisher: always ordered.
         common.ordered = true;
@@ -405,6 +408,7 @@ fn settings(
         drain_timeout: c.drain_timeout,
         max_inflight: c.max_inflight,
         ordered: c.ordered,
+        publish_via: c.publish_via,
         publish_timeout: c.publish_timeout,
         longpoll_wait: c.longpoll_wait,
         spread: !c.no_source_spread,
@@ -433,6 +437,10 @@ fn settings(
             plan.subscribe.map(|s| Value::from(s.rate)),
         ),
         ("ordered", c.ordered.then_some(Value::from(true))),
+        (
+            "publish_via",
+            (c.publish_via != PublishVia::Http).then(|| Value::from(c.publish_via.to_string())),
+        ),
         (
             "tls",
             ["https://", "wss://"]

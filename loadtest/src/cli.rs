@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::plan::Slot;
 use crate::slo::{self, Objective};
-use crate::transport::{System, Transport};
+use crate::transport::{PublishVia, System, Transport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +71,12 @@ pub struct Common {
     /// per topic), as a producer that must keep a topic's order does.
     #[arg(long)]
     pub ordered: bool,
+    /// How publishers reach Weft: one `POST /v1/topics/{t}/events` per event, or a
+    /// few long-lived `POST /v1/publish/stream` requests (one NDJSON line per event,
+    /// one acknowledgement line back, the same idempotency keys), as a backend that
+    /// does not pay a round trip per event would publish.
+    #[arg(long, value_enum, env = "WEFT_LOADTEST_PUBLISH_VIA", default_value_t = PublishVia::Http)]
+    pub publish_via: PublishVia,
     /// Where publishers send (`POST /v1/topics/{t}/events`); default: --target. In a
     /// cluster, another node than the subscribers' measures the relay between them.
     #[arg(long, env = "WEFT_LOADTEST_PUBLISH_TARGET")]

@@ -39,7 +39,8 @@ use crate::target;
 use crate::tls::TlsClient;
 use crate::tracker::Counts;
 use crate::transport::nats::{self, NatsLinks};
-use crate::transport::{topic_state, System, Transport};
+use crate::transport::pubstream::StreamLinks;
+use crate::transport::{topic_state, PublishVia, System, Transport};
 
 /// File descriptors kept free for everything that is not a subscriber connection.
 const FD_RESERVE: u64 = 512;
@@ -78,6 +79,8 @@ pub struct Settings {
     pub max_inflight: usize,
     /// One publish in flight per topic, each topic from one process (`--ordered`).
     pub ordered: bool,
+    /// How publishers reach Weft (`--publish-via`).
+    pub publish_via: PublishVia,
     pub publish_timeout: Duration,
     pub longpoll_wait: Duration,
     /// Spread connections over 127.0.0.2–250 when the target is loopback.
@@ -213,6 +216,8 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         epoch_ends: Default::default(),
         ordered: st.ordered,
         nats: (st.system == System::Nats).then(|| NatsLinks::new(publish_net.clone(), 4)),
+        stream: (st.system == System::Weft && st.publish_via == PublishVia::Stream)
+            .then(|| StreamLinks::new(publish_net.clone(), 4)),
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });

@@ -5,6 +5,8 @@
 //!
 //! The API is the small part of a request builder the transports use: a method, a URL,
 //! headers, a body, a timeout; a response's status, headers, whole body or next chunk.
+//! [`HttpClient::duplex`] is the one request whose body is written while its answer is
+//! read (the streaming publish), on a connection of its own outside the pool.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,9 +15,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::channel::{Channel, Sender};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{HeaderMap, Method, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +30,8 @@ use crate::conn::{Conn, ConnectError, Dialer};
 /// gives (a long-poll page of 1,000 events of 64 KiB at most), so a server that
 /// streams without end cannot make the harness buffer it all.
 pub const MAX_BODY: usize = 128 << 20;
+/// Body chunks a [`HttpClient::duplex`] request queues before its writer waits.
+const DUPLEX_CHUNKS: usize = 16;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,19 +100,95 @@ impl tower_service::Service<Uri> for Connector {
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Client<Connector, Full<Bytes>>,
+    /// Where [`duplex`](Self::duplex) requests connect (the pool's own connector).
+    connector: Connector,
     /// Sent as `Authorization` on every request (marked sensitive).
     credential: Option<HeaderValue>,
 }
 
+/// The body side of a [`HttpClient::duplex`] request: each chunk sent is written to
+/// the connection as it comes; dropping it ends the request body.
+pub type BodySender = Sender<Bytes, std::convert::Infallible>;
+
 impl HttpClient {
     /// A client for connections `slot` of `dialer`.
     pub fn new(dialer: Arc<Dialer>, slot: usize, credential: Option<HeaderValue>) -> Self {
+        let connector = Connector { dialer, slot };
         let inner = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1024)
-            .build(Connector { dialer, slot });
-        Self { inner, credential }
+            .build(connector.clone());
+        Self {
+            inner,
+            connector,
+            credential,
+        }
+    }
+
+    /// `POST url` with a body that is still being written while the answer is read:
+    /// a new connection (never pooled: it lives as long as the exchange), the request
+    /// sent with `first` as its first body chunk, and the answer's head awaited within
+    /// `within`. Returns the body's sender and the answer, whose body is read with
+    /// [`Response::chunk`].
+    pub async fn duplex(
+        &self,
+        url: &str,
+        content_type: &'static str,
+        first: Bytes,
+        within: Duration,
+    ) -> Result<(BodySender, Response), HttpError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| HttpError::Request(format!("bad URL {url}: {e}")))?;
+        let open = async {
+            let conn = self
+                .connector
+                .dialer
+                .connect(self.connector.slot)
+                .await
+                .map_err(|e| HttpError::Request(e.to_string()))?;
+            let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+                .await
+                .map_err(|e| HttpError::Request(format!("HTTP handshake: {e}")))?;
+            // The connection's driver ends with the exchange (or its failure, which the
+            // body and the answer then report).
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let (mut tx, body) = Channel::new(DUPLEX_CHUNKS);
+            let mut req = hyper::Request::builder()
+                .method(Method::POST)
+                .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+                .header(CONTENT_TYPE, content_type);
+            if let Some(host) = uri.authority() {
+                req = req.header(HOST, host.as_str());
+            }
+            if let Some(c) = &self.credential {
+                req = req.header(AUTHORIZATION, c.clone());
+            }
+            let req = req.body(body)?;
+            tx.send_data(first)
+                .await
+                .map_err(|_| HttpError::Request("the request body closed".into()))?;
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| HttpError::Request(format!("sending the request: {e}")))?;
+            let (head, body) = resp.into_parts();
+            Ok((
+                tx,
+                Response {
+                    status: head.status,
+                    headers: head.headers,
+                    body,
+                    deadline: None,
+                },
+            ))
+        };
+        tokio::time::timeout(within, open)
+            .await
+            .map_err(|_| HttpError::Timeout(within))?
     }
 
     pub fn get(&self, url: impl Into<String>) -> RequestBuilder<'_> {

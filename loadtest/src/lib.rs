@@ -37,8 +37,9 @@
 //!   server sends, and the client's lines; pure logic.
 //! - [`subscriber`]: one subscriber's reconnect loop; [`transport`] holds its sessions
 //!   over WebSocket, SSE and long-poll.
-//! - [`publisher`]: the open-loop publisher (HTTP, or NATS links) with bounded
-//!   in-flight requests, and its ordered mode (one publish in flight per topic).
+//! - [`publisher`]: the open-loop publisher (HTTP, publish streams, or NATS links)
+//!   with bounded in-flight requests, and its ordered mode (one publish in flight per
+//!   topic).
 //! - [`engine`]: runs one scenario in one process: ramp, go, publish, drain, finals.
 //! - [`coord`]: the barriers between a process and its parent (workers) and the
 //!   conductor that samples the target and runs `--restart-cmd`.

@@ -13,6 +13,10 @@
 //! the owner's dedupe window holds. Each event is retried until `--publish-timeout`
 //! after its due time, then counted as a publish error.
 //!
+//! **Streams** (`--publish-via stream`): the same events, keys and retries over a few
+//! long-lived `POST /v1/publish/stream` requests ([`pubstream`]), one line per event;
+//! a line refused with `429`, `503` or a `5xx` is retried like the single publish.
+//!
 //! **Ordered** (`--ordered`, and always with `--system nats`): what a producer that must
 //! keep a topic's order does. Each topic is published by one process only (the slot
 //! that owns the topic number), by one task that sends the topic's events in schedule
@@ -43,6 +47,7 @@ use crate::recorder::Recorder;
 use crate::stamp::{now_us, Stamp};
 use crate::stats::{ErrorLog, LiveStats};
 use crate::transport::nats::{self, NatsLinks};
+use crate::transport::pubstream::{self, LineAck, StreamLinks};
 use crate::transport::{error_message, retry_after};
 use weft_proto::PublishResult;
 
@@ -71,6 +76,8 @@ pub struct Publisher {
     pub ordered: bool,
     /// `--system nats`: publish over these links instead of HTTP.
     pub nats: Option<NatsLinks>,
+    /// `--publish-via stream`: publish over these streams instead of one request each.
+    pub stream: Option<StreamLinks>,
     /// Acknowledged payload bytes.
     pub bytes: AtomicU64,
     /// Wall clock of the last acknowledgement, µs.
@@ -249,6 +256,11 @@ impl Publisher {
                 .publish_nats(links, k, topic, body, intended_us, deadline)
                 .await;
         }
+        if let Some(links) = &self.stream {
+            return self
+                .publish_stream(links, k, topic, body, intended_us, deadline)
+                .await;
+        }
         let client = self.net.http(k as usize % PUBLISH_CLIENTS);
         let url = self
             .net
@@ -340,6 +352,53 @@ impl Publisher {
             }
             retries += 1;
             tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// One event as a line of a publish stream, with the single publish's key and
+    /// retry rules (a broken stream is reopened by the retry).
+    async fn publish_stream(
+        &self,
+        links: &StreamLinks,
+        k: u64,
+        topic: usize,
+        body: Bytes,
+        intended_us: u64,
+        deadline: Instant,
+    ) -> (bool, u64) {
+        let line = pubstream::line(&self.topics[topic], &body, &format!("{}-{k}", self.run_id));
+        let mut backoff = Duration::from_millis(50);
+        let mut retries = 0;
+        loop {
+            let (why, pause) =
+                match tokio::time::timeout(REQUEST_TIMEOUT, links.publish(topic, line.clone()))
+                    .await
+                {
+                    Ok(Ok(LineAck::Published { epoch, offset })) => {
+                        self.acked(k, body.len(), intended_us);
+                        self.note(topic, &epoch, offset);
+                        return (true, retries);
+                    }
+                    Ok(Ok(LineAck::Refused { code, message })) => {
+                        let why = format!("publish stream line answered {code}: {message}");
+                        if code == 429 || code == 503 || code >= 500 {
+                            (why, backoff)
+                        } else {
+                            return self.failed(why, retries);
+                        }
+                    }
+                    Ok(Err(e)) => (format!("publish failed: {e:#}"), backoff),
+                    Err(_) => (
+                        format!("publish stream line not acknowledged within {REQUEST_TIMEOUT:?}"),
+                        backoff,
+                    ),
+                };
+            if Instant::now() + pause >= deadline {
+                return self.failed(format!("{why} (gave up after {retries} retries)"), retries);
+            }
+            retries += 1;
+            tokio::time::sleep(pause).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }

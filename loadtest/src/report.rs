@@ -460,7 +460,7 @@ impl Report {
             &mut s,
             "published",
             format!(
-                "{} ok ({:.0}/s, {}/s), {} failed, {} retries{}",
+                "{} ok ({:.0}/s, {}/s), {} failed, {} retries{}{}",
                 self.published,
                 self.publish_per_s,
                 fmt_bytes(self.publish_bytes_per_s as u64),
@@ -473,6 +473,10 @@ impl Report {
                     )
                 } else {
                     String::new()
+                },
+                match self.config.get("publish_via").and_then(|v| v.as_str()) {
+                    Some("stream") => ", over publish streams",
+                    _ => "",
                 }
             ),
         );

@@ -118,6 +118,7 @@ async fn publisher_is_open_loop_no_coordinated_omission() {
         epoch_ends: Default::default(),
         ordered: false,
         nats: None,
+        stream: None,
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });

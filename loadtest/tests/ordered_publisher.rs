@@ -124,6 +124,7 @@ async fn publish(
         epoch_ends: Default::default(),
         ordered,
         nats: None,
+        stream: None,
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });

@@ -118,6 +118,88 @@ async fn fanout_against_a_secured_node_with_a_token() {
     stop(node).await;
 }
 
+/// `--publish-via stream`, ordered and not, against a node with authentication on:
+/// the books add up exactly as with one request per event, and the node saw every
+/// event arrive on a publish stream (its request-bytes counter for that route) and no
+/// single publish at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_publish_streams_adds_up_and_never_posts_single_events() {
+    const KEY: &str = "loadtest-stream-key-0123456789";
+    // An id of its own: the node's counters are this process's, shared by every test.
+    let id = format!("loadtest-stream-{}", std::process::id());
+    let node = TestNode::start_with(|c| {
+        configure(c);
+        c.node_id = id.clone();
+        c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
+            name: "loadtest".into(),
+            sha256: weft_node::auth::apikey::sha256_hex(KEY),
+            publish: vec![">".into()],
+            subscribe: vec![">".into()],
+            ..Default::default()
+        }];
+    })
+    .await;
+    let mut published = 0;
+    for ordered in ["", "--ordered"] {
+        let r = run(
+            &node,
+            &format!(
+                "fanout --publish-via stream {ordered} --subscribers 8 --topics 4 \
+                 --rate 200 --payload-bytes 120 --duration 2s --token {KEY}"
+            ),
+        )
+        .await;
+        assert_clean(&r);
+        assert_eq!((r.published, r.offered), (400, 400), "{ordered}");
+        assert_eq!(r.expected, 400 * 2, "{ordered}");
+        assert_eq!(r.delivered_bytes, r.delivered * 120, "{ordered}");
+        assert_eq!(
+            r.config["publish_via"], "stream",
+            "the report says how it published"
+        );
+        assert!(r.table().contains("over publish streams"), "{ordered}");
+        published += r.published;
+    }
+    let addr = node.url("").trim_start_matches("http://").parse().unwrap();
+    let metrics = common::plain_net(addr)
+        .await
+        .http(0)
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    let mine = |l: &&str| l.contains(&format!("node=\"{id}\""));
+    let stream_bytes: f64 = metrics
+        .lines()
+        .filter(mine)
+        .filter(|l| {
+            l.starts_with("weft_http_request_bytes_total")
+                && l.contains("route=\"/v1/publish/stream\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // Each line holds at least the 120-byte event.
+    assert!(
+        stream_bytes >= (published * 120) as f64,
+        "{stream_bytes} bytes on publish streams for {published} events"
+    );
+    let single = metrics
+        .lines()
+        .filter(mine)
+        .filter(|l| {
+            l.starts_with("weft_http_requests_total")
+                && l.contains("method=\"POST\"")
+                && l.contains("/events\"")
+        })
+        .count();
+    assert_eq!(single, 0, "no event was posted on its own");
+    stop(node).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_over_websocket() {
     fanout("ws").await;

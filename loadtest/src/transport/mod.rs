@@ -8,6 +8,8 @@
 //! - [`longpoll`]: `GET /v1/topics/{t}/events?since=…&wait=…` in a loop, one per topic.
 //! - [`nats`]: `--system nats`: a `nats-server` over WebSocket (`SUB` per topic), and
 //!   the publisher's links (`PUB` + `PING`, acknowledged by the `PONG`).
+//! - [`pubstream`]: `--publish-via stream`: the publisher's links to Weft, long-lived
+//!   `POST /v1/publish/stream` requests with one acknowledgement line per event.
 //!
 //! Shared by the sessions: [`control`], the stop / finals / lifetime wait kept across a
 //! session's loop; [`pushline`], the event push read in place; [`Drain`], a run of
@@ -23,6 +25,7 @@ use crate::net::Net;
 pub mod control;
 pub mod longpoll;
 pub mod nats;
+pub mod pubstream;
 pub mod pushline;
 pub mod sse;
 pub mod ws;
@@ -69,6 +72,27 @@ impl fmt::Display for System {
         f.write_str(match self {
             System::Weft => "weft",
             System::Nats => "nats",
+        })
+    }
+}
+
+/// How publishers reach a Weft node (`--publish-via`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishVia {
+    /// One `POST /v1/topics/{t}/events` per event, over keep-alive connections.
+    #[default]
+    Http,
+    /// Long-lived `POST /v1/publish/stream` requests, one NDJSON line per event and
+    /// one acknowledgement line back (see [`pubstream`]).
+    Stream,
+}
+
+impl fmt::Display for PublishVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PublishVia::Http => "http",
+            PublishVia::Stream => "stream",
         })
     }
 }
