@@ -84,6 +84,38 @@ pub struct Publisher {
     pub last_ack_us: AtomicU64,
 }
 
+/// How every attempt at one event goes out.
+enum Route {
+    Http {
+        client: usize,
+        url: String,
+        key: String,
+    },
+    Nats {
+        subject: Arc<str>,
+        /// The event's place in its topic (NATS has no offsets).
+        place: u64,
+    },
+    /// The event's publish-stream line.
+    Stream(Bytes),
+}
+
+/// What one attempt at publishing an event came to.
+enum Attempt {
+    /// Acknowledged at `at_us` (wall clock); where the topic got, if the answer said.
+    Done {
+        at_us: u64,
+        end: Option<(String, u64)>,
+    },
+    /// Worth another try, after `after` (the backoff when `None`).
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
+    /// Refused for good.
+    Fail(String),
+}
+
 /// What a publisher did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublishOutcome {
@@ -245,67 +277,29 @@ impl Publisher {
         out
     }
 
-    /// One event with its retries; `(published, retries)`.
+    /// One event with its retries; `(published, retries)`. Whatever the way it goes
+    /// (one request, a NATS link, a publish stream), a refusal worth retrying and a
+    /// broken connection are retried with a doubling backoff (or the server's
+    /// `Retry-After`) until `--publish-timeout` after the event's due time.
     async fn publish(&self, k: u64, topic: usize, body: Bytes, intended_us: u64) -> (bool, u64) {
         let deadline = Instant::now()
             + self
                 .timeout
                 .saturating_sub(Duration::from_micros(now_us().saturating_sub(intended_us)));
-        if let Some(links) = &self.nats {
-            return self
-                .publish_nats(links, k, topic, body, intended_us, deadline)
-                .await;
-        }
-        if let Some(links) = &self.stream {
-            return self
-                .publish_stream(links, k, topic, body, intended_us, deadline)
-                .await;
-        }
-        let client = self.net.http(k as usize % PUBLISH_CLIENTS);
-        let url = self
-            .net
-            .url(&format!("/v1/topics/{}/events", self.topics[topic]));
-        let key = format!("{}-{k}", self.run_id);
+        let how = self.route(k, topic, &body);
         let mut backoff = Duration::from_millis(50);
         let mut retries = 0;
         loop {
-            let sent = client
-                .post(&url)
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .header("Idempotency-Key", &key)
-                .timeout(REQUEST_TIMEOUT)
-                .body(body.clone())
-                .send()
-                .await;
-            let (why, pause) = match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    self.acked(k, body.len(), intended_us);
-                    if let Ok(body) = resp.bytes().await {
-                        if let Ok(r) = serde_json::from_slice::<PublishResult>(&body) {
-                            self.note(topic, &r.epoch, r.offset);
-                        }
+            let (why, pause) = match self.attempt(topic, &how, &body).await {
+                Attempt::Done { at_us, end } => {
+                    self.acked(k, body.len(), intended_us, at_us);
+                    if let Some((epoch, offset)) = end {
+                        self.note(topic, &epoch, offset);
                     }
                     return (true, retries);
                 }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let after = retry_after(resp.headers());
-                    let msg = error_message(&resp.bytes().await.unwrap_or_default());
-                    let why = format!("publish answered {status}: {msg}");
-                    if status == StatusCode::TOO_MANY_REQUESTS
-                        || status == StatusCode::SERVICE_UNAVAILABLE
-                    {
-                        (why, after)
-                    } else if status.is_server_error() {
-                        (why, backoff)
-                    } else {
-                        return self.failed(why, retries);
-                    }
-                }
-                Err(e) => (
-                    format!("publish failed: {:#}", anyhow::Error::new(e)),
-                    backoff,
-                ),
+                Attempt::Retry { why, after } => (why, after.unwrap_or(backoff)),
+                Attempt::Fail(why) => return self.failed(why, retries),
             };
             if Instant::now() + pause >= deadline {
                 return self.failed(format!("{why} (gave up after {retries} retries)"), retries);
@@ -316,95 +310,135 @@ impl Publisher {
         }
     }
 
-    /// One event over NATS: `PUB` + `PING`, acknowledged by the `PONG`; retried (a
-    /// broken link is reopened) until the deadline. A retry after a lost `PONG` may
-    /// publish twice; subscribers count that as a duplicate.
-    async fn publish_nats(
-        &self,
-        links: &NatsLinks,
-        k: u64,
-        topic: usize,
-        body: Bytes,
-        intended_us: u64,
-        deadline: Instant,
-    ) -> (bool, u64) {
-        let subject: Arc<str> = Arc::from(self.topics[topic].as_str());
-        let mut backoff = Duration::from_millis(50);
-        let mut retries = 0;
-        loop {
-            let why = match tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                links.publish(topic, &subject, body.clone()),
-            )
-            .await
-            {
-                Ok(Ok(())) => {
-                    self.acked(k, body.len(), intended_us);
-                    let (_, place) = nats::ordinal(k, self.topics.len());
-                    self.note(topic, nats::EPOCH, place);
-                    return (true, retries);
-                }
-                Ok(Err(e)) => format!("publish failed: {e:#}"),
-                Err(_) => format!("NATS publish not acknowledged within {REQUEST_TIMEOUT:?}"),
-            };
-            if Instant::now() + backoff >= deadline {
-                return self.failed(format!("{why} (gave up after {retries} retries)"), retries);
+    /// What every attempt at event `k` sends, built once.
+    fn route(&self, k: u64, topic: usize, body: &Bytes) -> Route {
+        let name = &self.topics[topic];
+        let key = || format!("{}-{k}", self.run_id);
+        if self.nats.is_some() {
+            Route::Nats {
+                subject: Arc::from(name.as_str()),
+                place: nats::ordinal(k, self.topics.len()).1,
             }
-            retries += 1;
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+        } else if self.stream.is_some() {
+            Route::Stream(pubstream::line(name, body, &key()))
+        } else {
+            Route::Http {
+                client: k as usize % PUBLISH_CLIENTS,
+                url: self.net.url(&format!("/v1/topics/{name}/events")),
+                key: key(),
+            }
         }
     }
 
-    /// One event as a line of a publish stream, with the single publish's key and
-    /// retry rules (a broken stream is reopened by the retry).
-    async fn publish_stream(
-        &self,
-        links: &StreamLinks,
-        k: u64,
-        topic: usize,
-        body: Bytes,
-        intended_us: u64,
-        deadline: Instant,
-    ) -> (bool, u64) {
-        let line = pubstream::line(&self.topics[topic], &body, &format!("{}-{k}", self.run_id));
-        let mut backoff = Duration::from_millis(50);
-        let mut retries = 0;
-        loop {
-            let (why, pause) =
+    /// One try at publishing an event.
+    async fn attempt(&self, topic: usize, how: &Route, body: &Bytes) -> Attempt {
+        match how {
+            Route::Http { client, url, key } => {
+                let sent = self
+                    .net
+                    .http(*client)
+                    .post(url)
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .header("Idempotency-Key", key)
+                    .timeout(REQUEST_TIMEOUT)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(resp) if resp.status().is_success() => {
+                        // Acknowledged at the `201`'s head; its body says where.
+                        let at_us = now_us();
+                        let end = resp
+                            .bytes()
+                            .await
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<PublishResult>(&b).ok())
+                            .map(|r| (r.epoch, r.offset));
+                        Attempt::Done { at_us, end }
+                    }
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let after = retry_after(resp.headers());
+                        let msg = error_message(&resp.bytes().await.unwrap_or_default());
+                        let why = format!("publish answered {status}: {msg}");
+                        if status == StatusCode::TOO_MANY_REQUESTS
+                            || status == StatusCode::SERVICE_UNAVAILABLE
+                        {
+                            Attempt::Retry {
+                                why,
+                                after: Some(after),
+                            }
+                        } else if status.is_server_error() {
+                            Attempt::Retry { why, after: None }
+                        } else {
+                            Attempt::Fail(why)
+                        }
+                    }
+                    Err(e) => Attempt::Retry {
+                        why: format!("publish failed: {:#}", anyhow::Error::new(e)),
+                        after: None,
+                    },
+                }
+            }
+            // `PUB` + `PING`, acknowledged by the `PONG`. A retry after a lost `PONG`
+            // may publish twice; subscribers count that as a duplicate.
+            Route::Nats { subject, place } => {
+                let links = self.nats.as_ref().expect("a NATS route has links");
+                match tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    links.publish(topic, subject, body.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(())) => Attempt::Done {
+                        at_us: now_us(),
+                        end: Some((nats::EPOCH.to_owned(), *place)),
+                    },
+                    Ok(Err(e)) => Attempt::Retry {
+                        why: format!("publish failed: {e:#}"),
+                        after: None,
+                    },
+                    Err(_) => Attempt::Retry {
+                        why: format!("NATS publish not acknowledged within {REQUEST_TIMEOUT:?}"),
+                        after: None,
+                    },
+                }
+            }
+            // A line of a publish stream: the single publish's key and retry rules (a
+            // broken stream is reopened by the retry).
+            Route::Stream(line) => {
+                let links = self.stream.as_ref().expect("a stream route has links");
                 match tokio::time::timeout(REQUEST_TIMEOUT, links.publish(topic, line.clone()))
                     .await
                 {
-                    Ok(Ok(LineAck::Published { epoch, offset })) => {
-                        self.acked(k, body.len(), intended_us);
-                        self.note(topic, &epoch, offset);
-                        return (true, retries);
-                    }
+                    Ok(Ok(LineAck::Published { epoch, offset })) => Attempt::Done {
+                        at_us: now_us(),
+                        end: Some((epoch, offset)),
+                    },
                     Ok(Ok(LineAck::Refused { code, message })) => {
                         let why = format!("publish stream line answered {code}: {message}");
-                        if code == 429 || code == 503 || code >= 500 {
-                            (why, backoff)
+                        if code == 429 || code >= 500 {
+                            Attempt::Retry { why, after: None }
                         } else {
-                            return self.failed(why, retries);
+                            Attempt::Fail(why)
                         }
                     }
-                    Ok(Err(e)) => (format!("publish failed: {e:#}"), backoff),
-                    Err(_) => (
-                        format!("publish stream line not acknowledged within {REQUEST_TIMEOUT:?}"),
-                        backoff,
-                    ),
-                };
-            if Instant::now() + pause >= deadline {
-                return self.failed(format!("{why} (gave up after {retries} retries)"), retries);
+                    Ok(Err(e)) => Attempt::Retry {
+                        why: format!("publish failed: {e:#}"),
+                        after: None,
+                    },
+                    Err(_) => Attempt::Retry {
+                        why: format!(
+                            "publish stream line not acknowledged within {REQUEST_TIMEOUT:?}"
+                        ),
+                        after: None,
+                    },
+                }
             }
-            retries += 1;
-            tokio::time::sleep(pause).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
-    fn acked(&self, k: u64, bytes: usize, intended_us: u64) {
-        let ack = now_us();
+    fn acked(&self, k: u64, bytes: usize, intended_us: u64, ack: u64) {
         self.recorder.publish(k as usize, ack, intended_us);
         LiveStats::inc(&self.stats.published);
         self.bytes.fetch_add(bytes as u64, Relaxed);

@@ -20,6 +20,19 @@ fn configure(c: &mut weft_node::Config) {
     c.timing.reconnect_jitter_ms = 200;
 }
 
+/// [`configure`], with authentication on: one API key that may publish and subscribe
+/// everywhere.
+fn secured(c: &mut weft_node::Config, key: &str) {
+    configure(c);
+    c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
+        name: "loadtest".into(),
+        sha256: weft_node::auth::apikey::sha256_hex(key),
+        publish: vec![">".into()],
+        subscribe: vec![">".into()],
+        ..Default::default()
+    }];
+}
+
 fn node_id() -> String {
     format!("loadtest-{}", std::process::id())
 }
@@ -86,17 +99,7 @@ async fn fanout(transport: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_against_a_secured_node_with_a_token() {
     const KEY: &str = "loadtest-key-0123456789";
-    let node = TestNode::start_with(|c| {
-        configure(c);
-        c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
-            name: "loadtest".into(),
-            sha256: weft_node::auth::apikey::sha256_hex(KEY),
-            publish: vec![">".into()],
-            subscribe: vec![">".into()],
-            ..Default::default()
-        }];
-    })
-    .await;
+    let node = TestNode::start_with(|c| secured(c, KEY)).await;
     for transport in ["ws", "sse"] {
         let r = run(
             &node,
@@ -128,15 +131,8 @@ async fn fanout_over_publish_streams_adds_up_and_never_posts_single_events() {
     // An id of its own: the node's counters are this process's, shared by every test.
     let id = format!("loadtest-stream-{}", std::process::id());
     let node = TestNode::start_with(|c| {
-        configure(c);
+        secured(c, KEY);
         c.node_id = id.clone();
-        c.auth.api_keys = vec![weft_node::config::ApiKeyConfig {
-            name: "loadtest".into(),
-            sha256: weft_node::auth::apikey::sha256_hex(KEY),
-            publish: vec![">".into()],
-            subscribe: vec![">".into()],
-            ..Default::default()
-        }];
     })
     .await;
     let mut published = 0;

@@ -18,6 +18,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use weft_proto::{ErrorBody, TopicState};
 
 use crate::net::Net;
@@ -52,6 +53,44 @@ impl Drain {
         };
         self.0 = if ready.is_some() { self.0 + 1 } else { 0 };
         ready
+    }
+}
+
+/// A publisher's long-lived connections, each driven by a task fed through a bounded
+/// channel of `R`; topic `t` always uses link `t % links`, so one topic's events keep
+/// their order. A link whose task ended is reopened by the next publish on it.
+pub struct Links<R> {
+    links: Vec<tokio::sync::Mutex<Option<mpsc::Sender<R>>>>,
+}
+
+impl<R> Links<R> {
+    pub fn new(links: usize) -> Self {
+        Self {
+            links: (0..links.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+        }
+    }
+
+    /// The channel of topic number `topic`'s link, opened with `open(slot)` (which
+    /// starts the link's task) when it has none or its task has ended.
+    pub async fn sender<F, Fut>(&self, topic: usize, open: F) -> anyhow::Result<mpsc::Sender<R>>
+    where
+        F: FnOnce(usize) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<mpsc::Sender<R>>>,
+    {
+        let slot = topic % self.links.len();
+        // An async mutex: an open is awaited while held, so one link is never opened
+        // twice at once.
+        let mut link = self.links[slot].lock().await;
+        match link.as_ref().filter(|tx| !tx.is_closed()) {
+            Some(tx) => Ok(tx.clone()),
+            None => {
+                let tx = open(slot).await?;
+                *link = Some(tx.clone());
+                Ok(tx)
+            }
+        }
     }
 }
 

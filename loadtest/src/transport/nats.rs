@@ -46,7 +46,7 @@ use crate::stamp::{now_us, Stamp};
 use crate::stats::LiveStats;
 use crate::subscriber::{connected, stopped, SessionEnd, SessionTimes, Shared, Subscriber};
 use crate::transport::control::{Control, Ctl};
-use crate::transport::Drain;
+use crate::transport::{Drain, Links};
 
 /// The epoch name NATS subscriptions are accounted in (NATS has none).
 pub const EPOCH: &str = "nats";
@@ -280,16 +280,14 @@ struct PubReq {
 /// The publisher's NATS connections; topic `t` always uses link `t % links`.
 pub struct NatsLinks {
     net: Arc<Net>,
-    links: Vec<tokio::sync::Mutex<Option<mpsc::Sender<PubReq>>>>,
+    links: Links<PubReq>,
 }
 
 impl NatsLinks {
     pub fn new(net: Arc<Net>, links: usize) -> Self {
         Self {
             net,
-            links: (0..links.max(1))
-                .map(|_| tokio::sync::Mutex::new(None))
-                .collect(),
+            links: Links::new(links),
         }
     }
 
@@ -301,24 +299,17 @@ impl NatsLinks {
         subject: &Arc<str>,
         payload: Bytes,
     ) -> anyhow::Result<()> {
-        let slot = topic % self.links.len();
-        let tx = {
-            // An async mutex: a reconnect is awaited while held, so one link is never
-            // opened twice at once.
-            let mut link = self.links[slot].lock().await;
-            match link.as_ref().filter(|tx| !tx.is_closed()) {
-                Some(tx) => tx.clone(),
-                None => {
-                    let (ws, parser) = timeout(CONNECT_TIMEOUT, open(&self.net, slot))
-                        .await
-                        .map_err(|_| anyhow!("NATS publisher connect timed out"))??;
-                    let (tx, rx) = mpsc::channel(LINK_QUEUE);
-                    tokio::spawn(run_link(ws, parser, rx));
-                    *link = Some(tx.clone());
-                    tx
-                }
-            }
-        };
+        let tx = self
+            .links
+            .sender(topic, |slot| async move {
+                let (ws, parser) = timeout(CONNECT_TIMEOUT, open(&self.net, slot))
+                    .await
+                    .map_err(|_| anyhow!("NATS publisher connect timed out"))??;
+                let (tx, rx) = mpsc::channel(LINK_QUEUE);
+                tokio::spawn(run_link(ws, parser, rx));
+                Ok(tx)
+            })
+            .await?;
         let (ack, acked) = oneshot::channel();
         tx.send(PubReq {
             subject: subject.clone(),

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use weft_proto::ErrorDetail;
 
+use super::Links;
 use crate::http::{BodySender, Response};
 use crate::net::{Net, CONNECT_TIMEOUT};
 
@@ -33,6 +34,10 @@ use crate::net::{Net, CONNECT_TIMEOUT};
 const MAX_BATCH: usize = 256;
 /// Publish requests queued for one link.
 const LINK_QUEUE: usize = 1024;
+/// Lines written and not yet acknowledged on one link before it is given up as stuck
+/// (its waiting publishes then fail and are retried on a new link). The publisher's
+/// in-flight window keeps a healthy link far below this.
+const MAX_UNACKED: usize = 4 * LINK_QUEUE;
 /// The longest acknowledgement line accepted (they are under 200 bytes).
 const MAX_ACK_LINE: usize = 64 << 10;
 
@@ -99,36 +104,24 @@ struct LineReq {
 /// The publisher's streams; topic `t` always uses link `t % links`.
 pub struct StreamLinks {
     net: Arc<Net>,
-    links: Vec<tokio::sync::Mutex<Option<mpsc::Sender<LineReq>>>>,
+    links: Links<LineReq>,
 }
 
 impl StreamLinks {
     pub fn new(net: Arc<Net>, links: usize) -> Self {
         Self {
             net,
-            links: (0..links.max(1))
-                .map(|_| tokio::sync::Mutex::new(None))
-                .collect(),
+            links: Links::new(links),
         }
     }
 
     /// Sends `line` (from [`line`]) for topic number `topic` and waits for its
     /// acknowledgement. A broken link is reopened by the next publish.
     pub async fn publish(&self, topic: usize, line: Bytes) -> anyhow::Result<LineAck> {
-        let slot = topic % self.links.len();
-        let tx = {
-            // An async mutex: an open is awaited while held, so one link is never
-            // opened twice at once.
-            let mut link = self.links[slot].lock().await;
-            match link.as_ref().filter(|tx| !tx.is_closed()) {
-                Some(tx) => tx.clone(),
-                None => {
-                    let tx = open(&self.net, slot).await?;
-                    *link = Some(tx.clone());
-                    tx
-                }
-            }
-        };
+        let tx = self
+            .links
+            .sender(topic, |slot| open(&self.net, slot))
+            .await?;
         let (ack, acked) = oneshot::channel();
         tx.send(LineReq { line, ack })
             .await
@@ -200,7 +193,7 @@ async fn run_link(mut body: BodySender, mut resp: Response, mut rx: mpsc::Receiv
                         next = rx.try_recv().ok();
                     }
                 }
-                if body.send_data(chunk.freeze()).await.is_err() {
+                if waiting.len() > MAX_UNACKED || body.send_data(chunk.freeze()).await.is_err() {
                     break;
                 }
             }
