@@ -166,7 +166,7 @@ async fn open(net: &Net, slot: usize) -> anyhow::Result<mpsc::Sender<LineReq>> {
 /// waiting publish. Ends when the exchange fails, says something unexpected, or every
 /// sender is gone; the waiting publishes then fail.
 async fn run_link(mut body: BodySender, mut resp: Response, mut rx: mpsc::Receiver<LineReq>) {
-    let mut waiting: VecDeque<(u64, oneshot::Sender<anyhow::Result<LineAck>>)> = VecDeque::new();
+    let mut waiting = Waiting::new();
     let mut sent = 0u64;
     let mut buf = BytesMut::new();
     loop {
