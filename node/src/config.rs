@@ -288,6 +288,9 @@ pub struct HistoryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Timing {
     pub ping_interval_ms: u64,
+    /// A connection's request head (and TLS handshake, and WebSocket upgrade) must
+    /// complete within this; it is also how long a kept-alive HTTP connection may sit
+    /// idle between requests (hyper's header timer bounds both).
     pub handshake_timeout_ms: u64,
     pub write_timeout_ms: u64,
     pub sse_keepalive_ms: u64,

@@ -252,7 +252,7 @@ pub const FAMILIES: &[weft_router::prometheus::Family] = &[
     ("weft_slow_consumer_closes_total", Kind::Counter, "Sessions closed because their outbound queue exceeded its byte budget (WS close 4008)."),
     ("weft_rate_limit_hits_total", Kind::Counter, "Requests and commands refused by a rate limit (429 / 4029)."),
     ("weft_bad_input_total", Kind::Counter, "Malformed or invalid requests answered with 400, 404, 405, 413, 414, 415, 422 or 431."),
-    ("weft_connections_refused_total", Kind::Counter, "Connections refused at accept (limits) or for a handshake that never finished."),
+    ("weft_connections_refused_total", Kind::Counter, "Connections refused at accept (limits) or for a first request or handshake that never finished (a kept-alive connection closed for idling is not counted)."),
     ("weft_cluster_refused_total", Kind::Counter, "Cluster calls refused for the caller's certificate identity (PERMISSION_DENIED / UNAUTHENTICATED)."),
     ("weft_auth_refusals_total", Kind::Counter, "Requests, sessions and commands refused by client security, by reason (missing, invalid, expired, revoked, forbidden, origin, rate_limited)."),
     ("weft_relay_events_sent_total", Kind::Counter, "Events this node, as owner, queued to interested peers (one per event per peer)."),

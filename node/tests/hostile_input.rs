@@ -1056,6 +1056,46 @@ async fn trickled_and_silent_handshakes_are_closed_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_kept_alive_connection_is_closed_but_not_counted_as_refused() {
+    let node = TestNode::start_with(|c| c.timing.handshake_timeout_ms = 300).await;
+    let refused0 = node.node.stats.connections_refused.get();
+
+    // Two requests on one kept-alive connection, then silence past the timeout.
+    let mut kept = TcpStream::connect(node.addr).await.unwrap();
+    assert_eq!(healthz_on(&mut kept).await, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        healthz_on(&mut kept).await,
+        200,
+        "a connection idle for less than the timeout is still served"
+    );
+    let started = Instant::now();
+    let rest = expect_closed(&mut kept, Duration::from_secs(3)).await;
+    assert!(rest.is_empty(), "an idle close writes nothing: {rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed after {:?}, before the idle bound",
+        started.elapsed()
+    );
+    assert_eq!(
+        node.node.stats.connections_refused.get(),
+        refused0,
+        "closing an idle kept-alive connection is not a refusal"
+    );
+
+    // A connection whose first request never completes is still one.
+    let mut stalled = TcpStream::connect(node.addr).await.unwrap();
+    stalled.write_all(b"GET /healthz HTT").await.unwrap();
+    expect_closed(&mut stalled, Duration::from_secs(3)).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while node.node.stats.connections_refused.get() == refused0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(node.node.stats.connections_refused.get(), refused0 + 1);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_per_ip_limit_get_a_canned_429() {
     let node = TestNode::start_with(|c| c.limits.max_connections_per_ip = 2).await;
     // The bystander and its publisher come from other addresses.

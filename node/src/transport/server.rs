@@ -4,7 +4,9 @@
 //! Each accepted socket is checked against the connection limits *before* any HTTP is
 //! read; a refused one gets a canned `503`/`429` from its own short task, so the loop
 //! never waits on a client. The HTTP handshake (headers) must complete within
-//! `handshake_timeout_ms`, so a connection that never finishes its request is closed.
+//! `handshake_timeout_ms`, so a connection that never finishes its request is closed;
+//! the same bound closes a kept-alive connection idle that long between requests
+//! (hyper has one timer for both), which is not counted as a refusal.
 //!
 //! With `tls.cert_file`/`tls.key_file` each connection's TLS handshake runs in its own
 //! task too, bounded by the same timeout, and new handshakes use the certificate as
@@ -233,7 +235,12 @@ where
     tokio::select! {
         r = conn.as_mut() => {
             match r {
-                // A request that never finished within the handshake timeout.
+                // hyper's header timer runs whenever it waits for a head, between
+                // requests too: after a served request, its firing is a kept-alive
+                // connection closed for idling (or a next head that stalled — the
+                // same bound, told apart by no counter), not a refusal.
+                Err(e) if e.is_timeout() && served.load(std::sync::atomic::Ordering::Relaxed) => {}
+                // A first request that never finished within the handshake timeout.
                 Err(e) if e.is_timeout() => node.stats.connections_refused.inc(),
                 // A head hyper could not parse, answered 400/414/431 (`head`).
                 Err(e) if e.is_parse() => node.stats.bad_input.inc(),
