@@ -193,6 +193,11 @@ async fn run_link(mut body: BodySender, mut resp: Response, mut rx: mpsc::Receiv
                         next = rx.try_recv().ok();
                     }
                 }
+                // Awaiting the send stops the reading of acknowledgements only while
+                // the body's channel is full, i.e. while the node is not reading lines;
+                // each read of the node's makes room again, and what it owes back for a
+                // read (a short line per line) stays far under the socket buffers, so
+                // the node never waits on us while we wait on it.
                 if waiting.len() > MAX_UNACKED || body.send_data(chunk.freeze()).await.is_err() {
                     break;
                 }
