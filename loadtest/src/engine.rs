@@ -30,7 +30,7 @@ use crate::coord::{instant_at, ProgressSink, Role};
 use crate::hist::{self, new_hist, SIGFIG};
 use crate::net::Net;
 use crate::plan::{Plan, Slot};
-use crate::publisher::{EpochEnds, Publisher};
+use crate::publisher::{EpochEnds, Publisher, Via};
 use crate::recorder::Recorder;
 use crate::report::{Raw, Report, TimelinePoint, REPORT_VERSION};
 use crate::stats::{ErrorLog, LiveStats};
@@ -215,9 +215,13 @@ pub async fn run(plan: &Plan, st: &Settings, role: &mut Role) -> anyhow::Result<
         timeout: st.publish_timeout,
         epoch_ends: Default::default(),
         ordered: st.ordered,
-        nats: (st.system == System::Nats).then(|| NatsLinks::new(publish_net.clone(), 4)),
-        stream: (st.system == System::Weft && st.publish_via == PublishVia::Stream)
-            .then(|| StreamLinks::new(publish_net.clone(), 4)),
+        via: match (st.system, st.publish_via) {
+            (System::Nats, _) => Via::Nats(NatsLinks::new(publish_net.clone(), 4)),
+            (System::Weft, PublishVia::Stream) => {
+                Via::Stream(StreamLinks::new(publish_net.clone(), 4))
+            }
+            (System::Weft, PublishVia::Http) => Via::Http,
+        },
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });

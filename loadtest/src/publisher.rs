@@ -74,30 +74,39 @@ pub struct Publisher {
     pub epoch_ends: Mutex<EpochEnds>,
     /// One publish in flight per topic, each topic from one process (see above).
     pub ordered: bool,
-    /// `--system nats`: publish over these links instead of HTTP.
-    pub nats: Option<NatsLinks>,
-    /// `--publish-via stream`: publish over these streams instead of one request each.
-    pub stream: Option<StreamLinks>,
+    /// How the events reach the server.
+    pub via: Via,
     /// Acknowledged payload bytes.
     pub bytes: AtomicU64,
     /// Wall clock of the last acknowledgement, µs.
     pub last_ack_us: AtomicU64,
 }
 
+/// How a publisher's events reach the server.
+pub enum Via {
+    /// One `POST /v1/topics/{t}/events` per event, over keep-alive connections.
+    Http,
+    /// `--publish-via stream`: a line each on a few long-lived publish streams.
+    Stream(StreamLinks),
+    /// `--system nats`: `PUB` + `PING` on NATS links.
+    Nats(NatsLinks),
+}
+
 /// How every attempt at one event goes out.
-enum Route {
+enum Route<'a> {
     Http {
         client: usize,
         url: String,
         key: String,
     },
     Nats {
+        links: &'a NatsLinks,
         subject: Arc<str>,
         /// The event's place in its topic (NATS has no offsets).
         place: u64,
     },
     /// The event's publish-stream line.
-    Stream(Bytes),
+    Stream { links: &'a StreamLinks, line: Bytes },
 }
 
 /// What one attempt at publishing an event came to.
@@ -311,27 +320,29 @@ impl Publisher {
     }
 
     /// What every attempt at event `k` sends, built once.
-    fn route(&self, k: u64, topic: usize, body: &Bytes) -> Route {
+    fn route(&self, k: u64, topic: usize, body: &Bytes) -> Route<'_> {
         let name = &self.topics[topic];
-        let key = || format!("{}-{k}", self.run_id);
-        if self.nats.is_some() {
-            Route::Nats {
+        let key = format!("{}-{k}", self.run_id);
+        match &self.via {
+            Via::Nats(links) => Route::Nats {
+                links,
                 subject: Arc::from(name.as_str()),
                 place: nats::ordinal(k, self.topics.len()).1,
-            }
-        } else if self.stream.is_some() {
-            Route::Stream(pubstream::line(name, body, &key()))
-        } else {
-            Route::Http {
+            },
+            Via::Stream(links) => Route::Stream {
+                links,
+                line: pubstream::line(name, body, &key),
+            },
+            Via::Http => Route::Http {
                 client: k as usize % PUBLISH_CLIENTS,
                 url: self.net.url(&format!("/v1/topics/{name}/events")),
-                key: key(),
-            }
+                key,
+            },
         }
     }
 
     /// One try at publishing an event.
-    async fn attempt(&self, topic: usize, how: &Route, body: &Bytes) -> Attempt {
+    async fn attempt(&self, topic: usize, how: &Route<'_>, body: &Bytes) -> Attempt {
         match how {
             Route::Http { client, url, key } => {
                 let sent = self
@@ -382,8 +393,11 @@ impl Publisher {
             }
             // `PUB` + `PING`, acknowledged by the `PONG`. A retry after a lost `PONG`
             // may publish twice; subscribers count that as a duplicate.
-            Route::Nats { subject, place } => {
-                let links = self.nats.as_ref().expect("a NATS route has links");
+            Route::Nats {
+                links,
+                subject,
+                place,
+            } => {
                 match tokio::time::timeout(
                     REQUEST_TIMEOUT,
                     links.publish(topic, subject, body.clone()),
@@ -406,8 +420,7 @@ impl Publisher {
             }
             // A line of a publish stream: the single publish's key and retry rules (a
             // broken stream is reopened by the retry).
-            Route::Stream(line) => {
-                let links = self.stream.as_ref().expect("a stream route has links");
+            Route::Stream { links, line } => {
                 match tokio::time::timeout(REQUEST_TIMEOUT, links.publish(topic, line.clone()))
                     .await
                 {

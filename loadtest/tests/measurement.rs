@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use weft_loadtest::plan::{topic_names, Layout, Plan, ScenarioKind, Slot};
-use weft_loadtest::publisher::Publisher;
+use weft_loadtest::publisher::{Publisher, Via};
 use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
@@ -117,8 +117,7 @@ async fn publisher_is_open_loop_no_coordinated_omission() {
         timeout: Duration::from_secs(5),
         epoch_ends: Default::default(),
         ordered: false,
-        nats: None,
-        stream: None,
+        via: Via::Http,
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use weft_loadtest::app;
 use weft_loadtest::cli::Cli;
 use weft_loadtest::plan::{topic_names, Layout, Plan, ScenarioKind, Slot};
-use weft_loadtest::publisher::Publisher;
+use weft_loadtest::publisher::{Publisher, Via};
 use weft_loadtest::recorder::Recorder;
 use weft_loadtest::stamp::{now_us, Stamp};
 use weft_loadtest::stats::{ErrorLog, LiveStats};
@@ -123,8 +123,7 @@ async fn publish(
         timeout,
         epoch_ends: Default::default(),
         ordered,
-        nats: None,
-        stream: None,
+        via: Via::Http,
         bytes: Default::default(),
         last_ack_us: Default::default(),
     });
