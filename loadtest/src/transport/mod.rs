@@ -94,6 +94,18 @@ impl<R> Links<R> {
     }
 }
 
+/// `first`, then whatever else is queued on `rx` right now, `max` in all at most, each
+/// handed to `each`: a link writes them as one frame instead of one write each.
+pub fn batch<R>(first: R, rx: &mut mpsc::Receiver<R>, max: usize, mut each: impl FnMut(R)) {
+    each(first);
+    for _ in 1..max {
+        match rx.try_recv() {
+            Ok(r) => each(r),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Which server the harness drives (`--system`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -251,5 +263,26 @@ mod drain_tests {
             Some(None),
             "an ended stream is ready: None"
         );
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_queued_up_to_its_size_and_leaves_the_rest_in_order() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for i in 1..=5 {
+            tx.send(i).await.unwrap();
+        }
+        let first = rx.recv().await.unwrap();
+        let mut got = Vec::new();
+        batch(first, &mut rx, 3, |i| got.push(i));
+        assert_eq!(got, [1, 2, 3]);
+        got.clear();
+        let first = rx.recv().await.unwrap();
+        batch(first, &mut rx, 3, |i| got.push(i));
+        assert_eq!(got, [4, 5], "a batch does not wait for more");
     }
 }

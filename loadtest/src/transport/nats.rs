@@ -46,7 +46,7 @@ use crate::stamp::{now_us, Stamp};
 use crate::stats::LiveStats;
 use crate::subscriber::{connected, stopped, SessionEnd, SessionTimes, Shared, Subscriber};
 use crate::transport::control::{Control, Ctl};
-use crate::transport::{Drain, Links};
+use crate::transport::{batch, Drain, Links};
 
 /// The epoch name NATS subscriptions are accounted in (NATS has none).
 pub const EPOCH: &str = "nats";
@@ -335,17 +335,11 @@ async fn run_link(ws: Ws, mut parser: NatsParser, mut rx: mpsc::Receiver<PubReq>
             req = rx.recv() => {
                 let Some(req) = req else { break };
                 let mut frame = Vec::new();
-                let mut next = Some(req);
-                let mut n = 0;
-                while let Some(r) = next.take() {
+                batch(req, &mut rx, MAX_BATCH, |r| {
                     natsproto::pub_frame(&mut frame, &r.subject, &r.payload);
                     frame.extend_from_slice(PING);
                     waiting.push_back(r.ack);
-                    n += 1;
-                    if n < MAX_BATCH {
-                        next = rx.try_recv().ok();
-                    }
-                }
+                });
                 if sink.send(Message::binary(frame)).await.is_err() {
                     break;
                 }

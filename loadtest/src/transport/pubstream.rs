@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use weft_proto::ErrorDetail;
 
-use super::Links;
+use super::{batch, Links};
 use crate::http::{BodySender, Response};
 use crate::net::{Net, CONNECT_TIMEOUT};
 
@@ -182,17 +182,11 @@ async fn run_link(mut body: BodySender, mut resp: Response, mut rx: mpsc::Receiv
             req = rx.recv() => {
                 let Some(req) = req else { break };
                 let mut chunk = BytesMut::new();
-                let mut next = Some(req);
-                let mut n = 0;
-                while let Some(r) = next.take() {
+                batch(req, &mut rx, MAX_BATCH, |r| {
                     chunk.extend_from_slice(&r.line);
                     sent += 1;
                     waiting.push_back((sent, r.ack));
-                    n += 1;
-                    if n < MAX_BATCH {
-                        next = rx.try_recv().ok();
-                    }
-                }
+                });
                 // Awaiting the send stops the reading of acknowledgements only while
                 // the body's channel is full, i.e. while the node is not reading lines;
                 // each read of the node's makes room again, and what it owes back for a
