@@ -36,6 +36,8 @@ pub struct Node {
     pub tasks: TaskTracker,
     /// Where WebSocket sessions and hot topics' fan-out run (see [`Delivery`]).
     pub delivery: Delivery,
+    /// Where client connections are read and answered (see [`Requests`]).
+    pub requests: Requests,
     pub conns: Arc<ConnLimiter>,
     next_session: AtomicU64,
     /// Membership in the cluster, when this node runs with a router (the binary
@@ -75,6 +77,7 @@ impl Node {
             drain: watch::channel(false).0,
             tasks: TaskTracker::new(),
             delivery,
+            requests: Requests::new(),
             conns: Arc::new(ConnLimiter::new(
                 config.limits.max_connections,
                 config.limits.max_connections_per_ip,
@@ -405,7 +408,7 @@ impl Drop for ConnGuard {
 /// as every session task and every round of writes the previous event started; with
 /// delivery here, the kernel interleaves the two runtimes' threads and a publish is
 /// read and acknowledged without waiting for a round of writes. Sockets stay
-/// registered with the runtime that accepted them.
+/// registered with the request thread that served their upgrade ([`Requests`]).
 pub struct Delivery {
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -442,9 +445,88 @@ impl Drop for Delivery {
     }
 }
 
+/// The threads client connections are served on: one current-thread runtime per
+/// core, each connection handed to the next in turn when it is accepted. A request is
+/// then read, published and answered on the thread whose I/O driver saw its socket
+/// ready, with no second worker woken to steal it — on the multi-thread scheduler that
+/// wake costs about one futex or eventfd write per request (BENCHMARKS.md, issue 12).
+/// Connections are long-lived, so turn-by-turn assignment keeps the threads evenly
+/// loaded; a connection never moves once placed.
+pub struct Requests {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    /// Dropping a sender ends its thread's runtime.
+    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Requests {
+    fn new() -> Self {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (mut handles, mut stops) = (Vec::new(), Vec::new());
+        for k in 0..threads {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a request runtime starts");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            handles.push(rt.handle().clone());
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("weft-request-{k}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    // Whatever is still running is cut off, as the multi-thread
+                    // runtime's shutdown would: the node is gone.
+                    rt.shutdown_background();
+                })
+                .expect("a request thread starts");
+        }
+        Self {
+            handles,
+            next: AtomicUsize::new(0),
+            _stops: stops,
+        }
+    }
+
+    /// The runtime the next accepted connection is served on.
+    pub fn next(&self) -> &tokio::runtime::Handle {
+        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[k]
+    }
+}
+
+impl std::fmt::Debug for Requests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Requests({} threads)", self.handles.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_placed_on_each_request_thread_in_turn() {
+        let requests = Requests::new();
+        let n = requests.handles.len();
+        let names: Vec<String> = (0..2 * n)
+            .map(|_| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                requests.next().spawn(async move {
+                    let _ = tx.send(std::thread::current().name().map(str::to_owned));
+                });
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("the request thread runs what it is given")
+                    .expect("request threads are named")
+            })
+            .collect();
+        let expected: Vec<String> = (0..2 * n)
+            .map(|k| format!("weft-request-{}", k % n))
+            .collect();
+        assert_eq!(names, expected);
+    }
 
     #[test]
     fn limiter_counts_and_frees() {

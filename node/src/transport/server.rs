@@ -1,6 +1,10 @@
 //! The accept loop: admission, one task per connection, HTTP/1.1 with upgrades, and
 //! graceful shutdown bounded by the grace period.
 //!
+//! The loop only accepts and admits: each admitted connection is handed to the next
+//! request thread ([`crate::node::Requests`]), which does its TLS, reads, publishes
+//! and answers, so a request never wakes a second thread to be served.
+//!
 //! Each accepted socket is checked against the connection limits *before* any HTTP is
 //! read; a refused one gets a canned `503`/`429` from its own short task, so the loop
 //! never waits on a client. The HTTP handshake (headers) must complete within
@@ -98,7 +102,7 @@ pub async fn serve_all(
                 Ok((stream, peer)) => match node.conns.admit(peer.ip()) {
                     Ok(guard) => {
                         let info = ConnInfo { peer, guard: Arc::new(guard) };
-                        node.tasks.spawn(connection(node.clone(), app.clone(), stream, info));
+                        hand_off(&node, &app, stream, info);
                     }
                     Err(refusal) => {
                         node.stats.connections_refused.inc();
@@ -176,6 +180,28 @@ async fn refuse(mut stream: TcpStream, why: ApiError) {
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(resp.as_bytes())).await;
+}
+
+/// Serves an accepted connection on the next request thread (`Node::requests`): the
+/// socket leaves this runtime's I/O driver and joins that thread's.
+fn hand_off(node: &Arc<Node>, app: &Router, stream: TcpStream, info: ConnInfo) {
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot hand an accepted connection over");
+            return;
+        }
+    };
+    let (node2, app) = (node.clone(), app.clone());
+    node.tasks.spawn_on(
+        async move {
+            match TcpStream::from_std(std_stream) {
+                Ok(stream) => connection(node2, app, stream, info).await,
+                Err(e) => warn!(error = %e, "cannot serve a handed-over connection"),
+            }
+        },
+        node.requests.next(),
+    );
 }
 
 async fn connection(node: Arc<Node>, app: Router, stream: TcpStream, info: ConnInfo) {
