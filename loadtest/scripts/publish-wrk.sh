@@ -21,7 +21,8 @@ LABEL=${LABEL:-weft}
 command -v wrk >/dev/null || { echo "publish-wrk: wrk is missing (apt-get install wrk)" >&2; exit 1; }
 DIR=$(mktemp -d)
 PID=
-trap '[ -z "$PID" ] || kill "$PID" 2>/dev/null || true; rm -rf "$DIR"' EXIT
+# The node writes its data directory while it shuts down: wait for it before removing.
+trap '[ -z "$PID" ] || { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; } || true; rm -rf "$DIR"' EXIT
 cat >"$DIR/post.lua" <<'EOF'
 local n = 0
 request = function()
