@@ -140,6 +140,8 @@ pub struct Stats {
     /// Client bytes read and written, by [`Traffic`].
     pub bytes_received: [Count; 4],
     pub bytes_sent: [Arc<Count>; 4],
+    /// The HTTP request metrics' handles ([`track_http`]).
+    pub http: HttpMetrics,
 }
 
 /// The relay between nodes (one set per node).
@@ -182,6 +184,7 @@ impl Stats {
     pub fn new(node: &str) -> Self {
         Self {
             delivery_latency: metrics::histogram!("weft_delivery_latency_seconds", "node" => node.to_owned()),
+            http: HttpMetrics::new(node),
             ..Self::detached()
         }
     }
@@ -203,6 +206,7 @@ impl Stats {
             relay: RelayStats::default(),
             bytes_received: Default::default(),
             bytes_sent: Default::default(),
+            http: HttpMetrics::new(""),
         }
     }
 
@@ -482,65 +486,144 @@ pub async fn track_http(
 ) -> axum::response::Response {
     use axum::http::header::CONTENT_TYPE;
     let started = std::time::Instant::now();
-    let route: String = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method: &'static str = match req.method().as_str() {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        "PATCH" => "PATCH",
-        _ => "other",
-    };
-    let node_id = node.config.node_id.clone();
+    let http = &node.stats.http;
+    let route = http.route(
+        req.extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("unmatched", |p| p.as_str()),
+    );
+    let method = METHODS[..METHODS.len() - 1]
+        .iter()
+        .position(|m| *m == req.method().as_str())
+        .unwrap_or(METHODS.len() - 1);
     let content_type = |h: &axum::http::HeaderMap| {
         Traffic::of_content_type(h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()))
     };
     let traffic_in = content_type(req.headers());
-    let received = metrics::counter!("weft_http_request_bytes_total", "node" => node_id.clone(), "route" => route.clone());
     let req = req.map(|body| {
         axum::body::Body::new(CountedBody {
             body,
-            route: received,
+            route: route.request_bytes.clone(),
             node: node.clone(),
             count: Direction::Received(traffic_in),
         })
     });
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(
-        "weft_http_requests_total",
-        "node" => node_id.clone(),
-        "route" => route.clone(),
-        "method" => method,
-        "status" => status,
-    )
-    .increment(1);
-    metrics::histogram!(
-        "weft_http_request_duration_seconds",
-        "node" => node_id.clone(),
-        "route" => route.clone(),
-        "method" => method,
-    )
-    .record(started.elapsed().as_secs_f64());
+    let by_method = route.method(http, method);
+    by_method.count(http, &route.route, method, resp.status().as_u16());
+    by_method.duration.record(started.elapsed().as_secs_f64());
     let traffic_out = content_type(resp.headers());
-    let sent =
-        metrics::counter!("weft_http_response_bytes_total", "node" => node_id, "route" => route);
     let (parts, body) = resp.into_parts();
     axum::response::Response::from_parts(
         parts,
         axum::body::Body::new(CountedBody {
             body,
-            route: sent,
+            route: route.response_bytes.clone(),
             node,
             count: Direction::Sent(traffic_out),
         }),
     )
+}
+/// The request metrics' handles, resolved once per route template and method (and
+/// status) rather than per request: a labelled lookup in the recorder hashes every
+/// label and takes a registry lock, and building its labels allocates four strings.
+/// Bounded like the label set itself: the router's templates plus `unmatched`, eight
+/// methods, the statuses the node answers.
+pub struct HttpMetrics {
+    node: String,
+    routes: std::sync::RwLock<std::collections::HashMap<Box<str>, Arc<RouteMetrics>>>,
+}
+
+/// One route template's handles.
+struct RouteMetrics {
+    route: Box<str>,
+    request_bytes: Counter,
+    response_bytes: Counter,
+    methods: [OnceLock<MethodMetrics>; METHODS.len()],
+}
+
+/// One route and method's handles.
+struct MethodMetrics {
+    duration: Histogram,
+    /// By status; a handful per route, so a scan beats a map.
+    statuses: std::sync::Mutex<Vec<(u16, Counter)>>,
+}
+
+/// The `method` label's values; anything else is `other`.
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "other",
+];
+
+impl std::fmt::Debug for HttpMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMetrics")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpMetrics {
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            routes: Default::default(),
+        }
+    }
+
+    /// The handles of `route` (a template, or `unmatched`).
+    fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        let read = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = read.get(route) {
+            return r.clone();
+        }
+        drop(read);
+        let mut write = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        write
+            .entry(route.into())
+            .or_insert_with(|| {
+                let (node, route) = (self.node.clone(), route.to_owned());
+                Arc::new(RouteMetrics {
+                    route: route.clone().into(),
+                    request_bytes: metrics::counter!("weft_http_request_bytes_total", "node" => node.clone(), "route" => route.clone()),
+                    response_bytes: metrics::counter!("weft_http_response_bytes_total", "node" => node, "route" => route),
+                    methods: Default::default(),
+                })
+            })
+            .clone()
+    }
+}
+
+impl RouteMetrics {
+    fn method(&self, http: &HttpMetrics, method: usize) -> &MethodMetrics {
+        self.methods[method].get_or_init(|| MethodMetrics {
+            duration: metrics::histogram!(
+                "weft_http_request_duration_seconds",
+                "node" => http.node.clone(),
+                "route" => self.route.to_string(),
+                "method" => METHODS[method],
+            ),
+            statuses: Default::default(),
+        })
+    }
+}
+
+impl MethodMetrics {
+    fn count(&self, http: &HttpMetrics, route: &str, method: usize, status: u16) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = statuses.iter().find(|(s, _)| *s == status) {
+            c.increment(1);
+            return;
+        }
+        let c = metrics::counter!(
+            "weft_http_requests_total",
+            "node" => http.node.clone(),
+            "route" => route.to_owned(),
+            "method" => METHODS[method],
+            "status" => status.to_string(),
+        );
+        c.increment(1);
+        statuses.push((status, c));
+    }
 }
 
 /// Which of the node's byte counters a [`CountedBody`] adds to.
@@ -594,6 +677,31 @@ impl http_body::Body for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_method_and_status_resolve_their_handles_once() {
+        let http = HttpMetrics::new("n-test");
+        let route = http.route("/v1/topics/{topic}/events");
+        assert!(Arc::ptr_eq(
+            &route,
+            &http.route("/v1/topics/{topic}/events")
+        ));
+        assert!(!Arc::ptr_eq(&route, &http.route("unmatched")));
+        let post = METHODS.iter().position(|m| *m == "POST").unwrap();
+        let by_method = route.method(&http, post);
+        assert!(std::ptr::eq(by_method, route.method(&http, post)));
+        for status in [200, 200, 201, 200, 429] {
+            by_method.count(&http, &route.route, post, status);
+        }
+        let statuses: Vec<u16> = by_method
+            .statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(statuses, [200, 201, 429]);
+    }
 
     #[test]
     fn every_family_is_described_once() {
