@@ -134,7 +134,18 @@ function formPost(url, enctype) {
     const name = `frame-${Math.random().toString(36).slice(2)}`;
     const frame = document.createElement("iframe");
     frame.name = name;
-    frame.onload = () => resolve({ submitted: true });
+    // The frame's first load is its own about:blank (same origin as this page, and
+    // fired as soon as it is attached); the node's answer is a cross-origin document,
+    // whose location this page may not read. Only that second load means the node
+    // has answered, so the test's counters are read after the node counted the POST.
+    frame.onload = () => {
+      try {
+        if (frame.contentWindow.location.href === "about:blank") return;
+      } catch (_) {
+        // cross-origin: the node's response
+      }
+      resolve({ submitted: true });
+    };
     document.body.appendChild(frame);
     const form = document.createElement("form");
     form.method = "POST";
