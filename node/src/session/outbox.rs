@@ -437,11 +437,24 @@ impl Outbox {
     }
 
     /// Like [`Self::next_batch`], into a fresh vector: an idle session keeps no batch
-    /// buffer between writes.
+    /// buffer between writes. Only the wait is held across the `await` (the batch is
+    /// taken by [`Self::take_batch`], a plain function), so the future is the
+    /// `Notified` and two words: it sits in every idle session's task.
     pub async fn next_batch_owned(&self, max_bytes: usize) -> Result<Vec<Entry>, CloseReason> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(taken) = self.take_owned(max_bytes) {
+                return taken;
+            }
+            notified.await;
+        }
+    }
+
+    /// [`Self::take_batch`] into a fresh vector.
+    fn take_owned(&self, max_bytes: usize) -> Option<Result<Vec<Entry>, CloseReason>> {
         let mut out = Vec::new();
-        self.next_batch(&mut out, max_bytes).await?;
-        Ok(out)
+        self.take_batch(&mut out, max_bytes)
+            .map(|taken| taken.map(|()| out))
     }
 
     /// Moves queued entries into `out` (up to `max_bytes`, at least one), or returns
@@ -455,42 +468,53 @@ impl Outbox {
     ) -> Result<(), CloseReason> {
         loop {
             let notified = self.notify.notified();
-            {
-                let mut inner = self.lock();
-                if let Some(reason) = inner.closed {
-                    return Err(reason);
-                }
-                if !inner.queue.is_empty() {
-                    let mut taken = 0;
-                    let mut events = false;
-                    // An owed rest is the front entry: it goes first, like any other.
-                    inner.owed = false;
-                    while let Some(entry) = inner.queue.front() {
-                        if taken > 0 && taken + entry.cost > max_bytes {
-                            break;
-                        }
-                        let entry = inner.queue.pop_front().expect("front exists");
-                        taken += entry.cost;
-                        events |= matches!(entry.frame, Frame::Event(_));
-                        out.push(entry);
-                    }
-                    inner.bytes -= taken;
-                    // Until the session says it has written these, the fan-out queues
-                    // (only a session with a socket attached can be written directly).
-                    inner.writing = inner.direct.is_some();
-                    if inner.queue.is_empty() && (!events || inner.queue.capacity() > 64) {
-                        // A session that has just been answered (a subscribe reply)
-                        // usually goes idle: it gives its buffer back (15,000 kept
-                        // 4-entry queues are ~3.5 MiB). One that is receiving events
-                        // keeps a small one, so the fan-out allocates nothing per
-                        // delivery; it gives it back when idle (`release_if_idle`).
-                        inner.queue = VecDeque::new();
-                    }
-                    return Ok(());
-                }
+            if let Some(taken) = self.take_batch(out, max_bytes) {
+                return taken;
             }
             notified.await;
         }
+    }
+
+    /// What [`Self::next_batch`] returns if it need not wait; `None` while the queue is
+    /// empty and open.
+    fn take_batch(
+        &self,
+        out: &mut Vec<Entry>,
+        max_bytes: usize,
+    ) -> Option<Result<(), CloseReason>> {
+        let mut inner = self.lock();
+        if let Some(reason) = inner.closed {
+            return Some(Err(reason));
+        }
+        if !inner.queue.is_empty() {
+            let mut taken = 0;
+            let mut events = false;
+            // An owed rest is the front entry: it goes first, like any other.
+            inner.owed = false;
+            while let Some(entry) = inner.queue.front() {
+                if taken > 0 && taken + entry.cost > max_bytes {
+                    break;
+                }
+                let entry = inner.queue.pop_front().expect("front exists");
+                taken += entry.cost;
+                events |= matches!(entry.frame, Frame::Event(_));
+                out.push(entry);
+            }
+            inner.bytes -= taken;
+            // Until the session says it has written these, the fan-out queues
+            // (only a session with a socket attached can be written directly).
+            inner.writing = inner.direct.is_some();
+            if inner.queue.is_empty() && (!events || inner.queue.capacity() > 64) {
+                // A session that has just been answered (a subscribe reply)
+                // usually goes idle: it gives its buffer back (15,000 kept
+                // 4-entry queues are ~3.5 MiB). One that is receiving events
+                // keeps a small one, so the fan-out allocates nothing per
+                // delivery; it gives it back when idle (`release_if_idle`).
+                inner.queue = VecDeque::new();
+            }
+            return Some(Ok(()));
+        }
+        None
     }
 }
 
