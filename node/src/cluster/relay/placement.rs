@@ -72,9 +72,6 @@ impl Relay {
         let started = Instant::now();
         let mut refollowed = false;
         loop {
-            let notified = topic.synced.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             let changed = topic.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -124,13 +121,8 @@ impl Relay {
                 });
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
-            let _ = tokio::time::timeout(wait, async {
-                tokio::select! {
-                    _ = notified => {}
-                    _ = changed => {}
-                }
-            })
-            .await;
+            // A publish or a sync change: either way, look again.
+            let _ = tokio::time::timeout(wait, changed).await;
         }
     }
 
