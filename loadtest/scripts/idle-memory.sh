@@ -17,7 +17,7 @@ BIN=${BIN:-target/release}
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 DIR=$(mktemp -d)
 PID=
-trap '[ -z "$PID" ] || kill "$PID" 2>/dev/null || true; rm -rf "$DIR"' EXIT
+trap '[ -z "$PID" ] || { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; } || true; rm -rf "$DIR"' EXIT
 "$BIN/weft-node" --http-listen 127.0.0.1:0 --cluster-listen 127.0.0.1:0 \
     --data-dir "$DIR/data" --ready-file "$DIR/ready" >"$DIR/node.log" 2>&1 &
 PID=$!

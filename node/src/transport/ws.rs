@@ -203,9 +203,19 @@ fn run_on_tcp(
     upgraded: hyper::upgrade::Upgraded,
 ) -> Result<impl std::future::Future<Output = ()>, (Box<Session>, hyper::upgrade::Upgraded)> {
     match upgraded.downcast::<JsonRefusals<TokioIo<TcpStream>>>() {
-        Ok(parts) => Ok(session.run(parts.io.into_inner().into_inner(), parts.read_buf)),
+        Ok(parts) => Ok(session.run(
+            Arc::new(parts.io.into_inner().into_inner()),
+            early_bytes(parts.read_buf),
+        )),
         Err(upgraded) => Err((session, upgraded)),
     }
+}
+
+/// The bytes the client sent right behind its upgrade request, copied out: `read_buf`
+/// may share hyper's whole connection read buffer, which must not live as long as
+/// the session. A boxed slice, 16 bytes in the session's task where `Bytes` is 32.
+fn early_bytes(read_buf: Bytes) -> Box<[u8]> {
+    read_buf.to_vec().into_boxed_slice()
 }
 
 /// Over TLS the session talks to one end of a socket pair and a pump task carries
@@ -226,7 +236,9 @@ async fn run_over_tls(session: Box<Session>, upgraded: hyper::upgrade::Upgraded)
         let mut pump_end = pump_end;
         let _ = tokio::io::copy_bidirectional(&mut tls, &mut pump_end).await;
     });
-    session.run(session_end, parts.read_buf).await;
+    session
+        .run(Arc::new(session_end), early_bytes(parts.read_buf))
+        .await;
     // The pump ends once the session's end is dropped and the TLS close is written;
     // bound it so a stuck peer cannot keep it.
     let _ = timeout(Duration::from_secs(5), pump).await;
@@ -412,7 +424,14 @@ trait Wire {
 /// try-write (TCP, or the socket pair in front of a TLS stream); the fan-out may
 /// try-write it too ([`DirectWrite`]).
 pub trait Socket: DirectWrite {
-    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// Read readiness as a poll, not a future: the waker is kept in the socket's
+    /// registration (one reader slot, and only the session's task reads), so waiting
+    /// holds no waiter node in the task. `readable()`'s future is 168 bytes of every
+    /// idle session's task; this wait is the 8 of a reference.
+    fn poll_read_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>>;
     fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
     fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
 }
@@ -420,8 +439,11 @@ pub trait Socket: DirectWrite {
 macro_rules! socket_impl {
     ($t:ty) => {
         impl Socket for $t {
-            async fn readable(&self) -> std::io::Result<()> {
-                <$t>::readable(self).await
+            fn poll_read_ready(
+                &self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
             }
             async fn writable(&self) -> std::io::Result<()> {
                 <$t>::writable(self).await
@@ -439,6 +461,11 @@ macro_rules! socket_impl {
 }
 socket_impl!(TcpStream);
 socket_impl!(tokio::net::UnixStream);
+
+/// Until `stream` is readable (or failed), for a try-read.
+fn readable<S: Socket>(stream: &S) -> impl std::future::Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| stream.poll_read_ready(cx))
+}
 
 /// Writes whole frames with vectored writes, resuming after partial writes; every byte
 /// written is added to `sent` (`weft_bytes_sent_total{transport="ws"}`).
@@ -538,7 +565,7 @@ async fn finish<S: Socket>(
 async fn await_close<S: Socket>(stream: &S, reader: &mut FrameReader) {
     let mut reader_done = false;
     while !reader_done {
-        if stream.readable().await.is_err() {
+        if readable(stream).await.is_err() {
             return;
         }
         let done = READ_BUF.with(|cell| {
@@ -593,13 +620,14 @@ impl Session {
         }
     }
 
-    /// The session's loop, until the socket closes. `self` comes boxed: an `async fn`
-    /// keeps its by-value arguments beside the locals they move into, so a `Session`
-    /// passed by value would sit in the task twice (about 390 bytes more per session).
-    async fn run<S: Socket>(mut self: Box<Self>, stream: S, early: Bytes) {
+    /// The session's loop, until the socket closes. `self` comes boxed, and the socket
+    /// in the `Arc` the fan-out shares: an `async fn` keeps its by-value arguments
+    /// beside the locals they move into, so a `Session` passed by value would sit in
+    /// the task twice (about 390 bytes more per session), and a socket 24 bytes more.
+    /// `early`: the bytes the client sent right behind its upgrade request.
+    async fn run<S: Socket>(mut self: Box<Self>, stream: Arc<S>, mut early: Box<[u8]>) {
         let node = self.node.clone();
         // The fan-out writes events straight to the socket while the outbox is idle.
-        let stream = Arc::new(stream);
         self.outbox.attach(stream.clone());
         let stream = &*stream;
         let gauge = node.stats.connection(Transport::Ws);
@@ -623,16 +651,13 @@ impl Session {
         self.last_seen = Instant::now();
         let mut close_at: Option<Instant> =
             node.shutting_down().then(|| node.close_deadline().into());
-        // Bytes the client sent right behind its upgrade request. `early` may share
-        // hyper's whole connection read buffer, so it is copied out and dropped here
-        // rather than kept alive for the session's lifetime.
         received.add(early.len() as u64);
         let mut end = if early.is_empty() {
             None
         } else {
-            self.on_bytes(&mut reader, &mut early.to_vec())
+            self.on_bytes(&mut reader, &mut early)
         };
-        drop(early);
+        drop(std::mem::take(&mut early));
         // A session without a caller must `connect` within the handshake timeout.
         let connect_by = self
             .caller
@@ -660,7 +685,7 @@ impl Session {
                 _ = &mut timer => Wake::Deadline,
                 // The sender lives as long as the node, which this session holds.
                 _ = self.notices.changed() => Wake::Notice,
-                ready = stream.readable() => Wake::Readable(ready.is_ok()),
+                ready = readable(stream) => Wake::Readable(ready.is_ok()),
                 Some((id, cmd)) = next_deferred(&mut self.deferred) => Wake::Deferred(id, cmd),
                 r = self.outbox.next_batch_owned(MAX_BATCH) => Wake::Batch(r),
             };
@@ -1465,22 +1490,24 @@ mod tests {
     /// An idle WebSocket session is mostly its task: its `run` future is what every
     /// open connection costs beyond the socket, so it is held to a budget here (2,224
     /// bytes before the session came boxed and its writes were boxed, 1,368 after;
-    /// 1,232 with one watch for revocations and shutdown).
+    /// 1,232 with one watch for revocations and shutdown; 960 since the read wait is a
+    /// poll of the socket's registration, the outbox's wait holds only its `Notified`,
+    /// and the socket and early bytes come as an `Arc` and a boxed slice).
     #[tokio::test]
     async fn an_idle_sessions_task_stays_small() {
         let node = Node::new(crate::config::Config::default());
         let (stream, _peer) = tokio::net::UnixStream::pair().unwrap();
         let session = Box::new(Session::new(node.clone(), None, None, None));
-        let run = session.run(stream, Bytes::new());
+        let run = session.run(Arc::new(stream), Box::default());
         let size = std::mem::size_of_val(&run);
-        assert!(size <= 1_400, "a session's run future is {size} bytes");
+        assert!(size <= 1_000, "a session's run future is {size} bytes");
         // What is spawned for a TCP session: the run future and little else. tokio
         // rounds a task up to 128 bytes, and the task tracker adds 8 to the future:
-        // up to 1,296 here is a 1,408-byte task, 1,304 would be 1,536.
+        // up to 1,040 here is a 1,152-byte task, 1,048 would be 1,280.
         let mut req = Request::new(Body::empty());
         let session = Box::new(Session::new(node, None, None, None));
         let task = serve_upgraded(Box::new((hyper::upgrade::on(&mut req), session)));
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 1_296, "a session's task is {size} bytes");
+        assert!(size <= 1_040, "a session's task is {size} bytes");
     }
 }
