@@ -438,16 +438,13 @@ impl Outbox {
 
     /// Like [`Self::next_batch`], into a fresh vector: an idle session keeps no batch
     /// buffer between writes. Only the wait is held across the `await` (the batch is
-    /// taken by [`Self::take_batch`], a plain function), so the future is the
-    /// `Notified` and two words: it sits in every idle session's task.
-    pub async fn next_batch_owned(&self, max_bytes: usize) -> Result<Vec<Entry>, CloseReason> {
-        loop {
-            let notified = self.notify.notified();
-            if let Some(taken) = self.take_owned(max_bytes) {
-                return taken;
-            }
-            notified.await;
-        }
+    /// taken by [`Self::take_batch`], a plain function), so the future is little more
+    /// than the `Notified`: it sits in every idle session's task.
+    pub fn next_batch_owned(
+        &self,
+        max_bytes: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Entry>, CloseReason>> + '_ {
+        self.wait_for(move |outbox| outbox.take_owned(max_bytes))
     }
 
     /// [`Self::take_batch`] into a fresh vector.
@@ -461,14 +458,23 @@ impl Outbox {
     /// the close reason once the queue is closed. Waits while the queue is empty.
     /// With a socket attached, direct writes are held off until the caller calls
     /// [`Self::written`].
-    pub async fn next_batch(
-        &self,
-        out: &mut Vec<Entry>,
+    pub fn next_batch<'a>(
+        &'a self,
+        out: &'a mut Vec<Entry>,
         max_bytes: usize,
-    ) -> Result<(), CloseReason> {
+    ) -> impl std::future::Future<Output = Result<(), CloseReason>> + 'a {
+        self.wait_for(move |outbox| outbox.take_batch(out, max_bytes))
+    }
+
+    /// Until `take` has something: it is tried once, then after every wake-up of the
+    /// queue. The `Notified` is created before each try, so a push between the try and
+    /// the wait is not missed. `take` is given the outbox rather than capturing it, so
+    /// the future holds one reference to it, not two (it sits in every idle session's
+    /// task).
+    async fn wait_for<T>(&self, mut take: impl FnMut(&Self) -> Option<T>) -> T {
         loop {
             let notified = self.notify.notified();
-            if let Some(taken) = self.take_batch(out, max_bytes) {
+            if let Some(taken) = take(self) {
                 return taken;
             }
             notified.await;
