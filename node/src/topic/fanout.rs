@@ -10,7 +10,7 @@
 //!
 //! Delivery to a member is member-major and, when its session is idle, direct: every
 //! event of the batch that the member is owed goes to its socket in one non-blocking
-//! `writev` from the fan-out itself ([`Outbox::push_events`]); only what the socket
+//! `sendmsg` from the fan-out itself ([`Outbox::push_events`]); only what the socket
 //! does not take is queued for the session's task. So a delivery costs a syscall, not
 //! a queue push, a wake-up, a schedule and a syscall; and a topic that falls behind
 //! coalesces by itself, because a runner's batch then holds several events per member.
@@ -53,7 +53,7 @@ use crate::topic::Subscriber;
 /// Up to this many member deliveries queued, a runner delivers inline on the task
 /// that published (a wake-up and a schedule cost more than a few pushes). Each one
 /// may be a direct socket write, and the publish is answered after them: this bounds
-/// what a publish into a small topic waits for (about 32 short `writev`s), whatever
+/// what a publish into a small topic waits for (about 32 short sends), whatever
 /// the topic's size; larger fan-outs run on the delivery runtime.
 const INLINE_DELIVERIES: usize = 32;
 /// A hot topic's members are delivered in chunks of this many, spread over threads

@@ -434,6 +434,9 @@ pub trait Socket: DirectWrite {
     ) -> std::task::Poll<std::io::Result<()>>;
     fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
     fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// The session's own write: through the runtime's readiness, which a `WouldBlock`
+    /// clears, so that `writable()` then waits for the socket to drain.
+    fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize>;
 }
 
 macro_rules! socket_impl {
@@ -451,10 +454,14 @@ macro_rules! socket_impl {
             fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
                 <$t>::try_read(self, buf)
             }
-        }
-        impl DirectWrite for $t {
             fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
                 <$t>::try_write_vectored(self, bufs)
+            }
+        }
+        impl DirectWrite for $t {
+            fn write_now(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+                // `sendmsg` on the socket tokio keeps non-blocking; see the trait.
+                socket2::SockRef::from(self).send_vectored(bufs)
             }
         }
     };
