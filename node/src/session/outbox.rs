@@ -193,6 +193,11 @@ impl Outbox {
         }
     }
 
+    /// The address of the lock a push takes first, for the fan-out to prefetch.
+    pub fn lock_addr(&self) -> *const u8 {
+        std::ptr::from_ref(&self.inner).cast()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // Poisoning only follows a panic in a short section that cannot leave the queue
         // inconsistent, so the data is still good.

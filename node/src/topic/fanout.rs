@@ -88,6 +88,34 @@ pub struct Member {
     left: Arc<AtomicBool>,
 }
 
+impl Member {
+    /// Asks the CPU to fetch what delivering to this member reads first: its `left`
+    /// flag and its outbox (the lock word). A hot topic's round reaches a member
+    /// long after the last one evicted these from the caches, and each was a stall
+    /// that profiles put at 3–4 % of the node at 5,000 subscribers (`perf annotate`:
+    /// nearly all of `deliver`'s own time on the flag's load, half of `push_events`'s
+    /// on the lock). Issued one member ahead, the fetch overlaps the previous
+    /// member's socket write.
+    #[inline]
+    fn prefetch(&self) {
+        prefetch(Arc::as_ptr(&self.left).cast());
+        prefetch(self.outbox.lock_addr());
+    }
+}
+
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it reads nothing into the program, never faults
+    // (whatever the address), and `sse` is part of the x86_64 baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// What every topic's fan-out shares: where hot topics deliver, the node-wide
 /// counters and the slow-consumer outcomes.
 #[derive(Debug, Default)]
@@ -392,7 +420,10 @@ impl FanQueue {
     fn deliver(&self, members: &[Member], items: &[(u64, Item)]) {
         let (mut written, mut bytes) = (0, 0);
         let mut run: Vec<&Arc<StoredEvent>> = Vec::with_capacity(items.len().min(64));
-        for m in members {
+        for (k, m) in members.iter().enumerate() {
+            if let Some(next) = members.get(k + 1) {
+                next.prefetch();
+            }
             if m.left.load(Ordering::Relaxed) {
                 continue;
             }
