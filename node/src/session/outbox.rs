@@ -41,7 +41,6 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -127,13 +126,7 @@ pub struct Pushes {
 }
 
 #[derive(Debug)]
-#[repr(C)] // `socket_at` beside the lock word: one cache line holds both
 pub struct Outbox {
-    /// Where the attached socket lives, for the fan-out to prefetch (never read
-    /// through: it may outlive the socket, and a prefetch of any address is harmless).
-    /// Outside the lock so that reading it never waits; it costs each session 16
-    /// bytes of heap (the outbox's allocation moves up one malloc size step).
-    socket_at: AtomicPtr<u8>,
     inner: Mutex<Inner>,
     notify: Notify,
     budget: usize,
@@ -194,7 +187,6 @@ impl Drop for Hold<'_> {
 impl Outbox {
     pub fn new(budget: usize) -> Self {
         Self {
-            socket_at: AtomicPtr::new(std::ptr::null_mut()),
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
             budget,
@@ -204,12 +196,6 @@ impl Outbox {
     /// The address of the lock a push takes first, for the fan-out to prefetch.
     pub fn lock_addr(&self) -> *const u8 {
         std::ptr::from_ref(&self.inner).cast()
-    }
-
-    /// The address of the socket last attached (null before one is), for the fan-out
-    /// to prefetch: a hint, never dereferenced.
-    pub fn socket_addr(&self) -> *const u8 {
-        self.socket_at.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -223,8 +209,6 @@ impl Outbox {
     pub fn attach(&self, socket: Arc<dyn DirectWrite>) {
         let mut inner = self.lock();
         if inner.closed.is_none() {
-            let at = Arc::as_ptr(&socket).cast::<u8>().cast_mut();
-            self.socket_at.store(at, Ordering::Relaxed);
             inner.direct = Some(socket);
         }
     }

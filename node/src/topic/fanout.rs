@@ -94,22 +94,12 @@ impl Member {
     /// long after the last one evicted these from the caches, and each was a stall
     /// that profiles put at 3–4 % of the node at 5,000 subscribers (`perf annotate`:
     /// nearly all of `deliver`'s own time on the flag's load, half of `push_events`'s
-    /// on the lock). Issued two members ahead, the fetch overlaps earlier members'
-    /// socket writes. The socket object the write reads its descriptor from is the
-    /// third miss (`as_fd`, 3 % of the node at 5,000 subscribers); its address is on
-    /// the outbox's line, so it is fetched one member ahead, a step after that line
-    /// ([`Member::prefetch_socket`]).
+    /// on the lock). Issued one member ahead, the fetch overlaps the previous
+    /// member's socket write.
     #[inline]
     fn prefetch(&self) {
         prefetch(Arc::as_ptr(&self.left).cast());
         prefetch(self.outbox.lock_addr());
-    }
-
-    /// Asks the CPU to fetch this member's socket object; issued once its outbox's
-    /// line has been prefetched, so reading the address does not stall.
-    #[inline]
-    fn prefetch_socket(&self) {
-        prefetch(self.outbox.socket_addr());
     }
 }
 
@@ -431,13 +421,8 @@ impl FanQueue {
         let (mut written, mut bytes) = (0, 0);
         let mut run: Vec<&Arc<StoredEvent>> = Vec::with_capacity(items.len().min(64));
         for (k, m) in members.iter().enumerate() {
-            // Two members ahead: the flag and the outbox; one ahead: the socket, whose
-            // address is on the outbox line fetched a step ago.
-            if let Some(after_next) = members.get(k + 2) {
-                after_next.prefetch();
-            }
             if let Some(next) = members.get(k + 1) {
-                next.prefetch_socket();
+                next.prefetch();
             }
             if m.left.load(Ordering::Relaxed) {
                 continue;
